@@ -1,0 +1,18 @@
+"""eep: elastic expert parallelism for MoE serving.
+
+Membership is explicit, mutable runtime state: when an EP rank dies the instance shrinks around
+it, restores lost experts from the fastest copy, and later takes the repaired rank back.
+
+Importing eep never imports a CUDA package; ``eep.fused`` loads cuda-python lazily.
+"""
+
+from eep.errors import EEPError, InsufficientSlotsError, MembershipError, PlacementError, RoutingError
+from eep.routing import route_to_phys, select_experts
+from eep.state import (NO_EXPERT, Clause, CoverageRepair, ExpertPlacement, Membership, Problem,
+                       SlotAssignment, ValidityReport, check_validity, repair_coverage)
+
+__version__ = "0.1.0"
+
+__all__ = ["Clause", "CoverageRepair", "EEPError", "ExpertPlacement", "InsufficientSlotsError", "Membership",
+           "MembershipError", "NO_EXPERT", "PlacementError", "Problem", "RoutingError", "SlotAssignment",
+           "ValidityReport", "check_validity", "repair_coverage", "route_to_phys", "select_experts"]

@@ -1,0 +1,1 @@
+"""Serving-stack integrations (DeepEP/Mooncake-shaped buffer, SGLang plugin), imported lazily."""

@@ -1,0 +1,1 @@
+"""Offline per-expert safetensors shards: prepare, verify, and the tiered restore path."""
