@@ -213,27 +213,29 @@ def _check_phys_to_logical(p2l: torch.Tensor, num_ranks: int, slots_per_rank: in
         raise PlacementError(
             f"phys_to_logical[{layer}, {slot}] = {int(p2l[layer, slot])} is not an expert id in "
             f"[0, {num_experts}) nor NO_EXPERT={NO_EXPERT}")
-    per_rank = p2l.view(p2l.shape[0], num_ranks, slots_per_rank)
-    for layer in range(p2l.shape[0]):
-        for rank in range(num_ranks):
-            held = [e for e in per_rank[layer, rank].tolist() if e != NO_EXPERT]
-            if len(held) != len(set(held)):
-                dup = next(e for e in held if held.count(e) > 1)
-                raise PlacementError(f"layer {layer}: rank {rank} holds expert {dup} in more than one slot")
+    # An expert twice on one rank shows up as two equal neighbours once each rank's slots are sorted.
+    per_rank = p2l.view(p2l.shape[0], num_ranks, slots_per_rank).sort(dim=-1).values
+    dup = (per_rank[..., 1:] == per_rank[..., :-1]) & (per_rank[..., 1:] != NO_EXPERT)
+    if bool(dup.any()):
+        layer, rank, i = (int(v) for v in dup.nonzero()[0])
+        raise PlacementError(f"layer {layer}: rank {rank} holds expert {int(per_rank[layer, rank, i])} "
+                             f"in more than one slot")
 
 
 def _derive_logical_to_phys(p2l: torch.Tensor, num_ranks: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     num_layers, num_phys = p2l.shape
+    key = torch.where(p2l == NO_EXPERT, num_experts, p2l)  # empty slots sort last, into a dropped bucket
+    counts_ext = torch.zeros(num_layers, num_experts + 1, dtype=torch.int64).scatter_add_(1, key, torch.ones_like(key))
+    # Sort each layer's slots by (expert, phys): replicas of an expert become a run in ascending phys order.
+    order = torch.argsort(key * num_phys + torch.arange(num_phys), dim=1)
+    sorted_expert = key.gather(1, order)
+    run_start = counts_ext.cumsum(1) - counts_ext  # [L, E+1] first sorted index of each expert's run
+    position = torch.arange(num_phys).expand(num_layers, -1) - run_start.gather(1, sorted_expert)
+    is_replica = sorted_expert < num_experts
+    layer_idx = torch.arange(num_layers).unsqueeze(1).expand(-1, num_phys)
     l2p = torch.full((num_layers, num_experts, num_ranks), NO_EXPERT, dtype=torch.int64)
-    counts = torch.zeros((num_layers, num_experts), dtype=torch.int64)
-    for layer in range(num_layers):
-        row = p2l[layer].tolist()
-        for phys, expert in enumerate(row):  # ascending phys order, so replica lists are sorted
-            if expert == NO_EXPERT:
-                continue
-            l2p[layer, expert, counts[layer, expert]] = phys
-            counts[layer, expert] += 1
-    return l2p, counts
+    l2p[layer_idx[is_replica], sorted_expert[is_replica], position[is_replica]] = order[is_replica]
+    return l2p, counts_ext[:, :num_experts].contiguous()
 
 
 def _normalise_load(load: torch.Tensor | None, num_layers: int, num_experts: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ Per layer:
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 import torch
@@ -69,48 +70,50 @@ def repair_coverage(placement: ExpertPlacement, membership: Membership) -> Cover
     active = membership.active_cpu.tolist()
     active_ranks = [r for r, a in enumerate(active) if a]
     slots = placement.slots_per_rank
+    num_experts = placement.num_experts
+
+    # 0. Forget everything on dead ranks (all layers at once; this is the routing-only part).
     new_p2l = placement.phys_to_logical.clone()
+    slot_is_dead = ~membership.active_cpu.repeat_interleave(slots)
+    num_dropped = int((new_p2l[:, slot_is_dead] != NO_EXPERT).sum())
+    new_p2l[:, slot_is_dead] = NO_EXPERT
+    key = torch.where(new_p2l == NO_EXPERT, num_experts, new_p2l)
+    counts_all = torch.zeros(placement.num_layers, num_experts + 1, dtype=torch.int64).scatter_add_(
+        1, key, torch.ones_like(key))[:, :num_experts]
+    layers_with_orphans = (counts_all == 0).any(1).nonzero().flatten().tolist()
+
+    spare_all = (new_p2l == NO_EXPERT) & ~slot_is_dead
+    old_l2p = placement.logical_to_phys
+    dead_list = slot_is_dead.tolist()
+
     assignments: list[SlotAssignment] = []
-    num_dropped = 0
-
-    for layer in range(placement.num_layers):
-        # 0. Forget everything on dead ranks.
-        row = new_p2l[layer].tolist()
-        for phys, expert in enumerate(row):
-            if not active[phys // slots] and expert != NO_EXPERT:
-                num_dropped += 1
-                row[phys] = NO_EXPERT
-        counts = [0] * placement.num_experts
-        for expert in row:
-            if expert != NO_EXPERT:
-                counts[expert] += 1
-        orphans = [e for e in range(placement.num_experts) if counts[e] == 0]
-        if not orphans:
-            new_p2l[layer] = torch.tensor(row, dtype=torch.int64)
-            continue
-
-        num_spare = sum(1 for r in active_ranks for i in range(slots) if row[r * slots + i] == NO_EXPERT)
-        num_donor = sum(c - 1 for c in counts if c > 1)
+    for layer in layers_with_orphans:
+        counts = counts_all[layer]
+        orphans = (counts == 0).nonzero().flatten().tolist()
+        spare_by_rank: dict[int, list[int]] = {}
+        for phys in spare_all[layer].nonzero().flatten().tolist():
+            spare_by_rank.setdefault(phys // slots, []).append(phys)
+        num_spare = int(spare_all[layer].sum())
+        num_donor = int((counts - 1).clamp(min=0).sum())
         if len(orphans) > num_spare + num_donor:
             raise InsufficientSlotsError(layer, orphans, len(orphans) - num_spare - num_donor, num_spare + num_donor)
+        donors = _DonorQueue(counts, old_l2p[layer], dead_list) if len(orphans) > num_spare else None
 
         cursor = layer % len(active_ranks)
         for orphan in orphans:
-            phys = _take_spare(row, active_ranks, slots, cursor)
+            phys = _take_spare(spare_by_rank, active_ranks, cursor)
+            old = NO_EXPERT
             if phys is None:
-                phys = _take_donor(row, counts, active_ranks, slots, cursor)
-            old = row[phys]
-            if old != NO_EXPERT:
-                counts[old] -= 1
-            row[phys] = orphan
-            counts[orphan] = 1
+                phys, old = donors.take(active_ranks, slots, cursor)
             rank = phys // slots
             assignments.append(SlotAssignment(layer, phys, rank, orphan, old))
             cursor = (active_ranks.index(rank) + 1) % len(active_ranks)
-        new_p2l[layer] = torch.tensor(row, dtype=torch.int64)
+    if assignments:
+        index = torch.tensor([(a.layer, a.phys_slot, a.logical_expert_id) for a in assignments], dtype=torch.int64)
+        new_p2l[index[:, 0], index[:, 1]] = index[:, 2]
 
     new_placement = ExpertPlacement.from_phys_to_logical(
-        new_p2l, num_ranks=placement.num_ranks, slots_per_rank=slots, num_experts=placement.num_experts)
+        new_p2l, num_ranks=placement.num_ranks, slots_per_rank=slots, num_experts=num_experts)
     return CoverageRepair(placement, new_placement, membership.epoch, assignments, num_dropped)
 
 
@@ -118,18 +121,35 @@ def _round_robin(active_ranks: list[int], cursor: int) -> list[int]:
     return active_ranks[cursor:] + active_ranks[:cursor]
 
 
-def _take_spare(row: list[int], active_ranks: list[int], slots: int, cursor: int) -> int | None:
+def _take_spare(spare_by_rank: dict[int, list[int]], active_ranks: list[int], cursor: int) -> int | None:
     for rank in _round_robin(active_ranks, cursor):
-        for i in range(slots):
-            if row[rank * slots + i] == NO_EXPERT:
-                return rank * slots + i
+        if spare_by_rank.get(rank):
+            return spare_by_rank[rank].pop(0)
     return None
 
 
-def _take_donor(row: list[int], counts: list[int], active_ranks: list[int], slots: int, cursor: int) -> int:
-    donor = max((e for e, c in enumerate(counts) if c > 1), key=lambda e: (counts[e], -e))
-    for rank in _round_robin(active_ranks, cursor):
-        for i in range(slots):
-            if row[rank * slots + i] == donor:
-                return rank * slots + i
-    raise AssertionError(f"donor expert {donor} has {counts[donor]} replicas but none on an active rank")
+class _DonorQueue:
+    """Replicas that may be given up: always of the expert with the most replicas (ties: lowest id)."""
+
+    def __init__(self, counts: torch.Tensor, old_logical_to_phys: torch.Tensor, slot_is_dead: list[bool]):
+        self.counts = counts.tolist()
+        self.heap = [(-c, e) for e, c in enumerate(self.counts) if c > 1]
+        heapq.heapify(self.heap)
+        self.old_logical_to_phys = old_logical_to_phys.tolist()
+        self.slot_is_dead = slot_is_dead
+        self.slots_of: dict[int, list[int]] = {}
+
+    def take(self, active_ranks: list[int], slots: int, cursor: int) -> tuple[int, int]:
+        """Returns ``(phys_slot, donor_expert)``."""
+        neg_count, donor = heapq.heappop(self.heap)
+        if donor not in self.slots_of:  # its live replicas, from the old table minus dead slots
+            self.slots_of[donor] = [p for p in self.old_logical_to_phys[donor]
+                                    if p != NO_EXPERT and not self.slot_is_dead[p]]
+        held = self.slots_of[donor]
+        by_rank = {p // slots: p for p in held}
+        phys = next(by_rank[r] for r in _round_robin(active_ranks, cursor) if r in by_rank)
+        held.remove(phys)
+        self.counts[donor] -= 1
+        if self.counts[donor] > 1:
+            heapq.heappush(self.heap, (neg_count + 1, donor))
+        return phys, donor
