@@ -7,12 +7,15 @@ Importing eep never imports a CUDA package; ``eep.fused`` loads cuda-python lazi
 """
 
 from eep.errors import EEPError, InsufficientSlotsError, MembershipError, PlacementError, RoutingError
+from eep.repair import (Bandwidth, RepairError, RepairPlan, ReintegrationPlan, StepKind, Transfer,
+                        plan_reintegration, plan_repair)
 from eep.routing import route_to_phys, select_experts
 from eep.state import (NO_EXPERT, Clause, CoverageRepair, ExpertPlacement, Membership, Problem,
                        SlotAssignment, ValidityReport, check_validity, repair_coverage)
 
 __version__ = "0.1.0"
 
-__all__ = ["Clause", "CoverageRepair", "EEPError", "ExpertPlacement", "InsufficientSlotsError", "Membership",
+__all__ = ["Bandwidth", "RepairError", "RepairPlan", "ReintegrationPlan", "StepKind", "Transfer",
+           "plan_reintegration", "plan_repair", "Clause", "CoverageRepair", "EEPError", "ExpertPlacement", "InsufficientSlotsError", "Membership",
            "MembershipError", "NO_EXPERT", "PlacementError", "Problem", "RoutingError", "SlotAssignment",
            "ValidityReport", "check_validity", "repair_coverage", "route_to_phys", "select_experts"]

@@ -37,11 +37,11 @@ def run_demo(*, num_ranks: int = 4, failed_rank: int = 1, seed: int = 0, num_tok
     print("validity with the old routing tables:")
     print("  " + check_validity(stale, moe.placement).summary(limit=3).replace("\n", "\n  "))
     repair = moe.fail(failed_rank)
-    print(f"coverage repair: {repair.num_dropped_slots} slots lost, "
-          f"{len(repair.assignments)} orphaned experts restored:")
-    for a in repair.assignments:
-        src = "spare slot" if a.old_logical_expert_id < 0 else f"donor slot of expert {a.old_logical_expert_id}"
-        print(f"  expert {a.logical_expert_id:2d} -> rank {a.rank} slot {a.phys_slot} ({src})")
+    print(f"repair plan: {repair.num_dropped_slots} slots lost, steps {[s.value for s in repair.steps]}, "
+          f"{len(repair.restores)} orphaned experts restored, predicted pause {repair.predicted_pause_s * 1e6:.1f} us:")
+    for t in repair.restores:
+        print(f"  expert {t.logical_expert_id:2d} -> rank {t.dst_rank} slot {t.dst_slot} "
+              f"(from the {t.source_tier} tier, {t.nbytes} bytes)")
     _print_placement(moe)
     ok &= _check("after failure + repair", moe(x, logits), oracle, moe)
 

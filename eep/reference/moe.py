@@ -14,9 +14,11 @@ import torch
 
 from eep.errors import RoutingError
 from eep.reference.dispatch import combine, dispatch, expert_mlp, swiglu
+from eep.reference.executor import ReferenceExecutor
+from eep.repair import (Bandwidth, ExecutionReport, ExpertSource, ReintegrationPlan, RepairPlan, TensorTier,
+                        plan_reintegration, plan_repair)
 from eep.routing import check_topk, route_to_phys, select_experts
-from eep.state import (NO_EXPERT, CoverageRepair, ExpertPlacement, Membership, ValidityReport,
-                       check_validity, repair_coverage)
+from eep.state import NO_EXPERT, ExpertPlacement, Membership, ValidityReport, check_validity
 
 
 def dense_moe(hidden: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
@@ -47,15 +49,19 @@ class ExpertParallelMoE:
     show in the output. Tokens are split evenly over the *active* ranks (a dead rank's requests
     are re-queued on survivors by the serving layer).
 
-    Coverage repair on ``fail``: experts that keep a live replica are re-routed (no copy); an
-    expert that lost every replica is restored into a spare or donor slot from ``restore_source``
-    (by default the weights this object was built from: the stand-in for host and disk tiers).
+    Coverage repair on ``fail`` follows ``eep.plan_repair``: experts that keep a live replica
+    are re-routed (no copy); an expert that lost every replica is restored into a spare or donor
+    slot from the fastest of ``tiers`` that holds it (default: a host tier over the weights this
+    object was built from; pass ``weights_tools`` Host/Disk tiers for the real thing, with
+    ``layer_id`` naming this layer in them). A corrupt tier falls back to the next one; if none
+    can serve, nothing changes. ``join`` follows ``eep.plan_reintegration``.
     """
 
     def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, num_ranks: int,
                  slots_per_rank: int, top_k: int, renormalize: bool = True, *,
                  placement: ExpertPlacement | None = None, load: torch.Tensor | None = None,
-                 num_redundant: int | None = None, max_tokens_per_rank: int | None = None):
+                 num_redundant: int | None = None, max_tokens_per_rank: int | None = None,
+                 tiers: list[ExpertSource] | None = None, layer_id: int = 0, bandwidth: Bandwidth | None = None):
         _check_weights(w_gate, w_up, w_down)
         num_experts = w_gate.shape[0]
         if not 1 <= top_k <= num_experts:
@@ -75,7 +81,10 @@ class ExpertParallelMoE:
                              f"{slots_per_rank} slots")
         self.placement = placement.clone()
         self.initial_placement = placement.clone()
-        self._source = (w_gate, w_up, w_down)
+        self.layer_id = layer_id
+        self.tiers = list(tiers) if tiers is not None else [TensorTier({layer_id: (w_gate, w_up, w_down)})]
+        self.bandwidth = bandwidth
+        self.last_report: ExecutionReport | None = None
         num_phys = num_ranks * slots_per_rank
         inter = w_gate.shape[1]
         self.slot_w_gate = torch.full((num_phys, inter, self.hidden_size), float("nan"), dtype=w_gate.dtype)
@@ -83,7 +92,9 @@ class ExpertParallelMoE:
         self.slot_w_down = torch.full((num_phys, self.hidden_size, inter), float("nan"), dtype=w_down.dtype)
         for phys, expert in enumerate(self.placement.phys_to_logical[0].tolist()):
             if expert != NO_EXPERT:
-                self._restore_slot(phys, expert)
+                self.slot_w_gate[phys].copy_(w_gate[expert])
+                self.slot_w_up[phys].copy_(w_up[expert])
+                self.slot_w_down[phys].copy_(w_down[expert])
 
     @property
     def num_ranks(self) -> int:
@@ -127,51 +138,38 @@ class ExpertParallelMoE:
     __call__ = forward
 
     # ---- membership transitions ----
-    def fail(self, ranks: int | Iterable[int]) -> CoverageRepair:
-        """Ranks die: drop their slots, repair coverage, restore orphans. All-or-nothing."""
-        after = self.membership.after_failure(ranks)  # validates; raises before any change
-        repair = repair_coverage(self.placement, after)  # may raise InsufficientSlotsError
-        self.membership.copy_from(after)
-        s = self.slots_per_rank
-        for rank in range(self.num_ranks):
-            if not after.is_active(rank):
-                self._poison(range(rank * s, (rank + 1) * s))
-        for a in repair.assignments:
-            self._restore_slot(a.phys_slot, a.logical_expert_id)
-        self.placement.copy_(repair.placement)
-        return repair
+    def fail(self, ranks: int | Iterable[int], *, rereplicate: bool = False) -> RepairPlan:
+        """Ranks die: drop their slots, restore orphans from the tiers. All-or-nothing.
 
-    def join(self, rank: int) -> ExpertPlacement:
-        """A repaired ``rank`` comes back and takes its pre-fault experts again.
-
-        Its slots are refilled with what the initial placement put there; the donor slots that
-        repair reassigned on survivors keep their new experts, so no healthy rank copies anything.
+        ``rereplicate=True`` also runs the background phase (spare slots take extra replicas);
+        by default spare slots stay free for the next failure's orphans.
         """
-        self.membership.check_join(rank)
-        s = self.slots_per_rank
-        p2l = self.placement.phys_to_logical.clone()
-        p2l[0, rank * s:(rank + 1) * s] = self.initial_placement.phys_to_logical[0, rank * s:(rank + 1) * s]
-        new = ExpertPlacement.from_phys_to_logical(p2l, num_ranks=self.num_ranks, slots_per_rank=s,
-                                                   num_experts=self.num_experts)
-        for phys in range(rank * s, (rank + 1) * s):
-            expert = int(p2l[0, phys])
-            if expert != NO_EXPERT:
-                self._restore_slot(phys, expert)
-        self.membership.join(rank)
-        self.placement.copy_(new)
-        return self.placement
+        after = self.membership.after_failure(ranks)  # validates; raises before any change
+        plan = plan_repair(self.placement, self.membership, after, self.tiers, self.bandwidth,
+                           layer_ids=[self.layer_id], rereplicate=rereplicate, expert_nbytes=self._expert_nbytes)
+        self.last_report = plan.execute(ReferenceExecutor(self, after, self.tiers))
+        if rereplicate:
+            plan.execute_rereplication(ReferenceExecutor(self, after, self.tiers))
+        return plan
+
+    def join(self, rank: int, *, load: torch.Tensor | None = None) -> ReintegrationPlan:
+        """A repaired ``rank`` comes back; survivors keep their slots and only serve as copy sources."""
+        after = self.membership.after_join(rank)
+        plan = plan_reintegration(self.placement, self.membership, rank, load, tiers=self.tiers,
+                                  bandwidth=self.bandwidth, layer_ids=[self.layer_id], expert_nbytes=self._expert_nbytes)
+        self.last_report = plan.execute(ReferenceExecutor(self, after, self.tiers))
+        return plan
 
     def validity(self) -> ValidityReport:
         return check_validity(self.membership, self.placement)
 
     # ---- weights ----
-    def _restore_slot(self, phys: int, expert: int) -> None:
-        w_gate, w_up, w_down = self._source
-        self.slot_w_gate[phys].copy_(w_gate[expert])
-        self.slot_w_up[phys].copy_(w_up[expert])
-        self.slot_w_down[phys].copy_(w_down[expert])
+    @property
+    def _expert_nbytes(self) -> int:
+        return sum(w[0].numel() * w.element_size() for w in (self.slot_w_gate, self.slot_w_up, self.slot_w_down))
 
-    def _poison(self, phys_slots: Iterable[int]) -> None:
+    def poison_slots(self, phys_slots: Iterable[int]) -> None:
+        """Fill slots with NaN: what a dead rank held must never be read again."""
         for phys in phys_slots:
             for w in (self.slot_w_gate, self.slot_w_up, self.slot_w_down):
                 w[phys].fill_(float("nan"))

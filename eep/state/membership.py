@@ -84,6 +84,13 @@ class Membership:
         mask[ranks] = False
         return Membership(self.num_ranks, active=mask.tolist(), epoch=self.epoch + 1)
 
+    def after_join(self, rank: int) -> "Membership":
+        """The membership that ``join(rank)`` would produce, as a new object (self is unchanged)."""
+        self.check_join(rank)
+        mask = self.active_cpu.clone()
+        mask[rank] = True
+        return Membership(self.num_ranks, active=mask.tolist(), epoch=self.epoch + 1)
+
     def copy_from(self, other: "Membership") -> None:
         """Adopt another membership's mask and epoch, writing the device mirrors in place."""
         if other.num_ranks != self.num_ranks:

@@ -82,28 +82,32 @@ def repair_coverage(placement: ExpertPlacement, membership: Membership) -> Cover
         1, key, torch.ones_like(key))[:, :num_experts]
     layers_with_orphans = (counts_all == 0).any(1).nonzero().flatten().tolist()
 
-    spare_all = (new_p2l == NO_EXPERT) & ~slot_is_dead
-    old_l2p = placement.logical_to_phys
+    # Python lists from here on: the per-orphan loop is branchy, tensor ops per element cost more.
+    spare_by_layer: dict[int, dict[int, list[int]]] = {layer: {} for layer in layers_with_orphans}
+    if layers_with_orphans:
+        spare_all = (new_p2l == NO_EXPERT) & ~slot_is_dead
+        spare_all[[l for l in range(placement.num_layers) if l not in spare_by_layer]] = False
+        for layer, phys in spare_all.nonzero().tolist():
+            spare_by_layer[layer].setdefault(phys // slots, []).append(phys)
     dead_list = slot_is_dead.tolist()
 
     assignments: list[SlotAssignment] = []
-    for layer in layers_with_orphans:
-        counts = counts_all[layer]
-        orphans = (counts == 0).nonzero().flatten().tolist()
-        spare_by_rank: dict[int, list[int]] = {}
-        for phys in spare_all[layer].nonzero().flatten().tolist():
-            spare_by_rank.setdefault(phys // slots, []).append(phys)
-        num_spare = int(spare_all[layer].sum())
-        num_donor = int((counts - 1).clamp(min=0).sum())
+    for layer, counts in zip(layers_with_orphans, counts_all[layers_with_orphans].tolist()):
+        orphans = [e for e, c in enumerate(counts) if c == 0]
+        spare_by_rank = spare_by_layer[layer]
+        num_spare = sum(len(v) for v in spare_by_rank.values())
+        num_donor = sum(c - 1 for c in counts if c > 1)
         if len(orphans) > num_spare + num_donor:
             raise InsufficientSlotsError(layer, orphans, len(orphans) - num_spare - num_donor, num_spare + num_donor)
-        donors = _DonorQueue(counts, old_l2p[layer], dead_list) if len(orphans) > num_spare else None
+        donors = _DonorQueue(counts, placement.logical_to_phys[layer], dead_list) if len(orphans) > num_spare else None
 
         cursor = layer % len(active_ranks)
         for orphan in orphans:
-            phys = _take_spare(spare_by_rank, active_ranks, cursor)
             old = NO_EXPERT
-            if phys is None:
+            if num_spare:
+                phys = _take_spare(spare_by_rank, active_ranks, cursor)
+                num_spare -= 1
+            else:
                 phys, old = donors.take(active_ranks, slots, cursor)
             rank = phys // slots
             assignments.append(SlotAssignment(layer, phys, rank, orphan, old))
@@ -117,25 +121,26 @@ def repair_coverage(placement: ExpertPlacement, membership: Membership) -> Cover
     return CoverageRepair(placement, new_placement, membership.epoch, assignments, num_dropped)
 
 
-def _round_robin(active_ranks: list[int], cursor: int) -> list[int]:
-    return active_ranks[cursor:] + active_ranks[:cursor]
+def _round_robin(active_ranks: list[int], cursor: int):
+    n = len(active_ranks)
+    return (active_ranks[(cursor + i) % n] for i in range(n))
 
 
-def _take_spare(spare_by_rank: dict[int, list[int]], active_ranks: list[int], cursor: int) -> int | None:
+def _take_spare(spare_by_rank: dict[int, list[int]], active_ranks: list[int], cursor: int) -> int:
     for rank in _round_robin(active_ranks, cursor):
         if spare_by_rank.get(rank):
             return spare_by_rank[rank].pop(0)
-    return None
+    raise AssertionError("caller counted a spare slot that does not exist")
 
 
 class _DonorQueue:
     """Replicas that may be given up: always of the expert with the most replicas (ties: lowest id)."""
 
-    def __init__(self, counts: torch.Tensor, old_logical_to_phys: torch.Tensor, slot_is_dead: list[bool]):
-        self.counts = counts.tolist()
+    def __init__(self, counts: list[int], old_logical_to_phys: torch.Tensor, slot_is_dead: list[bool]):
+        self.counts = list(counts)
         self.heap = [(-c, e) for e, c in enumerate(self.counts) if c > 1]
         heapq.heapify(self.heap)
-        self.old_logical_to_phys = old_logical_to_phys.tolist()
+        self.old_logical_to_phys = old_logical_to_phys
         self.slot_is_dead = slot_is_dead
         self.slots_of: dict[int, list[int]] = {}
 
@@ -143,11 +148,14 @@ class _DonorQueue:
         """Returns ``(phys_slot, donor_expert)``."""
         neg_count, donor = heapq.heappop(self.heap)
         if donor not in self.slots_of:  # its live replicas, from the old table minus dead slots
-            self.slots_of[donor] = [p for p in self.old_logical_to_phys[donor]
+            self.slots_of[donor] = [p for p in self.old_logical_to_phys[donor].tolist()
                                     if p != NO_EXPERT and not self.slot_is_dead[p]]
         held = self.slots_of[donor]
-        by_rank = {p // slots: p for p in held}
-        phys = next(by_rank[r] for r in _round_robin(active_ranks, cursor) if r in by_rank)
+        if len(held) == 1:
+            phys = held[0]
+        else:
+            by_rank = {p // slots: p for p in held}
+            phys = next(by_rank[r] for r in _round_robin(active_ranks, cursor) if r in by_rank)
         held.remove(phys)
         self.counts[donor] -= 1
         if self.counts[donor] > 1:

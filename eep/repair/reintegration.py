@@ -1,0 +1,99 @@
+"""Reintegration: give a repaired rank back its share of the experts.
+
+The rejoining rank's slots are filled, one slot at a time, with the expert of highest load per
+replica that the rank does not hold yet (uniform load: the experts with the fewest replicas,
+which are the ones repair left short). Survivors keep every slot they have, so no healthy rank
+rewrites a weight; they only serve as copy sources, and their only change is one table write at
+a step boundary.
+
+The transfers come from surviving replicas over the peer links, spread over source ranks, and
+are batched (one batch per layer by default) so serving continues between batches; the rank
+stays out of the routing tables until the final switch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from eep.repair.bandwidth import Bandwidth
+from eep.repair.plan import (ExecutionReport, ExpertBytes, RepairExecutor, ReplicaChooser, Transfer, _nbytes_function,
+                             _predict, live_slots_by_expert, run_transfers)
+from eep.repair.tiers import HOST, PEER, ExpertSource, tier_order
+from eep.state import NO_EXPERT, ExpertPlacement, Membership
+
+
+@dataclass
+class ReintegrationPlan:
+    rank: int
+    epoch: int  # the epoch in which the rank is active again
+    old_placement: ExpertPlacement
+    placement: ExpertPlacement
+    transfers: list[Transfer]
+    batches: list[list[Transfer]]
+    bandwidth: Bandwidth
+    predicted_s: float
+
+    def execute(self, executor: RepairExecutor) -> ExecutionReport:
+        """Stage every batch, then switch the maps (and membership) in one commit."""
+        return run_transfers(executor, self.transfers, self.placement, self.epoch)
+
+
+def plan_reintegration(placement: ExpertPlacement, membership: Membership, rank: int,
+                       load: torch.Tensor | None = None, *, tiers: Sequence[ExpertSource] | None = None,
+                       bandwidth: Bandwidth | None = None, expert_nbytes: ExpertBytes | None = None,
+                       layer_ids: Sequence[int] | None = None, batch_layers: int = 1) -> ReintegrationPlan:
+    """Placement and transfers that bring ``rank`` back, leaving every survivor's slots as they are.
+
+    Parameters:
+        placement: the maps in force now (``rank`` holds nothing).
+        membership: the membership now (``rank`` inactive).
+        load: ``[num_layers, num_experts]`` recent token counts; ``None`` means uniform.
+        tiers: used only for an expert with no live replica (cannot happen in a valid instance).
+        batch_layers: layers per transfer batch.
+    """
+    membership.check_join(rank)
+    bandwidth = bandwidth or Bandwidth()
+    tiers = tier_order(list(tiers or []))
+    slots = placement.slots_per_rank
+    layer_ids = list(range(placement.num_layers)) if layer_ids is None else list(layer_ids)
+    nbytes_of = _nbytes_function(expert_nbytes, tiers)
+    load = torch.ones(placement.num_layers, placement.num_experts, dtype=torch.float64) if load is None \
+        else torch.as_tensor(load, dtype=torch.float64).expand(placement.num_layers, -1)
+
+    new_p2l = placement.phys_to_logical.clone()
+    new_p2l[:, rank * slots:(rank + 1) * slots] = NO_EXPERT  # whatever a dead rank held is gone
+    slot_is_active = membership.active_cpu.repeat_interleave(slots).tolist()
+    transfers: list[Transfer] = []
+    source_use: dict[int, int] = defaultdict(int)
+    for layer, (row, load_row) in enumerate(zip(new_p2l.tolist(), load.tolist())):
+        sources = live_slots_by_expert(row, slot_is_active)
+        chooser = ReplicaChooser(load_row, [len(sources.get(e, ())) for e in range(placement.num_experts)])
+        chosen: set[int] = set()
+        ckpt = layer_ids[layer]
+        for local in range(min(slots, placement.num_experts)):
+            expert = chooser.take(chosen)
+            chosen.add(expert)
+            phys = rank * slots + local
+            if expert in sources:
+                src = min(sources[expert], key=lambda p: (source_use[p // slots], p))
+                source_use[src // slots] += 1
+                transfer = Transfer(layer, ckpt, expert, PEER, src // slots, src, rank, phys, nbytes_of(ckpt, expert))
+            else:  # no live replica (only in an invalid instance): the fastest tier that has it
+                tier = next((t for t in tiers if t.has_expert(ckpt, expert)), None)
+                transfer = Transfer(layer, ckpt, expert, tier.name if tier else HOST, None, None, rank, phys,
+                                    nbytes_of(ckpt, expert))
+            transfers.append(transfer)
+            row[phys] = expert
+        new_p2l[layer] = torch.tensor(row, dtype=torch.int64)
+
+    new_placement = ExpertPlacement.from_phys_to_logical(new_p2l, num_ranks=placement.num_ranks,
+                                                         slots_per_rank=slots, num_experts=placement.num_experts)
+    transfers, predicted_s = _predict(transfers, bandwidth)
+    batches = [[t for t in transfers if start <= t.layer < start + batch_layers]
+               for start in range(0, placement.num_layers, batch_layers)]
+    return ReintegrationPlan(rank, membership.epoch + 1, placement, new_placement, transfers,
+                             [b for b in batches if b], bandwidth, predicted_s)
