@@ -1,10 +1,13 @@
 """The bandwidth model the repair planner predicts with.
 
-Three link kinds, each a rate in GB/s (1e9 bytes per second):
+Link kinds, each a rate in GB/s (1e9 bytes per second):
 
 - ``peer_gbps``  one GPU's peer-copy link (NVLink), in or out: a surviving replica -> a slot;
 - ``h2d_gbps``   one GPU's host-to-device link (PCIe): a pinned host copy -> a slot;
-- ``disk_gbps``  the node's disk, shared by every rank: a safetensors shard -> host memory.
+- ``disk_gbps``  a node's disk, shared by every rank of the node: a safetensors shard -> host;
+- ``nic_gbps``   one GPU's network port (one NIC per GPU, as on H100 nodes), in or out: a peer
+                 copy between ranks on different nodes. Used only when ``ranks_per_node`` is set
+                 (0 means every rank is on one node, as on the lent machines).
 
 ``Bandwidth.measure()`` times each link once at start-up on the machine it runs on (CPU
 stand-ins where there is no GPU: a memcpy for both copy links). The defaults are the rates
@@ -34,16 +37,22 @@ class Bandwidth:
     # True for the CPU stand-in: simulated ranks share one memory system, so their copies queue
     # on one link instead of running on a link per rank.
     is_shared_host: bool = False
+    ranks_per_node: int = 0
+    nic_gbps: float = 50.0  # 400 Gb/s InfiniBand per GPU
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.ranks_per_node if self.ranks_per_node else 0
 
     def __post_init__(self):
-        for name in ("peer_gbps", "h2d_gbps", "disk_gbps"):
+        for name in ("peer_gbps", "h2d_gbps", "disk_gbps", "nic_gbps"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"Bandwidth.{name} must be a positive number of GB/s, got {value!r}")
 
     @classmethod
     def from_config(cls, config: dict) -> "Bandwidth":
-        unknown = set(config) - {"peer_gbps", "h2d_gbps", "disk_gbps", "source", "is_shared_host"}
+        unknown = set(config) - {"peer_gbps", "h2d_gbps", "disk_gbps", "source", "is_shared_host",
+                                 "ranks_per_node", "nic_gbps"}
         if unknown:
             raise ValueError(f"unknown bandwidth keys {sorted(unknown)}")
         return cls(**{"source": "config", **config})

@@ -330,15 +330,17 @@ def _plan_rereplication(placement: ExpertPlacement, membership: Membership, load
     return transfers, final
 
 
-def _links(t: Transfer, shared: bool) -> list[tuple]:
-    if shared:  # simulated ranks on one CPU: every copy goes through the same memory system
-        return [("disk",), ("h2d",)] if t.source_tier == DISK else [("h2d",)]
+def _links(t: Transfer, bandwidth: Bandwidth) -> list[tuple]:
+    if bandwidth.is_shared_host:  # simulated ranks on one CPU: every copy goes through one memory system
+        return [("disk", 0), ("h2d",)] if t.source_tier == DISK else [("h2d",)]
     if t.source_tier == PEER:
+        if bandwidth.node_of(t.source_rank) != bandwidth.node_of(t.dst_rank):
+            return [("nic_out", t.source_rank), ("nic_in", t.dst_rank)]
         return [("peer_out", t.source_rank), ("peer_in", t.dst_rank)]
     if t.source_tier == HOST:
         return [("h2d", t.dst_rank)]
     if t.source_tier == DISK:
-        return [("disk",), ("h2d", t.dst_rank)]
+        return [("disk", bandwidth.node_of(t.dst_rank)), ("h2d", t.dst_rank)]
     return [(t.source_tier,), ("h2d", t.dst_rank)]  # an unknown tier: its own link, then host-to-device
 
 
@@ -348,6 +350,8 @@ def _link_gbps(link: tuple, bandwidth: Bandwidth) -> float:
         return bandwidth.peer_gbps
     if kind == "h2d":
         return bandwidth.h2d_gbps
+    if kind in ("nic_out", "nic_in"):
+        return bandwidth.nic_gbps
     return bandwidth.disk_gbps
 
 
@@ -355,7 +359,7 @@ def _predict(transfers: list[Transfer], bandwidth: Bandwidth) -> tuple[list[Tran
     """Fill in ``predicted_s`` per transfer and return the phase's predicted duration."""
     if not transfers:
         return [], 0.0
-    links = [_links(t, bandwidth.is_shared_host) for t in transfers]
+    links = [_links(t, bandwidth) for t in transfers]
     link_bytes: dict[tuple, int] = defaultdict(int)
     for t, crossed in zip(transfers, links):
         for link in crossed:

@@ -65,7 +65,8 @@ class ExpertPlacement:
 
     @classmethod
     def build(cls, num_layers: int, num_experts: int, num_ranks: int, slots_per_rank: int,
-              load: torch.Tensor | None = None, *, num_redundant: int | None = None) -> "ExpertPlacement":
+              load: torch.Tensor | None = None, *, num_redundant: int | None = None,
+              ranks_per_node: int = 0) -> "ExpertPlacement":
         """Balanced placement with redundant replicas, such that the heaviest rank load is small.
 
         Parameters:
@@ -74,11 +75,14 @@ class ExpertPlacement:
             num_redundant: replicas beyond one per expert, per layer. ``None`` fills every spare
                 slot (``num_phys_slots - num_experts``); a smaller number leaves spare slots empty,
                 which coverage repair then uses before taking donor slots.
+            ranks_per_node: when set, replicas of one expert go to different nodes first, so
+                that losing a whole node orphans as few experts as possible.
 
         Steps: (1) give every expert one replica and hand the redundant ones, one at a time, to
         the expert with the highest load per replica (ties: lowest id), at most one per rank;
         (2) pack replicas onto ranks, most-replicated and heaviest first, each onto the
-        least-loaded rank that has a free slot and no copy of that expert yet.
+        least-loaded rank that has a free slot and no copy of that expert yet (preferring a node
+        with no copy either, when ``ranks_per_node`` is given).
         """
         num_phys_slots = num_ranks * slots_per_rank
         if min(num_layers, num_experts, num_ranks, slots_per_rank) < 1:
@@ -98,7 +102,7 @@ class ExpertPlacement:
         p2l = torch.full((num_layers, num_phys_slots), NO_EXPERT, dtype=torch.int64)
         for layer in range(num_layers):
             counts = _replicate(load[layer], num_redundant, num_ranks)
-            p2l[layer] = _pack(load[layer], counts, num_ranks, slots_per_rank, layer)
+            p2l[layer] = _pack(load[layer], counts, num_ranks, slots_per_rank, layer, ranks_per_node)
         return cls.from_phys_to_logical(p2l, num_ranks=num_ranks, slots_per_rank=slots_per_rank,
                                         num_experts=num_experts)
 
@@ -266,22 +270,26 @@ def _replicate(load: torch.Tensor, num_redundant: int, num_ranks: int) -> list[i
     return counts
 
 
-def _pack(load: torch.Tensor, counts: list[int], num_ranks: int, slots_per_rank: int, layer: int) -> torch.Tensor:
+def _pack(load: torch.Tensor, counts: list[int], num_ranks: int, slots_per_rank: int, layer: int,
+          ranks_per_node: int = 0) -> torch.Tensor:
     """Assign replicas to rank slots; returns one layer of phys_to_logical."""
     loads = load.tolist()
     rank_load = [0.0] * num_ranks
     rank_experts: list[list[int]] = [[] for _ in range(num_ranks)]
     # Most-replicated first: they need that many distinct ranks, easiest while slots are free.
     order = sorted(range(len(counts)), key=lambda e: (-counts[e], -loads[e] / counts[e], e))
+    node_of = [r // ranks_per_node if ranks_per_node else r for r in range(num_ranks)]
     for expert in order:
         share = loads[expert] / counts[expert]
+        nodes_holding: set[int] = set()
         for _ in range(counts[expert]):
             eligible = [r for r in range(num_ranks)
                         if len(rank_experts[r]) < slots_per_rank and expert not in rank_experts[r]]
             if not eligible:
                 raise PlacementError(f"layer {layer}: cannot place another replica of expert {expert} "
                                      f"on a rank that does not already hold it")
-            rank = min(eligible, key=lambda r: (rank_load[r], len(rank_experts[r]), r))
+            rank = min(eligible, key=lambda r: (node_of[r] in nodes_holding, rank_load[r], len(rank_experts[r]), r))
+            nodes_holding.add(node_of[rank])
             rank_experts[rank].append(expert)
             rank_load[rank] += share
     row = torch.full((num_ranks * slots_per_rank,), NO_EXPERT, dtype=torch.int64)

@@ -1,0 +1,47 @@
+"""The recovery simulator drives the real planner; at small sizes it runs in CI."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
+import recovery_sim  # noqa: E402
+from recovery_sim import SimConfig, simulate  # noqa: E402
+
+
+def test_simulation_is_deterministic_and_splits_the_pause_into_phases():
+    config = SimConfig(shape="qwen3-30b-a3b", ep=16, failed="1", redundancy=0.5)
+    a, b = simulate(config), simulate(config)
+    assert a == b and a["feasible"]
+    assert a["recovery_pause_s"] == pytest.approx(sum(a["phases"].values()))
+    assert a["phases"]["detection_s"] == config.detection_s
+    assert a["restore_bytes_by_tier"] == {"host": a["experts_lost_all_replicas"] * 3 * 2048 * 768 * 2}
+
+
+def test_disk_only_restores_are_slower_than_host():
+    host = simulate(SimConfig(shape="qwen3-30b-a3b", ep=16, failed="2", redundancy=0.5))
+    disk = simulate(SimConfig(shape="qwen3-30b-a3b", ep=16, failed="2", redundancy=0.5, use_host_tier=False))
+    assert set(disk["restore_bytes_by_tier"]) == {"disk"}
+    assert disk["phases"]["transfers_s"] > host["phases"]["transfers_s"]
+
+
+def test_node_aware_packing_survives_a_node_loss_with_fewer_orphans():
+    aware = simulate(SimConfig(shape="tiny", ep=16, failed="node", redundancy=1.0, gpus_per_node=4))
+    naive = simulate(SimConfig(shape="tiny", ep=16, failed="node", redundancy=1.0, gpus_per_node=4,
+                               node_aware=False))
+    assert aware["feasible"] and naive["feasible"]
+    assert aware["experts_lost_all_replicas"] < naive["experts_lost_all_replicas"]
+
+
+def test_too_few_slots_is_reported_not_raised():
+    row = simulate(SimConfig(shape="qwen3-30b-a3b", ep=8, failed="2", redundancy=0.125))
+    assert not row["feasible"] and "more slots are needed" in row["reason"]
+
+
+def test_small_sweep_and_table():
+    rows = recovery_sim.sweep(shapes=("tiny",), eps=(8, 16), failures=("1", "2", "node"), redundancies=(0.5,),
+                              gpus_per_node=4)
+    assert rows and all("config" in r for r in rows)
+    table = recovery_sim.format_table(rows)
+    assert table.count("\n") == len(rows) + 1
