@@ -1,0 +1,383 @@
+"""Restore tiers: places an expert's weights can be copied from, behind one small protocol.
+
+The protocol (``Tier``) is what ``ExpertStore`` and the repair planner call; a peer-GPU tier
+implements the same three members::
+
+    name: str                                   # "host", "disk", "peer", ...
+    has_expert(layer, expert) -> bool           # cheap, no I/O beyond metadata
+    copy_expert_into(layer, expert, w_gate_dst [I, H], w_up_dst [I, H], w_down_dst [H, I],
+                     *, stream=None) -> int     # bytes copied; raises ShardError if the copy is bad
+
+A tier must never report success for a bad copy: it either copies all three tensors and returns,
+or raises a ``ShardError`` naming the file/tensor at fault. After a raise the destinations'
+contents are unspecified (the disk tier reads straight into them); the caller tries the next
+tier, which overwrites them, or gives up. When ``stream`` is given and the
+destinations are on a GPU, copies are enqueued on that stream and may still be in flight on return.
+
+* ``DiskTier`` reads the per-expert safetensors shards lazily (header parsed once per file, tensor
+  bytes ``pread`` into the destination), checks shape and dtype against the manifest and the
+  sha256 of every tensor.
+* ``HostTier`` is one flat file in shared memory (``/dev/shm`` by default), itself in safetensors
+  format, mapped by every process of the node (``torch.from_file(shared=True)``) and page-locked
+  with ``cudaHostRegister`` when CUDA is present, so host->GPU copies are async DMA.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+from weights_tools.errors import CorruptShardError, HostTierError, MissingShardError, ShardError
+from weights_tools.manifest import Manifest, TensorEntry, check_inside
+from weights_tools.safetensors_io import (DTYPE_TO_TORCH, HeaderEntry, TensorToWrite, pread_into, read_header,
+                                          tensor_bytes, write_safetensors)
+
+log = logging.getLogger("weights_tools")
+
+HOST_TIER_FORMAT = "eep-host-tier"
+DEFAULT_HOST_DIR_ENV = "EEP_HOST_TIER_DIR"
+
+
+@runtime_checkable
+class Tier(Protocol):
+    """A source of expert weights (see the module docstring for the contract)."""
+
+    name: str
+
+    def has_expert(self, layer: int, expert: int) -> bool: ...
+
+    def copy_expert_into(self, layer: int, expert: int, w_gate_dst: torch.Tensor, w_up_dst: torch.Tensor,
+                         w_down_dst: torch.Tensor, *, stream: torch.cuda.Stream | None = None) -> int: ...
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream | None, *, is_pinned: bool) -> None:
+    """``dst.copy_(src)``, on ``stream`` and asynchronous when the source is page-locked."""
+    if stream is not None and dst.is_cuda:
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=is_pinned)
+    else:
+        dst.copy_(src)
+
+
+# ---- disk ----
+class DiskTier:
+    """The per-expert shards on disk; every tensor is checked against the manifest as it is read.
+
+    Each file's safetensors header is parsed and validated once (size, offsets tiling the data,
+    shape/dtype per tensor against the manifest); tensor bytes are then ``pread`` straight into a
+    contiguous CPU destination (one copy) and hashed there. ``verify=False`` skips the sha256 (the
+    header and shape/dtype checks stay): for benchmarks, or right after ``eep-shards verify``.
+    """
+
+    name = "disk"
+
+    def __init__(self, shard_dir: str, *, manifest: Manifest | None = None, verify: bool = True):
+        self.shard_dir = shard_dir
+        self.manifest = manifest or Manifest.load(shard_dir)
+        self.verify = verify
+        self._open_files: dict[str, tuple[str, int, dict[str, HeaderEntry]]] = {}
+        self._lock = threading.Lock()
+
+    def has_expert(self, layer: int, expert: int) -> bool:
+        try:
+            entries = self.manifest.expert_entries(layer, expert)
+        except ValueError:
+            return False
+        return all(os.path.exists(os.path.join(self.shard_dir, e.file)) for e in entries)
+
+    def copy_expert_into(self, layer: int, expert: int, w_gate_dst: torch.Tensor, w_up_dst: torch.Tensor,
+                         w_down_dst: torch.Tensor, *, stream: torch.cuda.Stream | None = None) -> int:
+        entries = self.manifest.expert_entries(layer, expert)
+        dsts = (w_gate_dst, w_up_dst, w_down_dst)
+        direct = [d.device.type == "cpu" and d.is_contiguous() and d.dtype == DTYPE_TO_TORCH[e.dtype]
+                  for e, d in zip(entries, dsts)]
+        if all(direct):
+            views = [tensor_bytes(d) for d in dsts]  # zero-copy: the destinations' own memory
+        else:  # a GPU or strided destination: stage through CPU tensors
+            staging = [torch.empty(e.shape, dtype=DTYPE_TO_TORCH[e.dtype]) for e in entries]
+            views = [tensor_bytes(t) for t in staging]
+        self._read_checked(entries, views)
+        if not all(direct):
+            for dst, src in zip(dsts, staging):
+                _copy(dst, src, stream, is_pinned=False)
+        return sum(e.nbytes for e in entries)
+
+    def read_tensor(self, entry: TensorEntry) -> torch.Tensor:
+        """One tensor of the shard set as a fresh CPU tensor, checked against its manifest entry."""
+        out = torch.empty(entry.shape, dtype=DTYPE_TO_TORCH[entry.dtype])
+        self._read_checked([entry], [tensor_bytes(out)])
+        return out
+
+    def _read_checked(self, entries: Sequence[TensorEntry], views: Sequence[memoryview]) -> None:
+        """Fill ``views`` with the entries' bytes, checking header, shape, dtype and (if ``verify``) sha256.
+
+        Tensors adjacent in one file (an expert's gate, up, down are) are read with a single
+        ``preadv``: fewer syscalls for small experts.
+        """
+        try:
+            self._read_checked_once(entries, views)
+        except ShardError:
+            # Forget the files involved: a re-prepared (os.replace'd) file is picked up on the next try.
+            with self._lock:
+                for entry in entries:
+                    opened = self._open_files.pop(entry.file, None)
+                    if opened is not None:
+                        os.close(opened[1])
+            raise
+
+    def _read_checked_once(self, entries: Sequence[TensorEntry], views: Sequence[memoryview]) -> None:
+        located = []
+        for entry in entries:
+            path, fd, header = self._open(entry)
+            h = header.get(entry.key)
+            if h is None:
+                raise MissingShardError(f"{path}: tensor {entry.key!r} is missing from the file",
+                                        path=path, tensor=entry.key)
+            if h.shape != entry.shape or h.dtype != entry.dtype:
+                raise CorruptShardError(f"{path}: tensor {entry.key!r} is {list(h.shape)} {h.dtype} in the file but "
+                                        f"{list(entry.shape)} {entry.dtype} in the manifest",
+                                        path=path, tensor=entry.key)
+            located.append((path, fd, h))
+        i = 0
+        while i < len(located):
+            path, fd, h = located[i]
+            j = i + 1
+            while j < len(located) and located[j][1] == fd and located[j][2].begin == located[j - 1][2].end:
+                j += 1
+            pread_into(fd, views[i:j], h.begin, path, entries[i].key)
+            i = j
+        if self.verify:
+            for entry, view, (path, _, _) in zip(entries, views, located):
+                digest = hashlib.sha256(view).hexdigest()
+                if digest != entry.sha256:
+                    raise CorruptShardError(f"{path}: tensor {entry.key!r} fails its checksum (sha256 "
+                                            f"{digest[:16]}..., manifest {entry.sha256[:16]}...)",
+                                            path=path, tensor=entry.key)
+
+    def _open(self, entry: TensorEntry) -> tuple[str, int, dict[str, HeaderEntry]]:
+        """``(path, fd, header)`` of the entry's file, opened and validated on first use."""
+        with self._lock:
+            opened = self._open_files.get(entry.file)
+            if opened is None:
+                path = check_inside(self.shard_dir, entry.file)  # again at open time: symlinks may have moved
+                try:
+                    header, _ = read_header(path)  # MissingShardError / CorruptShardError name the file
+                except ShardError as exc:
+                    exc.tensor = exc.tensor or entry.key
+                    raise
+                opened = self._open_files[entry.file] = (path, os.open(path, os.O_RDONLY), header)
+            return opened
+
+    def close(self) -> None:
+        with self._lock:
+            for _, fd, _ in self._open_files.values():
+                os.close(fd)
+            self._open_files.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+# ---- host ----
+def default_host_dir() -> str:
+    """Where host tiers live: ``$EEP_HOST_TIER_DIR``, else ``/dev/shm`` (RAM-backed, shared by the node)."""
+    return os.environ.get(DEFAULT_HOST_DIR_ENV) or ("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp")
+
+
+def host_tier_path(manifest: Manifest, host_dir: str | None = None) -> str:
+    """The node-wide file name of the host tier of one shard set (keyed by the manifest's digest)."""
+    return os.path.join(host_dir or default_host_dir(), f"eep-host-{manifest.digest[:24]}.safetensors")
+
+
+class HostTier:
+    """A host-memory copy of (some of) the experts, shared by every process of a node.
+
+    The first process to construct it for a shard set builds the file (from a verified
+    ``DiskTier``, under an ``flock`` so concurrent ranks build it once, published with
+    ``os.replace``); the others map the finished file. ``experts`` restricts it to some
+    ``(layer, expert)`` pairs (default: all). ``create=False`` only attaches and raises
+    ``HostTierError`` when there is nothing valid to attach to.
+
+    Checks on attach: format, the manifest digest (a tier built from other shards is stale), file
+    size and every entry's shape/dtype. ``verify=True`` also hashes each expert before copying it,
+    which costs ~memcpy/5 on a CPU; off by default, since the file was built from verified shards.
+    Call ``unlink()`` once the node is done with it (files in /dev/shm outlive processes).
+    """
+
+    name = "host"
+
+    def __init__(self, shard_dir: str, *, path: str | None = None, experts: Iterable[tuple[int, int]] | None = None,
+                 create: bool = True, verify: bool = False, pin: bool | None = None,
+                 manifest: Manifest | None = None):
+        self.shard_dir = shard_dir
+        self.manifest = manifest or Manifest.load(shard_dir)
+        self.path = path or host_tier_path(self.manifest)
+        self.verify = verify
+        self.is_pinned = False
+        self._buffer: torch.Tensor | None = None
+        self._fd = -1
+        wanted = None if experts is None else sorted({(int(l), int(e)) for l, e in experts})
+        if create:
+            self._build_once(wanted)
+        self._attach()
+        if pin if pin is not None else torch.cuda.is_available():
+            self._pin()
+
+    # ---- protocol ----
+    def has_expert(self, layer: int, expert: int) -> bool:
+        return (layer, expert) in self._index
+
+    def copy_expert_into(self, layer: int, expert: int, w_gate_dst: torch.Tensor, w_up_dst: torch.Tensor,
+                         w_down_dst: torch.Tensor, *, stream: torch.cuda.Stream | None = None) -> int:
+        views = self.expert_views(layer, expert)
+        for dst, src in zip((w_gate_dst, w_up_dst, w_down_dst), views):
+            _copy(dst, src, stream, is_pinned=self.is_pinned)
+        return sum(v.nbytes for v in views)
+
+    # ---- access ----
+    def expert_views(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Zero-copy ``(w_gate [I, H], w_up [I, H], w_down [H, I])`` views into the shared mapping."""
+        if (layer, expert) not in self._index:
+            raise HostTierError(f"{self.path}: host tier does not hold layer {layer} expert {expert}",
+                                path=self.path, tensor=f"layers.{layer}.experts.{expert}")
+        if os.fstat(self._fd).st_size != self._size:  # truncated under us: touching the mapping would SIGBUS
+            raise HostTierError(f"{self.path}: host tier file changed size ({os.fstat(self._fd).st_size} bytes, "
+                                f"mapped {self._size})", path=self.path)
+        views = []
+        for entry, (begin, end, dtype, shape) in zip(self.manifest.expert_entries(layer, expert),
+                                                      self._index[(layer, expert)]):
+            view = self._buffer[begin:end].view(dtype).view(shape)
+            if self.verify and hashlib.sha256(tensor_bytes(view)).hexdigest() != entry.sha256:
+                raise HostTierError(f"{self.path}: tensor {entry.key!r} of layer {layer} expert {expert} fails its "
+                                    "checksum in the host tier", path=self.path, tensor=entry.key)
+            views.append(view)
+        return tuple(views)  # type: ignore[return-value]
+
+    @property
+    def nbytes(self) -> int:
+        return self._size
+
+    def unlink(self) -> None:
+        """Remove the shared file (mappings stay valid until closed)."""
+        for p in (self.path, self.path + ".lock"):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        if self.is_pinned and self._buffer is not None:
+            torch.cuda.cudart().cudaHostUnregister(self._buffer.data_ptr())
+            self.is_pinned = False
+        self._buffer = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # ---- build / attach ----
+    def _build_once(self, wanted: list[tuple[int, int]] | None) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent ranks of a node: one builds, the rest wait and attach
+            try:
+                held = self._read_valid_header() or set()
+            except HostTierError as exc:  # stale or damaged: rebuild it
+                log.warning("rebuilding host tier: %s", exc)
+                held = set()
+            want = set(self.manifest.expert_pairs() if wanted is None else wanted)
+            if want <= held:
+                return
+            pairs = sorted(want | held)  # keep what other ranks of the node asked for
+            disk = DiskTier(self.shard_dir, manifest=self.manifest)
+            tensors = []
+            for layer, expert in pairs:
+                for entry in self.manifest.expert_entries(layer, expert):
+                    tensors.append(TensorToWrite(f"layers.{layer}.experts.{expert}.{entry.role}", entry.dtype,
+                                                 entry.shape, _reader(disk, entry)))
+            write_safetensors(self.path, tensors, metadata={"format": HOST_TIER_FORMAT,
+                                                            "manifest_sha256": self.manifest.digest})
+
+    def _read_valid_header(self) -> set[tuple[int, int]] | None:
+        if not os.path.exists(self.path):
+            return None
+        return set(self._parse_header()[0])
+
+    def _parse_header(self) -> tuple[dict[tuple[int, int], list], int]:
+        try:
+            entries, metadata = read_header(self.path)
+        except MissingShardError:
+            raise HostTierError(f"{self.path}: host tier file is missing", path=self.path) from None
+        except CorruptShardError as exc:
+            raise HostTierError(f"host tier {exc}", path=self.path) from None
+        if metadata.get("format") != HOST_TIER_FORMAT or metadata.get("manifest_sha256") != self.manifest.digest:
+            raise HostTierError(f"{self.path}: host tier is stale: built for manifest "
+                                f"{metadata.get('manifest_sha256', '?')[:16]}..., shards are "
+                                f"{self.manifest.digest[:16]}...", path=self.path)
+        index: dict[tuple[int, int], list] = {}
+        for key, e in entries.items():
+            try:
+                _, layer, _, expert, role = key.split(".")
+                entry = self.manifest.expert_entries(int(layer), int(expert))[("gate", "up", "down").index(role)]
+            except ValueError:
+                raise HostTierError(f"{self.path}: unexpected tensor {key!r} in host tier", path=self.path,
+                                    tensor=key) from None
+            if e.shape != entry.shape or e.dtype != entry.dtype:
+                raise HostTierError(f"{self.path}: tensor {key!r} is {list(e.shape)} {e.dtype} in the host tier, "
+                                    f"{list(entry.shape)} {entry.dtype} in the manifest", path=self.path, tensor=key)
+            index.setdefault((int(layer), int(expert)), [None] * 3)[("gate", "up", "down").index(role)] = \
+                (e.begin, e.end, DTYPE_TO_TORCH[e.dtype], e.shape)
+        for (layer, expert), parts in index.items():
+            if any(p is None for p in parts):
+                raise HostTierError(f"{self.path}: layer {layer} expert {expert} is incomplete in the host tier",
+                                    path=self.path, tensor=f"layers.{layer}.experts.{expert}")
+        size = max((e.end for e in entries.values()), default=0)
+        return index, size
+
+    def _attach(self) -> None:
+        self._index, self._size = self._parse_header()
+        self._fd = os.open(self.path, os.O_RDONLY)
+        if os.fstat(self._fd).st_size != self._size:
+            raise HostTierError(f"{self.path}: host tier file is {os.fstat(self._fd).st_size} bytes, header says "
+                                f"{self._size}", path=self.path)
+        # MAP_SHARED mapping of the whole file: every process of the node shares the same pages.
+        self._buffer = torch.from_file(self.path, shared=True, size=self._size, dtype=torch.uint8)
+
+    def _pin(self) -> None:
+        """Page-lock the mapping so GPU copies from it are async DMA; failure leaves it pageable."""
+        code = int(torch.cuda.cudart().cudaHostRegister(self._buffer.data_ptr(), self._size, 0))
+        if code == 0:
+            self.is_pinned = True
+        else:
+            log.warning("could not pin host tier %s (cudaHostRegister error %s); copies will be synchronous",
+                        self.path, code)
+
+
+def _reader(disk: DiskTier, entry: TensorEntry):
+    return lambda: tensor_bytes(disk.read_tensor(entry))
+
+
+def tier_from_name(name: str, shard_dir: str, manifest: Manifest) -> Tier:
+    """``"host"`` or ``"disk"`` -> a tier with default settings (what ``ExpertStore(tiers=[...])`` accepts)."""
+    if name == "disk":
+        return DiskTier(shard_dir, manifest=manifest)
+    if name == "host":
+        return HostTier(shard_dir, manifest=manifest)
+    raise ValueError(f"unknown tier {name!r}: expected 'host' or 'disk' or a Tier object")
+
+
+__all__ = ["DiskTier", "HostTier", "Tier", "default_host_dir", "host_tier_path", "tier_from_name"]
