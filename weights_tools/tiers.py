@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -42,6 +43,9 @@ log = logging.getLogger("weights_tools")
 
 HOST_TIER_FORMAT = "eep-host-tier"
 DEFAULT_HOST_DIR_ENV = "EEP_HOST_TIER_DIR"
+
+
+_HASH_CHUNK_NBYTES = 4 << 20  # small enough to overlap reads and hashing, large enough to amortise calls
 
 
 @runtime_checkable
@@ -83,6 +87,7 @@ class DiskTier:
         self.verify = verify
         self._open_files: dict[str, tuple[str, int, dict[str, HeaderEntry]]] = {}
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
     def has_expert(self, layer: int, expert: int) -> bool:
         try:
@@ -144,21 +149,39 @@ class DiskTier:
                                         f"{list(entry.shape)} {entry.dtype} in the manifest",
                                         path=path, tensor=entry.key)
             located.append((path, fd, h))
-        i = 0
-        while i < len(located):
-            path, fd, h = located[i]
-            j = i + 1
-            while j < len(located) and located[j][1] == fd and located[j][2].begin == located[j - 1][2].end:
-                j += 1
-            pread_into(fd, views[i:j], h.begin, path, entries[i].key)
-            i = j
-        if self.verify:
-            for entry, view, (path, _, _) in zip(entries, views, located):
-                digest = hashlib.sha256(view).hexdigest()
-                if digest != entry.sha256:
-                    raise CorruptShardError(f"{path}: tensor {entry.key!r} fails its checksum (sha256 "
-                                            f"{digest[:16]}..., manifest {entry.sha256[:16]}...)",
-                                            path=path, tensor=entry.key)
+        if not self.verify:
+            i = 0
+            while i < len(located):
+                path, fd, h = located[i]
+                j = i + 1
+                while j < len(located) and located[j][1] == fd and located[j][2].begin == located[j - 1][2].end:
+                    j += 1
+                pread_into(fd, views[i:j], h.begin, path, entries[i].key)
+                i = j
+            return
+        # Read and hash at once: one worker thread hashes chunk k while this thread reads chunk k+1
+        # (both release the GIL), so a verified restore costs about max(read, hash), not their sum.
+        hashers = [hashlib.sha256() for _ in entries]
+        pending = []
+        for (path, fd, h), view, entry, hasher in zip(located, views, entries, hashers):
+            for start in range(0, len(view), _HASH_CHUNK_NBYTES):
+                chunk = view[start:start + _HASH_CHUNK_NBYTES]
+                pread_into(fd, chunk, h.begin + start, path, entry.key)
+                pending.append(self._hash_pool().submit(hasher.update, chunk))
+        for future in pending:
+            future.result()
+        for entry, hasher, (path, _, _) in zip(entries, hashers, located):
+            digest = hasher.hexdigest()
+            if digest != entry.sha256:
+                raise CorruptShardError(f"{path}: tensor {entry.key!r} fails its checksum (sha256 "
+                                        f"{digest[:16]}..., manifest {entry.sha256[:16]}...)",
+                                        path=path, tensor=entry.key)
+
+    def _hash_pool(self) -> ThreadPoolExecutor:
+        # One worker: updates of one hasher must run in submission order.
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eep-sha256")
+        return self._pool
 
     def _open(self, entry: TensorEntry) -> tuple[str, int, dict[str, HeaderEntry]]:
         """``(path, fd, header)`` of the entry's file, opened and validated on first use."""
@@ -179,6 +202,9 @@ class DiskTier:
             for _, fd, _ in self._open_files.values():
                 os.close(fd)
             self._open_files.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def __del__(self) -> None:
         try:
