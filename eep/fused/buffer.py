@@ -1,0 +1,377 @@
+"""``FusedBuffer``: the per-process object of the fused GPU data plane (decode / low-latency mode).
+
+Construct once per rank process; every rank of the instance builds one with the same shape
+arguments. It allocates this rank's peer buffer (layout in ``eep/fused/layout.py``), publishes
+it through the control store, maps every peer's buffer, and launches the NVRTC kernels on the
+caller's torch stream. Calls mirror ``eep.reference.dispatch`` / ``combine`` for one rank:
+
+    recv, handle = buf.dispatch(x, phys)            # x [num_tokens, hidden] bf16, phys [num_tokens, top_k]
+    y = experts(recv.x, recv.count)                 # [slots_per_rank, num_ranks, max_tokens, hidden]
+    out = buf.combine(y, handle, topk_weights)      # [num_tokens, hidden] bf16
+
+Membership, the peer table, the step sequence numbers and the timeout live in device memory and
+are read by the kernels at launch, so a CUDA graph captured around dispatch/combine stays valid
+when ``set_membership`` masks a rank or ``add_peer`` maps a rejoined rank's new buffer.
+
+Rules the caller keeps (the same as DeepEP's low-latency buffers):
+- all active ranks call dispatch and combine the same number of times, in the same order;
+- ``recv`` views the peer buffer: read it before this rank's next ``combine`` returns;
+- membership changes happen between steps, with the same mask on every active rank.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from eep.fused.layout import (CTRL_COMBINE_OK, CTRL_COMBINE_SEQ, CTRL_DISPATCH_OK, CTRL_DISPATCH_SEQ,
+                              CTRL_EPOCH, CTRL_LAST_MISS_SEQ, CTRL_MISS_COUNT, CTRL_NUMEL, CTRL_SUSPECT,
+                              CTRL_TIMEOUT_NS, THREADS_PER_BLOCK, BufferLayout, make_params)
+from eep.reference.dispatch import RankReceive
+
+DEFAULT_TIMEOUT_S = 1.0  # EEP_FUSED_TIMEOUT_S overrides it
+STORE_PREFIX = "eep/fused"
+
+
+def store_key(group: str, rank: int) -> str:
+    """Store key under which ``rank`` of ``group`` publishes its peer-buffer record."""
+    return f"{STORE_PREFIX}/{group}/rank{rank}"
+
+
+@dataclass
+class FusedReceive(RankReceive):
+    """``RankReceive`` plus, for FP8 dispatch, ``x`` in e4m3 and its per-row scale.
+
+    x:     ``[slots_per_rank, num_ranks, max_tokens_per_rank, hidden]`` bf16, or float8_e4m3fn with FP8.
+    scale: ``[slots_per_rank, num_ranks, max_tokens_per_rank]`` float32 (FP8 only, else None):
+           the row is ``x.float() * scale[..., None]``.
+    """
+
+    scale: torch.Tensor | None = None
+
+    def dequantized(self) -> torch.Tensor:
+        """``x`` as bf16 (a new tensor for FP8, ``x`` itself for bf16)."""
+        if self.scale is None:
+            return self.x
+        return (self.x.float() * self.scale.unsqueeze(-1)).to(torch.bfloat16)
+
+
+@dataclass
+class FusedHandle:
+    """What combine needs from dispatch, on the source rank.
+
+    phys:     ``[num_tokens, top_k]`` int64, the physical slots given to dispatch.
+    position: ``[num_tokens, top_k]`` int32 row in the destination's (slot, source) block, -1 when
+              the copy was not sent (NO_EXPERT or an inactive host): the reference's
+              ``DispatchHandle.position`` with its ``phys`` recoverable as ``where(position >= 0, phys, -1)``.
+    """
+
+    phys: torch.Tensor
+    position: torch.Tensor
+
+
+@dataclass
+class FusedStatus:
+    """Host copy of the device status arrays (reading it synchronises the stream)."""
+
+    epoch: int
+    dispatch_seq: int
+    combine_seq: int
+    timeout_s: float
+    active: list[bool]
+    dispatch_ok: list[bool]   # last dispatch: that source's tokens arrived
+    combine_ok: list[bool]    # last combine: that expert rank's outputs arrived
+    suspect: list[bool]       # missed a deadline since the last set_membership / add_peer
+    miss_count: list[int]     # deadlines missed, ever
+    last_miss_seq: list[int]  # step of the latest miss (0 = never)
+
+    @property
+    def missed_ranks(self) -> list[int]:
+        return [r for r, n in enumerate(self.miss_count) if n]
+
+
+class FusedBuffer:
+    """One rank's peer buffer, peer table and kernels (decode mode, bf16).
+
+    Parameters:
+        rank, num_ranks: this rank slot and the fixed number of rank slots.
+        slots_per_rank, max_tokens_per_rank, hidden, top_k: shapes (identical on every rank).
+        store: a ``torch.distributed.Store`` (``TCPStore``) shared by the ranks.
+        connect: ranks whose buffers to map now (default: all others; each is waited for in the
+            store). A process that joins a running instance passes the survivors.
+        fixed_membership: compile the variant with no membership checks (steady-state baseline).
+        timeout_s: bound on every wait for a peer (device parameter, changeable later).
+        num_blocks: grid size of the data-moving kernels (default ``EEP_FUSED_BLOCKS`` or the SM count).
+        vec_per_lane: 16-byte vectors per lane per copied chunk (default ``EEP_FUSED_VEC_PER_LANE`` or 4).
+    """
+
+    def __init__(self, rank: int, num_ranks: int, *, slots_per_rank: int, max_tokens_per_rank: int, hidden: int,
+                 top_k: int, store: Any, group: str = "default", connect: Sequence[int] | None = None,
+                 fixed_membership: bool = False, timeout_s: float | None = None,
+                 num_blocks: int | None = None, vec_per_lane: int | None = None, use_fp8: bool = False,
+                 device: torch.device | int | None = None) -> None:
+        from eep.fused.compile import KernelVariant, LoadedKernels
+        from eep.fused.cuda_util import ensure_context
+        from eep.fused.peer_memory import FdServer, VmmAllocation
+
+        if not 0 <= rank < num_ranks:
+            raise ValueError(f"rank={rank} outside [0, num_ranks={num_ranks})")
+        self.layout = BufferLayout(num_ranks, slots_per_rank, max_tokens_per_rank, hidden)
+        self.rank, self.num_ranks, self.top_k = rank, num_ranks, top_k
+        self.store, self.group = store, group
+        self.device = torch.device("cuda", torch.cuda.current_device() if device is None else
+                                   (device if isinstance(device, int) else device.index))
+        torch.cuda.set_device(self.device)
+        torch.zeros(1, device=self.device)  # make torch create the primary context first
+        ensure_context(self.device.index)
+        vec_per_lane = vec_per_lane or int(os.environ.get("EEP_FUSED_VEC_PER_LANE", "4"))
+        self.kernels_variant = KernelVariant(hidden, fixed_membership, vec_per_lane, use_fp8)
+        self.kernels = LoadedKernels.get(self.kernels_variant, self.device.index)
+        self.use_fp8 = use_fp8
+        self._set_smem_limits()
+        # grid of the data-moving kernels; any size is correct (only the last block waits)
+        self.num_blocks = (num_blocks or int(os.environ.get("EEP_FUSED_BLOCKS", "0"))
+                           or torch.cuda.get_device_properties(self.device).multi_processor_count)
+
+        # this rank's peer buffer: allocated once for all rank slots
+        self.alloc = VmmAllocation(self.layout.nbytes, self.device.index)
+        self._buffer = _tensor_at(self.alloc.ptr, self.layout.nbytes, self.device)
+        self._buffer.zero_()
+        self.server = FdServer(self.alloc.fd, {"rank": rank, "nbytes": self.alloc.nbytes,
+                                                "layout": self.layout.signature(), "pid": os.getpid()})
+
+        # local device state read by every launch
+        self.ctrl = torch.zeros(CTRL_NUMEL, dtype=torch.int64, device=self.device)
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("EEP_FUSED_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+        self.ctrl[CTRL_TIMEOUT_NS] = int(timeout_s * 1e9)
+        self.active_mask = torch.ones(num_ranks, dtype=torch.int32, device=self.device)
+        self.peer_base = torch.zeros(num_ranks, dtype=torch.int64, device=self.device)
+        self.peer_base[rank] = self.alloc.ptr
+        self.vis_count = torch.zeros(slots_per_rank, num_ranks, dtype=torch.int32, device=self.device)
+        self.handle_pos = torch.full((max_tokens_per_rank, top_k), -1, dtype=torch.int32, device=self.device)
+        if use_fp8:  # each token is quantized once here, then copied top_k times
+            self.stage = torch.empty(max_tokens_per_rank, hidden, dtype=torch.uint8, device=self.device)
+            self.stage_scale = torch.empty(max_tokens_per_rank, dtype=torch.float32, device=self.device)
+        self._imports: dict[int, Any] = {}
+
+        store.set(store_key(group, rank), json.dumps({
+            "address": self.server.public_address, "nbytes": self.alloc.nbytes,
+            "layout": self.layout.signature(), "pid": os.getpid(), "time": time.time()}))
+        for peer in (range(num_ranks) if connect is None else connect):
+            if peer != rank:
+                self.add_peer(peer)
+        torch.cuda.synchronize(self.device)
+
+    # ---- views ----------------------------------------------------------------------------
+
+    def recv_views(self) -> FusedReceive:
+        """This rank's receive layout (views of the peer buffer; see the module docstring)."""
+        lay, buf = self.layout, self._buffer
+        S, R, M, H = lay.slots_per_rank, lay.num_ranks, lay.max_tokens_per_rank, lay.hidden
+        src = buf[lay.off_src_token:lay.off_src_token + lay.num_rows * 4].view(torch.int32).view(S, R, M)
+        if self.use_fp8:
+            x = buf[lay.off_recv_x:lay.off_recv_x + lay.num_rows * H].view(torch.float8_e4m3fn).view(S, R, M, H)
+            scale = buf[lay.off_recv_scale:lay.off_recv_scale + lay.num_rows * 4].view(torch.float32).view(S, R, M)
+            return FusedReceive(x=x, count=self.vis_count, src_token=src, scale=scale)
+        x = buf[lay.off_recv_x:lay.off_recv_x + lay.num_rows * lay.row_nbytes].view(torch.bfloat16).view(S, R, M, H)
+        return FusedReceive(x=x, count=self.vis_count, src_token=src)
+
+    # ---- data plane -------------------------------------------------------------------------
+
+    def dispatch(self, x: torch.Tensor, phys: torch.Tensor) -> tuple[FusedReceive, FusedHandle]:
+        """Send every token copy to the rank hosting its physical slot (one kernel launch; two
+        with FP8, the first quantizing each token once).
+
+        Parameters:
+            x: ``[num_tokens, hidden]`` bf16, contiguous, ``num_tokens <= max_tokens_per_rank``.
+            phys: ``[num_tokens, top_k]`` int64 physical slots (``route_to_phys``), NO_EXPERT = -1.
+        Returns:
+            the receive views (valid until this rank's next combine returns) and the handle.
+        """
+        num_tokens = self._check_tokens(x, phys)
+        stage = dict(stage=self.stage.data_ptr(), stage_scale=self.stage_scale.data_ptr()) if self.use_fp8 else {}
+        params = self._params(num_tokens, x=x.data_ptr(), phys=phys.data_ptr(), **stage)
+        if self.use_fp8 and num_tokens:
+            self._launch("eep_quantize", params, 0, grid=(num_tokens + 15) // 16)
+        self._launch("eep_dispatch", params, self.layout.dispatch_smem_bytes())
+        return self.recv_views(), FusedHandle(phys=phys, position=self.handle_pos[:num_tokens])
+
+    def combine(self, y: torch.Tensor, handle: FusedHandle, topk_weights: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """Bring expert outputs home and sum them with the top-k weights (float32 accumulation).
+
+        Parameters:
+            y: ``[slots_per_rank, num_ranks, max_tokens_per_rank, hidden]`` bf16 expert outputs in
+                the receive layout (rows past each block's count are ignored).
+            handle: from this rank's dispatch of the same step.
+            topk_weights: ``[num_tokens, top_k]`` float32.
+            out: optional ``[num_tokens, hidden]`` bf16 destination.
+        Returns:
+            ``[num_tokens, hidden]`` bf16; absent contributions (inactive or late ranks) add nothing.
+        """
+        lay = self.layout
+        shape = (lay.slots_per_rank, lay.num_ranks, lay.max_tokens_per_rank, lay.hidden)
+        if tuple(y.shape) != shape or y.dtype != torch.bfloat16 or not y.is_contiguous():
+            raise ValueError(f"combine: y has shape {tuple(y.shape)} {y.dtype}, expected contiguous bf16 {shape}")
+        num_tokens = self._check_tokens(None, handle.phys)
+        if tuple(topk_weights.shape) != tuple(handle.phys.shape) or topk_weights.dtype != torch.float32:
+            raise ValueError(f"combine: topk_weights has shape {tuple(topk_weights.shape)} {topk_weights.dtype}, "
+                             f"expected float32 {tuple(handle.phys.shape)}")
+        topk_weights = topk_weights.contiguous()
+        if out is None:
+            out = torch.empty(num_tokens, lay.hidden, dtype=torch.bfloat16, device=self.device)
+        elif tuple(out.shape) != (num_tokens, lay.hidden) or out.dtype != torch.bfloat16 or not out.is_contiguous():
+            raise ValueError(f"combine: out has shape {tuple(out.shape)} {out.dtype}, "
+                             f"expected contiguous bf16 ({num_tokens}, {lay.hidden})")
+        send = self._params(num_tokens, x=y.data_ptr())
+        self._launch("eep_combine_send", send, self.layout.combine_send_smem_bytes())
+        reduce = self._params(num_tokens, phys=handle.phys.data_ptr(), weights=topk_weights.data_ptr(),
+                              out=out.data_ptr())
+        self._launch("eep_combine_reduce", reduce, 0)
+        return out
+
+    # ---- membership -------------------------------------------------------------------------
+
+    def set_membership(self, active: Sequence[bool] | torch.Tensor, *, epoch: int | None = None) -> None:
+        """Write the mask (in place, on the current stream) and forget earlier suspicions.
+
+        Every active rank must apply the same mask between the same two steps.
+        """
+        mask = torch.as_tensor([bool(a) for a in (active.tolist() if torch.is_tensor(active) else active)],
+                               dtype=torch.int32)
+        if mask.numel() != self.num_ranks:
+            raise ValueError(f"set_membership: mask has {mask.numel()} entries, expected num_ranks={self.num_ranks}")
+        if not bool(mask[self.rank]):
+            raise ValueError(f"set_membership: rank {self.rank} masks itself out; stop calling dispatch instead")
+        self.active_mask.copy_(mask.to(self.device))
+        self.ctrl[CTRL_SUSPECT:CTRL_SUSPECT + self.num_ranks] = 0
+        if epoch is not None:
+            self.ctrl[CTRL_EPOCH] = int(epoch)
+
+    def add_peer(self, rank: int, *, timeout_s: float = 60.0) -> None:
+        """Map ``rank``'s current buffer (read from the store) and write it into the peer table.
+
+        For a rejoin this is the whole cost on a survivor: one import, one table write (plus
+        ``set_membership``); no reallocation, no collective, no graph recapture.
+        """
+        from eep.fused.peer_memory import ImportedAllocation, fetch_fd
+
+        if rank == self.rank or not 0 <= rank < self.num_ranks:
+            raise ValueError(f"add_peer: rank {rank} is this rank or outside [0, {self.num_ranks})")
+        key = store_key(self.group, rank)
+        self.store.wait([key], _timedelta(timeout_s))
+        record = json.loads(self.store.get(key))
+        if record["layout"] != self.layout.signature():
+            raise ValueError(f"add_peer: rank {rank} published layout {record['layout']}, "
+                             f"this rank has {self.layout.signature()} (shape arguments differ)")
+        fd, header = fetch_fd(record["address"], timeout_s=timeout_s)
+        imported = ImportedAllocation(fd, int(header["nbytes"]), self.device.index)
+        old = self._imports.pop(rank, None)
+        self._imports[rank] = imported
+        self.peer_base[rank] = imported.ptr
+        self.ctrl[CTRL_SUSPECT + rank] = 0
+        if old is not None:  # the dead incarnation's mapping: no kernel in flight reads it any more
+            torch.cuda.current_stream(self.device).synchronize()
+            old.close()
+
+    def set_sequence(self, dispatch_seq: int, combine_seq: int) -> None:
+        """Align this rank's step counters with the survivors' (a joining process calls this)."""
+        self.ctrl[CTRL_DISPATCH_SEQ] = int(dispatch_seq)
+        self.ctrl[CTRL_COMBINE_SEQ] = int(combine_seq)
+
+    def set_timeout(self, timeout_s: float) -> None:
+        self.ctrl[CTRL_TIMEOUT_NS] = int(timeout_s * 1e9)
+
+    def status(self) -> FusedStatus:
+        ctrl = self.ctrl.cpu().tolist()
+        R = self.num_ranks
+
+        def span(start: int) -> list[int]:
+            return ctrl[start:start + R]
+
+        return FusedStatus(
+            epoch=ctrl[CTRL_EPOCH], dispatch_seq=ctrl[CTRL_DISPATCH_SEQ], combine_seq=ctrl[CTRL_COMBINE_SEQ],
+            timeout_s=ctrl[CTRL_TIMEOUT_NS] / 1e9, active=[bool(a) for a in self.active_mask.cpu().tolist()],
+            dispatch_ok=[bool(v) for v in span(CTRL_DISPATCH_OK)], combine_ok=[bool(v) for v in span(CTRL_COMBINE_OK)],
+            suspect=[bool(v) for v in span(CTRL_SUSPECT)], miss_count=span(CTRL_MISS_COUNT),
+            last_miss_seq=span(CTRL_LAST_MISS_SEQ))
+
+    def close(self) -> None:
+        torch.cuda.synchronize(self.device)
+        self.server.close()
+        for imported in self._imports.values():
+            imported.close()
+        self._imports.clear()
+        self._buffer = None
+        self.alloc.close()
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _check_tokens(self, x: torch.Tensor | None, phys: torch.Tensor) -> int:
+        if phys.dim() != 2 or phys.shape[1] != self.top_k or phys.dtype != torch.int64 or not phys.is_contiguous():
+            raise ValueError(f"phys has shape {tuple(phys.shape)} {phys.dtype}, expected contiguous int64 "
+                             f"[num_tokens, top_k={self.top_k}]")
+        num_tokens = phys.shape[0]
+        if num_tokens > self.layout.max_tokens_per_rank:
+            raise ValueError(f"rank {self.rank} has {num_tokens} tokens, more than max_tokens_per_rank="
+                             f"{self.layout.max_tokens_per_rank}")
+        if x is not None:
+            if (tuple(x.shape) != (num_tokens, self.layout.hidden) or x.dtype != torch.bfloat16
+                    or not x.is_contiguous() or x.data_ptr() % 16):
+                raise ValueError(f"x has shape {tuple(x.shape)} {x.dtype}, expected contiguous 16-byte aligned "
+                                 f"bf16 ({num_tokens}, {self.layout.hidden})")
+        return num_tokens
+
+    def _params(self, num_tokens: int, **pointers: int):
+        return make_params(self.layout, my_rank=self.rank, top_k=self.top_k, num_tokens=num_tokens,
+                           ctrl=self.ctrl.data_ptr(), peer_base=self.peer_base.data_ptr(),
+                           active=self.active_mask.data_ptr(), handle_pos=self.handle_pos.data_ptr(),
+                           vis_count=self.vis_count.data_ptr(), **pointers)
+
+    def _launch(self, name: str, params, smem_bytes: int, *, grid: int | None = None) -> None:
+        from cuda.bindings import driver
+        from eep.fused.cuda_util import check
+
+        arg = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        stream = driver.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
+        if grid is None:
+            grid = 1 if name == "eep_combine_reduce" and params.num_tokens == 0 else self.num_blocks
+        check(driver.cuLaunchKernel(self.kernels.functions[name], grid, 1, 1, THREADS_PER_BLOCK, 1, 1,
+                                    smem_bytes, stream, ctypes.addressof(arg), 0), f"cuLaunchKernel({name})")
+
+    def _set_smem_limits(self) -> None:
+        from cuda.bindings import driver
+        from eep.fused.cuda_util import check
+
+        attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        for name, nbytes in (("eep_dispatch", self.layout.dispatch_smem_bytes()),
+                             ("eep_combine_send", self.layout.combine_send_smem_bytes())):
+            if nbytes > 48 * 1024:
+                if nbytes > 200 * 1024:
+                    raise ValueError(f"{name} needs {nbytes} B of shared memory for layout "
+                                     f"{self.layout.signature()}; lower max_tokens_per_rank or slots_per_rank")
+                check(driver.cuFuncSetAttribute(self.kernels.functions[name], attr, nbytes), "cuFuncSetAttribute")
+
+
+class _CudaArray:
+    """Minimal ``__cuda_array_interface__`` so torch can view VMM memory without a copy."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
+                                         "version": 3, "strides": None, "stream": None}
+
+
+def _tensor_at(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(_CudaArray(ptr, nbytes), device=device)
+
+
+def _timedelta(seconds: float):
+    import datetime
+    return datetime.timedelta(seconds=seconds)

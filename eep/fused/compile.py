@@ -1,0 +1,192 @@
+"""Compile the fused kernels with NVRTC, cached on disk, and load them into the current context.
+
+Lookup order: in-process dict, then ``<cache_dir>/<name>.<key>.cubin``, then NVRTC. The key is
+a sha256 of every kernel source file, the compile options, the target arch and the NVRTC
+version, so editing a ``.cuh`` file, a define or the compiler never reuses a stale cubin. Cache
+files are written to a temporary file in the same directory and ``os.replace``d, so concurrent
+rank processes compiling the same kernel never read a half-written file.
+
+cuda-python is imported lazily: importing this module needs no CUDA package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from eep.errors import EEPError
+
+CSRC_DIR = Path(__file__).with_name("csrc")
+KERNEL_FILES = ("common.cuh", "dispatch.cuh", "combine.cuh")
+KERNEL_NAMES = ("eep_quantize", "eep_dispatch", "eep_combine_send", "eep_combine_reduce")
+DEFAULT_ARCH = "sm_90a"
+
+
+class KernelCompileError(EEPError):
+    """NVRTC rejected a kernel source; the message carries the compiler log."""
+
+
+@dataclass(frozen=True)
+class KernelVariant:
+    """Everything that selects one compiled module (the template arguments of the kernels)."""
+
+    hidden: int
+    fixed_membership: bool = False
+    vec_per_lane: int = 4  # 16-byte vectors each lane keeps in flight per copied chunk
+    use_fp8: bool = False  # dispatch sends e4m3 rows + a float32 scale per token row
+
+    def __post_init__(self) -> None:
+        if self.hidden <= 0 or self.hidden % 8:
+            raise ValueError(f"hidden={self.hidden}: the fused kernels move 16-byte vectors of bf16, "
+                             "so hidden must be a positive multiple of 8")
+        if self.use_fp8 and self.hidden % 16:
+            raise ValueError(f"hidden={self.hidden}: FP8 dispatch moves 16 e4m3 per vector, so hidden must be "
+                             "a multiple of 16")
+        if self.vec_per_lane not in (1, 2, 4, 8, 16):
+            raise ValueError(f"vec_per_lane={self.vec_per_lane} must be one of 1, 2, 4, 8, 16")
+
+    def defines(self) -> list[str]:
+        return [f"-DEEP_HIDDEN={self.hidden}", f"-DEEP_FIXED_MEMBERSHIP={int(self.fixed_membership)}",
+                f"-DEEP_VEC_PER_LANE_CHUNK={self.vec_per_lane}", f"-DEEP_USE_FP8={int(self.use_fp8)}"]
+
+    @property
+    def name(self) -> str:
+        return (f"eep_fused_h{self.hidden}_v{self.vec_per_lane}_{'fp8' if self.use_fp8 else 'bf16'}_"
+                f"{'fixed' if self.fixed_membership else 'elastic'}")
+
+
+def cache_dir() -> Path:
+    """``EEP_FUSED_CACHE_DIR`` or ``~/.cache/eep/fused``."""
+    return Path(os.environ.get("EEP_FUSED_CACHE_DIR") or Path.home() / ".cache" / "eep" / "fused")
+
+
+def kernel_sources() -> dict[str, bytes]:
+    """File name -> contents of every kernel source file."""
+    return {name: (CSRC_DIR / name).read_bytes() for name in KERNEL_FILES}
+
+
+def compile_options(variant: KernelVariant, arch: str) -> list[str]:
+    return [f"--gpu-architecture={arch}", "-std=c++17", "-lineinfo", "--device-as-default-execution-space",
+            *variant.defines()]
+
+
+def cache_key(variant: KernelVariant, arch: str, *, nvrtc_version: tuple[int, int]) -> str:
+    """sha256 over sources, options, arch and compiler version (hex, 32 chars)."""
+    h = hashlib.sha256()
+    for name, text in sorted(kernel_sources().items()):
+        h.update(name.encode() + b"\0" + text + b"\0")
+    h.update("\0".join(compile_options(variant, arch)).encode())
+    h.update(f"\0{arch}\0nvrtc{nvrtc_version[0]}.{nvrtc_version[1]}".encode())
+    return h.hexdigest()[:32]
+
+
+def nvrtc_version() -> tuple[int, int]:
+    from cuda.bindings import nvrtc
+    err, major, minor = nvrtc.nvrtcVersion()
+    _check_nvrtc(err, "nvrtcVersion")
+    return int(major), int(minor)
+
+
+def compile_cubin(variant: KernelVariant, arch: str = DEFAULT_ARCH) -> bytes:
+    """Compile all fused kernels of ``variant`` to a cubin for ``arch`` (no cache)."""
+    from cuda.bindings import nvrtc
+
+    sources = kernel_sources()
+    main = b'#include "dispatch.cuh"\n#include "combine.cuh"\n'
+    headers = [sources[name] for name in KERNEL_FILES]
+    names = [name.encode() for name in KERNEL_FILES]
+    err, prog = nvrtc.nvrtcCreateProgram(main, f"{variant.name}.cu".encode(), len(headers), headers, names)
+    _check_nvrtc(err, "nvrtcCreateProgram")
+    try:
+        options = [o.encode() for o in compile_options(variant, arch)]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise KernelCompileError(f"NVRTC failed on {variant.name} for {arch} "
+                                     f"(sources in {CSRC_DIR}):\n{_program_log(prog)}")
+        err, size = nvrtc.nvrtcGetCUBINSize(prog)
+        _check_nvrtc(err, "nvrtcGetCUBINSize")
+        cubin = b" " * size
+        (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
+        _check_nvrtc(err, "nvrtcGetCUBIN")
+        return cubin
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def cached_cubin(variant: KernelVariant, arch: str = DEFAULT_ARCH, *, directory: Path | None = None) -> bytes:
+    """The cubin from the on-disk cache, compiling and storing it (atomically) on a miss."""
+    directory = directory or cache_dir()
+    path = directory / f"{variant.name}.{arch}.{cache_key(variant, arch, nvrtc_version=nvrtc_version())}.cubin"
+    if path.exists():
+        return path.read_bytes()
+    cubin = compile_cubin(variant, arch)
+    write_atomic(path, cubin)
+    return cubin
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either nothing or the whole file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def device_arch(device_ordinal: int) -> str:
+    """``sm_90a`` on Hopper (the arch-specific target), else ``sm_<major><minor>``."""
+    from cuda.bindings import driver
+    from eep.fused.cuda_util import check
+
+    check(driver.cuInit(0), "cuInit")
+    dev = check(driver.cuDeviceGet(device_ordinal), "cuDeviceGet")
+    attr = driver.CUdevice_attribute
+    major = check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cuDeviceGetAttribute")
+    minor = check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cuDeviceGetAttribute")
+    return f"sm_{major}{minor}a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
+
+
+class LoadedKernels:
+    """The three fused kernels of one variant, loaded as a module in the current CUDA context."""
+
+    _modules: dict[tuple[KernelVariant, str, int], "LoadedKernels"] = {}
+
+    def __init__(self, cubin: bytes) -> None:
+        from cuda.bindings import driver
+        from eep.fused.cuda_util import check
+
+        self.module = check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+        self.functions = {name: check(driver.cuModuleGetFunction(self.module, name.encode()), "cuModuleGetFunction")
+                          for name in KERNEL_NAMES}
+
+    @classmethod
+    def get(cls, variant: KernelVariant, device_ordinal: int) -> "LoadedKernels":
+        arch = device_arch(device_ordinal)
+        key = (variant, arch, device_ordinal)
+        if key not in cls._modules:
+            cls._modules[key] = cls(cached_cubin(variant, arch))
+        return cls._modules[key]
+
+
+def _program_log(prog) -> str:
+    from cuda.bindings import nvrtc
+    err, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS or size <= 1:
+        return "(no log)"
+    log = b" " * size
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    return log.decode(errors="replace").rstrip("\0")
+
+
+def _check_nvrtc(err, what: str) -> None:
+    from cuda.bindings import nvrtc
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise KernelCompileError(f"{what} failed: {nvrtc.nvrtcGetErrorString(err)[1].decode()}")

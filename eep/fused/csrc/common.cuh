@@ -1,0 +1,208 @@
+// eep fused data plane: definitions shared by the dispatch and combine kernels.
+//
+// Self-contained on purpose (no CUDA headers): NVRTC compiles it on a machine without the CUDA
+// toolkit, from the nvidia-cuda-nvrtc wheel alone.
+#pragma once
+
+typedef unsigned long long u64;
+typedef long long i64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+#ifndef EEP_HIDDEN
+#error "EEP_HIDDEN (elements per token row) must be defined by the compiler options"
+#endif
+#ifndef EEP_FIXED_MEMBERSHIP
+#define EEP_FIXED_MEMBERSHIP 0  // 1: every rank always active, no mask reads (steady-state baseline)
+#endif
+
+#ifndef EEP_USE_FP8
+#define EEP_USE_FP8 0  // 1: dispatch sends e4m3 rows plus one float32 scale per token row
+#endif
+
+#define EEP_MAX_RANKS 64
+#define EEP_VEC_PER_ROW (EEP_HIDDEN / 8)        // 16-byte vectors (8 bf16) per token row
+#if EEP_USE_FP8
+#define EEP_DISPATCH_VEC_PER_ROW (EEP_HIDDEN / 16)  // 16 e4m3 per vector
+#else
+#define EEP_DISPATCH_VEC_PER_ROW EEP_VEC_PER_ROW
+#endif
+#ifndef EEP_VEC_PER_LANE_CHUNK
+#define EEP_VEC_PER_LANE_CHUNK 4                // vectors one lane moves per chunk (64 B in flight)
+#endif
+#define EEP_VEC_PER_CHUNK (32 * EEP_VEC_PER_LANE_CHUNK)  // one warp moves 2 KiB per chunk
+#define EEP_CHUNKS_PER_ROW ((EEP_VEC_PER_ROW + EEP_VEC_PER_CHUNK - 1) / EEP_VEC_PER_CHUNK)
+#define EEP_DISPATCH_CHUNKS_PER_ROW ((EEP_DISPATCH_VEC_PER_ROW + EEP_VEC_PER_CHUNK - 1) / EEP_VEC_PER_CHUNK)
+
+// Control block in local device memory: every field is u64 so the Python mirror is an int64
+// tensor indexed by the constants in eep/fused/layout.py.
+struct EepCtrl {
+  u64 dispatch_seq;      // last completed dispatch step; the next launch uses +1
+  u64 combine_seq;       // last completed combine step
+  u64 timeout_ns;        // bound on every wait for a peer
+  u64 epoch;             // membership epoch, written by set_membership (informational)
+  u64 dispatch_arrived;  // blocks of the running dispatch that finished sending (reset by the last)
+  u64 combine_arrived;   // same for combine_send
+  u64 reserved[2];
+  u64 dispatch_ok[EEP_MAX_RANKS];   // 1 when that source's tokens arrived in the last dispatch
+  u64 combine_ok[EEP_MAX_RANKS];    // 1 when that expert rank's outputs arrived in the last combine
+  u64 suspect[EEP_MAX_RANKS];       // 1 once the peer missed a deadline; no more waits for it
+  u64 miss_count[EEP_MAX_RANKS];    // deadlines missed by that peer (status array)
+  u64 last_miss_seq[EEP_MAX_RANKS]; // step sequence number of its latest miss
+};
+
+// Kernel parameters, passed by value as one struct of u64 (no padding questions across ABIs).
+struct EepParams {
+  u64 x;            // dispatch: [num_tokens, hidden] bf16; combine_send: y [S, R, M, hidden] bf16
+  u64 phys;         // [num_tokens, top_k] int64 physical slots (NO_EXPERT = -1)
+  u64 weights;      // [num_tokens, top_k] float32 (combine_reduce)
+  u64 out;          // [num_tokens, hidden] bf16 (combine_reduce)
+  u64 handle_pos;   // [max_tokens, top_k] int32 row inside the destination block, -1 if not sent
+  u64 vis_count;    // [S, R] int32 counts this rank exposes after dispatch
+  u64 ctrl;         // EepCtrl*
+  u64 peer_base;    // [R] u64 base address of every rank's buffer in this process
+  u64 active;       // [R] int32 membership mask
+  u64 num_tokens, top_k, slots_per_rank, num_ranks, max_tokens, my_rank;
+  u64 off_recv_x, off_src_token, off_raw_count, off_dispatch_flag, off_comb_x, off_combine_flag;
+  u64 stage;        // FP8: [max_tokens, hidden] e4m3 rows quantized by eep_quantize
+  u64 stage_scale;  // FP8: [max_tokens] float32 scale per row (x = e4m3 * scale)
+  u64 off_recv_scale;  // FP8: [S, R, M] float32 in every rank's buffer
+};
+
+struct __align__(16) EepVec { u32 a, b, c, d; };
+
+__device__ __forceinline__ u64 eep_globaltimer() {
+  u64 t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ u64 eep_ld_acquire_sys(const u64* p) {
+  u64 v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void eep_st_release_sys(u64* p, u64 v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ int eep_ld_volatile(const int* p) { return *(const volatile int*)p; }
+
+__device__ __forceinline__ float eep_bf16_lo(u32 w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float eep_bf16_hi(u32 w) { return __uint_as_float(w & 0xffff0000u); }
+
+// Round to nearest even, as torch's float -> bfloat16 conversion does; NaN stays a quiet NaN.
+__device__ __forceinline__ u32 eep_f32_to_bf16(float f) {
+  u32 u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return ((u >> 16) | 0x40u) & 0xffffu;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return u >> 16;
+}
+
+__device__ __forceinline__ bool eep_rank_active(const int* s_active, int rank) {
+#if EEP_FIXED_MEMBERSHIP
+  return true;
+#else
+  return s_active[rank] != 0;
+#endif
+}
+
+// Physical slot of entry e if it is to be sent, else -1 (NO_EXPERT, garbage, or inactive host).
+__device__ __forceinline__ int eep_valid_slot(i64 phys, int num_slots, int slots_per_rank,
+                                              const int* s_active) {
+  if (phys < 0 || phys >= num_slots) return -1;
+  int slot = (int)phys;
+  return eep_rank_active(s_active, slot / slots_per_rank) ? slot : -1;
+}
+
+// One warp copies chunk `chunk` of a row of kVecPerRow 16-byte vectors (lanes interleaved).
+template <int kVecPerRow>
+__device__ __forceinline__ void eep_copy_chunk(EepVec* dst, const EepVec* src, int chunk, int lane) {
+  EepVec v[EEP_VEC_PER_LANE_CHUNK];
+  const int base = chunk * EEP_VEC_PER_CHUNK + lane;
+#pragma unroll
+  for (int i = 0; i < EEP_VEC_PER_LANE_CHUNK; ++i) {
+    int idx = base + i * 32;
+    if (idx < kVecPerRow) v[i] = src[idx];
+  }
+#pragma unroll
+  for (int i = 0; i < EEP_VEC_PER_LANE_CHUNK; ++i) {
+    int idx = base + i * 32;
+    if (idx < kVecPerRow) dst[idx] = v[i];
+  }
+}
+
+// Record that `peer` missed the deadline of step `seq` (the runtime reads this as evidence).
+__device__ __forceinline__ void eep_record_miss(EepCtrl* ctrl, int peer, u64 seq) {
+  atomicAdd(&ctrl->miss_count[peer], 1ull);
+  atomicMax(&ctrl->last_miss_seq[peer], seq);
+  atomicExch(&ctrl->suspect[peer], 1ull);
+}
+
+// Wait until *flag == seq or the deadline passes; returns whether it arrived. Suspects are not
+// waited for: a dead peer costs one timeout, not one per step.
+__device__ __forceinline__ bool eep_wait_flag(EepCtrl* ctrl, const u64* flag, int peer, u64 seq) {
+  if (*(volatile u64*)&ctrl->suspect[peer]) return false;
+  const u64 deadline = eep_globaltimer() + *(volatile u64*)&ctrl->timeout_ns;
+  while (true) {
+    if (eep_ld_acquire_sys(flag) == seq) return true;
+    if (eep_globaltimer() > deadline) {
+      eep_record_miss(ctrl, peer, seq);
+      return false;
+    }
+  }
+}
+
+// Every block calls this after its sends; returns true in exactly one block (the last), after
+// all other blocks' writes are ordered before anything that block does next.
+__device__ __forceinline__ bool eep_arrive_last(u64* counter, int* s_flag) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    u64 old = atomicAdd(counter, 1ull);
+    *s_flag = (old == (u64)gridDim.x - 1);
+    if (*s_flag) {
+      *counter = 0;  // no other block of this launch touches it again; next launch is stream-ordered
+      __threadfence_system();
+    }
+  }
+  __syncthreads();
+  return *s_flag != 0;
+}
+
+// Exclusive prefix sum of vals[0..n) into out[0..n], out[n] = total. Whole block (blockDim a
+// multiple of 32); each thread sums a contiguous run, then warp shuffles scan the run totals.
+__device__ void eep_block_exclusive_scan(const int* vals, int* out, int n, int* s_warp) {
+  const int per = (n + blockDim.x - 1) / blockDim.x;
+  const int lo = min(n, (int)threadIdx.x * per), hi = min(n, lo + per);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+  int sum = 0;
+  for (int i = lo; i < hi; ++i) sum += vals[i];
+  int incl = sum;  // inclusive scan inside the warp
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    int up = __shfl_up_sync(0xffffffffu, incl, d);
+    if (lane >= d) incl += up;
+  }
+  if (lane == 31) s_warp[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int total = lane < num_warps ? s_warp[lane] : 0;
+    int wincl = total;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      int up = __shfl_up_sync(0xffffffffu, wincl, d);
+      if (lane >= d) wincl += up;
+    }
+    if (lane < num_warps) s_warp[lane] = wincl - total;  // exclusive warp offsets
+    if (lane == num_warps - 1) out[n] = wincl;
+  }
+  __syncthreads();
+  int run = s_warp[warp] + incl - sum;
+  for (int i = lo; i < hi; ++i) {
+    out[i] = run;
+    run += vals[i];
+  }
+  __syncthreads();
+}

@@ -1,0 +1,141 @@
+"""Byte layout of one rank's peer buffer, the device control block and the kernel parameters.
+
+Every rank allocates one buffer of the same layout, once, for all ``num_ranks`` rank slots:
+
+    recv_x         [slots_per_rank, num_ranks, max_tokens_per_rank, hidden] bf16  dispatch lands here
+                   (FP8 dispatch: e4m3 rows of hidden bytes in the first half of the region)
+    comb_x         [num_ranks, slots_per_rank, max_tokens_per_rank, hidden] bf16  combine lands here
+    src_token      [slots_per_rank, num_ranks, max_tokens_per_rank]        int32
+    recv_scale     [slots_per_rank, num_ranks, max_tokens_per_rank]        float32 (FP8 dispatch only)
+    raw_count      [slots_per_rank, num_ranks]                             int32  written by senders
+    dispatch_flag  [num_ranks] uint64, entry s = last dispatch step source s finished writing here
+    combine_flag   [num_ranks] uint64, entry d = last combine step expert rank d finished writing here
+
+Peers write into it through NVLink; the owner reads it locally. Regions start on 256-byte
+boundaries. This module is pure Python (no CUDA import); it mirrors csrc/common.cuh.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+MAX_RANKS = 64  # EEP_MAX_RANKS in csrc/common.cuh
+ALIGN = 256
+THREADS_PER_BLOCK = 512  # __launch_bounds__ of every kernel
+
+# EepCtrl (csrc/common.cuh): an int64 tensor of CTRL_NUMEL entries.
+CTRL_DISPATCH_SEQ, CTRL_COMBINE_SEQ, CTRL_TIMEOUT_NS, CTRL_EPOCH = 0, 1, 2, 3
+CTRL_DISPATCH_ARRIVED, CTRL_COMBINE_ARRIVED = 4, 5
+CTRL_HEADER = 8
+CTRL_DISPATCH_OK = CTRL_HEADER
+CTRL_COMBINE_OK = CTRL_DISPATCH_OK + MAX_RANKS
+CTRL_SUSPECT = CTRL_COMBINE_OK + MAX_RANKS
+CTRL_MISS_COUNT = CTRL_SUSPECT + MAX_RANKS
+CTRL_LAST_MISS_SEQ = CTRL_MISS_COUNT + MAX_RANKS
+CTRL_NUMEL = CTRL_LAST_MISS_SEQ + MAX_RANKS
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """Offsets (bytes) of each region in a rank's peer buffer; identical on every rank."""
+
+    num_ranks: int
+    slots_per_rank: int
+    max_tokens_per_rank: int
+    hidden: int
+    elem_bytes: int = 2  # bf16
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_ranks <= MAX_RANKS:
+            raise ValueError(f"num_ranks={self.num_ranks}: the fused kernels support 1..{MAX_RANKS} ranks")
+        if self.slots_per_rank < 1 or self.max_tokens_per_rank < 1:
+            raise ValueError(f"slots_per_rank={self.slots_per_rank} and max_tokens_per_rank="
+                             f"{self.max_tokens_per_rank} must both be positive")
+        if self.hidden <= 0 or self.hidden % 8:
+            raise ValueError(f"hidden={self.hidden} must be a positive multiple of 8 (16-byte vectors)")
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of one token-row region: slots_per_rank * num_ranks * max_tokens_per_rank."""
+        return self.slots_per_rank * self.num_ranks * self.max_tokens_per_rank
+
+    @property
+    def row_nbytes(self) -> int:
+        return self.hidden * self.elem_bytes
+
+    @property
+    def off_recv_x(self) -> int:
+        return 0
+
+    @property
+    def off_comb_x(self) -> int:
+        return _align(self.off_recv_x + self.num_rows * self.row_nbytes)
+
+    @property
+    def off_src_token(self) -> int:
+        return _align(self.off_comb_x + self.num_rows * self.row_nbytes)
+
+    @property
+    def off_recv_scale(self) -> int:
+        return _align(self.off_src_token + self.num_rows * 4)
+
+    @property
+    def off_raw_count(self) -> int:
+        return _align(self.off_recv_scale + self.num_rows * 4)
+
+    @property
+    def off_dispatch_flag(self) -> int:
+        return _align(self.off_raw_count + self.slots_per_rank * self.num_ranks * 4)
+
+    @property
+    def off_combine_flag(self) -> int:
+        return _align(self.off_dispatch_flag + self.num_ranks * 8)
+
+    @property
+    def nbytes(self) -> int:
+        return _align(self.off_combine_flag + self.num_ranks * 8)
+
+    def dispatch_smem_bytes(self) -> int:
+        """Dynamic shared memory of eep_dispatch: one bit per (slot, token)."""
+        words = (self.max_tokens_per_rank + 31) // 32
+        return self.slots_per_rank * self.num_ranks * words * 4
+
+    def combine_send_smem_bytes(self) -> int:
+        """Dynamic shared memory of eep_combine_send: rows and starts of every (slot, source) block."""
+        pairs = self.slots_per_rank * self.num_ranks
+        return (2 * pairs + 1) * 4
+
+    def signature(self) -> str:
+        """A string every rank must agree on before mapping each other's buffers."""
+        return (f"R{self.num_ranks}.S{self.slots_per_rank}.M{self.max_tokens_per_rank}."
+                f"H{self.hidden}.E{self.elem_bytes}.N{self.nbytes}")
+
+
+class KernelParams(ctypes.Structure):
+    """EepParams of csrc/common.cuh: every field a u64, in the same order."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "x", "phys", "weights", "out", "handle_pos", "vis_count", "ctrl", "peer_base", "active",
+        "num_tokens", "top_k", "slots_per_rank", "num_ranks", "max_tokens", "my_rank",
+        "off_recv_x", "off_src_token", "off_raw_count", "off_dispatch_flag", "off_comb_x", "off_combine_flag",
+        "stage", "stage_scale", "off_recv_scale")]
+
+
+def make_params(layout: BufferLayout, *, my_rank: int, top_k: int, num_tokens: int, ctrl: int, peer_base: int,
+                active: int, handle_pos: int, vis_count: int, x: int = 0, phys: int = 0, weights: int = 0,
+                out: int = 0, stage: int = 0, stage_scale: int = 0) -> KernelParams:
+    """Fill the parameter struct; every pointer is a device address in this process."""
+    return KernelParams(
+        x=x, phys=phys, weights=weights, out=out, handle_pos=handle_pos, vis_count=vis_count, ctrl=ctrl,
+        peer_base=peer_base, active=active, num_tokens=num_tokens, top_k=top_k,
+        slots_per_rank=layout.slots_per_rank, num_ranks=layout.num_ranks,
+        max_tokens=layout.max_tokens_per_rank, my_rank=my_rank,
+        off_recv_x=layout.off_recv_x, off_src_token=layout.off_src_token, off_raw_count=layout.off_raw_count,
+        off_dispatch_flag=layout.off_dispatch_flag, off_comb_x=layout.off_comb_x,
+        off_combine_flag=layout.off_combine_flag, stage=stage, stage_scale=stage_scale,
+        off_recv_scale=layout.off_recv_scale)

@@ -1,0 +1,213 @@
+"""Decode dispatch/combine microbenchmark: eep fused (membership-aware and fixed) vs NCCL.
+
+    python perf/bench_dispatch.py --num-ranks 4 --model deepseek-v3 [--profile DIR] [--out FILE]
+
+Starts one process per GPU (subprocesses; a TCPStore hosted here). Every rank sends
+``tokens`` tokens with top-8 routing, uniform over all experts, one replica each. Timed with CUDA
+events around CUDA-graph replays of ``iters`` steps; membership-aware and fixed graphs are
+replayed alternately ``rounds`` times and the medians compared, so the ratio is measured side by
+side. NCCL baseline: ``all_to_all_single`` of every top-k copy (``[tokens * top_k, hidden]`` bf16,
+equal splits), one direction, as DeepEP's and the issue's NCCL numbers count it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MODELS = {"deepseek-v3": (7168, 256), "qwen3-30b-a3b": (2048, 128), "tiny": (64, 16)}  # hidden, experts
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from eep.fused.buffer import FusedBuffer
+    from eep.fused.compile import KernelVariant, LoadedKernels
+    from eep.routing.route import route_to_phys
+
+    rank, R = args.rank, args.num_ranks
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    store = dist.TCPStore("127.0.0.1", args.port, is_master=False, timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group("nccl", store=store, rank=rank, world_size=R, device_id=dev)
+    hidden, num_experts = MODELS[args.model]
+    S, T, K = num_experts // R, args.tokens, args.top_k
+    M = max(T, args.max_tokens or T)  # receive capacity per (slot, source); > T spreads rows out
+    # one buffer for both variants: the fixed-membership kernels are launched on the same memory,
+    # so the ratio compares kernels alone (not two allocations)
+    elastic = FusedBuffer(rank, R, slots_per_rank=S, max_tokens_per_rank=M, hidden=hidden, top_k=K, store=store,
+                          group="bench", timeout_s=5.0, device=rank, use_fp8=args.fp8)
+    bufs = {"elastic": elastic, "fixed": elastic}
+    kernels = {"elastic": elastic.kernels,
+               "fixed": LoadedKernels.get(KernelVariant(hidden, True, elastic.kernels_variant.vec_per_lane,
+                                                        use_fp8=args.fp8), rank)}
+    g = torch.Generator(device=dev).manual_seed(rank + 1)
+    x = torch.randn(T, hidden, device=dev, generator=g).to(torch.bfloat16)
+    ids = torch.rand(T, num_experts, device=dev, generator=g).topk(K, dim=-1).indices
+    w = torch.softmax(torch.randn(T, K, device=dev, generator=g), -1)
+    l2p = torch.arange(num_experts, device=dev).view(-1, 1)
+    phys = route_to_phys(ids, l2p, torch.ones(R, dtype=torch.int32, device=dev), S)
+    outs = {n: torch.empty(T, hidden, dtype=torch.bfloat16, device=dev) for n in bufs}
+
+    # combine takes bf16 expert outputs; with FP8 dispatch recv.x is e4m3, so combine a bf16 stand-in
+    y_fp8_case = torch.randn(S, R, M, hidden, device=dev).to(torch.bfloat16) if args.fp8 else None
+
+    def step(buf, out, *, with_combine=True):
+        recv, handle = buf.dispatch(x, phys)
+        if with_combine:
+            buf.combine(recv.x if y_fp8_case is None else y_fp8_case, handle, w, out=out)
+
+    graphs = {}
+    torch.cuda.synchronize()
+
+    def capture(buf, out, mode):
+        dist.barrier()
+        step(buf, out, with_combine=(mode == "both"))  # warm-up step, all ranks
+        torch.cuda.synchronize()
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            for _ in range(args.iters):
+                step(buf, out, with_combine=(mode == "both"))
+        return gr
+
+    for name, buf in bufs.items():
+        buf.kernels = kernels[name]
+        for mode in ("both", "dispatch"):
+            graphs[(name, mode)] = capture(buf, outs[name], mode)
+    elastic.kernels = kernels["elastic"]
+    # launch-shape sweep of the membership-aware kernels (vectors per lane x grid size)
+    sweep = {}
+    if args.sweep:
+        sm = bufs["elastic"].num_blocks
+        extra = FusedBuffer(rank, R, slots_per_rank=S, max_tokens_per_rank=M, hidden=hidden, top_k=K, store=store,
+                            group="bench-v8", timeout_s=5.0, device=rank, vec_per_lane=8, use_fp8=args.fp8)
+        bufs["v8"] = extra
+        for vec, buf in ((4, bufs["elastic"]), (8, extra)):
+            for blocks in (sm // 2, sm, 2 * sm):
+                if (vec, blocks) == (4, sm):
+                    continue
+                buf.num_blocks = blocks
+                sweep[f"sweep_v{vec}_b{blocks}"] = capture(buf, outs["elastic"], "both")
+            buf.num_blocks = sm
+    send = torch.randn(T * K, hidden, device=dev).to(torch.bfloat16)
+    recv_buf = torch.empty_like(send)
+
+    def time_graph(gr) -> float:
+        dist.barrier()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        gr.replay()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) * 1e3 / args.iters  # us per step
+
+    def time_nccl() -> float:
+        dist.barrier()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(args.iters):
+            dist.all_to_all_single(recv_buf, send)
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) * 1e3 / args.iters
+
+    for gr in graphs.values():  # warm
+        time_graph(gr)
+    time_nccl()
+    samples = {k: [] for k in ("elastic_both", "fixed_both", "elastic_both_again", "elastic_dispatch",
+                               "fixed_dispatch", "nccl_a2a", *sweep)}
+    for _ in range(args.rounds):
+        for name in ("elastic", "fixed"):
+            samples[f"{name}_both"].append(time_graph(graphs[(name, "both")]))
+            samples[f"{name}_dispatch"].append(time_graph(graphs[(name, "dispatch")]))
+        samples["elastic_both_again"].append(time_graph(graphs[("elastic", "both")]))  # A/A: the noise
+        samples["nccl_a2a"].append(time_nccl())
+        for key, gr in sweep.items():
+            samples[key].append(time_graph(gr))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+        os.makedirs(args.profile, exist_ok=True)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                     on_trace_ready=tensorboard_trace_handler(args.profile, worker_name=f"{args.model}-R{R}-rank{rank}")):
+            for name in ("elastic", "fixed"):
+                time_graph(graphs[(name, "both")])
+            time_nccl()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    # the slowest rank decides a step: report the max over ranks of each median
+    gathered = [None] * R
+    dist.all_gather_object(gathered, med)
+    status = bufs["elastic"].status()
+    if rank == 0:
+        worst = {k: max(m[k] for m in gathered) for k in med}
+        worst["elastic_combine"] = worst["elastic_both"] - worst["elastic_dispatch"]
+        worst["fixed_combine"] = worst["fixed_both"] - worst["fixed_dispatch"]
+        worst["ratio_elastic_over_fixed"] = worst["elastic_both"] / worst["fixed_both"]
+        worst["ratio_elastic_again_over_elastic"] = worst["elastic_both_again"] / worst["elastic_both"]
+        row = {"model": args.model, "num_ranks": R, "tokens": T, "max_tokens_per_rank": M, "top_k": K, "hidden": hidden,
+               "dispatch_dtype": "fp8-e4m3+per-token-scale" if args.fp8 else "bf16",
+               "gpu": torch.cuda.get_device_name(dev), "iters": args.iters, "rounds": args.rounds,
+               "us": worst, "per_rank_elastic_both": [m["elastic_both"] for m in gathered],
+               "misses": status.miss_count}
+        print("RESULT " + json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    dist.barrier()
+    for buf in {id(b): b for b in bufs.values()}.values():
+        buf.close()
+    dist.destroy_process_group()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-ranks", type=int, default=4)
+    p.add_argument("--model", choices=sorted(MODELS), default="deepseek-v3")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None, help="receive capacity per rank (default: --tokens)")
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--fp8", action="store_true", help="FP8 dispatch (per-token scales); combine stays bf16")
+    p.add_argument("--sweep", action="store_true", help="also time other grid sizes and vectors per lane")
+    p.add_argument("--profile", default=None, help="directory for torch.profiler (TensorBoard) traces")
+    p.add_argument("--out", default=None, help="append one JSON line per configuration here")
+    p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.rank is not None:
+        worker(args)
+        return 0
+    from torch.distributed import TCPStore
+    sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
+    from launch import free_port
+    port = free_port()
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,  # noqa: F841 (kept alive)
+                     timeout=datetime.timedelta(seconds=300))
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
+               PYTHONUNBUFFERED="1")
+    forwarded = [a for a in sys.argv[1:]]
+    procs = [subprocess.Popen([sys.executable, __file__, *forwarded, "--rank", str(r), "--port", str(port)], env=env)
+             for r in range(args.num_ranks)]
+    deadline = time.time() + 500
+    while any(pr.poll() is None for pr in procs) and time.time() < deadline:
+        time.sleep(0.05)
+    for pr in procs:
+        if pr.poll() is None:
+            pr.kill()
+    return max(pr.wait() for pr in procs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Inputs and oracle results for the fused differential tests (pure torch; runs on CPU too).
+
+Every rank process builds the same ``Case`` from the same seed, runs its own part on the GPU
+and compares with ``eep.reference`` run on the CPU for all ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from eep.reference.dispatch import DispatchHandle, RankReceive
+from eep.reference.dispatch import combine as ref_combine
+from eep.reference.dispatch import dispatch as ref_dispatch
+from eep.routing.route import route_to_phys
+from eep.state.placement import ExpertPlacement
+
+
+def two_replica_placement(num_ranks: int, slots_per_rank: int) -> ExpertPlacement:
+    """``num_phys_slots / 2`` experts, expert e on slots e and e + num_experts (different ranks)."""
+    num_slots = num_ranks * slots_per_rank
+    num_experts = num_slots // 2
+    p2l = (torch.arange(num_slots) % num_experts).unsqueeze(0)
+    return ExpertPlacement.from_phys_to_logical(p2l, num_ranks=num_ranks, slots_per_rank=slots_per_rank,
+                                                num_experts=num_experts)
+
+
+def expert_scale(slots_per_rank: int) -> torch.Tensor:
+    """Per local slot power-of-two factor: the test 'expert' is exact in bf16."""
+    return torch.tensor([2.0 ** -(i % 4) for i in range(slots_per_rank)], dtype=torch.float32)
+
+
+def fake_experts(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``[S, R, M, H]`` -> same shape, slot i scaled by ``scale[i]`` (exact, bf16 out)."""
+    return (x.float() * scale.to(x.device).view(-1, 1, 1, 1)).to(x.dtype)
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row e4m3 quantization as the FP8 dispatch does it: ``[n, hidden]`` -> (e4m3, ``[n]`` scale)."""
+    xf = x.float()
+    amax = xf.abs().amax(-1) if xf.shape[0] else torch.zeros(0)
+    scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    return (xf / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale
+
+
+def fp8_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """What an FP8 dispatch delivers of ``x``, dequantized to bf16."""
+    q, scale = quantize_fp8(x)
+    return (q.float() * scale.unsqueeze(-1)).to(torch.bfloat16)
+
+
+@dataclass
+class Case:
+    num_tokens: list[int]
+    x: list[torch.Tensor]          # per rank [T_r, H] bf16
+    topk_ids: list[torch.Tensor]   # per rank [T_r, K] int64
+    weights: list[torch.Tensor]    # per rank [T_r, K] float32
+    active: list[bool]
+
+
+def make_case(seed: int, *, num_ranks: int, slots_per_rank: int, max_tokens: int, hidden: int, top_k: int,
+              routing: str = "random", zero_ranks: tuple[int, ...] = (), active: list[bool] | None = None) -> Case:
+    """Fresh random tokens and routing for every rank.
+
+    routing: ``random`` (distinct uniform experts) or ``skewed`` (expert 0 in every token's top-k).
+    zero_ranks: ranks that send no tokens this step.
+    """
+    g = torch.Generator().manual_seed(seed)
+    num_experts = num_ranks * slots_per_rank // 2
+    if num_experts < top_k:
+        raise ValueError(f"{num_experts} experts < top_k={top_k}")
+    xs, ids, ws, counts = [], [], [], []
+    for rank in range(num_ranks):
+        t = 0 if rank in zero_ranks else int(torch.randint(max_tokens // 2, max_tokens + 1, (1,), generator=g))
+        counts.append(t)
+        xs.append(torch.randn(t, hidden, generator=g).to(torch.bfloat16))
+        scores = torch.rand(t, num_experts, generator=g)
+        if routing == "skewed":
+            scores[:, 0] = 2.0
+        ids.append(scores.topk(top_k, dim=-1).indices.to(torch.int64))
+        ws.append(torch.softmax(torch.randn(t, top_k, generator=g), dim=-1))
+    return Case(counts, xs, ids, ws, list(active) if active is not None else [True] * num_ranks)
+
+
+def case_phys(case: Case, placement: ExpertPlacement, rank: int, *, device: str | torch.device = "cpu") -> torch.Tensor:
+    """``route_to_phys`` of one rank's tokens under the case's membership."""
+    mask = torch.tensor(case.active, dtype=torch.int32, device=device)
+    l2p = placement.logical_to_phys[0].to(device)
+    return route_to_phys(case.topk_ids[rank].to(device), l2p, mask, placement.slots_per_rank)
+
+
+@dataclass
+class Oracle:
+    recv: list[RankReceive | None]
+    handles: list[DispatchHandle | None]
+    out: list[torch.Tensor | None]
+
+
+def oracle(case: Case, placement: ExpertPlacement, max_tokens: int, *, fp8: bool = False) -> Oracle:
+    """The reference dispatch -> fake experts -> combine for every rank (CPU); with ``fp8`` the
+    tokens arrive as their FP8 round trip, as the FP8 dispatch delivers them."""
+    S = placement.slots_per_rank
+    phys = [case_phys(case, placement, r) if case.active[r] else None for r in range(len(case.active))]
+    xs = [(fp8_roundtrip(x) if fp8 else x) if a else None for x, a in zip(case.x, case.active)]
+    recv, handles = ref_dispatch(xs, phys, case.active, S, max_tokens)
+    scale = expert_scale(S)
+    ys = [fake_experts(r.x, scale) if r is not None else None for r in recv]
+    out = ref_combine(ys, handles, [w if a else None for w, a in zip(case.weights, case.active)], S)
+    return Oracle(recv, handles, out)
+
+
+def compare_rank(rank: int, orc: Oracle, recv_x: torch.Tensor, count: torch.Tensor, src_token: torch.Tensor,
+                 position: torch.Tensor, out: torch.Tensor) -> list[str]:
+    """Differences between one rank's fused results (CPU copies) and the oracle; [] when equal."""
+    errors = []
+    want = orc.recv[rank]
+    if not torch.equal(count, want.count):
+        bad = (count != want.count).nonzero()[:4].tolist()
+        errors.append(f"rank {rank}: count differs at [slot, src] {bad}: got "
+                      f"{[int(count[i, j]) for i, j in bad]} want {[int(want.count[i, j]) for i, j in bad]}")
+        return errors
+    if not torch.equal(src_token, want.src_token):
+        bad = (src_token != want.src_token).nonzero()[:4].tolist()
+        errors.append(f"rank {rank}: src_token differs at {bad}")
+    valid = torch.arange(want.x.shape[2]).view(1, 1, -1) < want.count.unsqueeze(-1)  # [S, R, M]
+    if not torch.equal(recv_x[valid], want.x[valid]):
+        diff = (recv_x[valid].float() - want.x[valid].float()).abs()
+        errors.append(f"rank {rank}: recv.x differs in {int((diff != 0).sum())} elements (nan: "
+                      f"{int(diff.isnan().sum())}), max {float(diff.nan_to_num(1e9).max())}")
+    handle = orc.handles[rank]
+    if not torch.equal(position.long(), handle.position):
+        errors.append(f"rank {rank}: handle position differs at {(position.long() != handle.position).nonzero()[:4].tolist()}")
+    if not torch.equal(out, orc.out[rank]):
+        diff = (out.float() - orc.out[rank].float()).abs()
+        errors.append(f"rank {rank}: combine output differs in {int((diff != 0).sum())} elements (nan: "
+                      f"{int(diff.isnan().sum())}), max {float(diff.nan_to_num(1e9).max())}")
+    return errors

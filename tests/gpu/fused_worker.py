@@ -1,0 +1,366 @@
+"""One rank process of the fused GPU tests (started by tests/gpu/launch.py, never by torchrun).
+
+Scenarios (``--scenario``):
+  diff   differential cases against eep.reference: random and skewed routing, zero-token ranks,
+         a masked rank (which then rejoins with aligned sequence numbers), poisoned outputs.
+  graph  capture route_to_phys + dispatch + experts + combine once; replay with fresh inputs;
+         mask the last rank (its process exits) and replay; a new process takes the last rank's
+         slot, survivors add_peer + set_membership and replay the same graph.
+  join   the new process of the graph scenario.
+  kill   steps in a loop; the launcher SIGKILLs the last rank; survivors must finish the step
+         within the timeout, see it in status(), still access the dead rank's mapped buffer,
+         mask it and compute correct results.
+Each rank writes ``<out>/<scenario>.rank<r>.json`` with ``errors`` (empty when everything matched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from eep.fused.buffer import FusedBuffer  # noqa: E402
+from fused_cases import (case_phys, compare_rank, expert_scale, fake_experts, make_case,  # noqa: E402
+                                   oracle, two_replica_placement)
+
+
+class Barrier:
+    """Host barrier among named participants through the store (no collective library)."""
+
+    def __init__(self, store, prefix: str) -> None:
+        self.store, self.prefix, self.n = store, prefix, 0
+
+    def wait(self, count: int, timeout_s: float = 120.0) -> None:
+        self.n += 1
+        key = f"{self.prefix}/{self.n}"
+        self.store.add(key, 1)
+        deadline = time.time() + timeout_s
+        while self.store.add(key, 0) < count:
+            if time.time() > deadline:
+                raise TimeoutError(f"barrier {key}: {self.store.add(key, 0)}/{count} arrived")
+            time.sleep(0.002)
+
+
+def poison_outputs(buf: FusedBuffer, x: torch.Tensor) -> torch.Tensor:
+    """Fill every output the step must write with garbage; returns the poisoned combine output."""
+    recv = buf.recv_views()
+    if recv.scale is not None:  # FP8: 0x7f is e4m3fn NaN
+        recv.x.view(torch.uint8).fill_(0x7F)
+        recv.scale.fill_(float("nan"))
+    else:
+        recv.x.fill_(float("nan"))
+    recv.src_token.fill_(-77)
+    recv.count.fill_(-5)
+    buf.handle_pos.fill_(-99)
+    out = torch.full((x.shape[0], x.shape[1]), float("nan"), dtype=torch.bfloat16, device=x.device)
+    torch.cuda.synchronize()
+    return out
+
+
+def finish_step(buf, x, phys, weights, scale, out):
+    """Dispatch, fake experts, combine; returns CPU copies for comparison."""
+    recv, handle = buf.dispatch(x, phys)
+    xq = recv.dequantized()  # recv.x itself for bf16
+    y = fake_experts(xq, scale)
+    buf.combine(y, handle, weights, out=out)
+    torch.cuda.synchronize()
+    return (xq.cpu(), recv.count.cpu(), recv.src_token.cpu(), handle.position.cpu(), out.cpu())
+
+
+def make_buffer(args, store, *, connect=None, fixed=False) -> FusedBuffer:
+    return FusedBuffer(args.rank, args.num_ranks, slots_per_rank=args.slots, max_tokens_per_rank=args.max_tokens,
+                       hidden=args.hidden, top_k=args.top_k, store=store, group=args.group, connect=connect,
+                       fixed_membership=fixed, timeout_s=args.timeout_s, device=args.rank, use_fp8=args.fp8)
+
+
+def shape_kwargs(args):
+    return dict(num_ranks=args.num_ranks, slots_per_rank=args.slots, max_tokens=args.max_tokens,
+                hidden=args.hidden, top_k=args.top_k)
+
+
+def one_case(args, buf, barrier, participants, case_seed, errors, label, **case_kw):
+    """Run one differential case on this rank; every participant calls it with the same arguments."""
+    placement = two_replica_placement(args.num_ranks, args.slots)
+    case = make_case(case_seed, **shape_kwargs(args), **case_kw)
+    dev = torch.device("cuda", args.rank)
+    x = case.x[args.rank].to(dev)
+    phys = case_phys(case, placement, args.rank, device=dev)
+    w = case.weights[args.rank].to(dev)
+    scale = expert_scale(args.slots).to(dev)
+    out = poison_outputs(buf, x)
+    barrier.wait(participants)  # nobody writes into a peer before it finished poisoning
+    got = finish_step(buf, x, phys, w, scale, out)
+    orc = oracle(case, placement, args.max_tokens, fp8=args.fp8)
+    errs = compare_rank(args.rank, orc, *got)
+    errors.extend(f"{label}: {e}" for e in errs)
+    barrier.wait(participants)  # nobody poisons before every peer finished reading its results
+    return not errs
+
+
+def scenario_diff(args, store, result) -> None:
+    errors = result["errors"]
+    buf = make_buffer(args, store, fixed=args.fixed)
+    barrier = Barrier(store, f"{args.group}/bar")
+    R, last = args.num_ranks, args.num_ranks - 1
+    seed = args.seed
+    cases = [("random", {}), ("skewed", {"routing": "skewed"}), ("zero-tokens", {"zero_ranks": (0, last)}),
+             ("random2", {})]
+    for label, kw in cases:
+        seed += 1
+        one_case(args, buf, barrier, R, seed, errors, label, **kw)
+    result["cases"] = [c[0] for c in cases]
+    if not args.fixed and R > 2:
+        # mask the last rank for one step: it sits out, the others exclude it everywhere
+        mask = [True] * R
+        mask[last] = False
+        seed += 1
+        if args.rank != last:
+            buf.set_membership(mask, epoch=1)
+            one_case(args, buf, barrier, R - 1, seed, errors, "masked", active=mask)
+            if args.rank == 0:
+                st = buf.status()
+                store.set(f"{args.group}/seq", json.dumps([st.dispatch_seq, st.combine_seq]))
+            barrier.wait(R)
+        else:
+            barrier.n += 2  # skip the two barriers of the masked case
+            barrier.wait(R)
+            dseq, cseq = json.loads(store.get(f"{args.group}/seq"))
+            buf.set_sequence(dseq, cseq)  # what a rejoining rank does
+        buf.set_membership([True] * R, epoch=2)
+        seed += 1
+        one_case(args, buf, barrier, R, seed, errors, "after-unmask")
+        result["cases"] += ["masked", "after-unmask"]
+    st = buf.status()
+    result["status"] = st.__dict__
+    if any(st.miss_count):
+        errors.append(f"rank {args.rank}: deadlines missed in a healthy run: {st.miss_count}")
+    buf.close()
+
+
+def scenario_graph(args, store, result) -> None:
+    errors = result["errors"]
+    R, last, dev = args.num_ranks, args.num_ranks - 1, torch.device("cuda", args.rank)
+    buf = make_buffer(args, store)
+    barrier = Barrier(store, f"{args.group}/gbar")
+    g, statics = capture(args, buf)
+    replay_and_check(args, store, buf, g, statics, barrier, R, [True] * R, args.seed + 1, errors, "replay-all")
+    replay_and_check(args, store, buf, g, statics, barrier, R, [True] * R, args.seed + 2, errors, "replay-all-2")
+    mask = [True] * R
+    mask[last] = False
+    if args.rank == last:
+        store.set(f"{args.group}/left", "1")
+        result["note"] = "left after two replays (the failure)"
+        return  # the process exits: a failed rank
+    buf.set_membership(mask, epoch=1)
+    replay_and_check(args, store, buf, g, statics, barrier, R - 1, mask, args.seed + 3, errors, "replay-masked")
+    # the launcher starts a new process for the last rank slot; it publishes its buffer
+    if args.rank == 0:
+        st = buf.status()
+        store.set(f"{args.group}/seq", json.dumps([st.dispatch_seq, st.combine_seq]))
+    store.wait([f"{args.group}/joined"], _td(300))
+    t0 = time.perf_counter()
+    buf.add_peer(last)
+    buf.set_membership([True] * R, epoch=2)
+    torch.cuda.synchronize()
+    result["rejoin_survivor_s"] = time.perf_counter() - t0
+    store.add(f"{args.group}/admitted", 1)
+    replay_and_check(args, store, buf, g, statics, barrier, R, [True] * R, args.seed + 4, errors, "replay-rejoined")
+    replay_and_check(args, store, buf, g, statics, barrier, R, [True] * R, args.seed + 5, errors, "replay-rejoined-2")
+    buf.close()
+
+
+def scenario_join(args, store, result) -> None:
+    errors = result["errors"]
+    R = args.num_ranks
+    store.wait([f"{args.group}/left", f"{args.group}/seq"], _td(300))
+    buf = make_buffer(args, store, connect=[r for r in range(R) if r != args.rank])
+    dseq, cseq = json.loads(store.get(f"{args.group}/seq"))
+    buf.set_sequence(dseq, cseq)
+    g, statics = capture(args, buf)
+    barrier = Barrier(store, f"{args.group}/gbar")
+    barrier.n = 3 * 2  # the survivors' barrier count so far: three replays, two barriers each
+    store.set(f"{args.group}/joined", "1")
+    while store.add(f"{args.group}/admitted", 0) < R - 1:
+        time.sleep(0.002)
+    replay_and_check(args, store, buf, g, statics, barrier, R, [True] * R, args.seed + 4, errors, "replay-rejoined")
+    replay_and_check(args, store, buf, g, statics, barrier, R, [True] * R, args.seed + 5, errors, "replay-rejoined-2")
+    buf.close()
+
+
+def capture(args, buf):
+    """One captured step over static inputs; returns the graph and its static tensors."""
+    from eep.routing.route import route_to_phys
+    dev = torch.device("cuda", args.rank)
+    placement = two_replica_placement(args.num_ranks, args.slots)
+    T = args.max_tokens
+    statics = {
+        "x": torch.randn(T, args.hidden, device=dev).to(torch.bfloat16),
+        "ids": torch.zeros(T, args.top_k, dtype=torch.int64, device=dev),
+        "w": torch.rand(T, args.top_k, device=dev),
+        "l2p": placement.logical_to_phys[0].to(dev),
+        "scale": expert_scale(args.slots).to(dev),
+        "out": torch.empty(T, args.hidden, dtype=torch.bfloat16, device=dev),
+    }
+    statics["ids"].copy_(torch.arange(args.top_k).repeat(T, 1))
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        phys = route_to_phys(statics["ids"], statics["l2p"], buf.active_mask, args.slots)
+        recv, handle = buf.dispatch(statics["x"], phys)
+        y = fake_experts(recv.x, statics["scale"])
+        buf.combine(y, handle, statics["w"], out=statics["out"])
+        statics["phys"], statics["position"], statics["recv"] = phys, handle.position, recv
+    return g, statics
+
+
+def replay_and_check(args, store, buf, g, statics, barrier, participants, active, seed, errors, label):
+    """Fresh inputs into the static tensors (all ranks send max_tokens), poison, replay, compare."""
+    placement = two_replica_placement(args.num_ranks, args.slots)
+    case = make_case(seed, **shape_kwargs(args), active=active)
+    T = args.max_tokens
+    # graphs have a static token count: regenerate with exactly max_tokens per rank
+    g_ = torch.Generator().manual_seed(seed)
+    num_experts = args.num_ranks * args.slots // 2
+    for r in range(args.num_ranks):
+        case.x[r] = torch.randn(T, args.hidden, generator=g_).to(torch.bfloat16)
+        case.topk_ids[r] = torch.rand(T, num_experts, generator=g_).topk(args.top_k, dim=-1).indices
+        case.weights[r] = torch.softmax(torch.randn(T, args.top_k, generator=g_), -1)
+        case.num_tokens[r] = T
+    statics["x"].copy_(case.x[args.rank])
+    statics["ids"].copy_(case.topk_ids[args.rank])
+    statics["w"].copy_(case.weights[args.rank])
+    recv = statics["recv"]
+    recv.x.fill_(float("nan"))
+    recv.src_token.fill_(-77)
+    recv.count.fill_(-5)
+    statics["out"].fill_(float("nan"))
+    torch.cuda.synchronize()
+    barrier.wait(participants)
+    g.replay()
+    torch.cuda.synchronize()
+    got = (recv.x.cpu(), recv.count.cpu(), recv.src_token.cpu(), statics["position"].cpu(), statics["out"].cpu())
+    errs = compare_rank(args.rank, oracle(case, placement, T), *got)
+    errors.extend(f"{label}: {e}" for e in errs)
+    barrier.wait(participants)
+
+
+def scenario_kill(args, store, result) -> None:
+    """Loop steps until the launcher kills the last rank; survivors measure what it cost them."""
+    errors = result["errors"]
+    R, last, dev = args.num_ranks, args.num_ranks - 1, torch.device("cuda", args.rank)
+    buf = make_buffer(args, store)
+    placement = two_replica_placement(R, args.slots)
+    scale = expert_scale(args.slots).to(dev)
+    barrier = Barrier(store, f"{args.group}/kbar")
+    barrier.wait(R)
+    # every process runs the same fixed number of steps (lockstep); the launcher kills the last
+    # rank once it reports step KILL_AFTER_STEP, so survivors meet the dead peer mid-run
+    step_times, detected_at = [], None
+    for step in range(args.kill_steps):
+        case = make_case(args.seed + step, **shape_kwargs(args))
+        x = case.x[args.rank].to(dev)
+        phys = case_phys(case, placement, args.rank, device=dev)
+        w = case.weights[args.rank].to(dev)
+        out = torch.empty(x.shape[0], args.hidden, dtype=torch.bfloat16, device=dev)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        recv, handle = buf.dispatch(x, phys)
+        buf.combine(fake_experts(recv.x, scale), handle, w, out=out)
+        torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - t0)
+        if args.rank == last:
+            store.set(f"{args.group}/steps", str(step))
+        elif detected_at is None and buf.status().miss_count[last]:
+            detected_at = step
+        time.sleep(0.01)
+    if args.rank == last:
+        errors.append("the last rank was not killed during the run")
+        return
+    if detected_at is None:
+        errors.append(f"rank {args.rank}: the killed rank was never detected in {args.kill_steps} steps")
+        return
+    st = buf.status()
+    result["status"] = st.__dict__
+    result["detected_at"] = detected_at
+    result["step_s_before"] = sorted(step_times[:detected_at])[len(step_times[:detected_at]) // 2] if detected_at else None
+    result["step_s_detect"] = step_times[detected_at]
+    result["step_s_after"] = step_times[detected_at + 1:]
+    if step_times[detected_at] > args.timeout_s + 0.25:
+        errors.append(f"rank {args.rank}: the step that met the dead peer took {step_times[detected_at]:.3f} s, "
+                      f"more than timeout {args.timeout_s} s + 0.25 s")
+    slow = [round(t, 3) for t in step_times if t > 0.25]
+    result["slow_steps_s"] = slow
+    if len(slow) > 2 or max(step_times) > args.timeout_s + 0.25:
+        errors.append(f"rank {args.rank}: the dead peer cost more than one timeout: slow steps {slow}")
+    if any(st.miss_count[r] for r in range(R) if r != last):
+        errors.append(f"rank {args.rank}: a live rank was reported: {st.miss_count}")
+    # the dead exporter's memory: survivors can still read and write their mapping of it
+    try:
+        from eep.fused.buffer import _tensor_at
+        dead = _tensor_at(buf._imports[last].ptr, 1 << 20, dev)
+        dead.fill_(7)
+        result["dead_peer_memory_ok"] = bool(int(dead.sum()) == 7 * (1 << 20))
+        torch.cuda.synchronize()
+    except Exception as exc:  # record, do not fail: this is a measurement
+        result["dead_peer_memory_ok"] = f"error: {exc!r}"
+    # survivors agree (host barrier), mask the dead rank and must compute correct results
+    survivors = R - 1
+    barrier.wait(survivors)
+    mask = [True] * R
+    mask[last] = False
+    buf.set_membership(mask, epoch=1)
+    for i in range(2):
+        one_case(args, buf, barrier, survivors, args.seed + 10**6 + i, errors, f"after-kill-{i}", active=mask)
+    result["context_healthy"] = True
+    buf.close()
+
+
+def _td(seconds):
+    import datetime
+    return datetime.timedelta(seconds=seconds)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--scenario", required=True)
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--num-ranks", type=int, required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--group", default="t")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--timeout-s", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--fixed", action="store_true")
+    p.add_argument("--kill-steps", type=int, default=60)
+    p.add_argument("--fp8", action="store_true", help="FP8 dispatch (diff scenario)")
+    args = p.parse_args()
+    from torch.distributed import TCPStore
+    store = TCPStore("127.0.0.1", args.port, is_master=False, timeout=_td(300))
+    result = {"rank": args.rank, "scenario": args.scenario, "errors": [], "pid": os.getpid()}
+    path = os.path.join(args.out, f"{args.scenario}.{args.group}.rank{args.rank}.json")
+    try:
+        {"diff": scenario_diff, "graph": scenario_graph, "join": scenario_join, "kill": scenario_kill}[args.scenario](
+            args, store, result)
+    except Exception:
+        result["errors"].append(f"rank {args.rank} raised:\n{traceback.format_exc()}")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"[{args.scenario} rank {args.rank}] errors={len(result['errors'])}", flush=True)
+    for e in result["errors"]:
+        print(f"[{args.scenario} rank {args.rank}] {e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

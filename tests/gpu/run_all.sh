@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Everything the fused data plane needs a GPU for, in one device call: compile, differential
+# tests (2 and 4 GPUs), CUDA-graph mask/rejoin, SIGKILL, benchmarks. Logs under $OUT.
+#   bash tests/gpu/run_all.sh [quick]
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EEP_FUSED_CACHE_DIR=/tmp/eep-cache
+OUT=${OUT:-/tmp/eep-out}; mkdir -p "$OUT"
+LOG=$OUT/log.txt
+PY=python3
+START=$(date +%s); BUDGET=${EEP_GPU_BUDGET_S:-550}
+step() {  # step NAME SECONDS CMD...   (skipped once the whole script's budget is spent)
+  local name=$1 secs=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  if [ $left -lt 20 ]; then echo "=== $name rc=SKIPPED (budget)" | tee -a "$LOG"; return; fi
+  [ $secs -gt $left ] && secs=$left
+  echo "=== $name ($(date +%T))" | tee -a "$LOG"
+  timeout -k 5 "$secs" "$@" >>"$LOG" 2>&1; local rc=$?
+  echo "=== $name rc=$rc" | tee -a "$LOG"
+  # the first differential test failing means the kernels are wrong: spend no more device time
+  if [ $rc -ne 0 ] && [ "$name" = diff4 ] && [ "${EEP_GPU_KEEP_GOING:-0}" = 0 ]; then BUDGET=0; fi
+}
+nvidia-smi -L | tee -a "$LOG"
+$PY -c "import torch, cuda.bindings, cuda.core; print(torch.__version__, cuda.bindings.__version__, cuda.core.__version__)" 2>&1 | tee -a "$LOG"
+step compile 60 $PY -c "
+from eep.fused.compile import *
+import torch
+arch = device_arch(0); print('arch', arch)
+for h in (2048, 7168):
+    for f in (False, True):
+        cached_cubin(KernelVariant(h, f), arch)
+print('compiled')"
+L=tests/gpu/launch.py
+step diff4 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128
+step diff4-fp8 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 64 --fp8
+step diff2-fp8 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $L --scenario diff --num-ranks 2 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128 --fp8
+step graph4 120 $PY $L --scenario graph --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64
+step kill4 120 $PY $L --scenario kill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5
+if [ "${1:-}" != quick ]; then
+  B=perf/bench_dispatch.py
+  step bench-ds-4 120 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench.jsonl --profile $OUT/prof --rounds 11
+  step bench-qw-4 90 $PY $B --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench.jsonl --rounds 11
+  step bench-ds-4-fp8 90 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench.jsonl --rounds 11 --fp8
+  step bench-qw-4-fp8 90 $PY $B --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench.jsonl --rounds 11 --fp8
+  step bench-ds-2 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $B --num-ranks 2 --model deepseek-v3 --out $OUT/bench.jsonl
+  step bench-qw-2 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $B --num-ranks 2 --model qwen3-30b-a3b --out $OUT/bench.jsonl
+fi
+step diff2 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $L --scenario diff --num-ranks 2 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128
+step diff4-fixed 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128 --fixed
+step diff4-h7168 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 64
+if [ "${1:-}" != quick ]; then
+  [ -d $OUT/prof ] && tar czf $OUT/prof.tgz -C $OUT prof && rm -rf $OUT/prof
+fi
+tar czf $OUT/res.tgz -C $OUT res 2>/dev/null && rm -rf $OUT/res
+echo "=== SUMMARY" 
+grep -E "^(=== .* rc=|SCENARIO|RESULT|arch|compiled)" "$LOG"

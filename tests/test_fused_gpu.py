@@ -1,0 +1,58 @@
+"""GPU tests of the fused data plane (run through the device tool; skipped without GPUs).
+
+Each test starts one process per rank through tests/gpu/launch.py (never torchrun) and fails
+with the ranks' own error messages. tests/gpu/run_all.sh runs the same scenarios plus the
+benchmarks in one device call.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu"))
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+
+def _need(num_gpus: int) -> None:
+    if not torch.cuda.is_available() or torch.cuda.device_count() < num_gpus:
+        pytest.skip(f"needs {num_gpus} GPUs")
+
+
+def _run(scenario, num_ranks, tmp_path, *extra):
+    from launch import run_scenario
+    _need(num_ranks)
+    results = run_scenario(scenario, num_ranks, str(tmp_path), extra=list(extra))
+    errors = [e for r in results for e in r["errors"]]
+    assert not errors, "\n".join(errors[:10])
+    return results
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_differential_against_reference(num_ranks, tmp_path):
+    _run("diff", num_ranks, tmp_path, "--hidden", "2048", "--slots", "8", "--max-tokens", "128")
+
+
+def test_differential_fixed_membership_variant(tmp_path):
+    _run("diff", 4, tmp_path, "--hidden", "2048", "--slots", "8", "--max-tokens", "128", "--fixed")
+
+
+def test_differential_deepseek_hidden(tmp_path):
+    _run("diff", 4, tmp_path, "--hidden", "7168", "--slots", "4", "--max-tokens", "64")
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_differential_fp8_dispatch(num_ranks, tmp_path):
+    _run("diff", num_ranks, tmp_path, "--hidden", "7168", "--slots", "4", "--max-tokens", "64", "--fp8")
+
+
+def test_graph_replay_across_mask_and_rejoin(tmp_path):
+    _run("graph", 4, tmp_path, "--hidden", "2048", "--slots", "8", "--max-tokens", "64")
+
+
+def test_sigkilled_peer_costs_at_most_the_timeout(tmp_path):
+    results = _run("kill", 4, tmp_path, "--hidden", "2048", "--slots", "8", "--max-tokens", "64", "--timeout-s", "0.5")
+    for r in results:
+        assert r["status"]["miss_count"][3] >= 1
