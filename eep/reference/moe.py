@@ -156,7 +156,8 @@ class ExpertParallelMoE:
         """A repaired ``rank`` comes back; survivors keep their slots and only serve as copy sources."""
         after = self.membership.after_join(rank)
         plan = plan_reintegration(self.placement, self.membership, rank, load, tiers=self.tiers,
-                                  bandwidth=self.bandwidth, layer_ids=[self.layer_id], expert_nbytes=self._expert_nbytes)
+                                  bandwidth=self.bandwidth, layer_ids=[self.layer_id],
+                                  expert_nbytes=self._expert_nbytes)
         self.last_report = plan.execute(ReferenceExecutor(self, after, self.tiers))
         return plan
 
