@@ -7,6 +7,7 @@ Importing eep never imports a CUDA package; ``eep.fused`` loads cuda-python lazi
 """
 
 from eep.errors import EEPError, InsufficientSlotsError, MembershipError, PlacementError, RoutingError
+from eep.integrations.buffer import Buffer
 from eep.repair import (Bandwidth, RepairError, RepairPlan, ReintegrationPlan, StepKind, Transfer,
                         plan_reintegration, plan_repair)
 from eep.routing import route_to_phys, select_experts
@@ -15,7 +16,7 @@ from eep.state import (NO_EXPERT, Clause, CoverageRepair, ExpertPlacement, Membe
 
 __version__ = "0.1.0"
 
-__all__ = ["Bandwidth", "RepairError", "RepairPlan", "ReintegrationPlan", "StepKind", "Transfer",
+__all__ = ["Buffer", "Bandwidth", "RepairError", "RepairPlan", "ReintegrationPlan", "StepKind", "Transfer",
            "plan_reintegration", "plan_repair", "Clause", "CoverageRepair", "EEPError", "ExpertPlacement", "InsufficientSlotsError", "Membership",
            "MembershipError", "NO_EXPERT", "PlacementError", "Problem", "RoutingError", "SlotAssignment",
            "ValidityReport", "check_validity", "repair_coverage", "route_to_phys", "select_experts"]

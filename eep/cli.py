@@ -1,4 +1,4 @@
-"""The ``eep`` console script: ``eep demo`` (and, as they land, ``eep launch``)."""
+"""The ``eep`` console script: ``eep demo`` and ``eep launch``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"demo": "eep.demo"}
+    commands = {"demo": "eep.runtime.demo", "launch": "eep.runtime.cli"}
     if not argv or argv[0] not in commands:
         print(f"usage: eep {{{','.join(commands)}}} [options]", file=sys.stderr)
         return 2

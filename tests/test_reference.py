@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import random_experts
+from eep_test_utils import random_experts
 from eep import ExpertPlacement, InsufficientSlotsError, MembershipError, RoutingError, route_to_phys
 from eep.reference import ExpertParallelMoE, dense_moe, dispatch
 

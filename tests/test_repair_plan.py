@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import random_experts
+from eep_test_utils import random_experts
 from eep import ExpertPlacement, InsufficientSlotsError, Membership, check_validity
 from eep.reference import ExpertParallelMoE, dense_moe
 from eep.repair import (Bandwidth, RepairError, StepKind, TensorTier, plan_reintegration, plan_repair)

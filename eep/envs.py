@@ -1,0 +1,80 @@
+"""Every ``EEP_*`` environment variable eep reads, in one place.
+
+Each is read by a function (not at import time), so a test or a launcher can set the variable
+before the value is needed. Defaults are the production values; tests pass shorter timeouts
+explicitly through ``eep.runtime.RuntimeConfig`` rather than through the environment.
+
+| variable | default | meaning |
+| --- | --- | --- |
+| ``EEP_SECRET`` | (random per launch) | HMAC key for membership decisions, join requests, heartbeats |
+| ``EEP_STORE_HOST`` | ``127.0.0.1`` | address the launcher's TCPStore listens on (loopback unless given) |
+| ``EEP_STORE_PORT`` | ``0`` | its port (0: pick a free one) |
+| ``EEP_HEARTBEAT_INTERVAL_MS`` | ``100`` | rank heartbeat period |
+| ``EEP_SUSPECT_MISSES`` | ``5`` | consecutive missed heartbeats before a rank is declared dead |
+| ``EEP_TRANSPORT_TIMEOUT_MS`` | ``1000`` | bounded wait of a receive for one active peer |
+| ``EEP_SHM_DIR`` | ``/dev/shm`` | where the shared-memory transport file lives |
+| ``EEP_LOG_LEVEL`` | ``WARNING`` | logging level of the runtime loggers |
+| ``EEP_GEMM_CACHE_DIR`` | ``~/.cache/eep/gemm`` | where the nvcc-built CUTLASS expert-GEMM library is cached |
+| ``EEP_CUTLASS_DIR`` | (the ``nvidia-cutlass`` wheel's copy) | CUTLASS tree holding ``include/`` and ``tools/util/include`` |
+| ``EEP_EXPERT_BACKEND`` | ``auto`` | expert stage of ``eep.fused``: ``cutlass``, ``grouped_mm``, ``loop`` or ``auto`` |
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from exc
+
+
+def secret() -> bytes | None:
+    """``EEP_SECRET`` as bytes, or None when unset (the launcher then generates one)."""
+    raw = os.environ.get("EEP_SECRET")
+    return raw.encode() if raw else None
+
+
+def store_host() -> str:
+    return os.environ.get("EEP_STORE_HOST") or "127.0.0.1"
+
+
+def store_port() -> int:
+    return _int("EEP_STORE_PORT", 0)
+
+
+def heartbeat_interval_ms() -> int:
+    return _int("EEP_HEARTBEAT_INTERVAL_MS", 100)
+
+
+def suspect_misses() -> int:
+    return _int("EEP_SUSPECT_MISSES", 5)
+
+
+def transport_timeout_ms() -> int:
+    return _int("EEP_TRANSPORT_TIMEOUT_MS", 1000)
+
+
+def shm_dir() -> str:
+    return os.environ.get("EEP_SHM_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp")
+
+
+def log_level() -> str:
+    return os.environ.get("EEP_LOG_LEVEL") or "WARNING"
+
+
+def gemm_cache_dir() -> str:
+    return os.environ.get("EEP_GEMM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "eep", "gemm")
+
+
+def cutlass_dir() -> str | None:
+    return os.environ.get("EEP_CUTLASS_DIR") or None
+
+
+def expert_backend() -> str:
+    return os.environ.get("EEP_EXPERT_BACKEND") or "auto"

@@ -1,0 +1,41 @@
+"""Validity checks of a finished run against the single-process reference."""
+
+from __future__ import annotations
+
+from eep.runtime.config import RuntimeConfig
+from eep.runtime.model import generate_weights, make_request, next_token_table, reference_generate
+from eep.state import ExpertPlacement, Membership, check_validity
+
+
+def check_run(cfg: RuntimeConfig, result) -> list[str]:
+    """Problems with ``result`` (a ``RunResult``); empty when every check passed.
+
+    Checks: every request answered (none lost); each answer equals the reference token by token
+    (answers are written once through compare-and-set, so none is answered twice); the final
+    membership and placement are EP-valid.
+    """
+    problems = []
+    missing = sorted(set(range(cfg.num_requests)) - set(result.results))
+    if missing:
+        problems.append(f"{len(missing)} requests never answered, e.g. {missing[:8]}")
+    weights = generate_weights(cfg.model, shard_dir=cfg.shard_dir)
+    table = next_token_table(weights)
+    wrong = []
+    for q, tokens in sorted(result.results.items()):
+        prompt, num_new = make_request(cfg.model, q, max_new_tokens=cfg.max_new_tokens)
+        expected = reference_generate(weights, prompt, num_new, table=table)
+        if tokens != expected:
+            pos = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), min(len(tokens), len(expected)))
+            wrong.append(f"request {q} (served by rank {result.served_by[q][0]}): token {pos} is "
+                         f"{tokens[pos] if pos < len(tokens) else None}, reference {expected[pos] if pos < len(expected) else None}")
+    if wrong:
+        problems.append(f"{len(wrong)} answers differ from the reference: " + "; ".join(wrong[:3]))
+    last = next((d for d in reversed(result.decisions) if d["kind"] == "commit"), None)
+    if last is None:
+        problems.append("no membership was ever committed")
+    else:
+        report = check_validity(Membership(cfg.num_ranks, active=last["active"], epoch=last["epoch"]),
+                                ExpertPlacement.from_dict(last["placement"]))
+        if not report.ok:
+            problems.append(report.summary())
+    return problems

@@ -1,0 +1,52 @@
+"""``RuntimeConfig``: every knob of one elastic run, shared by the launcher and its ranks."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from eep import envs
+from eep.runtime.model import TinyConfig
+
+
+@dataclass
+class RuntimeConfig:
+    num_ranks: int = 4
+    slots_per_rank: int = 8  # 32 slots for 16 experts: two ranks may die together and still fit
+    num_redundant: int = 8  # 16 primaries + 8 redundant replicas + 8 spare slots
+    max_tokens_per_rank: int = 8  # decode batch per rank (one token per request per step)
+    num_requests: int = 400
+    max_new_tokens: int = 12
+    model: TinyConfig = field(default_factory=TinyConfig)
+    shard_dir: str | None = None  # restore experts from eep-shards output instead of the generated copy
+
+    heartbeat_interval_s: float = field(default_factory=lambda: envs.heartbeat_interval_ms() / 1000)
+    suspect_misses: int = field(default_factory=envs.suspect_misses)  # K consecutive misses => dead
+    transport_timeout_s: float = field(default_factory=lambda: envs.transport_timeout_ms() / 1000)
+    restart_after_s: float | None = None  # restart a dead rank after this long (None: never)
+    max_restarts: int = 3  # per rank slot
+    orphan_grace_s: float = 1.0  # a rank whose launcher died exits within heartbeat + this
+    startup_timeout_s: float = 60.0
+    shutdown_grace_s: float = 3.0
+    warmup_steps: int = 3
+    step_delay_s: float = 0.0  # artificial per-step work (demo pacing); 0 in tests
+
+    store_host: str = field(default_factory=envs.store_host)
+    store_port: int = field(default_factory=envs.store_port)
+
+    @property
+    def suspicion_window_s(self) -> float:
+        """How long a rank may stay silent before it is declared dead."""
+        return self.heartbeat_interval_s * self.suspect_misses
+
+    @property
+    def num_channels(self) -> int:
+        return 2 * self.model.num_layers
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RuntimeConfig":
+        data = dict(data)
+        data["model"] = TinyConfig(**data["model"])
+        return cls(**data)

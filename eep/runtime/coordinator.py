@@ -1,0 +1,311 @@
+"""The coordinator: the one place that decides membership epochs. It lives in the launcher.
+
+Evidence it acts on:
+  - a rank process exited (the launcher saw it): dead at once;
+  - a rank's heartbeat did not change for ``suspect_misses`` consecutive intervals (the suspicion
+    window): dead. A single late heartbeat never kills a rank; only K in a row do;
+  - a rank reported a transport timeout: the coordinator does not trust one rank's view of another,
+    it issues a *resync* (same membership, new epoch). The resync's prepare must be acknowledged by
+    every member within the suspicion window; a member that is really stalled does not ack and is
+    then declared dead. A slow-but-alive one acks and costs one pause, not a death.
+
+A decision is two messages in the append-only decision log:
+  1. ``prepare(epoch, active)``: every continuing member stops at its next step boundary (or
+     aborts the step it is blocked in) and acks with the step it would run next;
+  2. ``commit(epoch, active, failed, joined, start_step, placement, requeue)``: after all acks,
+     ``start_step = max(acked steps)``; every member applies the new maps and resumes at exactly
+     that step under the new epoch. Joining ranks (named with their join nonce) start there too.
+A member that dies between 1 and 2 is added to ``failed`` and the decision re-proposed.
+
+Requests are re-queued at commit time: any unanswered request whose owner is not a continuing
+member (or that was taken but never marked owned) is handed round-robin to continuing members.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from eep.errors import InsufficientSlotsError
+from eep.runtime.auth import Sealer
+from eep.runtime.config import RuntimeConfig
+from eep.runtime.keys import Key, store_key
+from eep.runtime.rules import initial_placement, next_placement
+from eep.runtime.timeline import Timeline
+from eep.state import ExpertPlacement, Membership
+
+log = logging.getLogger("eep.runtime.coordinator")
+
+
+class Coordinator:
+    def __init__(self, cfg: RuntimeConfig, store, sealer: Sealer, run_id: str, timeline: Timeline, *,
+                 is_dead: Callable[[int], bool], on_phase: Callable[[str, dict], None] = lambda name, info: None):
+        self.cfg, self.store, self.sealer, self.run_id, self.timeline = cfg, store, sealer, run_id, timeline
+        self.is_dead, self.on_phase = is_dead, on_phase
+        self.initial = initial_placement(cfg.model.num_layers, cfg.model.num_experts, cfg.num_ranks,
+                                         cfg.slots_per_rank, cfg.num_redundant)
+        self.placement: ExpertPlacement = self.initial.clone()
+        self.membership: Membership | None = None
+        self.epoch = -1
+        self.num_decisions = 0
+        self.incarnation: dict[int, int] = {}
+        self.pending_joins: dict[int, dict] = {}  # rank -> join body, not yet committed
+        self.used_nonces: set[str] = set()
+        self.joins_seen = 0
+        self.reports_seen = 0
+        self.heartbeat_seen: dict[int, tuple[int, float]] = {}  # rank -> (seq, monotonic time it changed)
+        self.answered_below = 0  # every request id below this has an answer
+        self.decisions: list[dict] = []
+        self._last_bad: dict[str, bytes] = {}
+        self._next_heartbeat_check = 0.0
+
+    @property
+    def active(self) -> list[bool]:
+        return self.membership.active_cpu.tolist() if self.membership is not None else [False] * self.cfg.num_ranks
+
+    # ---- start ----
+    def start(self, timeout_s: float, *, is_alive: Callable[[], bool] = lambda: True) -> None:
+        """Wait for every rank's first join request, then commit epoch 0 with all of them."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.pending_joins) < self.cfg.num_ranks:
+            if time.monotonic() > deadline or not is_alive():
+                missing = sorted(set(range(self.cfg.num_ranks)) - set(self.pending_joins))
+                raise TimeoutError(f"ranks {missing} did not ask to join within {timeout_s:.0f} s")
+            self._read_joins()
+            time.sleep(0.002)
+        joined = dict(self.pending_joins)
+        self.pending_joins.clear()
+        self.epoch = 0
+        self.membership = Membership(self.cfg.num_ranks, epoch=0)
+        self._commit(0, failed=[], joined=joined, start_step=0, requeue={}, reason="start")
+
+    # ---- steady state ----
+    def poll(self) -> None:
+        """Read joins, reports and heartbeats; decide if any calls for it."""
+        self._read_joins()
+        if self.pending_joins:
+            joined = {r: b for r, b in self.pending_joins.items() if not self.is_dead(r)}
+            self.pending_joins.clear()
+            if joined:
+                self.propose(failed=set(), joined=joined, reason="join")
+        suspects = self._read_reports()
+        now = time.monotonic()
+        silent = []
+        if now >= self._next_heartbeat_check:  # throttled: each check is a store round trip per rank
+            self._next_heartbeat_check = now + self.cfg.heartbeat_interval_s / 2
+            silent = self._silent_ranks()
+        if silent:
+            self.propose(failed=set(silent), joined={}, reason="heartbeat")
+        elif suspects:
+            self.propose(failed=set(), joined={}, reason="resync")
+
+    def fail(self, ranks: list[int], reason: str) -> None:
+        ranks = [r for r in ranks if self.active[r]]
+        if ranks:
+            self.propose(failed=set(ranks), joined={}, reason=reason)
+
+    def shutdown(self) -> None:
+        self._publish({"kind": "shutdown"})
+
+    # ---- deciding ----
+    def propose(self, *, failed: set[int], joined: dict[int, dict], reason: str) -> bool:
+        """Prepare, collect acks, commit. Returns False when the decision cannot be made."""
+        while True:
+            old_active = self.active
+            continuing = [r for r in range(self.cfg.num_ranks) if old_active[r] and r not in failed]
+            joined = {r: b for r, b in joined.items() if not self.is_dead(r)}
+            if reason == "join" and not joined:
+                reason = "resync"  # the joiner died during its join: the epoch still moves on
+            if not continuing and not joined:
+                log.error("epoch %d: no rank would remain active (failed %s); waiting for joins", self.epoch, sorted(failed))
+                self._drop_members(failed)
+                return False
+            epoch = self.epoch + 1
+            new_active = [r in continuing or r in joined for r in range(self.cfg.num_ranks)]
+            try:
+                placement = next_placement(self.placement, old_active, failed, joined, self.initial, epoch) \
+                    if continuing else self._placement_for(new_active, epoch)
+            except InsufficientSlotsError as exc:
+                log.error("epoch %d: cannot repair coverage after losing ranks %s: %s", epoch, sorted(failed), exc)
+                self.timeline.event("unrepairable", epoch=epoch, failed=sorted(failed), error=str(exc))
+                self._drop_members(failed)
+                return False
+            self.epoch = epoch  # consumed even if re-proposed: epochs only grow
+            self._publish({"kind": "prepare", "epoch": epoch, "active": new_active})
+            self.timeline.event("prepare", epoch=epoch, reason=reason, failed=sorted(failed), joined=sorted(joined))
+            self.on_phase(f"prepare_{'fail' if failed else reason}", {"epoch": epoch, "failed": sorted(failed),
+                                                                       "joined": sorted(joined)})
+            acks, missing = self._collect_acks(epoch, continuing)
+            if missing:
+                log.warning("epoch %d: ranks %s did not acknowledge; declaring them dead", epoch, missing)
+                failed |= set(missing)
+                reason = "fail" if reason != "heartbeat" else reason
+                continue
+            if any(self.is_dead(r) for r in joined):
+                continue  # a joiner died during its join: propose again without it
+            start_step = max(acks.values(), default=0)
+            requeue = self._requeue(set(continuing), new_active, epoch)
+            self.membership = Membership(self.cfg.num_ranks, active=new_active, epoch=epoch)
+            self.placement = placement
+            self._commit(epoch, failed=sorted(failed), joined=joined, start_step=start_step, requeue=requeue,
+                         reason=reason)
+            self.heartbeat_seen = {r: v for r, v in self.heartbeat_seen.items() if new_active[r]}
+            return True
+
+    def _placement_for(self, new_active: list[bool], epoch: int) -> ExpertPlacement:
+        # Every member is new: start again from the initial placement, repaired for the absent ranks.
+        absent = [r for r, a in enumerate(new_active) if not a]
+        return next_placement(self.initial, [True] * self.cfg.num_ranks, absent, [], self.initial, epoch)
+
+    def _drop_members(self, failed: set[int]) -> None:
+        if self.membership is not None:
+            mask = [a and r not in failed for r, a in enumerate(self.active)]
+            # No member left: nothing serves until a rank joins (then ``_placement_for`` starts afresh).
+            self.membership = Membership(self.cfg.num_ranks, active=mask, epoch=self.epoch) if any(mask) else None
+
+    def _collect_acks(self, epoch: int, expected: list[int]) -> tuple[dict[int, int], list[int]]:
+        deadline = time.monotonic() + self.cfg.suspicion_window_s
+        acks: dict[int, int] = {}
+        while True:
+            for r in expected:
+                if r in acks:
+                    continue
+                key = store_key(self.run_id, Key.ACK, epoch, r)
+                if self.store.check([key]):
+                    body = self._open(key)
+                    if body is not None and body.get("rank") == r and body.get("epoch") == epoch:
+                        acks[r] = int(body["step"])
+            waiting = [r for r in expected if r not in acks]
+            dead = [r for r in waiting if self.is_dead(r)]
+            if dead:
+                return acks, dead  # fail them now; the others are re-asked in the next proposal
+            if not waiting or time.monotonic() > deadline:
+                return acks, waiting
+            time.sleep(0.0005)
+
+    def _commit(self, epoch: int, *, failed: list[int], joined: dict[int, dict], start_step: int,
+                requeue: dict[int, list[int]], reason: str) -> None:
+        for r, body in joined.items():
+            self.incarnation[r] = int(body["incarnation"])
+            self.heartbeat_seen[r] = (-1, time.monotonic())
+        body = {"kind": "commit", "epoch": epoch, "active": self.active, "failed": failed,
+                "joined": {str(r): b["nonce"] for r, b in joined.items()}, "start_step": start_step,
+                "placement": self.placement.to_dict(), "requeue": {str(r): q for r, q in requeue.items()},
+                "reason": reason}
+        self._publish(body)
+        self.decisions.append(body)
+        self.timeline.event("commit", epoch=epoch, reason=reason, failed=failed, joined=sorted(joined),
+                            start_step=start_step, num_requeued=sum(len(q) for q in requeue.values()))
+
+    def _publish(self, body: dict) -> None:
+        self.num_decisions += 1
+        key = store_key(self.run_id, Key.DECISION, self.num_decisions)
+        self.store.set(key, self.sealer.seal(key, body))
+
+    # ---- requests ----
+    def _requeue(self, continuing: set[int], new_active: list[bool], epoch: int) -> dict[int, list[int]]:
+        """Unanswered requests whose owner is not a continuing member, dealt to the new members."""
+        num_handed_out = min(self.store.add(store_key(self.run_id, Key.QUEUE_NEXT), 0), self.cfg.num_requests)
+        self.advance_answered(num_handed_out)
+        orphans = []
+        for q in range(self.answered_below, num_handed_out):
+            if self.store.check([store_key(self.run_id, Key.RESULT, q)]):
+                continue
+            owner_key = store_key(self.run_id, Key.OWNER, q)
+            mine = f"coordinator:{epoch}"
+            owner = self.store.compare_set(owner_key, "", mine).decode()  # takes it if never owned
+            if owner == mine or int(owner.split(":")[0]) not in continuing:
+                orphans.append(q)
+        targets = sorted(continuing) or [r for r, a in enumerate(new_active) if a]
+        requeue: dict[int, list[int]] = {}
+        for i, q in enumerate(orphans):
+            r = targets[i % len(targets)]
+            requeue.setdefault(r, []).append(q)
+            inc = self.incarnation.get(r, 0)
+            self.store.set(store_key(self.run_id, Key.OWNER, q), f"{r}:{inc}:{epoch}")
+        return requeue
+
+    def advance_answered(self, limit: int | None = None) -> int:
+        """Move ``answered_below`` past answered requests; returns it. ``results/count`` alone cannot
+        say "all answered": a rank killed between writing an answer and counting it leaves it short."""
+        limit = self.cfg.num_requests if limit is None else limit
+        while self.answered_below < limit and \
+                self.store.check([store_key(self.run_id, Key.RESULT, self.answered_below)]):
+            self.answered_below += 1
+        return self.answered_below
+
+    # ---- evidence ----
+    def _read_joins(self) -> None:
+        count = self.store.add(store_key(self.run_id, Key.JOIN, "count"), 0)
+        while self.joins_seen < count:
+            key = store_key(self.run_id, Key.JOIN, self.joins_seen + 1)
+            if not self.store.check([key]):
+                return  # allocated, not yet written: read it next time
+            self.joins_seen += 1
+            body = self._open(key)
+            if body is None:
+                continue
+            try:
+                rank, nonce, inc = int(body["rank"]), str(body["nonce"]), int(body["incarnation"])
+            except (KeyError, TypeError, ValueError):
+                log.warning("ignored a malformed join request at %s", key)
+                continue
+            if not 0 <= rank < self.cfg.num_ranks or nonce in self.used_nonces:
+                log.warning("ignored join request at %s: rank %s / nonce %s invalid or replayed", key, rank, nonce)
+                continue
+            if self.membership is not None and self.active[rank]:
+                log.warning("ignored join request from rank %d: it is an active member of epoch %d", rank, self.epoch)
+                continue
+            self.used_nonces.add(nonce)
+            self.pending_joins[rank] = {"rank": rank, "nonce": nonce, "incarnation": inc}
+            self.timeline.event("join_request", rank=rank, incarnation=inc)
+
+    def _read_reports(self) -> list[int]:
+        count = self.store.add(store_key(self.run_id, Key.REPORT, "count"), 0)
+        suspects = []
+        while self.reports_seen < count:
+            key = store_key(self.run_id, Key.REPORT, self.reports_seen + 1)
+            if not self.store.check([key]):
+                break
+            self.reports_seen += 1
+            body = self._open(key)
+            if body is None:
+                continue
+            try:
+                rank, epoch = int(body["rank"]), int(body["epoch"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if epoch == self.epoch and 0 <= rank < self.cfg.num_ranks and self.active[rank]:
+                suspects.extend(int(r) for r in body.get("missed", []))
+                suspects.append(rank)
+                self.timeline.event("report", rank=rank, epoch=epoch, missed=body.get("missed"))
+        return suspects
+
+    def _silent_ranks(self) -> list[int]:
+        now = time.monotonic()
+        silent = []
+        for r in range(self.cfg.num_ranks):
+            if not self.active[r]:
+                continue
+            key = store_key(self.run_id, Key.HEARTBEAT, r)
+            seq, since = self.heartbeat_seen.get(r, (-1, now))
+            if self.store.check([key]):
+                body = self._open(key)
+                if body is not None and body.get("rank") == r and body.get("incarnation") == self.incarnation.get(r) \
+                        and body.get("seq") != seq:
+                    seq, since = body.get("seq"), now
+            self.heartbeat_seen[r] = (seq, since)
+            if now - since > self.cfg.suspicion_window_s:
+                silent.append(r)
+        return silent
+
+    def _open(self, key: str) -> dict | None:
+        raw = self.store.get(key)
+        if self._last_bad.get(key) == raw:
+            return None
+        body = self.sealer.open(key, raw)
+        if body is None:
+            self._last_bad[key] = raw
+            self.timeline.event("rejected_message", key=key)
+        return body

@@ -1,0 +1,294 @@
+"""The launcher: hosts the control store, starts and supervises the rank processes, coordinates.
+
+- The ``torch.distributed.TCPStore`` is created here (``is_master=True``), on loopback unless an
+  address is given, so the store outlives any rank.
+- Ranks are ``multiprocessing`` processes from a *forkserver* that preloads torch and eep once, so
+  starting (or restarting) a rank costs milliseconds, not a torch import. Not torchrun: torchrun
+  tears every rank down when one dies; here a dead rank is only reported to the coordinator.
+- A rank that exits is failed at once (strongest evidence) and, with ``restart_after_s``, started
+  again as a new incarnation after that delay; it then rejoins through the normal join protocol.
+- Ctrl-C (or ``stop()``): a sealed ``shutdown`` decision, then SIGTERM, then SIGKILL after
+  ``shutdown_grace_s``; the shared-memory file is removed. No process outlives ``run()``.
+- Faults can be injected for tests and the demo (``Fault``): SIGKILL / SIGSTOP / SIGCONT a rank
+  when the answered-request count reaches a value, right after a prepare of a given kind, or some
+  seconds after the previous fault.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import secrets
+import signal
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.distributed as dist
+
+from eep import envs
+from eep.runtime.auth import Sealer
+from eep.runtime.config import RuntimeConfig
+from eep.runtime.coordinator import Coordinator
+from eep.runtime.keys import Key, store_key
+from eep.runtime.rank import RankSpec, rank_main
+from eep.runtime.timeline import Timeline
+from eep.transport import create_shm_file
+
+log = logging.getLogger("eep.runtime.launcher")
+
+_SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "cont": signal.SIGCONT, "term": signal.SIGTERM}
+
+
+@dataclass
+class Fault:
+    """Send ``action`` (kill / stop / cont / term) to ``rank`` when the trigger fires.
+
+    Exactly one trigger: ``at_results`` (answered requests reach it), ``on_phase``
+    (``"prepare_fail"`` / ``"prepare_join"`` / ``"prepare_resync"``: right after such a prepare is
+    published, i.e. during repair or rejoin), or ``after_s`` (seconds after the previous fault).
+    """
+
+    action: str
+    rank: int
+    at_results: int | None = None
+    on_phase: str | None = None
+    after_s: float | None = None
+    fired_at: float | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        if self.action not in _SIGNALS:
+            raise ValueError(f"fault action {self.action!r} is not one of {sorted(_SIGNALS)}")
+        if sum(x is not None for x in (self.at_results, self.on_phase, self.after_s)) != 1:
+            raise ValueError(f"fault {self}: give exactly one of at_results, on_phase, after_s")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    results: dict[int, list[int]]  # request id -> generated tokens
+    served_by: dict[int, tuple[int, int, int]]  # request id -> (rank, incarnation, epoch) that answered
+    decisions: list[dict]
+    num_rejected: int  # control messages the coordinator ignored (malformed / unauthenticated)
+    is_timed_out: bool
+    is_interrupted: bool
+    exit_codes: dict[str, int | None]
+    summary: dict
+
+    @property
+    def num_answered(self) -> int:
+        return len(self.results)
+
+
+class Launcher:
+    def __init__(self, cfg: RuntimeConfig, *, run_dir: str | Path | None = None, faults: list[Fault] | tuple = (),
+                 secret: bytes | None = None, run_id: str | None = None):
+        self.cfg = cfg
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix=f"eep-run-{self.run_id}-"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.secret = secret or envs.secret() or secrets.token_bytes(32)
+        self.faults = list(faults)
+        self.procs: dict[int, mp.Process | None] = {r: None for r in range(cfg.num_ranks)}
+        self.incarnations = {r: -1 for r in range(cfg.num_ranks)}
+        self.restart_at: dict[int, float] = {}
+        self.num_restarts = {r: 0 for r in range(cfg.num_ranks)}
+        self.exit_codes: dict[str, int | None] = {}
+        self._handled_exit: set[tuple[int, int]] = set()
+        self._last_fault_at: float | None = None
+        self._stop_requested = False
+        self.shm_path = os.path.join(envs.shm_dir(), f"eep-{self.run_id}.shm")
+
+    # ---- public ----
+    def stop(self) -> None:
+        self._stop_requested = True
+
+    def run(self, *, timeout_s: float | None = None) -> RunResult:
+        """Serve ``cfg.num_requests`` requests (or until ``timeout_s`` / Ctrl-C) and return the outcome."""
+        cfg = self.cfg
+        self.timeline = Timeline(self.run_dir / "launcher.jsonl", None, None)
+        self.store = dist.TCPStore(cfg.store_host, cfg.store_port, is_master=True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=30))
+        self.sealer = Sealer(self.secret, self.run_id)
+        create_shm_file(self.shm_path, cfg.num_ranks, cfg.num_channels, self._capacity_nbytes())
+        self.coordinator = Coordinator(cfg, self.store, self.sealer, self.run_id, self.timeline,
+                                       is_dead=self._is_dead, on_phase=self._on_phase)
+        self.timeline.event("launch", run_id=self.run_id, num_ranks=cfg.num_ranks, pid=os.getpid(),
+                            store_port=self.store.port, config=cfg.to_dict())
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        is_timed_out = is_interrupted = False
+        try:
+            for r in range(cfg.num_ranks):
+                self._spawn(r)
+            self._write_pids()
+            self.coordinator.start(cfg.startup_timeout_s, is_alive=lambda: not any(self._is_dead(r) for r in self.procs))
+            results_key = store_key(self.run_id, Key.RESULTS_COUNT)
+            next_scan = 0.0
+            while True:
+                sentinels = [p.sentinel for p in self.procs.values() if p is not None and p.exitcode is None]
+                mp.connection.wait(sentinels, timeout=0.002)
+                self._reap()
+                self._restart_due()
+                self._fire_due_faults()
+                self.coordinator.poll()
+                if self.store.add(results_key, 0) >= cfg.num_requests or self._stop_requested:
+                    break
+                if time.monotonic() >= next_scan:
+                    next_scan = time.monotonic() + 0.05
+                    if self.coordinator.advance_answered() >= cfg.num_requests:
+                        break
+                if deadline is not None and time.monotonic() > deadline:
+                    is_timed_out = True
+                    log.error("run %s timed out after %.1f s", self.run_id, timeout_s)
+                    break
+        except KeyboardInterrupt:
+            is_interrupted = True
+        finally:
+            self._shutdown()
+        from eep.runtime.metrics import summarize
+        results, served_by = self._collect_results()
+        self.store = self.coordinator.store = None  # closes the store server: the run is over
+        summary = summarize(self.run_dir)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return RunResult(self.run_dir, results, served_by, self.coordinator.decisions,
+                         self.coordinator.sealer.num_rejected, is_timed_out, is_interrupted, dict(self.exit_codes),
+                         summary)
+
+    # ---- processes ----
+    def _spawn(self, rank: int) -> None:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["eep.runtime.rank"])
+        self.incarnations[rank] += 1
+        spec = RankSpec(config=self.cfg.to_dict(), rank=rank, incarnation=self.incarnations[rank], run_id=self.run_id,
+                        secret_hex=self.secret.hex(), shm_path=self.shm_path, run_dir=str(self.run_dir),
+                        store_port=self.store.port)
+        proc = ctx.Process(target=rank_main, args=(spec,), name=f"eep-rank{rank}.{spec.incarnation}")
+        proc.start()
+        self.procs[rank] = proc
+        self.timeline.event("spawn", target=rank, incarnation=spec.incarnation, pid=proc.pid)
+
+    def _is_dead(self, rank: int) -> bool:
+        proc = self.procs[rank]
+        return proc is None or proc.exitcode is not None
+
+    def _reap(self) -> None:
+        for rank, proc in self.procs.items():
+            if proc is None or proc.exitcode is None or (rank, self.incarnations[rank]) in self._handled_exit:
+                continue
+            self._handled_exit.add((rank, self.incarnations[rank]))
+            self.exit_codes[f"{rank}.{self.incarnations[rank]}"] = proc.exitcode
+            self.timeline.event("exit", target=rank, incarnation=self.incarnations[rank], code=proc.exitcode)
+            log.warning("rank %d (incarnation %d) exited with code %s", rank, self.incarnations[rank], proc.exitcode)
+            self.coordinator.pending_joins.pop(rank, None)
+            if self.coordinator.membership is not None and self.coordinator.active[rank]:
+                self.coordinator.fail([rank], reason="exit")
+            elif self.coordinator.membership is not None:
+                # A fenced rank that dies without rejoining may hold a request it claimed after its
+                # failure was committed; a resync re-queues anything owned by a non-member.
+                self.coordinator.propose(failed=set(), joined={}, reason="resync")
+            if self.cfg.restart_after_s is not None and self.num_restarts[rank] < self.cfg.max_restarts:
+                self.restart_at[rank] = time.monotonic() + self.cfg.restart_after_s
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for rank, at in list(self.restart_at.items()):
+            if now >= at:
+                del self.restart_at[rank]
+                self.num_restarts[rank] += 1
+                self._spawn(rank)
+                self._write_pids()
+
+    def _write_pids(self) -> None:
+        pids = {r: p.pid for r, p in self.procs.items() if p is not None}
+        (self.run_dir / "pids.json").write_text(json.dumps({"launcher": os.getpid(), "ranks": pids}))
+
+    # ---- faults ----
+    def _fire_due_faults(self) -> None:
+        count = None
+        for fault in self.faults:
+            if fault.fired_at is not None:
+                continue
+            if fault.at_results is not None:
+                if count is None:
+                    count = self.store.add(store_key(self.run_id, Key.RESULTS_COUNT), 0)
+                if count >= fault.at_results:
+                    self._fire(fault)
+            elif fault.after_s is not None and self._last_fault_at is not None:
+                if time.monotonic() >= self._last_fault_at + fault.after_s:
+                    self._fire(fault)
+
+    def _on_phase(self, name: str, info: dict) -> None:
+        for fault in self.faults:
+            if fault.fired_at is None and fault.on_phase == name:
+                self._fire(fault)
+
+    def _fire(self, fault: Fault) -> None:
+        fault.fired_at = self._last_fault_at = time.monotonic()
+        proc = self.procs[fault.rank]
+        if proc is None or proc.exitcode is not None:
+            self.timeline.event("fault_skipped", action=fault.action, target=fault.rank)
+            return
+        os.kill(proc.pid, _SIGNALS[fault.action])
+        self.timeline.event("fault", action=fault.action, target=fault.rank, incarnation=self.incarnations[fault.rank])
+        log.warning("fault: %s rank %d (pid %d)", fault.action, fault.rank, proc.pid)
+
+    # ---- shutdown ----
+    def _shutdown(self) -> None:
+        try:
+            if hasattr(self, "coordinator"):
+                self.coordinator.shutdown()
+        except Exception as exc:  # noqa: BLE001 - shutting down regardless
+            log.warning("could not publish shutdown: %s", exc)
+        live = [p for p in self.procs.values() if p is not None and p.exitcode is None]
+        for p in live:
+            _signal_quietly(p.pid, signal.SIGCONT)  # a stopped rank must run to see the shutdown
+        deadline = time.monotonic() + self.cfg.shutdown_grace_s
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None:
+                for p in live:
+                    if p.exitcode is None:
+                        _signal_quietly(p.pid, sig)
+                deadline = time.monotonic() + 1.0
+            while any(p.exitcode is None for p in live) and time.monotonic() < deadline:
+                mp.connection.wait([p.sentinel for p in live if p.exitcode is None], timeout=0.05)
+            if all(p.exitcode is not None for p in live):
+                break
+        for rank, p in self.procs.items():
+            if p is not None:
+                p.join(timeout=1.0)
+                self.exit_codes.setdefault(f"{rank}.{self.incarnations[rank]}", p.exitcode)
+        try:
+            os.unlink(self.shm_path)
+        except OSError:
+            pass
+        self.timeline.event("shutdown")
+        self.timeline.close()
+
+    def _collect_results(self) -> tuple[dict[int, list[int]], dict[int, tuple[int, int, int]]]:
+        results, served_by = {}, {}
+        num_handed_out = min(self.store.add(store_key(self.run_id, Key.QUEUE_NEXT), 0), self.cfg.num_requests)
+        for q in range(num_handed_out):
+            key = store_key(self.run_id, Key.RESULT, q)
+            if self.store.check([key]):
+                value = json.loads(self.store.get(key))
+                results[q] = value["tokens"]
+                served_by[q] = (value["rank"], value["incarnation"], value["epoch"])
+        return results, served_by
+
+    def _capacity_nbytes(self) -> int:
+        from eep.runtime.dataplane import BlockCodec
+        codec = BlockCodec(self.cfg.slots_per_rank, self.cfg.max_tokens_per_rank, self.cfg.model.hidden)
+        return (max(codec.block_nbytes, codec.reply_nbytes) + 63) // 64 * 64
+
+
+def _signal_quietly(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass

@@ -1,0 +1,92 @@
+"""Summary of a run from its JSONL timelines.
+
+- throughput: tokens completed per second, all ranks together, in ``bin_s`` bins;
+- recovery pause (per fault): on each survivor, the wall time from its last step completed under
+  the old epoch to its first step completed under the repaired epoch; the max over survivors;
+- reintegration pause (per rejoin): the same around the commit that takes the rank back;
+- time to 95%: from the fault until the throughput over a trailing ``window_s`` first reaches 95%
+  of its mean over the ``window_s`` before the fault.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from eep.runtime.timeline import read_jsonl
+
+
+def load_run(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    run_dir = Path(run_dir)
+    launcher = read_jsonl(run_dir / "launcher.jsonl") if (run_dir / "launcher.jsonl").exists() else []
+    ranks = []
+    for path in sorted(run_dir.glob("rank*.jsonl")):
+        ranks.extend(read_jsonl(path))
+    return launcher, ranks
+
+
+def throughput_series(steps: list[dict], t0: float, t1: float, bin_s: float) -> list[tuple[float, float]]:
+    """``[(bin start - t0, tokens per second)]`` over ``[t0, t1)``."""
+    num_bins = max(1, int((t1 - t0) / bin_s) + 1)
+    tokens = [0] * num_bins
+    for s in steps:
+        i = int((s["t"] - t0) / bin_s)
+        if 0 <= i < num_bins:
+            tokens[i] += s["tokens"]
+    return [(i * bin_s, n / bin_s) for i, n in enumerate(tokens)]
+
+
+def _pause(steps: list[dict], survivors: set[tuple[int, int]], epoch: int) -> float | None:
+    """Max over survivors of (first step at epoch >= ``epoch``) - (last step before it)."""
+    pauses = []
+    for who in survivors:
+        mine = [s for s in steps if (s["rank"], s["incarnation"]) == who]
+        before = [s["t"] for s in mine if s["epoch"] < epoch]
+        after = [s["t"] for s in mine if s["epoch"] >= epoch]
+        if before and after:
+            pauses.append(min(after) - max(before))
+    return max(pauses) if pauses else None
+
+
+def summarize(run_dir: str | Path, *, bin_s: float = 0.05, window_s: float = 0.5) -> dict:
+    launcher, ranks = load_run(run_dir)
+    steps = [r for r in ranks if "step" in r and "event" not in r]
+    if not steps:
+        return {"num_steps": 0}
+    t0 = min(s["t"] for s in steps)
+    t1 = max(s["t"] for s in steps)
+    commits = [e for e in launcher if e.get("event") == "commit"]
+    faults = [e for e in launcher if e.get("event") == "fault" and e["action"] in ("kill", "stop")]
+    summary: dict = {"num_steps": len(steps), "num_tokens": sum(s["tokens"] for s in steps), "duration_s": t1 - t0,
+                     "mean_tokens_per_s": sum(s["tokens"] for s in steps) / max(t1 - t0, 1e-9),
+                     "faults": [], "rejoins": []}
+
+    def survivors_of(epoch: int) -> set[tuple[int, int]]:
+        return {(s["rank"], s["incarnation"]) for s in steps if s["epoch"] == epoch}
+
+    def rate(a: float, b: float) -> float:
+        return sum(s["tokens"] for s in steps if a <= s["t"] < b) / max(b - a, 1e-9)
+
+    for fault in faults:
+        tf = fault["t"]
+        repair = next((c for c in commits if c["t"] >= tf and fault["target"] in c.get("failed", [])), None)
+        entry = {"t_s": tf - t0, "action": fault["action"], "rank": fault["target"]}
+        if repair is not None:
+            entry["detect_and_repair_s"] = repair["t"] - tf
+            entry["epoch"] = repair["epoch"]
+            entry["recovery_pause_s"] = _pause(steps, survivors_of(repair["epoch"]), repair["epoch"])
+        before = rate(tf - window_s, tf)
+        entry["pre_fault_tokens_per_s"] = before
+        t = tf
+        entry["time_to_95pct_s"] = None
+        while t <= t1:
+            if before > 0 and rate(t - window_s, t) >= 0.95 * before and t - window_s >= tf:
+                entry["time_to_95pct_s"] = t - tf
+                break
+            t += bin_s
+        summary["faults"].append(entry)
+    for c in commits:
+        if c.get("reason") == "join" or (c.get("joined") and c.get("reason") != "start"):
+            survivors = {w for w in survivors_of(c["epoch"]) if w[0] not in c["joined"]}
+            summary["rejoins"].append({"t_s": c["t"] - t0, "ranks": c["joined"], "epoch": c["epoch"],
+                                       "reintegration_pause_s": _pause(steps, survivors, c["epoch"])})
+    return summary

@@ -1,0 +1,208 @@
+"""The tiny decode model served by the runtime, defined once for the engine and the test oracle.
+
+Shape ``tiny`` from DESIGN.md: hidden 64, moe intermediate 32, 16 experts, top-4, 2 MoE layers,
+plus a small vocabulary. One decode step maps each request's last token to its next token:
+
+    h = embed[token]                                       # [num_tokens, hidden]
+    for layer in range(num_layers):
+        x = rms_norm(h)
+        topk_weights, topk_ids = select_experts(x @ router[layer].T, top_k)
+        h = h + moe(layer, x, topk_weights, topk_ids)      # the only part that crosses ranks
+    next_token = argmax(rms_norm(h) @ lm_head.T)
+
+``moe`` is ``eep.reference.dense_moe`` in the oracle and dispatch/expert/combine over the
+transport in the engine; everything else is ``decode_step`` here, shared by both. There is no
+attention, so the next token depends only on the last one: a request can be re-run from its
+prompt on any rank and yields the same tokens, which is how a dead rank's requests are re-queued.
+
+Weights are generated from a seed (``generate_weights``). ``ExpertSource`` is the hook through
+which the runtime restores an orphaned expert (and a later step plugs in weights_tools' tiered
+``ExpertStore``: peer → host → disk shards).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from eep.reference import dense_moe
+from eep.routing import select_experts
+
+MoEFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    hidden: int = 64
+    intermediate: int = 32
+    num_experts: int = 16
+    top_k: int = 4
+    num_layers: int = 2
+    vocab_size: int = 128  # small: the oracle tabulates all next tokens at once
+    seed: int = 0
+
+
+@dataclass
+class TinyWeights:
+    """Shapes: embed, lm_head ``[vocab_size, hidden]``; router ``[num_layers, num_experts, hidden]``;
+    w_gate, w_up ``[num_layers, num_experts, intermediate, hidden]``; w_down ``[num_layers,
+    num_experts, hidden, intermediate]``. float32."""
+
+    config: TinyConfig
+    embed: torch.Tensor
+    router: torch.Tensor
+    w_gate: torch.Tensor
+    w_up: torch.Tensor
+    w_down: torch.Tensor
+    lm_head: torch.Tensor
+
+
+def generate_weights(config: TinyConfig, *, shard_dir: str | None = None) -> TinyWeights:
+    """Deterministic weights for ``config`` (the same on every rank and in the oracle).
+
+    Experts are random, or with ``shard_dir`` read from shards made by ``eep-shards prepare`` (MoE
+    layer ``l`` of the model is the ``l``-th MoE layer of the checkpoint); embeddings, routers and
+    the lm head are always random from the seed.
+
+    Every rank runs the same arithmetic in a different batch composition, so results may differ in
+    the last float32 bit. A top-k or argmax that is a near tie could then flip; the seed is
+    advanced until the routing and the argmax of every vocabulary entry are decided by a margin
+    far above float32 noise, so token-exact comparison with the oracle is well defined.
+    """
+    experts = None if shard_dir is None else _shard_experts(config, shard_dir)
+    for attempt in range(64):
+        weights = _random_weights(config, config.seed * 1000 + attempt)
+        if experts is not None:
+            weights.w_gate, weights.w_up, weights.w_down = experts
+        if _min_margin(weights) > 1e-4:
+            return weights
+    raise RuntimeError(f"no tie-free weights found for {config}")
+
+
+def _shard_experts(config: TinyConfig, shard_dir: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from weights_tools import ExpertStore, load_layer_experts  # lazily: the generated path needs no shards
+
+    store = ExpertStore(shard_dir)
+    got = (len(store.moe_layers), store.num_experts, store.expert_shapes()[0])
+    want = (config.num_layers, config.num_experts, (config.intermediate, config.hidden))
+    store.close()
+    if got != want:
+        raise ValueError(f"shards in {shard_dir} hold (moe layers, experts, [intermediate, hidden]) {got}; "
+                         f"the model config needs {want}")
+    layers = [load_layer_experts(shard_dir, layer) for layer in store.moe_layers]
+    return tuple(torch.stack([layer[i] for layer in layers]).float() for i in range(3))
+
+
+def _random_weights(config: TinyConfig, seed: int) -> TinyWeights:
+    gen = torch.Generator().manual_seed(seed)
+    c = config
+    h, i, e, n = c.hidden, c.intermediate, c.num_experts, c.num_layers
+    return TinyWeights(
+        config=c,
+        embed=torch.randn(c.vocab_size, h, generator=gen),
+        router=torch.randn(n, e, h, generator=gen) / h ** 0.5 * 2.0,
+        w_gate=torch.randn(n, e, i, h, generator=gen) / h ** 0.5,
+        w_up=torch.randn(n, e, i, h, generator=gen) / h ** 0.5,
+        w_down=torch.randn(n, e, h, i, generator=gen) / i ** 0.5,
+        lm_head=torch.randn(c.vocab_size, h, generator=gen) / h ** 0.5 * 4.0)
+
+
+def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def decode_step(weights: TinyWeights, tokens: torch.Tensor, moe: MoEFn) -> torch.Tensor:
+    """``tokens [num_tokens]`` int64 -> next tokens ``[num_tokens]`` int64 (module docstring)."""
+    h = weights.embed[tokens]  # [num_tokens, hidden]
+    for layer in range(weights.config.num_layers):
+        x = rms_norm(h)
+        topk_weights, topk_ids = select_experts(x @ weights.router[layer].T, weights.config.top_k)
+        h = h + moe(layer, x, topk_weights, topk_ids)
+    return (rms_norm(h) @ weights.lm_head.T).argmax(-1)
+
+
+def dense_moe_fn(weights: TinyWeights) -> MoEFn:
+    """The oracle's MoE: ``eep.reference.dense_moe`` over all experts of the layer."""
+    def moe(layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return dense_moe(x, weights.w_gate[layer], weights.w_up[layer], weights.w_down[layer],
+                         topk_ids=topk_ids, topk_weights=topk_weights)
+    return moe
+
+
+def next_token_table(weights: TinyWeights) -> list[int]:
+    """The reference next token of every vocabulary entry (the oracle, tabulated)."""
+    tokens = torch.arange(weights.config.vocab_size)
+    return decode_step(weights, tokens, dense_moe_fn(weights)).tolist()
+
+
+def reference_generate(weights: TinyWeights, prompt_token: int, num_new_tokens: int, *,
+                       table: list[int] | None = None) -> list[int]:
+    """The tokens the single-process reference generates for one request."""
+    table = next_token_table(weights) if table is None else table
+    out, token = [], prompt_token
+    for _ in range(num_new_tokens):
+        token = table[token]
+        out.append(token)
+    return out
+
+
+def make_request(config: TinyConfig, request_id: int, *, max_new_tokens: int = 12) -> tuple[int, int]:
+    """Request ``request_id``'s ``(prompt_token, num_new_tokens)``, a pure function of the seed."""
+    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + request_id)
+    prompt = int(torch.randint(config.vocab_size, (1,), generator=gen))
+    num_new = int(torch.randint(max(1, max_new_tokens // 3), max_new_tokens + 1, (1,), generator=gen))
+    return prompt, num_new
+
+
+def expert_source(weights: TinyWeights, shard_dir: str | None = None):
+    """The restore hook a rank loads experts through: ``load(layer, expert) -> (w_gate, w_up, w_down)``.
+
+    ``shard_dir=None``: the generated host copy (``ExpertSource``). Otherwise weights_tools' tiered
+    ``ExpertStore`` over shards made by ``eep-shards prepare`` (host tier first, then disk), whose
+    ``load_expert`` has the same contract; the shards must hold the same experts as ``weights``
+    (the non-expert weights still come from ``weights``).
+    """
+    if shard_dir is None:
+        return ExpertSource(weights)
+    from weights_tools import ExpertStore  # lazily: the generated path needs no shards
+
+    store = ExpertStore(shard_dir, tiers=["host", "disk"])
+    moe_layers = store.moe_layers
+    store.load = lambda layer, expert: tuple(w.float() for w in store.load_expert(moe_layers[layer], expert))
+    return store
+
+
+class ExpertSource:
+    """Where a rank loads an expert's weights from (the restore hook), here the generated host copy.
+
+    weights_tools' tiered ``ExpertStore`` takes its place through ``expert_source(..., shard_dir)``.
+    """
+
+    def __init__(self, weights: TinyWeights):
+        self.weights = weights
+
+    def load(self, layer: int, logical_expert_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(w_gate [intermediate, hidden], w_up [intermediate, hidden], w_down [hidden, intermediate])``."""
+        w = self.weights
+        return w.w_gate[layer, logical_expert_id], w.w_up[layer, logical_expert_id], w.w_down[layer, logical_expert_id]
+
+
+def _min_margin(weights: TinyWeights) -> float:
+    """Smallest gap, over every vocabulary entry, between the k-th and (k+1)-th router logit of
+    each layer and between the top two lm-head logits (what must not flip)."""
+    c = weights.config
+    h = weights.embed
+    margins = []
+    for layer in range(c.num_layers):
+        x = rms_norm(h)
+        probs = torch.softmax(x @ weights.router[layer].T, -1)
+        top = probs.topk(c.top_k + 1, -1).values
+        margins.append((top[:, c.top_k - 1] - top[:, c.top_k]).min())
+        tw, ti = select_experts(x @ weights.router[layer].T, c.top_k)
+        h = h + dense_moe(x, weights.w_gate[layer], weights.w_up[layer], weights.w_down[layer],
+                          topk_ids=ti, topk_weights=tw)
+    logits = (rms_norm(h) @ weights.lm_head.T).topk(2, -1).values
+    margins.append((logits[:, 0] - logits[:, 1]).min())
+    return float(min(margins))

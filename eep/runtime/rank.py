@@ -1,0 +1,400 @@
+"""One rank process: load experts, warm up, join, then serve decode steps until told to stop.
+
+Life of a rank (``Phase``):
+
+    WARMUP  load this slot's initial experts (host tier), map the transport, run the experts on
+            random rows in isolation, then post an authenticated join request
+    JOINING wait for the commit that names this request's nonce
+    SERVING one decode step per loop: claim requests, decode, publish finished answers
+    PAUSED  acked a ``prepare``; waits for its ``commit`` (survivors apply it at the same step)
+    STALLED a receive missed a peer: evidence reported, no further step until a new decision
+
+A commit that leaves this rank out (it was declared dead while stalled, e.g. SIGSTOPped) fences
+it: it drops its requests (the coordinator re-queued them) and goes back to WARMUP to rejoin.
+
+Orphan rule: the heartbeat thread checks every interval that the parent process is unchanged and
+the store answers; if not, the rank stops serving and exits, and a watchdog ``os._exit``s it
+``orphan_grace_s`` later if the main loop is stuck. So a rank outlives its launcher by at most
+``heartbeat_interval_s + orphan_grace_s``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from eep.runtime.auth import Sealer
+from eep.runtime.config import RuntimeConfig
+from eep.runtime.dataplane import Block, RankMoE, StepAborted, expert_compute
+from eep.runtime.keys import Key, store_key
+from eep.runtime.model import decode_step, expert_source, generate_weights, make_request
+from eep.runtime.rules import initial_placement, next_placement
+from eep.runtime.timeline import Timeline
+from eep.state import ExpertPlacement, Membership
+from eep.transport import SharedMemoryTransport
+
+log = logging.getLogger("eep.runtime.rank")
+
+EXIT_ORPHANED = 3
+
+
+class Phase(enum.Enum):
+    WARMUP = "warmup"
+    JOINING = "joining"
+    SERVING = "serving"
+    PAUSED = "paused"
+    STALLED = "stalled"
+
+
+@dataclass
+class Request:
+    request_id: int
+    last_token: int
+    num_new_tokens: int
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RankSpec:
+    """What the launcher hands one rank process (picklable)."""
+
+    config: dict
+    rank: int
+    incarnation: int
+    run_id: str
+    secret_hex: str
+    shm_path: str
+    run_dir: str
+    store_port: int
+
+
+def rank_main(spec: RankSpec) -> None:
+    """Process entry point (the launcher's ``multiprocessing`` target)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the launcher decides
+    torch.set_num_threads(1)  # several ranks share few cores
+    from eep import envs
+    logging.basicConfig(level=envs.log_level(), format=f"[rank {spec.rank}.{spec.incarnation}] %(levelname)s %(message)s")
+    worker = RankWorker(spec)
+    signal.signal(signal.SIGTERM, lambda *_: worker.request_stop("SIGTERM"))
+    code = worker.run()
+    os._exit(code)  # skip interpreter teardown: nothing left to flush, and it is slow with torch
+
+
+class RankWorker:
+    def __init__(self, spec: RankSpec):
+        self.spec = spec
+        self.cfg = RuntimeConfig.from_dict(spec.config)
+        self.rank, self.incarnation, self.run_id = spec.rank, spec.incarnation, spec.run_id
+        self.sealer = Sealer(bytes.fromhex(spec.secret_hex), spec.run_id)
+        self.parent_pid = os.getppid()
+        self.timeline = Timeline(Path(spec.run_dir) / f"rank{self.rank}-{self.incarnation}.jsonl",
+                                 self.rank, self.incarnation)
+        self.phase = Phase.WARMUP
+        self.epoch = -1
+        self.step = 0
+        self.seen_decisions = 0
+        self.membership: Membership | None = None
+        self.placement: ExpertPlacement | None = None
+        self.batch: list[Request] = []
+        self.pending: list[int] = []  # re-queued request ids handed to this rank, served first
+        self.is_queue_exhausted = False
+        self.nonce = ""
+        self.stop_reason: str | None = None
+        self.is_orphaned = False
+        self._last_bad: dict[str, bytes] = {}
+        self._stalled_since = 0.0
+        self._paused_since = 0.0
+
+    # ---- lifecycle ----
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def run(self) -> int:
+        cfg = self.cfg
+        self.store = self._connect()
+        self.transport = SharedMemoryTransport(self.spec.shm_path, self.rank)
+        self.weights = generate_weights(cfg.model, shard_dir=cfg.shard_dir)
+        self.source = expert_source(self.weights, cfg.shard_dir)
+        self.initial = initial_placement(cfg.model.num_layers, cfg.model.num_experts, cfg.num_ranks,
+                                         cfg.slots_per_rank, cfg.num_redundant)
+        self.moe = RankMoE(self.rank, cfg.num_ranks, cfg.model.num_layers, cfg.slots_per_rank,
+                           cfg.max_tokens_per_rank, cfg.model.hidden, cfg.model.intermediate, self.transport)
+        threading.Thread(target=self._heartbeat_loop, name="eep-heartbeat", daemon=True).start()
+        self.timeline.event("start", pid=os.getpid())
+        try:
+            self._warmup_and_request_join()
+            while self.stop_reason is None:
+                for body in self._poll_decisions():
+                    self._handle(body)
+                if self.stop_reason is not None:
+                    break
+                if self.phase is Phase.SERVING:
+                    self._serve_step()
+                else:
+                    if self.phase is Phase.STALLED and time.monotonic() - self._stalled_since > 2 * cfg.transport_timeout_s:
+                        self._stalled_since = time.monotonic()  # the report may have been lost: repeat it
+                        self._report([])
+                    time.sleep(0.0005)
+        except (dist.DistStoreError, dist.DistNetworkError, ConnectionError) as exc:
+            if not self.is_orphaned:
+                log.error("rank %d: control store failed: %s", self.rank, exc)
+            self.request_stop(f"store error: {exc}")
+            self.is_orphaned = True
+        self.timeline.event("exit", reason=self.stop_reason)
+        self.timeline.close()
+        self.transport.close()
+        if self.is_orphaned:
+            _unlink_quietly(self.spec.shm_path)  # the launcher is gone and cannot clean up
+            return EXIT_ORPHANED
+        return 0
+
+    def _connect(self) -> dist.TCPStore:
+        return dist.TCPStore(self.cfg.store_host, self.spec.store_port, is_master=False,
+                             timeout=datetime.timedelta(seconds=10))
+
+    # ---- joining ----
+    def _warmup_and_request_join(self) -> None:
+        self.phase = Phase.WARMUP
+        t0 = time.time()
+        loaded = self._load_missing(self.initial)
+        self._warmup()
+        self.nonce = secrets.token_hex(8)
+        index = self.store.add(store_key(self.run_id, Key.JOIN, "count"), 1)
+        key = store_key(self.run_id, Key.JOIN, index)
+        self.store.set(key, self.sealer.seal(key, {"rank": self.rank, "incarnation": self.incarnation,
+                                                   "nonce": self.nonce}))
+        self.phase = Phase.JOINING
+        self.timeline.event("join_request", nonce=self.nonce, loaded=loaded, warmup_s=time.time() - t0)
+
+    def _load_missing(self, placement: ExpertPlacement) -> int:
+        missing = self.moe.missing_slots(placement)
+        for layer, local, expert in missing:
+            self.moe.load_slot(layer, local, expert, self.source.load(layer, expert))
+        return len(missing)
+
+    def _warmup(self) -> None:
+        """Run every local expert on random rows, alone: no transport, no peer sees it."""
+        gen = torch.Generator().manual_seed(self.rank)
+        s, t, h = self.cfg.slots_per_rank, self.cfg.max_tokens_per_rank, self.cfg.model.hidden
+        for _ in range(self.cfg.warmup_steps):
+            for layer in range(self.cfg.model.num_layers):
+                count = torch.where(self.moe.loaded[layer] >= 0, t, 0).to(torch.int32)  # empty slots stay idle
+                block = Block(count=count, src_token=torch.zeros(s, t, dtype=torch.int32),
+                              x=torch.randn(s, t, h, generator=gen))
+                y = expert_compute({self.rank: block}, self.moe.w_gate[layer], self.moe.w_up[layer],
+                                   self.moe.w_down[layer])[self.rank]
+                if not bool(torch.isfinite(y).all()):
+                    raise RuntimeError(f"rank {self.rank}: warm-up of layer {layer} gave non-finite outputs")
+
+    # ---- decisions ----
+    def _poll_decisions(self) -> list[dict]:
+        out = []
+        while True:
+            body = self._read_decision(self.seen_decisions + 1)
+            if body is None:
+                return out
+            self.seen_decisions += 1
+            out.append(body)
+
+    def _read_decision(self, index: int) -> dict | None:
+        key = store_key(self.run_id, Key.DECISION, index)
+        if not self.store.check([key]):
+            return None
+        raw = self.store.get(key)
+        if self._last_bad.get(key) == raw:
+            return None  # already rejected and logged; the coordinator will overwrite it
+        body = self.sealer.open(key, raw)
+        if body is None:
+            self._last_bad[key] = raw
+            self.timeline.event("rejected_message", key=key)
+        return body
+
+    def _has_new_decision(self) -> bool:
+        return self._read_decision(self.seen_decisions + 1) is not None
+
+    def _handle(self, body: dict) -> None:
+        try:
+            kind = body["kind"]
+            if kind == "shutdown":
+                self.request_stop("shutdown")
+            elif kind == "prepare":
+                self._on_prepare(int(body["epoch"]))
+            elif kind == "commit":
+                self._on_commit(body)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.error("rank %d: ignored a malformed decision %s: %s", self.rank, body, exc)
+
+    def _on_prepare(self, epoch: int) -> None:
+        if self.phase in (Phase.SERVING, Phase.PAUSED, Phase.STALLED) and epoch > self.epoch:
+            key = store_key(self.run_id, Key.ACK, epoch, self.rank)
+            self.store.set(key, self.sealer.seal(key, {"rank": self.rank, "incarnation": self.incarnation,
+                                                       "epoch": epoch, "step": self.step}))
+            if self.phase is not Phase.PAUSED:
+                self._paused_since = time.time()
+            self.phase = Phase.PAUSED
+
+    def _on_commit(self, body: dict) -> None:
+        epoch = int(body["epoch"])
+        joined = body["joined"]
+        if self.phase in (Phase.JOINING, Phase.WARMUP):
+            if joined.get(str(self.rank)) == self.nonce:
+                self._adopt(body, is_joiner=True)
+            return
+        if epoch <= self.epoch:
+            return
+        if body["active"][self.rank]:
+            self._adopt(body, is_joiner=False)
+        else:
+            self._fence(epoch)
+
+    def _adopt(self, body: dict, *, is_joiner: bool) -> None:
+        t0 = time.time()
+        epoch = int(body["epoch"])
+        published = ExpertPlacement.from_dict(body["placement"])
+        if is_joiner:
+            s = self.cfg.slots_per_rank
+            mine = slice(self.rank * s, (self.rank + 1) * s)
+            if not bool((published.phys_to_logical[:, mine] == self.initial.phys_to_logical[:, mine]).all()):
+                raise RuntimeError(f"rank {self.rank}: commit of epoch {epoch} gives this rank slots that differ "
+                                   "from its initial placement")
+            placement = published
+        else:
+            placement = next_placement(self.placement, self.membership.active_cpu.tolist(), body["failed"],
+                                       [int(r) for r in body["joined"]], self.initial, epoch)
+            if not placement.equal(published):
+                log.error("rank %d: epoch %d placement differs from the coordinator's; using the published one",
+                          self.rank, epoch)
+                placement = published
+        restored = self._load_missing(placement)
+        self.membership = Membership(self.cfg.num_ranks, active=body["active"], epoch=epoch)
+        self.placement = placement
+        self.epoch = epoch
+        self.step = int(body["start_step"])
+        self.pending.extend(int(q) for q in body["requeue"].get(str(self.rank), []))
+        was = self.phase
+        self.phase = Phase.SERVING
+        self.timeline.event("commit", epoch=epoch, reason=body["reason"], start_step=self.step,
+                            restored=restored, requeued=len(body["requeue"].get(str(self.rank), [])),
+                            was=was.value, paused_s=(t0 - self._paused_since) if was is Phase.PAUSED else None)
+
+    def _fence(self, epoch: int) -> None:
+        dropped = [r.request_id for r in self.batch] + self.pending
+        self.batch, self.pending = [], []
+        self.timeline.event("fenced", epoch=epoch, old_epoch=self.epoch, dropped=dropped)
+        log.warning("rank %d: fenced out at epoch %d (was %d); rejoining", self.rank, epoch, self.epoch)
+        self.epoch = epoch
+        self._warmup_and_request_join()
+
+    def _report(self, missed: list[int]) -> None:
+        index = self.store.add(store_key(self.run_id, Key.REPORT, "count"), 1)
+        key = store_key(self.run_id, Key.REPORT, index)
+        self.store.set(key, self.sealer.seal(key, {"rank": self.rank, "incarnation": self.incarnation,
+                                                   "epoch": self.epoch, "step": self.step, "missed": missed}))
+
+    # ---- serving ----
+    def _serve_step(self) -> None:
+        self._fill_batch()
+        tokens = torch.tensor([r.last_token for r in self.batch], dtype=torch.int64)
+        try:
+            next_tokens = decode_step(self.weights, tokens, self._moe).tolist()
+        except StepAborted as exc:
+            if not exc.is_aborted:
+                self.phase, self._stalled_since = Phase.STALLED, time.monotonic()
+                self._report(exc.missed)
+                self.timeline.event("stalled", step=self.step, epoch=self.epoch, missed=exc.missed,
+                                    where=f"layer {exc.layer} {exc.phase}")
+            return
+        finished = []
+        for req, token in zip(self.batch, next_tokens):
+            req.tokens.append(token)
+            req.last_token = token
+            if len(req.tokens) >= req.num_new_tokens:
+                finished.append(req)
+        for req in finished:
+            self._publish(req)
+        self.batch = [r for r in self.batch if r not in finished]
+        self.timeline.step(self.step, self.epoch, len(next_tokens))
+        self.step += 1
+        if self.cfg.step_delay_s:
+            time.sleep(self.cfg.step_delay_s)
+
+    def _moe(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return self.moe.forward_layer(layer, x, topk_weights, topk_ids, active=self.membership.active_cpu.tolist(),
+                                      placement=self.placement, epoch=self.epoch, step=self.step,
+                                      timeout_s=self.cfg.transport_timeout_s, should_abort=self._has_new_decision)
+
+    def _fill_batch(self) -> None:
+        while len(self.batch) < self.cfg.max_tokens_per_rank:
+            if self.pending:
+                request_id = self.pending.pop(0)
+            elif not self.is_queue_exhausted:
+                request_id = self._claim()
+                if request_id is None:
+                    continue
+            else:
+                return
+            prompt, num_new = make_request(self.cfg.model, request_id, max_new_tokens=self.cfg.max_new_tokens)
+            self.batch.append(Request(request_id, prompt, num_new))
+
+    def _claim(self) -> int | None:
+        request_id = self.store.add(store_key(self.run_id, Key.QUEUE_NEXT), 1) - 1
+        if request_id >= self.cfg.num_requests:
+            self.is_queue_exhausted = True
+            return None
+        me = f"{self.rank}:{self.incarnation}:{self.epoch}"
+        owner = self.store.compare_set(store_key(self.run_id, Key.OWNER, request_id), "", me)
+        return request_id if owner.decode() == me else None  # the coordinator took it back first
+
+    def _publish(self, req: Request) -> None:
+        value = json.dumps({"tokens": req.tokens, "rank": self.rank, "incarnation": self.incarnation,
+                            "epoch": self.epoch})
+        got = self.store.compare_set(store_key(self.run_id, Key.RESULT, req.request_id), "", value)
+        if got.decode() == value:
+            self.store.add(store_key(self.run_id, Key.RESULTS_COUNT), 1)
+        else:
+            self.timeline.event("duplicate_suppressed", request=req.request_id)
+
+    # ---- heartbeat and orphan watch (own thread, own store connection) ----
+    def _heartbeat_loop(self) -> None:
+        key = store_key(self.run_id, Key.HEARTBEAT, self.rank)
+        failures, seq = 0, 0
+        store = None
+        while True:
+            try:
+                store = store or self._connect()
+                store.set(key, self.sealer.seal(key, {"rank": self.rank, "incarnation": self.incarnation, "seq": seq,
+                                                      "step": self.step, "epoch": self.epoch,
+                                                      "phase": self.phase.value}))
+                failures = 0
+            except Exception:  # noqa: BLE001 - any store failure counts as a missed beat
+                failures += 1
+            seq += 1
+            if os.getppid() != self.parent_pid or failures >= 2:
+                self.is_orphaned = True
+                self.request_stop("launcher gone")
+                time.sleep(self.cfg.orphan_grace_s)
+                _unlink_quietly(self.spec.shm_path)
+                os._exit(EXIT_ORPHANED)  # the main loop did not finish in time
+            if self.stop_reason is not None:
+                return
+            time.sleep(self.cfg.heartbeat_interval_s)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
