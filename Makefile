@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.eep-installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean test-sglang
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,5 +24,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The optional SGLang group: its own venv (.venv-sglang, sglang 0.5.23 --no-deps beside torch 2.13 CPU),
+# set up idempotently by tests/sglang/setup_env.sh; see docs/integrations.md.
+test-sglang:
+	bash tests/sglang/setup_env.sh
+	.venv-sglang/bin/python -m pytest -q tests/sglang
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-sglang *.egg-info .pytest_cache .hypothesis
