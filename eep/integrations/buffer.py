@@ -276,7 +276,8 @@ class Buffer:
     def _set_deadline(self, timeout_us: int) -> None:
         from eep.fused.layout import CTRL_TIMEOUT_NS
         timeout_s = self.max_wait_s if timeout_us < 0 else min(timeout_us / 1e6, self.max_wait_s)
-        self.fused.ctrl[CTRL_TIMEOUT_NS] = int(timeout_s * 1e9)  # a device write: capturable
+        # fill_ with a Python scalar is a kernel argument, not a host-to-device copy: capturable
+        self.fused.ctrl[CTRL_TIMEOUT_NS:CTRL_TIMEOUT_NS + 1].fill_(int(timeout_s * 1e9))
 
     def _write_evidence(self, active_ranks: torch.Tensor) -> None:
         from eep.fused.layout import CTRL_SUSPECT
