@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from eep.reference import swiglu
+from eep.reference import DispatchHandle, swiglu
 from eep.routing import route_to_phys
 from eep.state import NO_EXPERT, ExpertPlacement
 from eep.transport import Transport
@@ -40,18 +40,6 @@ class StepAborted(Exception):
         self.layer, self.phase, self.missed, self.is_aborted = layer, phase, missed, is_aborted
         why = "a new membership decision arrived" if is_aborted else f"ranks {missed} missed the deadline"
         super().__init__(f"layer {layer} {phase}: {why}")
-
-
-@dataclass
-class DispatchPlan:
-    """Where this source's (token, k) copies went.
-
-    phys:     ``[num_tokens, top_k]`` int64 physical slot, ``NO_EXPERT`` when not sent.
-    position: ``[num_tokens, top_k]`` int64 row inside the destination's (slot, source) block.
-    """
-
-    phys: torch.Tensor
-    position: torch.Tensor
 
 
 @dataclass
@@ -95,7 +83,7 @@ class BlockCodec:
 
 
 def pack_dispatch(x: torch.Tensor, phys: torch.Tensor, active: list[bool], slots_per_rank: int,
-                  max_tokens_per_rank: int) -> tuple[dict[int, Block], DispatchPlan]:
+                  max_tokens_per_rank: int) -> tuple[dict[int, Block], DispatchHandle]:
     """Blocks this source sends to every active rank, and its plan for the combine.
 
     Parameters:
@@ -130,7 +118,7 @@ def pack_dispatch(x: torch.Tensor, phys: torch.Tensor, active: list[bool], slots
             block.src_token[loc, pos] = tok.to(torch.int32)
             block.x[loc, pos] = x[tok]
         blocks[d] = block
-    plan = DispatchPlan(phys=torch.where(valid, flat, NO_EXPERT).view(num_tokens, top_k),
+    plan = DispatchHandle(phys=torch.where(valid, flat, NO_EXPERT).view(num_tokens, top_k),
                         position=position.view(num_tokens, top_k))
     return blocks, plan
 
@@ -156,7 +144,7 @@ def expert_compute(blocks: dict[int, Block], w_gate: torch.Tensor, w_up: torch.T
     return replies
 
 
-def combine_replies(replies: dict[int, torch.Tensor], plan: DispatchPlan, topk_ids: torch.Tensor,
+def combine_replies(replies: dict[int, torch.Tensor], plan: DispatchHandle, topk_ids: torch.Tensor,
                     topk_weights: torch.Tensor, slots_per_rank: int) -> torch.Tensor:
     """Sum each token's expert outputs with its top-k weights: ``[num_tokens, hidden]`` float32."""
     num_tokens, top_k = plan.phys.shape
