@@ -17,6 +17,13 @@ explicitly through ``eep.runtime.RuntimeConfig`` rather than through the environ
 | ``EEP_GEMM_CACHE_DIR`` | ``~/.cache/eep/gemm`` | where the nvcc-built CUTLASS expert-GEMM library is cached |
 | ``EEP_CUTLASS_DIR`` | (the ``nvidia-cutlass`` wheel's copy) | CUTLASS tree holding ``include/`` and ``tools/util/include`` |
 | ``EEP_EXPERT_BACKEND`` | ``auto`` | expert stage of ``eep.fused``: ``cutlass``, ``grouped_mm``, ``loop`` or ``auto`` |
+| ``EEP_FUSED_TIMEOUT_S`` | ``1.0`` | bound on every wait of the fused kernels (a device value) |
+| ``EEP_FUSED_BLOCKS`` | ``0`` (one per SM) | grid size of the fused dispatch/combine kernels |
+| ``EEP_FUSED_VEC_PER_LANE`` | ``4`` | 16-byte vectors each lane copies per chunk |
+| ``EEP_FUSED_CACHE_DIR`` | ``~/.cache/eep/fused`` | NVRTC cubin cache of the fused kernels |
+| ``EEP_HOST_TIER_DIR`` | ``/dev/shm`` | where weights_tools' shared host tier file lives |
+| ``EEP_SGLANG_SHM_PATH`` | (agreed through SGLang's store) | transport file of the SGLang plugin |
+| ``EEP_SGLANG_REPLACE`` | ``mooncake`` | SGLang a2a backends the plugin replaces (comma-separated) |
 """
 
 from __future__ import annotations
@@ -78,3 +85,41 @@ def cutlass_dir() -> str | None:
 
 def expert_backend() -> str:
     return os.environ.get("EEP_EXPERT_BACKEND") or "auto"
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={raw!r} is not a number") from exc
+
+
+def fused_timeout_s(default: float) -> float:
+    return _float("EEP_FUSED_TIMEOUT_S", default)
+
+
+def fused_blocks() -> int:
+    return _int("EEP_FUSED_BLOCKS", 0)
+
+
+def fused_vec_per_lane() -> int:
+    return _int("EEP_FUSED_VEC_PER_LANE", 4)
+
+
+def fused_cache_dir() -> str:
+    return os.environ.get("EEP_FUSED_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "eep", "fused")
+
+
+def host_tier_dir() -> str:
+    return os.environ.get("EEP_HOST_TIER_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp")
+
+
+def sglang_shm_path() -> str | None:
+    return os.environ.get("EEP_SGLANG_SHM_PATH") or None
+
+
+def sglang_replace(default: str) -> str:
+    return os.environ.get("EEP_SGLANG_REPLACE", default)

@@ -34,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from eep import envs
 from weights_tools.errors import CorruptShardError, HostTierError, MissingShardError, ShardError
 from weights_tools.manifest import Manifest, TensorEntry, check_inside
 from weights_tools.safetensors_io import (DTYPE_TO_TORCH, HeaderEntry, TensorToWrite, pread_into, read_header,
@@ -216,7 +218,7 @@ class DiskTier:
 # ---- host ----
 def default_host_dir() -> str:
     """Where host tiers live: ``$EEP_HOST_TIER_DIR``, else ``/dev/shm`` (RAM-backed, shared by the node)."""
-    return os.environ.get(DEFAULT_HOST_DIR_ENV) or ("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp")
+    return envs.host_tier_dir()
 
 
 def host_tier_path(manifest: Manifest, host_dir: str | None = None) -> str:

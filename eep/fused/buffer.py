@@ -30,6 +30,8 @@ from typing import Any, Sequence
 
 import torch
 
+from eep import envs
+
 from eep.fused.layout import (CTRL_COMBINE_OK, CTRL_COMBINE_SEQ, CTRL_DISPATCH_OK, CTRL_DISPATCH_SEQ,
                               CTRL_EPOCH, CTRL_LAST_MISS_SEQ, CTRL_MISS_COUNT, CTRL_NUMEL, CTRL_SUSPECT,
                               CTRL_TIMEOUT_NS, THREADS_PER_BLOCK, BufferLayout, make_params)
@@ -130,13 +132,13 @@ class FusedBuffer:
         torch.cuda.set_device(self.device)
         torch.zeros(1, device=self.device)  # make torch create the primary context first
         ensure_context(self.device.index)
-        vec_per_lane = vec_per_lane or int(os.environ.get("EEP_FUSED_VEC_PER_LANE", "4"))
+        vec_per_lane = vec_per_lane or envs.fused_vec_per_lane()
         self.kernels_variant = KernelVariant(hidden, fixed_membership, vec_per_lane, use_fp8)
         self.kernels = LoadedKernels.get(self.kernels_variant, self.device.index)
         self.use_fp8 = use_fp8
         self._set_smem_limits()
         # grid of the data-moving kernels; any size is correct (only the last block waits)
-        self.num_blocks = (num_blocks or int(os.environ.get("EEP_FUSED_BLOCKS", "0"))
+        self.num_blocks = (num_blocks or envs.fused_blocks()
                            or torch.cuda.get_device_properties(self.device).multi_processor_count)
 
         # this rank's peer buffer: allocated once for all rank slots
@@ -149,7 +151,7 @@ class FusedBuffer:
         # local device state read by every launch
         self.ctrl = torch.zeros(CTRL_NUMEL, dtype=torch.int64, device=self.device)
         if timeout_s is None:
-            timeout_s = float(os.environ.get("EEP_FUSED_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+            timeout_s = envs.fused_timeout_s(DEFAULT_TIMEOUT_S)
         self.ctrl[CTRL_TIMEOUT_NS] = int(timeout_s * 1e9)
         self.active_mask = torch.ones(num_ranks, dtype=torch.int32, device=self.device)
         self.peer_base = torch.zeros(num_ranks, dtype=torch.int64, device=self.device)

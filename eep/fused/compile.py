@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from eep import envs
 from eep.errors import EEPError
 
 CSRC_DIR = Path(__file__).with_name("csrc")
@@ -60,7 +61,7 @@ class KernelVariant:
 
 def cache_dir() -> Path:
     """``EEP_FUSED_CACHE_DIR`` or ``~/.cache/eep/fused``."""
-    return Path(os.environ.get("EEP_FUSED_CACHE_DIR") or Path.home() / ".cache" / "eep" / "fused")
+    return Path(envs.fused_cache_dir())
 
 
 def kernel_sources() -> dict[str, bytes]:

@@ -87,7 +87,7 @@ def make_buffer(group: Any, spec: BufferSpec, active_ranks: torch.Tensor) -> Buf
 
 
 def _agree_shm_path(rank: int, num_ranks: int, capacity_nbytes: int, *, wait_s: float = 120.0) -> str:
-    path = os.environ.get(SHM_PATH_ENV)
+    path = envs.sglang_shm_path()
     if path:
         if rank == 0 and not os.path.exists(path):
             create_shm_file(path, num_ranks, 2, capacity_nbytes)

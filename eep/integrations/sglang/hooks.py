@@ -15,10 +15,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
+
+from eep import envs
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def register_hooks() -> None:
 
 def replaced_backends() -> set[str]:
     """SGLang ``--moe-a2a-backend`` values whose dispatcher eep replaces (``EEP_SGLANG_REPLACE``)."""
-    raw = os.environ.get(REPLACE_ENV, DEFAULT_REPLACED_BACKENDS)
+    raw = envs.sglang_replace(DEFAULT_REPLACED_BACKENDS)
     return {name.strip() for name in raw.split(",") if name.strip()}
 
 
