@@ -2,3 +2,11 @@
 
 Nothing here imports a CUDA package at import time; submodules load cuda-python lazily.
 """
+
+
+def __getattr__(name: str):
+    # eep.fused.MoELayer without importing the layer (and the reference stack) with the package
+    if name == "MoELayer":
+        from eep.fused.moe_layer import MoELayer
+        return MoELayer
+    raise AttributeError(f"module 'eep.fused' has no attribute {name!r}")

@@ -1,0 +1,214 @@
+"""The expert stage through the CUTLASS SM90 grouped GEMMs (``eep/fused/csrc/gemm``), called via ctypes.
+
+Launches on the caller's torch stream, none of which waits for the host. With ``grouping="block"``:
+
+    1. setup   counts -> per-(slot, source) problem sizes, pointers, strides; compact row offsets
+    2. GEMM1   h13[rows of block] = x[block] @ w13[slot]^T     (reads the receive layout in place)
+    3. SwiGLU  h = silu(h13[:, :I]) * h13[:, I:]               (separate kernel, see docs/expert_gemm.md)
+    4. GEMM2   out[block] = h[rows of block] @ w2[slot]^T      (writes the receive layout in place)
+
+With ``grouping="slot"`` the GEMMs have one group per slot over compact rows, so each slot's
+weights are read once rather than once per source block; a gather of x before GEMM1 and a scatter
+into the receive layout after GEMM2 pay for it (cheap at decode, where weights dominate the bytes).
+
+Weights are read through per-slot pointers computed at launch from the base pointer of the
+caller's tensors, so a repair that copies new weights into a slot in place needs no change here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from eep.errors import EEPError
+from eep.fused.gemm.build import DEFAULT_CONFIGS, GemmConfig, load_library
+from eep.fused.gemm.shape import ExpertStageShape
+
+_ERR_LEN = 512
+ERROR_COUNT_OVER_CAPACITY = 1  # a count outside [0, max_tokens_per_rank]: clamped
+ERROR_ROWS_OVER_CAPACITY = 2   # more rows than capacity_rows: the overflowing blocks were skipped
+
+
+class GemmLaunchError(EEPError):
+    """A CUTLASS or CUDA launch of the expert stage failed; the message carries the library's text."""
+
+
+class _StageShapeC(ctypes.Structure):
+    _fields_ = [("slots_per_rank", ctypes.c_int), ("num_ranks", ctypes.c_int), ("max_tokens_per_rank", ctypes.c_int),
+                ("hidden", ctypes.c_int), ("inter", ctypes.c_int), ("capacity_rows", ctypes.c_int),
+                ("x_slot_stride", ctypes.c_int64), ("x_src_stride", ctypes.c_int64), ("x_row_stride", ctypes.c_int64),
+                ("w13_slot_stride", ctypes.c_int64), ("w2_slot_stride", ctypes.c_int64)]
+
+
+def pick_grouping(rows_per_block: float) -> str:
+    """``"slot"`` unless blocks are large: measured on H100 (perf/RESULTS.md), per-slot groups won at
+    4, 8 and 128 rows per block (weights read once, less tile padding) and per-block groups at 256
+    (the gather and scatter then cost more than the padding)."""
+    return "slot" if rows_per_block < 192 else "block"
+
+
+def pick_config(rows_per_group: float) -> GemmConfig:
+    """Default kernel for a GEMM whose groups hold about ``rows_per_group`` rows.
+
+    A decode block holds a handful of tokens: put them on the N tile (swap) so that a 128-row M
+    tile is not mostly padding; prefill blocks hold hundreds of rows: the plain cooperative tile.
+    """
+    if rows_per_group <= 32:
+        return GemmConfig(128, 32, 128, "coop", swap=True)
+    return GemmConfig(128, 256, 64, "coop")  # beat 128x128 at every prefill shape measured
+
+
+class CutlassExpertStage:
+    """SwiGLU experts over one rank's receive layout with CUTLASS grouped GEMMs (same call as
+    ``TorchExpertStage``; CUDA, bf16 only).
+
+    ``gemm1``/``gemm2`` choose the kernels (``pick_config`` from ``expected_rows_per_group`` when
+    None); they must be among ``configs``, the set compiled into the library.
+    """
+
+    def __init__(self, shape: ExpertStageShape, *, device: torch.device | str, gemm1: GemmConfig | None = None,
+                 gemm2: GemmConfig | None = None, expected_rows_per_group: float | None = None,
+                 grouping: str | None = None, configs: tuple[GemmConfig, ...] = DEFAULT_CONFIGS):
+        self.shape = shape
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"CutlassExpertStage needs a CUDA device, got {self.device}")
+        if shape.hidden % 8 or shape.inter % 8:
+            raise ValueError(f"hidden={shape.hidden} and inter={shape.inter} must be multiples of 8 (16-byte TMA rows)")
+        rows = expected_rows_per_group if expected_rows_per_group is not None else shape.max_tokens_per_rank
+        self.grouping = grouping or pick_grouping(rows)
+        if self.grouping not in ("block", "slot"):
+            raise ValueError(f"grouping={self.grouping!r}, expected 'block' or 'slot'")
+        rows_per_gemm_group = rows * shape.num_ranks if self.grouping == "slot" else rows
+        self.gemm1 = gemm1 or pick_config(rows_per_gemm_group)
+        self.gemm2 = gemm2 or pick_config(rows_per_gemm_group)
+        for which, config in (("gemm1", self.gemm1), ("gemm2", self.gemm2)):
+            if config not in configs:
+                raise ValueError(f"{which}={config.name} is not among the compiled configs {[c.name for c in configs]}")
+        self._lib = load_library(configs)
+        self._declare(self._lib, (self.gemm1, self.gemm2))
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self.device = torch.device("cuda", index)  # "cuda" and "cuda:0" must compare equal below
+        self._device_index = index
+        self._sm_count = torch.cuda.get_device_properties(index).multi_processor_count
+        groups = shape.num_groups
+        dtype = torch.bfloat16
+        self.h13 = torch.empty(shape.capacity_rows, 2 * shape.inter, dtype=dtype, device=self.device)
+        self.h = torch.empty(shape.capacity_rows, shape.inter, dtype=dtype, device=self.device)
+        self.out_buffer = torch.empty(shape.slots_per_rank, shape.num_ranks, shape.max_tokens_per_rank, shape.hidden,
+                                      dtype=dtype, device=self.device)
+        self.plan = torch.zeros(int(self._lib.eep_stage_plan_nbytes(groups)), dtype=torch.uint8, device=self.device)
+        if self.grouping == "slot":  # compact copies of x and of GEMM2's output
+            self.xc = torch.empty(shape.capacity_rows, shape.hidden, dtype=dtype, device=self.device)
+            self.yc = torch.empty(shape.capacity_rows, shape.hidden, dtype=dtype, device=self.device)
+        else:
+            self.xc = self.yc = None
+        self._gemm_groups = shape.slots_per_rank if self.grouping == "slot" else groups
+        ws = max(int(getattr(self._lib, f"{c.name}_workspace")(self._gemm_groups, index, self._sm_count))
+                 for c in (self.gemm1, self.gemm2))
+        self.workspace = torch.empty(max(ws, 16), dtype=torch.uint8, device=self.device)
+        self._err = ctypes.create_string_buffer(_ERR_LEN)
+        self._total_rows_offset = int(self._lib.eep_stage_total_rows_offset(groups))
+
+    @staticmethod
+    def _declare(lib: ctypes.CDLL, configs: tuple[GemmConfig, ...]) -> None:
+        p, i, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+        lib.eep_stage_plan_nbytes.restype = sz
+        lib.eep_stage_plan_nbytes.argtypes = [i]
+        lib.eep_stage_plan_gemm_offset.restype = sz
+        lib.eep_stage_plan_gemm_offset.argtypes = [i, i]
+        lib.eep_stage_total_rows_offset.restype = sz
+        lib.eep_stage_total_rows_offset.argtypes = [i]
+        lib.eep_stage_setup.restype = i
+        lib.eep_stage_setup.argtypes = [p, ctypes.POINTER(_StageShapeC), p, p, p, p, p, p, p, i, i, i, p, p, p, p, sz]
+        lib.eep_copy_rows.restype = i
+        lib.eep_copy_rows.argtypes = [p, p, p, ctypes.POINTER(_StageShapeC), i, p, p, sz]
+        lib.eep_swiglu.restype = i
+        lib.eep_swiglu.argtypes = [p, p, p, i, i, i, i, p, p, sz]
+        for c in configs:
+            ws = getattr(lib, f"{c.name}_workspace")
+            ws.restype, ws.argtypes = sz, [i, i, i]
+            run = getattr(lib, f"{c.name}_run")
+            run.restype, run.argtypes = i, [i, p, p, i, i, p, p, sz]
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            raise GemmLaunchError(f"{what} failed (code {rc}): {self._err.value.decode(errors='replace')}")
+
+    # ---- the four launches, public so the benchmark can time each ----
+    def setup(self, x: torch.Tensor, count: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        s = self.shape
+        s.check(x, count, w13, w2)
+        if x.dtype != torch.bfloat16 or x.device != self.device:
+            raise ValueError(f"expert stage: x is {x.dtype} on {x.device}, expected bfloat16 on {self.device}")
+        if x.stride(3) != 1 or x.stride(2) % 8 or x.stride(1) % 8 or x.stride(0) % 8 or x.data_ptr() % 16:
+            raise ValueError(f"expert stage: x strides {x.stride()} must have contiguous, 16-byte aligned rows")
+        if x.stride() != self.out_buffer.stride():
+            # the output reuses x's block offsets: keep the two layouts identical
+            raise ValueError(f"expert stage: x strides {x.stride()} differ from the output's {self.out_buffer.stride()}")
+        for name, w in (("w13", w13), ("w2", w2)):
+            if w.stride(2) != 1 or w.stride(1) != w.shape[2] or w.data_ptr() % 16:
+                raise ValueError(f"expert stage: {name} slots must be contiguous row-major matrices, strides {w.stride()}")
+        count = count if count.dtype == torch.int32 and count.is_contiguous() else count.to(torch.int32).contiguous()
+        self._keep = (count,)  # the setup kernel reads it asynchronously
+        shape_c = _StageShapeC(s.slots_per_rank, s.num_ranks, s.max_tokens_per_rank, s.hidden, s.inter, s.capacity_rows,
+                               x.stride(0), x.stride(1), x.stride(2), w13.stride(0), w2.stride(0))
+        self._shape_c = shape_c
+        rc = self._lib.eep_stage_setup(count.data_ptr(), ctypes.byref(shape_c), x.data_ptr(), w13.data_ptr(),
+                                       w2.data_ptr(), self.h13.data_ptr(), self.h.data_ptr(), self.out_buffer.data_ptr(),
+                                       self.plan.data_ptr(), int(self.gemm1.swap), int(self.gemm2.swap),
+                                       int(self.grouping == "slot"), _ptr(self.xc), _ptr(self.yc),
+                                       self._stream(), self._err, _ERR_LEN)
+        self._check(rc, "eep_stage_setup")
+
+    def copy_rows(self, layout: torch.Tensor, *, to_compact: bool) -> None:
+        """Per-slot grouping: gather ``layout``'s kept rows into ``xc`` / scatter ``yc`` into ``layout``."""
+        compact = self.xc if to_compact else self.yc
+        rc = self._lib.eep_copy_rows(layout.data_ptr(), compact.data_ptr(), self.plan.data_ptr(),
+                                     ctypes.byref(self._shape_c), int(to_compact), self._stream(), self._err, _ERR_LEN)
+        self._check(rc, "eep_copy_rows")
+
+    def run_gemm(self, which: int) -> None:
+        config = self.gemm1 if which == 1 else self.gemm2
+        groups = self._gemm_groups
+        plan = self.plan.data_ptr() + int(self._lib.eep_stage_plan_gemm_offset(groups, which))
+        rc = getattr(self._lib, f"{config.name}_run")(groups, plan, self.workspace.data_ptr(), self._device_index,
+                                                      self._sm_count, self._stream(), self._err, _ERR_LEN)
+        self._check(rc, f"GEMM{which} ({config.name})")
+
+    def swiglu(self) -> None:
+        s = self.shape
+        rc = self._lib.eep_swiglu(self.h13.data_ptr(), self.h.data_ptr(), self.plan.data_ptr(), s.num_groups,
+                                  s.capacity_rows, s.inter, self._sm_count, self._stream(), self._err, _ERR_LEN)
+        self._check(rc, "eep_swiglu")
+
+    def __call__(self, x: torch.Tensor, count: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        self.setup(x, count, w13, w2)
+        if self.grouping == "slot":
+            self.copy_rows(x, to_compact=True)
+        self.run_gemm(1)
+        self.swiglu()
+        self.run_gemm(2)
+        if self.grouping == "slot":
+            self.copy_rows(self.out_buffer, to_compact=False)
+        return self.out_buffer
+
+    def error_flags(self) -> int:
+        """The device error word of the last setup (``ERROR_*`` bits); reading it syncs the stream."""
+        word = self.plan[self._total_rows_offset + 4:self._total_rows_offset + 8]
+        return int(word.view(torch.int32).item())
+
+    def total_rows(self) -> int:
+        word = self.plan[self._total_rows_offset:self._total_rows_offset + 4]
+        return int(word.view(torch.int32).item())
+
+    def describe(self) -> str:
+        return f"{self.grouping}:{self.gemm1.name}|{self.gemm2.name}"
+
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()

@@ -1,0 +1,199 @@
+"""``MoELayer``: the EP MoE layer with the fused expert stage, for ranks simulated in one process.
+
+Same constructor, ``forward``, ``fail`` and ``join`` as ``eep.reference.ExpertParallelMoE`` (it is
+a subclass: placement, repair planning and the repair executor are shared), with three changes:
+
+- expert weights live on ``device`` per physical slot as ``slot_w13 [num_phys_slots, 2*inter, hidden]``
+  (gate rows, then up rows) and ``slot_w_down [num_phys_slots, hidden, inter]``; ``slot_w_gate`` and
+  ``slot_w_up`` are views into ``slot_w13``, so the repair executor, which copies into
+  ``slot_w_gate[phys]`` / ``slot_w_up[phys]``, writes the fused weight in place;
+- dispatch and combine are vectorised tensor ops over the same receive layout and the same row order
+  as the reference (ascending source token inside each (slot, source) block);
+- each rank's expert compute is an expert stage from ``eep.fused.gemm`` (CUTLASS grouped GEMM or
+  ``torch._grouped_mm``).
+
+Across processes the same stage sits between ``eep.fused.buffer.FusedBuffer.dispatch`` and
+``combine`` (``RankExperts``); this class keeps every rank in one process so that differential tests
+and single-GPU benchmarks exercise the expert stage, routing and repair together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eep.errors import RoutingError
+from eep.fused.gemm import ExpertStageShape, make_expert_stage
+from eep.reference.moe import ExpertParallelMoE, _resolve_routing
+from eep.routing import route_to_phys
+from eep.state import NO_EXPERT
+
+
+class RankExperts:
+    """One rank's experts: ``experts(recv_x, recv_count) -> y``, all in the receive layout.
+
+    w13, w2: this rank's slices ``[slots_per_rank, 2*inter, hidden]`` / ``[slots_per_rank, hidden, inter]``
+    of the per-slot weights (views: a repair writing a slot in place is seen at the next call).
+    """
+
+    def __init__(self, stage, w13: torch.Tensor, w2: torch.Tensor):
+        self.stage, self.w13, self.w2 = stage, w13, w2
+
+    def __call__(self, recv_x: torch.Tensor, recv_count: torch.Tensor) -> torch.Tensor:
+        return self.stage(recv_x, recv_count, self.w13, self.w2)
+
+
+class MoELayer(ExpertParallelMoE):
+    """EP MoE layer (see the module docstring); extra keyword arguments:
+
+    device: where weights and activations live (default: ``w_gate``'s device).
+    backend: expert stage, as ``eep.fused.gemm.make_expert_stage`` (None: ``EEP_EXPERT_BACKEND``).
+    """
+
+    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, num_ranks: int,
+                 slots_per_rank: int, top_k: int, renormalize: bool = True, *, device: torch.device | str | None = None,
+                 backend: str | None = None, **kwargs):
+        super().__init__(w_gate, w_up, w_down, num_ranks, slots_per_rank, top_k, renormalize, **kwargs)
+        self.device = torch.device(device) if device is not None else w_gate.device
+        self.backend = backend
+        inter = self.slot_w_gate.shape[1]
+        self.inter_size = inter
+        self.slot_w13 = torch.cat([self.slot_w_gate, self.slot_w_up], dim=1).to(self.device)
+        self.slot_w_gate = self.slot_w13[:, :inter]
+        self.slot_w_up = self.slot_w13[:, inter:]
+        self.slot_w_down = self.slot_w_down.to(self.device).contiguous()
+        self._stages: dict[int, object] = {}  # max_tokens_per_rank -> expert stage (shared by the simulated ranks)
+        # Device mirrors of the routing tables, rewritten in place by fail/join so that a captured
+        # forward reads the new tables (a new shape, i.e. more replicas per expert, needs a recapture).
+        self.logical_to_phys_dev = self.placement.logical_to_phys[0].to(self.device).clone()
+        self.active_dev = self.membership.active_cpu.to(self.device).clone()
+
+    def _refresh_tables(self) -> None:
+        table = self.placement.logical_to_phys[0]
+        if table.shape == self.logical_to_phys_dev.shape:
+            self.logical_to_phys_dev.copy_(table)
+        else:
+            self.logical_to_phys_dev = table.to(self.device).clone()
+        self.active_dev.copy_(self.membership.active_cpu)
+
+    def fail(self, ranks, *, rereplicate: bool = False):
+        plan = super().fail(ranks, rereplicate=rereplicate)
+        self._refresh_tables()
+        return plan
+
+    def join(self, rank: int, *, load: torch.Tensor | None = None):
+        plan = super().join(rank, load=load)
+        self._refresh_tables()
+        return plan
+
+    def _stage(self, max_tokens: int, expected_rows: float):
+        if max_tokens not in self._stages:
+            shape = ExpertStageShape(self.slots_per_rank, self.num_ranks, max_tokens, self.hidden_size,
+                                     self.inter_size, self.top_k)
+            self._stages[max_tokens] = make_expert_stage(shape, device=self.device, dtype=self.slot_w13.dtype,
+                                                         backend=self.backend, expected_rows_per_group=expected_rows)
+        return self._stages[max_tokens]
+
+    # ---- forward ----
+    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor | None = None, *,
+                topk_ids: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden [num_tokens, hidden]`` -> ``[num_tokens, hidden]``, routed over the active ranks.
+
+        With ``router_logits`` (or already-validated top-k) on ``device`` and a fixed membership, the
+        forward never waits for the host, so it can be captured in a CUDA graph.
+        """
+        if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
+            raise RoutingError(f"hidden has shape {tuple(hidden.shape)}, expected [num_tokens, {self.hidden_size}]")
+        if hidden.dtype != self.slot_w13.dtype:
+            raise RoutingError(f"hidden has dtype {hidden.dtype}, the expert weights {self.slot_w13.dtype}")
+        hidden = hidden.to(self.device)
+        if router_logits is not None:
+            router_logits = router_logits.to(self.device)
+        topk_weights, topk_ids = _resolve_routing(hidden, self.num_experts, router_logits, self.top_k,
+                                                  self.renormalize,
+                                                  None if topk_ids is None else topk_ids.to(self.device),
+                                                  None if topk_weights is None else topk_weights.to(self.device))
+        active_ranks = self.membership.active_ranks()
+        chunks = torch.arange(hidden.shape[0]).tensor_split(len(active_ranks))
+        max_tokens = self.max_tokens_per_rank or max(1, max(len(c) for c in chunks))
+        s, num_ranks = self.slots_per_rank, self.num_ranks
+        logical_to_phys, active = self.logical_to_phys_dev, self.active_dev
+
+        # route every token of every active source rank, then dispatch in one pass
+        phys = torch.full_like(topk_ids, NO_EXPERT)
+        src_of_token = torch.full((hidden.shape[0],), -1, dtype=torch.long, device=self.device)
+        for rank, tokens in zip(active_ranks, chunks):
+            if len(tokens) > max_tokens:
+                raise RoutingError(f"rank {rank} has {len(tokens)} tokens, more than max_tokens_per_rank={max_tokens}")
+            if len(tokens) == 0:
+                continue
+            offset = int(tokens[0])
+            sl = slice(offset, offset + len(tokens))
+            phys[sl] = route_to_phys(topk_ids[sl], logical_to_phys, active, s, token_offset=offset)
+            src_of_token[sl] = rank
+        recv_x, recv_count, position, sent = simulate_dispatch(hidden, phys, src_of_token, active, num_ranks, s,
+                                                               max_tokens)
+        expected_rows = hidden.shape[0] * self.top_k / max(1, self.num_experts * len(active_ranks))
+        stage = self._stage(max_tokens, expected_rows)
+        ys = torch.zeros_like(recv_x)
+        for rank in active_ranks:
+            w13 = self.slot_w13[rank * s:(rank + 1) * s]
+            w2 = self.slot_w_down[rank * s:(rank + 1) * s]
+            ys[rank] = stage(recv_x[rank], recv_count[rank], w13, w2)
+        return simulate_combine(ys, phys, src_of_token, position, sent, topk_weights, s).to(hidden.dtype)
+
+    __call__ = forward
+
+
+def simulate_dispatch(hidden: torch.Tensor, phys: torch.Tensor, src_of_token: torch.Tensor,
+                      active: torch.Tensor, num_ranks: int, slots_per_rank: int, max_tokens: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``eep.reference.dispatch`` for every rank at once, as tensor ops.
+
+    Parameters:
+        hidden: ``[num_tokens, hidden]`` all ranks' tokens, each source rank's tokens contiguous and
+        in order; phys: ``[num_tokens, top_k]`` physical slots; src_of_token: ``[num_tokens]`` source rank.
+    Returns:
+        recv_x ``[num_ranks, slots_per_rank, num_ranks, max_tokens, hidden]`` (zero past counts),
+        recv_count ``[num_ranks, slots_per_rank, num_ranks]`` int32, position ``[num_tokens, top_k]``
+        (row in the block) and sent ``[num_tokens, top_k]`` bool.
+    """
+    num_tokens, top_k = phys.shape
+    dst = torch.where(phys >= 0, phys // slots_per_rank, 0)
+    sent = (phys >= 0) & active[dst] & (src_of_token >= 0).unsqueeze(1)
+    # block id of each copy; a (token, k) pair reaches a block at most once, and flattening
+    # [num_tokens, top_k] keeps ascending source-token order inside each block, as the reference does
+    block = (phys * num_ranks + src_of_token.unsqueeze(1)).flatten()        # [num_tokens * top_k]
+    block = torch.where(sent.flatten(), block, -1)
+    order = torch.argsort(block, stable=True)
+    sorted_block = block[order]
+    first = torch.searchsorted(sorted_block, sorted_block, side="left")
+    pos_sorted = torch.arange(block.numel(), device=block.device) - first
+    position = torch.empty_like(block)
+    position[order] = pos_sorted
+    position = torch.where(sent.flatten(), position, -1).view(num_tokens, top_k)
+
+    # no boolean indexing or nonzero below: nothing waits for the host (CUDA-graph capturable);
+    # copies that are not sent go to one spare bin / spare row past the end
+    num_blocks = num_ranks * slots_per_rank * num_ranks
+    bins = torch.where(block >= 0, block, num_blocks)
+    counts = torch.zeros(num_blocks + 1, dtype=torch.long, device=block.device).scatter_add_(
+        0, bins, torch.ones_like(bins))[:num_blocks]  # not bincount: on CUDA it syncs to size its output
+    recv_count = counts.view(num_ranks, slots_per_rank, num_ranks).to(torch.int32)
+    recv_x = torch.zeros(num_blocks * max_tokens + 1, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+    rows = (phys.clamp(min=0) * num_ranks + src_of_token.clamp(min=0).unsqueeze(1)) * max_tokens + position
+    rows = torch.where(sent, rows, num_blocks * max_tokens)                    # [num_tokens, top_k]
+    recv_x.index_copy_(0, rows.flatten(), hidden.unsqueeze(1).expand(-1, top_k, -1).reshape(-1, hidden.shape[1]))
+    recv_x = recv_x[:num_blocks * max_tokens]
+    return recv_x.view(num_ranks, slots_per_rank, num_ranks, max_tokens, hidden.shape[1]), recv_count, position, sent
+
+
+def simulate_combine(ys: torch.Tensor, phys: torch.Tensor, src_of_token: torch.Tensor, position: torch.Tensor,
+                     sent: torch.Tensor, topk_weights: torch.Tensor, slots_per_rank: int) -> torch.Tensor:
+    """``eep.reference.combine`` for every rank at once: ``[num_tokens, hidden]`` float32."""
+    num_ranks, _, _, max_tokens, hidden = ys.shape
+    flat = ys.reshape(-1, hidden)
+    rows = (phys.clamp(min=0) * num_ranks + src_of_token.clamp(min=0).unsqueeze(1)) * max_tokens + position.clamp(min=0)
+    gathered = flat[rows].float()                                           # [num_tokens, top_k, hidden]
+    weights = torch.where(sent, topk_weights.float(), 0.0).unsqueeze(-1)
+    # where(), not weights * gathered: a copy that was not sent reads an arbitrary row, maybe NaN
+    return (torch.where(sent.unsqueeze(-1), gathered, 0.0) * weights).sum(dim=1)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Expert-stage GPU work in one device call: build (or reuse the carried build), differential checks,
+# benchmark. Logs and JSON under $OUT.   bash tests/gpu/run_gemm.sh [quick]
+# Carry build/cutlass (CUTLASS headers) and build/gemm-cache (the library built on the CPU machine).
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export EEP_CUTLASS_DIR=$PWD/build/cutlass EEP_GEMM_CACHE_DIR=$PWD/build/gemm-cache
+OUT=${OUT:-/tmp/eep-gemm-out}; mkdir -p "$OUT"
+LOG=$OUT/gemm_log.txt
+PY=python3
+START=$(date +%s); BUDGET=${EEP_GPU_BUDGET_S:-420}
+step() {  # step NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  if [ $left -lt 15 ]; then echo "=== $name rc=SKIPPED (budget)" | tee -a "$LOG"; return; fi
+  [ $secs -gt $left ] && secs=$left
+  echo "=== $name ($(date +%T))" | tee -a "$LOG"
+  timeout -k 5 "$secs" "$@" >>"$LOG" 2>&1; local rc=$?
+  echo "=== $name rc=$rc" | tee -a "$LOG"
+  return $rc
+}
+nvidia-smi -L | tee -a "$LOG"
+$PY -c "import torch, transformers; print(torch.__version__, torch.cuda.get_device_name(), transformers.__version__)" 2>&1 | tee -a "$LOG"
+step build 240 $PY -c "
+import time; t = time.time()
+from eep.fused.gemm.build import build_library
+print(build_library(), f'{time.time() - t:.1f} s')"
+[ "${1:-}" != bench ] && step check 150 $PY tests/gpu/gemm_check.py
+if [ "${1:-}" != quick ]; then
+  step bench 300 $PY perf/bench_expert_gemm.py --out $OUT/gemm_bench.jsonl --reps 20
+fi
+echo "=== SUMMARY"
+grep -E "^(=== .* rc=|CHECK .*(FAIL|ok)|SUMMARY|GPU|qwen3|deepseek|  \()" "$LOG" | grep -v "^CHECK .* ok" | grep -v -E " (gemm[12]|gather|swiglu) +cutlass" | tail -80
+grep -c "^CHECK .* ok" "$LOG" | sed 's/^/checks ok: /'
