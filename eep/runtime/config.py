@@ -18,6 +18,9 @@ class RuntimeConfig:
     max_new_tokens: int = 12
     model: TinyConfig = field(default_factory=TinyConfig)
     shard_dir: str | None = None  # restore experts from eep-shards output instead of the generated copy
+    # data plane (eep/runtime/engine.py): "shm" (CPU), "fused" / "fused_fixed" (GPU, eep/runtime/gpu_dataplane.py)
+    engine: str = "shm"
+    engine_options: dict = field(default_factory=dict)  # engine-specific knobs (GpuEngine documents its own)
 
     heartbeat_interval_s: float = field(default_factory=lambda: envs.heartbeat_interval_ms() / 1000)
     suspect_misses: int = field(default_factory=envs.suspect_misses)  # K consecutive misses => dead

@@ -52,7 +52,8 @@ class Fault:
 
     Exactly one trigger: ``at_results`` (answered requests reach it), ``on_phase``
     (``"prepare_fail"`` / ``"prepare_join"`` / ``"prepare_resync"``: right after such a prepare is
-    published, i.e. during repair or rejoin), or ``after_s`` (seconds after the previous fault).
+    published, i.e. during repair or rejoin), ``after_s`` (seconds after the previous fault), or
+    ``at_s`` (seconds after the first membership was committed, i.e. serving started).
     """
 
     action: str
@@ -60,13 +61,14 @@ class Fault:
     at_results: int | None = None
     on_phase: str | None = None
     after_s: float | None = None
+    at_s: float | None = None
     fired_at: float | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.action not in _SIGNALS:
             raise ValueError(f"fault action {self.action!r} is not one of {sorted(_SIGNALS)}")
-        if sum(x is not None for x in (self.at_results, self.on_phase, self.after_s)) != 1:
-            raise ValueError(f"fault {self}: give exactly one of at_results, on_phase, after_s")
+        if sum(x is not None for x in (self.at_results, self.on_phase, self.after_s, self.at_s)) != 1:
+            raise ValueError(f"fault {self}: give exactly one of at_results, on_phase, after_s, at_s")
 
 
 @dataclass
@@ -102,6 +104,7 @@ class Launcher:
         self.exit_codes: dict[str, int | None] = {}
         self._handled_exit: set[tuple[int, int]] = set()
         self._last_fault_at: float | None = None
+        self._serving_since: float | None = None
         self._stop_requested = False
         self.shm_path = os.path.join(envs.shm_dir(), f"eep-{self.run_id}.shm")
 
@@ -128,6 +131,7 @@ class Launcher:
                 self._spawn(r)
             self._write_pids()
             self.coordinator.start(cfg.startup_timeout_s, is_alive=lambda: not any(self._is_dead(r) for r in self.procs))
+            self._serving_since = time.monotonic()
             results_key = store_key(self.run_id, Key.RESULTS_COUNT)
             next_scan = 0.0
             while True:
@@ -222,6 +226,9 @@ class Launcher:
             elif fault.after_s is not None and self._last_fault_at is not None:
                 if time.monotonic() >= self._last_fault_at + fault.after_s:
                     self._fire(fault)
+            elif fault.at_s is not None and self._serving_since is not None:
+                if time.monotonic() >= self._serving_since + fault.at_s:
+                    self._fire(fault)
 
     def _on_phase(self, name: str, info: dict) -> None:
         for fault in self.faults:
@@ -282,9 +289,8 @@ class Launcher:
         return results, served_by
 
     def _capacity_nbytes(self) -> int:
-        from eep.runtime.dataplane import BlockCodec
-        codec = BlockCodec(self.cfg.slots_per_rank, self.cfg.max_tokens_per_rank, self.cfg.model.hidden)
-        return (max(codec.block_nbytes, codec.reply_nbytes) + 63) // 64 * 64
+        from eep.runtime.engine import transport_capacity_nbytes
+        return transport_capacity_nbytes(self.cfg)
 
 
 def _signal_quietly(pid: int, sig: int) -> None:

@@ -37,13 +37,13 @@ import torch.distributed as dist
 
 from eep.runtime.auth import Sealer
 from eep.runtime.config import RuntimeConfig
-from eep.runtime.dataplane import Block, RankMoE, StepAborted, expert_compute
+from eep.runtime.dataplane import StepAborted
+from eep.runtime.engine import make_engine
 from eep.runtime.keys import Key, store_key
-from eep.runtime.model import decode_step, expert_source, generate_weights, make_request
+from eep.runtime.model import make_request
 from eep.runtime.rules import initial_placement, next_placement
 from eep.runtime.timeline import Timeline
 from eep.state import ExpertPlacement, Membership
-from eep.transport import SharedMemoryTransport
 
 log = logging.getLogger("eep.runtime.rank")
 
@@ -125,13 +125,13 @@ class RankWorker:
     def run(self) -> int:
         cfg = self.cfg
         self.store = self._connect()
-        self.transport = SharedMemoryTransport(self.spec.shm_path, self.rank)
-        self.weights = generate_weights(cfg.model, shard_dir=cfg.shard_dir)
-        self.source = expert_source(self.weights, cfg.shard_dir)
+        self.timeline.event("engine_init_begin", engine=cfg.engine)
+        # the data plane (docs/runtime.md "Engines"): shm on CPU, the fused GPU buffer on GPUs
+        self.engine = make_engine(cfg, self.rank, shm_path=self.spec.shm_path, store=self.store,
+                                  run_id=self.run_id, incarnation=self.incarnation)
+        self.timeline.event("engine_ready", engine=cfg.engine)
         self.initial = initial_placement(cfg.model.num_layers, cfg.model.num_experts, cfg.num_ranks,
                                          cfg.slots_per_rank, cfg.num_redundant)
-        self.moe = RankMoE(self.rank, cfg.num_ranks, cfg.model.num_layers, cfg.slots_per_rank,
-                           cfg.max_tokens_per_rank, cfg.model.hidden, cfg.model.intermediate, self.transport)
         threading.Thread(target=self._heartbeat_loop, name="eep-heartbeat", daemon=True).start()
         self.timeline.event("start", pid=os.getpid())
         try:
@@ -155,7 +155,7 @@ class RankWorker:
             self.is_orphaned = True
         self.timeline.event("exit", reason=self.stop_reason)
         self.timeline.close()
-        self.transport.close()
+        self.engine.close()
         if self.is_orphaned:
             _unlink_quietly(self.spec.shm_path)  # the launcher is gone and cannot clean up
             return EXIT_ORPHANED
@@ -170,34 +170,19 @@ class RankWorker:
         self.phase = Phase.WARMUP
         t0 = time.time()
         loaded = self._load_missing(self.initial)
-        self._warmup()
+        t_loaded = time.time()
+        self.engine.warmup()
         self.nonce = secrets.token_hex(8)
         index = self.store.add(store_key(self.run_id, Key.JOIN, "count"), 1)
         key = store_key(self.run_id, Key.JOIN, index)
         self.store.set(key, self.sealer.seal(key, {"rank": self.rank, "incarnation": self.incarnation,
                                                    "nonce": self.nonce}))
         self.phase = Phase.JOINING
-        self.timeline.event("join_request", nonce=self.nonce, loaded=loaded, warmup_s=time.time() - t0)
+        self.timeline.event("join_request", nonce=self.nonce, loaded=loaded, warmup_s=time.time() - t0,
+                            load_s=t_loaded - t0, restore_by_tier=getattr(self.engine, "restore_stats", None))
 
     def _load_missing(self, placement: ExpertPlacement) -> int:
-        missing = self.moe.missing_slots(placement)
-        for layer, local, expert in missing:
-            self.moe.load_slot(layer, local, expert, self.source.load(layer, expert))
-        return len(missing)
-
-    def _warmup(self) -> None:
-        """Run every local expert on random rows, alone: no transport, no peer sees it."""
-        gen = torch.Generator().manual_seed(self.rank)
-        s, t, h = self.cfg.slots_per_rank, self.cfg.max_tokens_per_rank, self.cfg.model.hidden
-        for _ in range(self.cfg.warmup_steps):
-            for layer in range(self.cfg.model.num_layers):
-                count = torch.where(self.moe.loaded[layer] >= 0, t, 0).to(torch.int32)  # empty slots stay idle
-                block = Block(count=count, src_token=torch.zeros(s, t, dtype=torch.int32),
-                              x=torch.randn(s, t, h, generator=gen))
-                y = expert_compute({self.rank: block}, self.moe.w_gate[layer], self.moe.w_up[layer],
-                                   self.moe.w_down[layer])[self.rank]
-                if not bool(torch.isfinite(y).all()):
-                    raise RuntimeError(f"rank {self.rank}: warm-up of layer {layer} gave non-finite outputs")
+        return self.engine.load_missing(placement)
 
     # ---- decisions ----
     def _poll_decisions(self) -> list[dict]:
@@ -278,7 +263,12 @@ class RankWorker:
                 log.error("rank %d: epoch %d placement differs from the coordinator's; using the published one",
                           self.rank, epoch)
                 placement = published
+        t_restore = time.time()
         restored = self._load_missing(placement)
+        t_switch = time.time()
+        self.engine.on_commit(active=list(body["active"]), joined=[int(r) for r in body["joined"]], epoch=epoch,
+                              start_step=int(body["start_step"]), is_joiner=is_joiner)
+        t_done = time.time()
         self.membership = Membership(self.cfg.num_ranks, active=body["active"], epoch=epoch)
         self.placement = placement
         self.epoch = epoch
@@ -288,7 +278,9 @@ class RankWorker:
         self.phase = Phase.SERVING
         self.timeline.event("commit", epoch=epoch, reason=body["reason"], start_step=self.step,
                             restored=restored, requeued=len(body["requeue"].get(str(self.rank), [])),
-                            was=was.value, paused_s=(t0 - self._paused_since) if was is Phase.PAUSED else None)
+                            was=was.value, paused_s=(t0 - self._paused_since) if was is Phase.PAUSED else None,
+                            plan_s=t_restore - t0, restore_s=t_switch - t_restore, switch_s=t_done - t_switch,
+                            restore_by_tier=getattr(self.engine, "restore_stats", None) if restored else None)
 
     def _fence(self, epoch: int) -> None:
         dropped = [r.request_id for r in self.batch] + self.pending
@@ -309,7 +301,10 @@ class RankWorker:
         self._fill_batch()
         tokens = torch.tensor([r.last_token for r in self.batch], dtype=torch.int64)
         try:
-            next_tokens = decode_step(self.weights, tokens, self._moe).tolist()
+            next_tokens = self.engine.decode(tokens, active=self.membership.active_cpu.tolist(),
+                                             placement=self.placement, epoch=self.epoch, step=self.step,
+                                             timeout_s=self.cfg.transport_timeout_s,
+                                             should_abort=self._has_new_decision)
         except StepAborted as exc:
             if not exc.is_aborted:
                 self.phase, self._stalled_since = Phase.STALLED, time.monotonic()
@@ -330,11 +325,6 @@ class RankWorker:
         self.step += 1
         if self.cfg.step_delay_s:
             time.sleep(self.cfg.step_delay_s)
-
-    def _moe(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        return self.moe.forward_layer(layer, x, topk_weights, topk_ids, active=self.membership.active_cpu.tolist(),
-                                      placement=self.placement, epoch=self.epoch, step=self.step,
-                                      timeout_s=self.cfg.transport_timeout_s, should_abort=self._has_new_decision)
 
     def _fill_batch(self) -> None:
         while len(self.batch) < self.cfg.max_tokens_per_rank:

@@ -1,0 +1,167 @@
+"""Numbers of the failure benchmark (perf/failure_bench.py), read back from a run's JSONL timelines.
+
+- ``steady_state``: tokens/s over all ranks and per-step latency p50/p99 (gaps between a rank's
+  consecutive completed steps in one epoch), after a warm-up ``skip_s``;
+- ``pause_breakdown``: for every repair and rejoin commit, where the pause went:
+  detection (fault -> launcher saw the exit), agreement (prepare -> commit), repair transfers
+  (survivors restoring slots, bytes and seconds by tier), table switch (placement check + engine
+  membership switch), warm-up (adopted -> first step completed), and the survivors' pause;
+- ``startup``: a (re)started instance from its launch to its first completed step (the full
+  restart baseline), split into process start, engine init (weights), warm-up/capture, agreement.
+
+Timeline records are described in ``eep/runtime/timeline.py``; rank ``commit`` events carry
+``plan_s``, ``restore_s``, ``switch_s`` and ``restore_by_tier`` (see ``eep/runtime/rank.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from eep.runtime.metrics import load_run
+
+
+def _steps(ranks: list[dict]) -> list[dict]:
+    return [r for r in ranks if "step" in r and "event" not in r]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in [0, 100]) of ``values``; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))
+    return ordered[index]
+
+
+def steady_state(run_dir: str | Path, *, skip_s: float = 1.0) -> dict:
+    """Throughput and step latency of a fault-free run, ignoring the first ``skip_s`` of serving."""
+    _, ranks = load_run(run_dir)
+    steps = _steps(ranks)
+    if not steps:
+        return {"num_steps": 0}
+    t_start = min(s["t"] for s in steps) + skip_s
+    kept = [s for s in steps if s["t"] >= t_start]
+    if len(kept) < 2:
+        return {"num_steps": len(kept)}
+    gaps: list[float] = []
+    by_rank: dict[tuple, list[dict]] = {}
+    for s in kept:
+        by_rank.setdefault((s["rank"], s["incarnation"]), []).append(s)
+    for mine in by_rank.values():
+        mine.sort(key=lambda s: s["t"])
+        gaps += [b["t"] - a["t"] for a, b in zip(mine, mine[1:]) if a["epoch"] == b["epoch"]]
+    t0, t1 = min(s["t"] for s in kept), max(s["t"] for s in kept)
+    tokens = sum(s["tokens"] for s in kept)
+    return {"num_steps": len(kept), "duration_s": t1 - t0, "tokens": tokens,
+            "tokens_per_s": tokens / max(t1 - t0, 1e-9),
+            "step_p50_ms": _ms(percentile(gaps, 50)), "step_p99_ms": _ms(percentile(gaps, 99)),
+            "step_mean_ms": _ms(sum(gaps) / len(gaps)) if gaps else None}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def _merge_tiers(stats: list[dict | None]) -> dict:
+    out: dict = {}
+    for s in stats:
+        for tier, v in ((s or {}).get("by_tier") or {}).items():
+            acc = out.setdefault(tier, {"experts": 0, "nbytes": 0, "seconds": 0.0})
+            for k in acc:
+                acc[k] += v.get(k, 0)
+    return out
+
+
+def pause_breakdown(run_dir: str | Path) -> list[dict]:
+    """One entry per non-start commit (``kind`` ``"repair"`` or ``"rejoin"``); times in seconds."""
+    launcher, ranks = load_run(run_dir)
+    steps = _steps(ranks)
+    events = [r for r in ranks if "event" in r]
+    out = []
+    for commit in (e for e in launcher if e.get("event") == "commit" and e.get("reason") != "start"):
+        epoch = commit["epoch"]
+        kind = "rejoin" if commit.get("reason") == "join" else "repair"
+        prepare = next((e for e in reversed(launcher) if e.get("event") == "prepare" and e["epoch"] == epoch
+                        and e["t"] <= commit["t"]), None)
+        adopted = [e for e in events if e["event"] == "commit" and e.get("epoch") == epoch
+                   and e.get("was") != "joining" and e.get("was") != "warmup"]
+        entry: dict = {"kind": kind, "epoch": epoch, "failed": commit.get("failed", []),
+                       "joined": commit.get("joined", []),
+                       "agreement_s": None if prepare is None else commit["t"] - prepare["t"]}
+        if kind == "repair" and commit.get("failed"):
+            target = commit["failed"][0]
+            fault = next((e for e in reversed(launcher) if e.get("event") == "fault" and e.get("target") == target
+                          and e["t"] <= commit["t"]), None)
+            exit_seen = next((e for e in launcher if e.get("event") == "exit" and e.get("target") == target
+                              and fault is not None and e["t"] >= fault["t"]), None)
+            if fault is not None:
+                entry["fault_t"] = fault["t"]
+                entry["detection_s"] = None if exit_seen is None else exit_seen["t"] - fault["t"]
+                entry["fault_to_commit_s"] = commit["t"] - fault["t"]
+        if kind == "rejoin":
+            joiner = commit["joined"][0] if commit.get("joined") else None
+            spawn = next((e for e in reversed(launcher) if e.get("event") == "spawn" and e.get("target") == joiner
+                          and e["t"] <= commit["t"]), None)
+            request = next((e for e in reversed(events) if e["event"] == "join_request" and e["rank"] == joiner
+                            and e["t"] <= commit["t"]), None)
+            if spawn is not None and request is not None:
+                entry["joiner_startup_s"] = request["t"] - spawn["t"]
+                entry["joiner_load_s"] = request.get("load_s")
+                entry["joiner_warmup_s"] = request.get("warmup_s")
+        entry["repair_transfers_s"] = max((e.get("restore_s") or 0.0 for e in adopted), default=None)
+        entry["repair_by_tier"] = _merge_tiers([e.get("restore_by_tier") for e in adopted])
+        entry["table_switch_s"] = max(((e.get("plan_s") or 0.0) + (e.get("switch_s") or 0.0) for e in adopted),
+                                      default=None)
+        warm, pauses = [], []
+        for e in adopted:
+            who = (e["rank"], e["incarnation"])
+            mine = [s for s in steps if (s["rank"], s["incarnation"]) == who]
+            after = [s["t"] for s in mine if s["epoch"] >= epoch]
+            before = [s["t"] for s in mine if s["epoch"] < epoch]
+            if after:
+                warm.append(min(after) - e["t"])
+            if after and before:
+                pauses.append(min(after) - max(before))
+        entry["warmup_s"] = max(warm, default=None)
+        entry["survivor_pause_s"] = max(pauses, default=None)
+        out.append(entry)
+    return out
+
+
+def startup(run_dir: str | Path, t_launch: float) -> dict:
+    """A whole instance from ``t_launch`` (wall time the processes were started) to its first token."""
+    launcher, ranks = load_run(run_dir)
+    steps = _steps(ranks)
+    events = [r for r in ranks if "event" in r]
+
+    def latest(name: str) -> float | None:
+        ts = [e["t"] for e in events if e["event"] == name]
+        return max(ts) if ts else None
+
+    start_commit = next((e["t"] for e in launcher if e.get("event") == "commit" and e.get("reason") == "start"), None)
+    launch = next((e["t"] for e in launcher if e.get("event") == "launch"), None)
+    first = min((s["t"] for s in steps), default=None)
+    marks = {"launcher_up": launch, "ranks_started": latest("start"), "engines_ready": latest("engine_ready"),
+             "join_requested": latest("join_request"), "committed": start_commit, "first_token": first}
+    out: dict = {f"{k}_s": (None if v is None else v - t_launch) for k, v in marks.items()}
+    names = list(marks)
+    for a, b in zip(names, names[1:]):
+        if marks[a] is not None and marks[b] is not None:
+            out[f"{a}->{b}_s"] = marks[b] - marks[a]
+    return out
+
+
+def throughput_markers(run_dir: str | Path, bin_s: float) -> tuple[list[tuple[float, float]], list[tuple[float, str]]]:
+    """Series and markers for ``eep.runtime.png.plot_timeline`` (red fault, orange repair, green rejoin)."""
+    from eep.runtime.metrics import throughput_series
+
+    launcher, ranks = load_run(run_dir)
+    steps = _steps(ranks)
+    if not steps:
+        return [], []
+    t0, t1 = min(s["t"] for s in steps), max(s["t"] for s in steps)
+    series = throughput_series(steps, t0, t1, bin_s)
+    markers = [(e["t"] - t0, "fault") for e in launcher if e.get("event") == "fault"]
+    markers += [(e["t"] - t0, "rejoin" if e["reason"] == "join" else "repair") for e in launcher
+                if e.get("event") == "commit" and e["reason"] != "start"]
+    return series, markers

@@ -1,0 +1,549 @@
+"""The failure benchmark (issue 8): steady state, SIGKILL recovery, reintegration, full restart.
+
+One invocation runs everything on one machine and writes ``results.json``, ``timeline.png`` (the
+failure run's throughput) and ``summary.txt`` to ``--out`` (default ``$OUT`` or
+``perf/failure_bench_out``). Design, what each number means and what has been run:
+docs/failure_bench.md.
+
+    # GPUs (4 H100, one device call, < 10 min):
+    .venv/bin/python perf/failure_bench.py --gpus 4 --out $OUT
+    # CPU end to end at the tiny shape (shm engine, ~20 s); GpuEngine's code on CPU exchanges:
+    .venv/bin/python perf/failure_bench.py --dry-run --out /tmp/fb
+    .venv/bin/python perf/failure_bench.py --dry-run --engines shm,gloo,cpu_elastic --failure-engine cpu_elastic
+
+Runs, in order, each through the runtime's launcher/coordinator (eep/runtime):
+  1. shards: random bf16 qwen3-30b-a3b-shaped checkpoint -> ``eep-shards prepare`` -> host tier;
+  2. steady state per engine (fused, fused_fixed, nccl; dry-run: shm): tokens/s, step p50/p99;
+  3. failure: SIGKILL one rank at ``--fault-at-s``; restarted after ``--restart-after-s``; pauses,
+     time to 95%, requests lost, a sample of answers against the CPU oracle, pause breakdown,
+     predicted (planner) vs observed repair and reintegration;
+  4. full restart: a fresh process tree (own Python, torch import, CUDA init) loads from the
+     disk shards, warms up (captures graphs) and decodes; time from launch to first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eep.runtime import Fault, Launcher, RuntimeConfig, TinyConfig  # noqa: E402
+from eep.runtime import bench_metrics  # noqa: E402
+
+GPU_ENGINES = ("fused", "fused_fixed", "nccl")
+# --dry-run: the CPU engine; GpuEngine's code on CPU over gloo (fixed) or the shm transport (elastic)
+CPU_ENGINES = ("shm", "gloo", "cpu_elastic")
+
+
+# ---- configuration --------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpus", type=int, default=4, help="rank processes, one GPU each (2, 4 or 8)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "perf/failure_bench_out"))
+    ap.add_argument("--dry-run", action="store_true", help="CPU: tiny shape, shm engine, short runs")
+    ap.add_argument("--workdir", default=None,
+                    help="checkpoint and shards, on local disk, never under --out (default: a fresh temp dir, removed)")
+    ap.add_argument("--layers", type=int, default=None, help="MoE layers (48; dry-run 2)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="decode tokens per rank per step (128; dry-run 8)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="longest request (64; dry-run 12)")
+    ap.add_argument("--engines", default=None, help=f"steady-state engines, comma separated ({','.join(GPU_ENGINES)})")
+    ap.add_argument("--steady-s", type=float, default=None, help="measured seconds per steady-state run (8; dry 2)")
+    ap.add_argument("--fault-at-s", type=float, default=None, help="SIGKILL this long after serving starts (6; dry 1.5)")
+    ap.add_argument("--after-fault-s", type=float, default=None, help="serving after the fault (20; dry 3)")
+    ap.add_argument("--restart-after-s", type=float, default=None, help="launcher restart delay (2; dry 0.3)")
+    ap.add_argument("--kill-rank", type=int, default=1)
+    ap.add_argument("--failure-engine", default=None, help="engine of the failure run (fused; dry-run shm or "
+                    "cpu_elastic)")
+    ap.add_argument("--fused-timeout-s", type=float, default=0.25, help="transport deadline of the GPU buffer")
+    ap.add_argument("--attn-width", type=int, default=None, help="attention stand-in columns (9216; dry 0 = off)")
+    ap.add_argument("--expert-backend", default="grouped_mm",
+                    help="expert stage: grouped_mm (torch._grouped_mm), cutlass, loop or auto (EEP_EXPERT_BACKEND)")
+    ap.add_argument("--no-pin", action="store_true", help="ranks map the host tier without cudaHostRegister")
+    ap.add_argument("--check-sample", type=int, default=None, help="distinct tokens checked on the CPU oracle (6)")
+    ap.add_argument("--skip", default="", help="comma separated runs to skip: steady,failure,restart")
+    ap.add_argument("--budget-s", type=float, default=560.0, help="stop starting runs after this (whole script)")
+    ap.add_argument("--restart-child", default=None, help=argparse.SUPPRESS)  # internal: the full-restart tree
+    args = ap.parse_args(argv)
+    if args.gpus < 2:
+        ap.error(f"--gpus {args.gpus}: need at least 2 rank processes (a failure leaves survivors)")
+    if not 0 <= args.kill_rank < args.gpus:
+        ap.error(f"--kill-rank {args.kill_rank} is outside [0, {args.gpus})")
+    d = args.dry_run
+    defaults = dict(layers=2 if d else 48, max_tokens=8 if d else 128, max_new_tokens=12 if d else 64,
+                    engines="shm" if d else ",".join(GPU_ENGINES), steady_s=2.0 if d else 6.0,
+                    fault_at_s=1.5 if d else 6.0, after_fault_s=3.0 if d else 20.0,
+                    restart_after_s=0.3 if d else 2.0, attn_width=0 if d else 4096 + 512 + 512 + 4096,
+                    check_sample=6)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.engines = [e for e in args.engines.split(",") if e]
+    bad = [e for e in args.engines if e not in (CPU_ENGINES if d else GPU_ENGINES)]
+    if bad:
+        ap.error(f"--engines {bad}: not available {'in --dry-run' if d else 'on GPUs'}")
+    args.skip = {s for s in args.skip.split(",") if s}
+    if args.failure_engine is None:
+        args.failure_engine = "shm" if d else "fused"
+    if args.failure_engine not in (("shm", "cpu_elastic") if d else ("fused",)):
+        ap.error(f"--failure-engine {args.failure_engine}: not membership-aware or not available here")
+    return args
+
+
+def model_config(args) -> TinyConfig:
+    if args.dry_run:
+        return TinyConfig(num_layers=args.layers)  # hidden 64, inter 32, 16 experts, top-4, vocab 128
+    return TinyConfig(hidden=2048, intermediate=768, num_experts=128, top_k=8, num_layers=args.layers,
+                      vocab_size=1024)
+
+
+def redundancy(num_experts: int, num_ranks: int) -> tuple[int, int]:
+    """``(slots_per_rank, num_redundant)``: enough slots that any single failure is repaired in place.
+
+    Survivors must hold every expert: ``slots_per_rank >= ceil(E / (N-1))``. Of the slots beyond one
+    replica per expert, one rank's worth (``ceil(E/N)``) stays empty as landing room for orphans and
+    the rest hold redundant replicas (32 for 128 experts on 4 ranks: a quarter of a failed rank's
+    experts then already live elsewhere and need no restore, and hot experts get a second copy).
+    """
+    slots = math.ceil(num_experts / (num_ranks - 1))
+    if num_experts >= 64:
+        slots = math.ceil(slots / 8) * 8
+    num_redundant = max(0, num_ranks * slots - num_experts - math.ceil(num_experts / num_ranks))
+    return slots, num_redundant
+
+
+def runtime_config(args, engine: str, shard_dir: str, *, num_requests: int, restart_after_s: float | None = None,
+                   tiers: list[str] | None = None) -> RuntimeConfig:
+    model = model_config(args)
+    slots, num_redundant = redundancy(model.num_experts, args.gpus)
+    opts = {}
+    if engine != "shm":
+        opts = {"attn_width": args.attn_width, "tiers": tiers or ["host", "disk"],
+                "expert_backend": args.expert_backend, "pin_host_tier": False if args.no_pin else None}
+    if engine in ("gloo", "cpu_elastic"):  # GpuEngine on CPU (tests)
+        opts.update(device="cpu", expert_backend="loop")
+    return RuntimeConfig(num_ranks=args.gpus, slots_per_rank=slots, num_redundant=num_redundant,
+                         max_tokens_per_rank=args.max_tokens, num_requests=num_requests,
+                         max_new_tokens=args.max_new_tokens, model=model, shard_dir=shard_dir, engine=engine,
+                         # a graph replay cannot be interrupted by a decision, so a member must be allowed a
+                         # whole step with two kernel deadlines before a late ack counts as death (1 s);
+                         # a SIGKILL is seen at once by the launcher, so this only delays SIGSTOP detection
+                         engine_options=opts, heartbeat_interval_s=0.05, suspect_misses=5 if engine == "shm" else 20,
+                         transport_timeout_s=args.fused_timeout_s if engine != "shm" else 0.5,
+                         restart_after_s=restart_after_s, max_restarts=1,
+                         startup_timeout_s=60.0 if args.dry_run else 300.0, warmup_steps=1)
+
+
+# ---- shards ---------------------------------------------------------------------------------
+
+def write_random_checkpoint(root: str, model: TinyConfig, *, seed: int = 0, device: str = "cpu") -> int:
+    """A Qwen3-MoE-format checkpoint of random bf16 experts, one file per layer; returns bytes written.
+
+    Random values are drawn on ``device`` (a GPU draws 58 GB in seconds) and written layer by layer,
+    so host memory holds one layer at a time.
+    """
+    from safetensors.torch import save_file
+
+    os.makedirs(root, exist_ok=True)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    h, i, e, n = model.hidden, model.intermediate, model.num_experts, model.num_layers
+    weight_map, total = {}, 0
+    for layer in range(n):
+        name = f"model-{layer + 1:05d}-of-{n:05d}.safetensors"
+        gate_up = (torch.randn(e, 2, i, h, generator=gen, device=device) / h ** 0.5).to(torch.bfloat16).cpu()
+        down = (torch.randn(e, h, i, generator=gen, device=device) / i ** 0.5).to(torch.bfloat16).cpu()
+        tensors = {f"model.layers.{layer}.mlp.gate.weight": torch.zeros(e, h, dtype=torch.bfloat16)}
+        for x in range(e):
+            pre = f"model.layers.{layer}.mlp.experts.{x}."
+            tensors[pre + "gate_proj.weight"] = gate_up[x, 0].contiguous()
+            tensors[pre + "up_proj.weight"] = gate_up[x, 1].contiguous()
+            tensors[pre + "down_proj.weight"] = down[x].contiguous()
+        save_file(tensors, os.path.join(root, name))
+        weight_map.update({k: name for k in tensors})
+        total += os.path.getsize(os.path.join(root, name))
+    json.dump({"weight_map": weight_map}, open(os.path.join(root, "model.safetensors.index.json"), "w"))
+    json.dump({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": h,
+               "moe_intermediate_size": i, "num_experts": e, "num_experts_per_tok": model.top_k,
+               "num_hidden_layers": n, "norm_topk_prob": True}, open(os.path.join(root, "config.json"), "w"))
+    return total
+
+
+def preflight(model: TinyConfig, workdir: Path) -> int:
+    """Refuse early (naming the directory) when the checkpoint, shards or host tier cannot fit."""
+    from eep import envs
+
+    need = model.num_layers * model.num_experts * 3 * model.hidden * model.intermediate * 2  # bf16 experts
+    workdir.mkdir(parents=True, exist_ok=True)
+    for path, factor, what in ((str(workdir), 2.1, "checkpoint + shards"), (envs.host_tier_dir(), 1.05, "host tier")):
+        free = shutil.disk_usage(path).free
+        if free < factor * need:
+            raise SystemExit(f"{path}: {free / 1e9:.1f} GB free, the {what} need {factor * need / 1e9:.1f} GB "
+                             f"(set --workdir / EEP_HOST_TIER_DIR elsewhere, or lower --layers)")
+    return need
+
+
+def prepare_shards(args, workdir: Path) -> dict:
+    """Checkpoint -> shards -> host tier; returns the timings and paths."""
+    from weights_tools import HostTier, prepare
+
+    model = model_config(args)
+    ckpt, shards = workdir / "ckpt", workdir / "shards"
+    out: dict = {"shard_dir": str(shards)}
+    t = time.perf_counter()
+    device = "cuda" if (not args.dry_run and torch.cuda.is_available()) else "cpu"
+    out["checkpoint_bytes"] = write_random_checkpoint(str(ckpt), model, device=device)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the ranks need the memory this process drew the weights in
+    out["write_checkpoint_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    prepare(str(ckpt), str(shards), quiet=True, force=True)
+    out["prepare_s"] = time.perf_counter() - t
+    shutil.rmtree(ckpt, ignore_errors=True)  # the shards hold every byte the runs need
+    t = time.perf_counter()
+    tier = HostTier(str(shards), pin=False)  # built once for the node; every rank maps the same file
+    out["host_tier_fill_s"] = time.perf_counter() - t
+    out["host_tier_path"] = tier.path
+    tier.close()
+    return out
+
+
+def drop_page_cache(shard_dir: str) -> None:
+    """Evict the shard files from the page cache (advisory, no root needed) before a cold load."""
+    for root, _, files in os.walk(shard_dir):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+# ---- runs -----------------------------------------------------------------------------------
+
+def _stop_after_serving(launcher: Launcher, seconds: float) -> threading.Thread:
+    """Stop ``launcher`` ``seconds`` after its first membership commit (start-up excluded)."""
+    def watch():
+        while launcher._serving_since is None and not launcher._stop_requested:
+            time.sleep(0.05)
+        time.sleep(seconds)
+        launcher.stop()
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def fresh_dir(path: Path) -> Path:
+    """Timelines append: a run directory left by an earlier invocation would merge into this one."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def run_steady(args, engine: str, shard_dir: str, out: Path) -> dict:
+    cfg = runtime_config(args, engine, shard_dir, num_requests=10 ** 9)
+    launcher = Launcher(cfg, run_dir=fresh_dir(out / f"steady-{engine}"))
+    _stop_after_serving(launcher, args.steady_s + 1.0)
+    t = time.perf_counter()
+    result = launcher.run(timeout_s=args.steady_s + (120 if args.dry_run else 400))
+    stats = bench_metrics.steady_state(result.run_dir, skip_s=1.0)
+    stats.update(engine=engine, wall_s=time.perf_counter() - t, timed_out=result.is_timed_out,
+                 exit_codes=result.exit_codes)
+    return stats
+
+
+def run_failure(args, shard_dir: str, out: Path, tokens_per_s: float | None) -> tuple[dict, Path, RuntimeConfig]:
+    engine = args.failure_engine
+    mean_new = (max(1, args.max_new_tokens // 3) + args.max_new_tokens) / 2
+    span = args.fault_at_s + args.after_fault_s
+    # enough requests that the run ends on its own about ``span`` after serving starts
+    num_requests = int(max(50, (tokens_per_s or 200.0) * span / mean_new))
+    cfg = runtime_config(args, engine, shard_dir, num_requests=num_requests, restart_after_s=args.restart_after_s)
+    faults = [Fault("kill", args.kill_rank, at_s=args.fault_at_s)]
+    launcher = Launcher(cfg, run_dir=fresh_dir(out / "failure"), faults=faults)
+    t = time.perf_counter()
+    result = launcher.run(timeout_s=3 * span + (60 if args.dry_run else 300))
+    s = result.summary
+    entry: dict = {"engine": engine, "num_requests": num_requests, "wall_s": time.perf_counter() - t,
+                   "timed_out": result.is_timed_out, "answered": result.num_answered,
+                   "requests_lost": num_requests - result.num_answered, "summary": s,
+                   "breakdown": bench_metrics.pause_breakdown(result.run_dir)}
+    fault = (s.get("faults") or [{}])[0]
+    entry["recovery_pause_s"] = fault.get("recovery_pause_s")
+    entry["time_to_95pct_s"] = fault.get("time_to_95pct_s")
+    entry["reintegration_pause_s"] = (s.get("rejoins") or [{}])[0].get("reintegration_pause_s")
+    entry.update(check_answers(args, cfg, result))
+    entry["predicted"] = predict(cfg, args.kill_rank)
+    return entry, result.run_dir, cfg
+
+
+def check_answers(args, cfg: RuntimeConfig, result) -> dict:
+    """Wrong answers: the runtime's own check (tiny model) or a sample against the CPU oracle."""
+    if cfg.engine == "shm":
+        from eep.runtime import check_run
+        problems = check_run(cfg, result)
+        wrong = [p for p in problems if "differ" in p]
+        return {"mismatched": 0 if not wrong else int(wrong[0].split()[0]), "check": "every answer, token by token",
+                "problems": problems}
+    from weights_tools import ExpertStore
+    from eep.runtime.gpu_dataplane import bench_weights, reference_next_tokens
+    from eep.runtime.model import make_request
+
+    transitions: dict[int, set[int]] = {}
+    owners: dict[int, set[int]] = {}
+    for q, tokens in result.results.items():
+        prompt, _ = make_request(cfg.model, q, max_new_tokens=cfg.max_new_tokens)
+        for a, b in zip([prompt] + tokens, tokens):
+            transitions.setdefault(a, set()).add(b)
+            owners.setdefault(a, set()).add(q)
+    # the tokens the most answers pass through, so a small sample covers many requests
+    sample = sorted(transitions, key=lambda a: -len(owners[a]))[:args.check_sample]
+    if not sample:
+        return {"mismatched": None, "check": "no answers"}
+    store = ExpertStore(cfg.shard_dir, tiers=["host", "disk"])
+    layers = store.moe_layers
+    t = time.perf_counter()
+    ref, margin = reference_next_tokens(cfg.model, bench_weights(cfg.model),
+                                        lambda layer, e: store.load_expert(layers[layer], e), sample)
+    store.close()
+    bad_tokens = [a for a, r in zip(sample, ref) if transitions[a] != {r}]
+    mismatched = set().union(*[owners[a] for a in bad_tokens]) if bad_tokens else set()
+    return {"mismatched": len(mismatched), "check": f"{len(sample)} tokens x every answer through them "
+            f"({len(set().union(*[owners[a] for a in sample]))} requests) vs eep.reference on CPU",
+            "checked_requests": len(set().union(*[owners[a] for a in sample])), "oracle_s": time.perf_counter() - t,
+            "mismatched_tokens": [{"token": a, "engine": sorted(transitions[a]), "reference": r, "margin": m}
+                                  for a, r, m in zip(sample, ref, margin) if a in bad_tokens]}
+
+
+def predict(cfg: RuntimeConfig, rank: int) -> dict:
+    """The planner's repair and reintegration predictions for this failure (default bandwidths)."""
+    from eep.repair import Bandwidth, plan_reintegration, plan_repair
+    from eep.runtime.rules import initial_placement
+    from eep.state import Membership
+
+    m = cfg.model
+    nbytes = 3 * m.hidden * m.intermediate * 2  # bf16 gate, up, down
+
+    class SizedTier:
+        def __init__(self, name: str):
+            self.name = name
+
+        def has_expert(self, layer: int, expert: int) -> bool:
+            return True
+
+        def expert_nbytes(self, layer: int, expert: int) -> int:
+            return nbytes
+
+        def copy_expert_into(self, *a, **k) -> int:  # the planner only plans
+            raise NotImplementedError
+
+    placement = initial_placement(m.num_layers, m.num_experts, cfg.num_ranks, cfg.slots_per_rank, cfg.num_redundant)
+    before = Membership(cfg.num_ranks, epoch=0)
+    after = Membership(cfg.num_ranks, active=[r != rank for r in range(cfg.num_ranks)], epoch=1)
+    bw = Bandwidth()
+    plan = plan_repair(placement, before, after, [SizedTier("host"), SizedTier("disk")], bw, expert_nbytes=nbytes,
+                       rereplicate=False)
+    out = {"bandwidth": bw.to_dict(), "repair_pause_s": plan.predicted_pause_s,
+           "repair_nbytes_by_tier": plan.nbytes_by_tier(), "repair_experts": len(plan.restores),
+           # the runtime's rejoiner loads its initial row from the host tier before it asks to join
+           "joiner_load_s": int((placement.phys_to_logical[:, rank * cfg.slots_per_rank:(rank + 1) * cfg.slots_per_rank]
+                                 >= 0).sum()) * nbytes / (bw.h2d_gbps * 1e9)}
+    try:
+        re = plan_reintegration(plan.placement, after, rank, tiers=[SizedTier("host")], bandwidth=bw,
+                                expert_nbytes=nbytes)
+        out["reintegration_s"] = re.predicted_s
+        out["reintegration_transfers"] = len(re.transfers)
+    except Exception as exc:  # noqa: BLE001 - a prediction failure must not lose the measured run
+        out["reintegration_error"] = str(exc)
+    return out
+
+
+def run_restart(args, shard_dir: str, out: Path) -> dict:
+    """Kill-all-and-start-again: a fresh process tree loads from the (page-cache-cold) disk shards."""
+    run_dir = fresh_dir(out / "restart")
+    drop_page_cache(shard_dir)
+    cmd = [sys.executable, os.path.abspath(__file__), "--restart-child", str(run_dir), "--gpus", str(args.gpus),
+           "--layers", str(args.layers), "--max-tokens", str(args.max_tokens), "--attn-width", str(args.attn_width),
+           "--expert-backend", args.expert_backend, "--fused-timeout-s", str(args.fused_timeout_s),
+           *(["--no-pin"] if args.no_pin else []),
+           "--workdir", str(Path(shard_dir).parent), "--out", str(out)] + (["--dry-run"] if args.dry_run else [])
+    t_launch = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120 if args.dry_run else 400)
+    entry = {"returncode": proc.returncode, "tiers": ["disk"], **bench_metrics.startup(run_dir, t_launch)}
+    if proc.returncode:
+        entry["stderr_tail"] = proc.stderr[-2000:]
+    return entry
+
+
+def restart_child(args) -> None:
+    """The full-restart instance: serve until the first tokens, then stop."""
+    shard_dir = str(Path(args.workdir) / "shards")
+    engine = "shm" if args.dry_run else "fused_fixed"  # what a fixed-membership stack restarts
+    cfg = runtime_config(args, engine, shard_dir, num_requests=10 ** 9, tiers=["disk"])
+    launcher = Launcher(cfg, run_dir=args.restart_child)
+    _stop_after_serving(launcher, 0.5)
+    launcher.run(timeout_s=100 if args.dry_run else 380)
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+def _fmt(v, unit="s", scale=1.0) -> str:
+    if v is None:
+        return "n/a"
+    if unit == "s" and abs(v) < 10:
+        return f"{v * 1e3:.1f} ms"
+    return f"{v * scale:.3f} {unit}"
+
+
+def summary_text(results: dict) -> str:
+    lines = [f"failure bench: {results['device']}, {results['config']['num_ranks']} ranks, "
+             f"model {results['config']['model']}, slots/rank {results['config']['slots_per_rank']}, "
+             f"redundant {results['config']['num_redundant']}"]
+    sh = results.get("shards") or {}
+    if sh:
+        lines.append(f"shards: checkpoint {sh.get('checkpoint_bytes', 0) / 1e9:.2f} GB written in "
+                     f"{_fmt(sh.get('write_checkpoint_s'))}, prepare {_fmt(sh.get('prepare_s'))}, "
+                     f"host tier {_fmt(sh.get('host_tier_fill_s'))}")
+    steady = results.get("steady", {})
+    for engine, s in steady.items():
+        lines.append(f"steady {engine:12s}: {s.get('tokens_per_s', 0):10.0f} tokens/s, step p50 "
+                     f"{_fmt(s.get('step_p50_ms'), 'ms')}, p99 {_fmt(s.get('step_p99_ms'), 'ms')}")
+    if "fused" in steady and "fused_fixed" in steady and steady["fused_fixed"].get("tokens_per_s"):
+        cost = 1 - steady["fused"]["tokens_per_s"] / steady["fused_fixed"]["tokens_per_s"]
+        lines.append(f"steady-state cost of membership awareness: {cost * 100:.2f}% (target <= 1%)")
+    f = results.get("failure")
+    if f:
+        lines.append(f"failure ({f['engine']}): recovery pause {_fmt(f.get('recovery_pause_s'))}, reintegration "
+                     f"pause {_fmt(f.get('reintegration_pause_s'))}, back to 95% in {_fmt(f.get('time_to_95pct_s'))}, "
+                     f"lost {f.get('requests_lost')}, mismatched {f.get('mismatched')} ({f.get('check')})")
+        for b in f.get("breakdown", []):
+            lines.append(f"  {b['kind']} epoch {b['epoch']}: detection {_fmt(b.get('detection_s'))}, agreement "
+                         f"{_fmt(b.get('agreement_s'))}, transfers {_fmt(b.get('repair_transfers_s'))} "
+                         f"{json.dumps(b.get('repair_by_tier'))}, table switch {_fmt(b.get('table_switch_s'))}, "
+                         f"warm-up {_fmt(b.get('warmup_s'))}, survivor pause {_fmt(b.get('survivor_pause_s'))}")
+        p = f.get("predicted", {})
+        lines.append(f"  planner: repair {_fmt(p.get('repair_pause_s'))} predicted ({p.get('repair_experts')} experts),"
+                     f" reintegration {_fmt(p.get('reintegration_s'))} predicted")
+    r = results.get("restart")
+    if r:
+        lines.append(f"full restart: first token {_fmt(r.get('first_token_s'))} after launch "
+                     f"(engines ready {_fmt(r.get('engines_ready_s'))}, committed {_fmt(r.get('committed_s'))})")
+        if f and f.get("time_to_95pct_s") and r.get("first_token_s"):
+            lines.append(f"ratio time-to-95% / full restart: {f['time_to_95pct_s'] / r['first_token_s']:.3f} "
+                         "(target <= 0.1)")
+    return "\n".join(lines)
+
+
+def device_name(args) -> str:
+    if args.dry_run or not torch.cuda.is_available():
+        return f"CPU ({os.cpu_count()} cores), dry run"
+    return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.restart_child:
+        restart_child(args)
+        return {}
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # shards are ~58 GB: never under --out (which comes back from the device), removed unless given
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="eep-failure-bench-"))
+    model = model_config(args)
+    slots, red = redundancy(model.num_experts, args.gpus)
+    results: dict = {"device": device_name(args), "args": {k: (sorted(v) if isinstance(v, set) else v)
+                                                          for k, v in vars(args).items()},
+                     "config": {"num_ranks": args.gpus, "model": model.__dict__, "slots_per_rank": slots,
+                                "num_redundant": red, "max_tokens_per_rank": args.max_tokens,
+                                "attn_width": args.attn_width}}
+
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+
+    def over_budget(name: str) -> bool:
+        if time.perf_counter() - t_start > args.budget_s:
+            results.setdefault("skipped_over_budget", []).append(name)
+            return True
+        return False
+
+    preflight(model, workdir)
+    results["shards"] = prepare_shards(args, workdir)
+    shard_dir = results["shards"]["shard_dir"]
+    save()
+    def guarded(name: str, fn):
+        """One run's failure is recorded and the next run still happens (one device call, many runs)."""
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001
+            import traceback
+            results.setdefault("errors", {})[name] = traceback.format_exc()
+            print(f"run {name} failed: {exc!r}", file=sys.stderr, flush=True)
+            return None
+
+    results["steady"] = {}
+
+    def steady(engines: list[str]) -> None:
+        for engine in engines if "steady" not in args.skip else []:
+            if not over_budget(f"steady-{engine}"):
+                got = guarded(f"steady-{engine}", lambda: run_steady(args, engine, shard_dir, out))
+                if got is not None:
+                    results["steady"][engine] = got
+                save()
+
+    # order by importance, so a tight budget drops the least important run (the NCCL baseline) first
+    first = [e for e in args.engines if e in ("fused", "fused_fixed", "shm", args.failure_engine)]
+    steady(first)
+    if "failure" not in args.skip and not over_budget("failure"):
+        tps = (results["steady"].get(args.failure_engine) or {}).get("tokens_per_s")
+        got = guarded("failure", lambda: run_failure(args, shard_dir, out, tps))
+        if got is not None:
+            results["failure"], run_dir, _ = got
+            save()
+            from eep.runtime.png import plot_timeline
+            series, markers = bench_metrics.throughput_markers(run_dir, 0.1 if args.dry_run else 0.25)
+            if series:
+                plot_timeline(out / "timeline.png", series, markers)
+    if "restart" not in args.skip and not over_budget("restart"):
+        got = guarded("restart", lambda: run_restart(args, shard_dir, out))
+        if got is not None:
+            results["restart"] = got
+    steady([e for e in args.engines if e not in first])
+    results["total_s"] = time.perf_counter() - t_start
+    save()
+    text = summary_text(results)
+    for name in results.get("errors", {}):
+        text += f"\nRUN FAILED: {name} (traceback in results.json)"
+    (out / "summary.txt").write_text(text + "\n")
+    print(text, flush=True)
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    host_tier = results["shards"].get("host_tier_path")
+    for leftover in (host_tier, f"{host_tier}.lock") if host_tier else ():
+        try:
+            os.unlink(leftover)  # /dev/shm outlives the run
+        except OSError:
+            pass
+    return results
+
+
+def exit_code(results: dict) -> int:
+    """1: the eep path itself failed (fused steady state or the failure run); 2: another run failed; 0: all ran."""
+    errors = results.get("errors", {})
+    if any(name in errors for name in ("failure", "steady-fused", "steady-shm", "steady-cpu_elastic")):
+        return 1
+    return 2 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_code(main()))

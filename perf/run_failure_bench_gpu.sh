@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The failure benchmark on the GPU machine, in one device call (issue 8; docs/failure_bench.md).
+#   bash perf/run_failure_bench_gpu.sh [NUM_GPUS=4] [LAYERS=auto]
+# LAYERS=auto: 48 unless the smoke's shard set-up (write + prepare + host tier, per layer) says 48
+# layers of set-up alone would take over 200 s; then the largest multiple of 8 that fits.
+# 1. smoke: the same script at 4 layers and short runs (catches a broken GPU path in ~1-2 min);
+# 2. the full run with what is left of the budget (skipped when the smoke failed).
+# Everything lands under $OUT: smoke/ and full/ (results.json, summary.txt, timeline.png, logs).
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EEP_FUSED_CACHE_DIR=/tmp/eep-cache
+OUT=${OUT:-/tmp/eep-out}; mkdir -p "$OUT"
+N=${1:-4}; LAYERS=${2:-auto}
+PY=python3
+START=$(date +%s); BUDGET=${EEP_GPU_BUDGET_S:-570}
+WORK=${EEP_BENCH_WORKDIR:-/tmp/eep-failure-bench}   # local disk of the device machine
+# the host tier wants ~58 GB of RAM-backed files; a container's small /dev/shm gets a disk directory
+SHM_FREE_GB=$(df -BG --output=avail /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)
+if [ "${SHM_FREE_GB:-0}" -lt 70 ] && [ -z "${EEP_HOST_TIER_DIR:-}" ]; then
+  mkdir -p "$WORK/host"; export EEP_HOST_TIER_DIR=$WORK/host
+  echo "/dev/shm has ${SHM_FREE_GB:-?} GB free: host tier in $EEP_HOST_TIER_DIR (page cache)"
+fi
+nvidia-smi -L | tee "$OUT/gpus.txt"
+df -h /tmp /dev/shm | tee -a "$OUT/gpus.txt"
+$PY -c "import torch; print(torch.__version__, torch.cuda.device_count())" 2>&1 | tee -a "$OUT/gpus.txt"
+
+timeout -k 5 170 $PY perf/failure_bench.py --gpus "$N" --layers 4 --steady-s 2 --fault-at-s 2 \
+  --after-fault-s 6 --out "$OUT/smoke" --workdir "$WORK/smoke" --budget-s 150 > "$OUT/smoke.log" 2>&1
+rc=$?; echo "=== smoke rc=$rc"; tail -20 "$OUT/smoke.log"
+rm -rf "$WORK/smoke"
+# rc 1: the eep path (fused steady state or the failure run) broke: the full run would too.
+# 2 (a baseline broke) or 124 (smoke ran out of time): the full run is still worth its budget.
+if [ $rc -eq 1 ] && [ "${EEP_GPU_KEEP_GOING:-0}" = 0 ]; then echo "smoke failed: full run skipped"; exit $rc; fi
+
+if [ "$LAYERS" = auto ]; then
+  LAYERS=$($PY -c "
+import json
+s = json.load(open('$OUT/smoke/results.json'))['shards']
+per_layer = (s['write_checkpoint_s'] + s['prepare_s'] + s['host_tier_fill_s']) / 4
+print(48 if per_layer * 48 <= 200 else max(8, int(200 / per_layer) // 8 * 8))" 2>/dev/null || echo 24)
+fi
+echo "=== layers for the full run: $LAYERS"
+left=$(( BUDGET - ($(date +%s) - START) ))
+echo "=== full run: $left s left"
+timeout -k 5 "$left" $PY perf/failure_bench.py --gpus "$N" --layers "$LAYERS" --out "$OUT/full" \
+  --workdir "$WORK/full" --budget-s $(( left - 90 )) > "$OUT/full.log" 2>&1
+rc=$?; echo "=== full rc=$rc"; tail -30 "$OUT/full.log"
+rm -rf "$WORK"
+rm -f /dev/shm/eep-host-* 2>/dev/null   # host tiers this script's runs built
+exit $rc

@@ -1,0 +1,276 @@
+"""The failure benchmark's CPU-testable parts: engine seam, GPU engine on one CPU rank, metrics, script.
+
+GPU paths (FusedExchange, NcclExchange, CUDA graphs) are not exercised here: docs/failure_bench.md.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from eep.reference import dispatch as ref_dispatch
+from eep.routing import route_to_phys
+from eep.runtime import RuntimeConfig, TinyConfig
+from eep.runtime import bench_metrics
+from eep.runtime.engine import ENGINES, ShmEngine, make_engine
+from eep.runtime.gpu_dataplane import (GpuEngine, bench_weights, gather_combine, pack_receive_layout,
+                                       reference_next_tokens)
+from eep.runtime.rules import initial_placement
+from eep.state import ExpertPlacement, Membership
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf"))
+import failure_bench  # noqa: E402
+
+pytest.importorskip("safetensors")
+
+
+def _remove_host_tier(path):
+    for leftover in (path, path + ".lock"):  # /dev/shm outlives the test
+        if os.path.exists(leftover):
+            os.unlink(leftover)
+
+
+# ---- exchange layout --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pack_receive_layout_matches_the_reference_dispatch(seed):
+    gen = torch.Generator().manual_seed(seed)
+    R, S, M, H, K, E = 3, 4, 6, 8, 3, 9
+    placement = ExpertPlacement.build(1, E, R, S, num_redundant=3)
+    active = [True, False, True] if seed else [True] * R
+    mask = torch.tensor(active)
+    xs, physs = [], []
+    for r in range(R):
+        n = M - r  # uneven token counts
+        ids = torch.rand(n, E, generator=gen).topk(K, -1).indices
+        xs.append(torch.randn(n, H, generator=gen))
+        physs.append(route_to_phys(ids, placement.logical_to_phys[0], mask, S, token_offset=r * M))
+    recvs, handles = ref_dispatch([x if a else None for x, a in zip(xs, active)],
+                                  [p if a else None for p, a in zip(physs, active)], active, S, M)
+    for src in range(R):
+        if not active[src]:
+            continue
+        send, count, position = pack_receive_layout(xs[src], physs[src], R, S, M)
+        torch.testing.assert_close(position, handles[src].position.long(), rtol=0, atol=0)
+        for dst in range(R):
+            if not active[dst]:
+                continue
+            torch.testing.assert_close(count[dst], recvs[dst].count[:, src], rtol=0, atol=0)
+            for s in range(S):
+                n = int(count[dst, s])
+                torch.testing.assert_close(send[dst, s, :n], recvs[dst].x[s, src, :n], rtol=0, atol=0)
+        # combine: home[d, s, row] = a function of the row, summed with weights in k order
+        home = send * 2.0 + 1.0
+        w = torch.rand(physs[src].shape, generator=gen)
+        got = gather_combine(home, physs[src], position, w, S)
+        want = torch.zeros_like(xs[src])
+        for k in range(K):
+            sent = physs[src][:, k] >= 0
+            want += torch.where(sent.unsqueeze(1), w[:, k:k + 1] * (xs[src] * 2.0 + 1.0), 0.0)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ---- the GPU engine on one CPU rank -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory):
+    from weights_tools import prepare
+    root = tmp_path_factory.mktemp("fb")
+    model = TinyConfig(hidden=64, intermediate=32, num_experts=8, top_k=2, num_layers=2, vocab_size=64, seed=3)
+    failure_bench.write_random_checkpoint(str(root / "ckpt"), model, seed=4)
+    prepare(str(root / "ckpt"), str(root / "shards"), quiet=True)
+    yield model, str(root / "shards")
+    from weights_tools.manifest import Manifest
+    from weights_tools.tiers import host_tier_path
+    path = host_tier_path(Manifest.load(str(root / "shards")))
+    for leftover in (path, path + ".lock"):
+        if os.path.exists(leftover):
+            os.unlink(leftover)
+
+
+def test_gpu_engine_local_matches_the_cpu_oracle(small_shards):
+    model, shard_dir = small_shards
+    cfg = RuntimeConfig(num_ranks=1, slots_per_rank=model.num_experts, num_redundant=0, max_tokens_per_rank=16,
+                        model=model, shard_dir=shard_dir, engine="local",
+                        engine_options={"device": "cpu", "attn_width": 24, "expert_backend": "loop",
+                                        "tiers": ["disk"]})
+    engine = make_engine(cfg, 0, shm_path="", store=None, run_id="t", incarnation=0)
+    assert isinstance(engine, GpuEngine)
+    placement = initial_placement(model.num_layers, model.num_experts, 1, cfg.slots_per_rank, 0)
+    assert engine.load_missing(placement) == model.num_layers * model.num_experts
+    assert engine.restore_stats["by_tier"]["disk"]["experts"] == model.num_layers * model.num_experts
+    assert engine.load_missing(placement) == 0  # nothing differs any more
+    engine.warmup()
+    engine.on_commit(active=[True], joined=[0], epoch=0, start_step=0, is_joiner=True)
+    tokens = torch.randperm(model.vocab_size, generator=torch.Generator().manual_seed(9))[:13]
+    got = engine.decode(tokens, active=[True], placement=placement, epoch=0, step=0, timeout_s=1.0)
+    from weights_tools import ExpertStore
+    store = ExpertStore(shard_dir)
+    want, margin = reference_next_tokens(model, bench_weights(model),
+                                         lambda layer, e: store.load_expert(store.moe_layers[layer], e),
+                                         tokens.tolist())
+    store.close()
+    engine.close()
+    assert len(got) == 13
+    # bf16 activations in the engine vs float32 in the oracle: only a near tie may differ
+    wrong = [(g, w, m) for g, w, m in zip(got, want, margin) if g != w]
+    assert all(m < 0.05 for _, _, m in wrong), wrong
+    assert len(wrong) <= 1
+
+
+def test_gpu_engine_refuses_a_partial_membership_without_awareness(small_shards):
+    model, shard_dir = small_shards
+    cfg = RuntimeConfig(num_ranks=1, slots_per_rank=model.num_experts, num_redundant=0, max_tokens_per_rank=4,
+                        model=model, shard_dir=shard_dir, engine="local",
+                        engine_options={"device": "cpu", "expert_backend": "loop", "tiers": ["disk"],
+                                        "max_replicas": 1})
+    engine = make_engine(cfg, 0, shm_path="", store=None, run_id="t", incarnation=0)
+    wide = ExpertPlacement.build(model.num_layers, model.num_experts, 2, model.num_experts, num_redundant=4)
+    with pytest.raises(RuntimeError, match="max_replicas=1"):
+        engine._write_table(wide)
+    with pytest.raises(ValueError, match="max_tokens_per_rank=4"):
+        engine.decode(torch.arange(5), active=[True], placement=wide, epoch=0, step=0, timeout_s=1.0)
+    engine.close()
+
+
+def test_make_engine_names_an_unknown_engine():
+    assert "shm" in ENGINES
+    with pytest.raises(ValueError, match="'warp'"):
+        make_engine(RuntimeConfig(engine="warp"), 0, shm_path="", store=None, run_id="t", incarnation=0)
+    assert ShmEngine  # the CPU engine is the default
+    assert RuntimeConfig.from_dict(RuntimeConfig(engine="fused", engine_options={"a": 1}).to_dict()).engine_options == {"a": 1}
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+
+def _write(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def test_steady_state_and_breakdown_from_synthetic_timelines(tmp_path):
+    t0 = 1000.0
+    launcher = [{"t": t0, "rank": None, "incarnation": None, "event": "launch"},
+                {"t": t0 + 0.5, "rank": None, "incarnation": None, "event": "commit", "epoch": 0, "reason": "start",
+                 "failed": [], "joined": [0, 1]},
+                {"t": t0 + 2.0, "rank": None, "incarnation": None, "event": "fault", "action": "kill", "target": 1},
+                {"t": t0 + 2.01, "rank": None, "incarnation": None, "event": "exit", "target": 1},
+                {"t": t0 + 2.02, "rank": None, "incarnation": None, "event": "prepare", "epoch": 1},
+                {"t": t0 + 2.05, "rank": None, "incarnation": None, "event": "commit", "epoch": 1, "reason": "exit",
+                 "failed": [1], "joined": []}]
+    _write(tmp_path / "launcher.jsonl", launcher)
+    rank0 = [{"t": t0 + 0.5 + 0.1 * i, "rank": 0, "incarnation": 0, "step": i, "epoch": 0, "tokens": 4}
+             for i in range(15)]  # last at t0 + 1.9
+    rank0.append({"t": t0 + 2.06, "rank": 0, "incarnation": 0, "event": "commit", "epoch": 1, "was": "paused",
+                  "plan_s": 0.001, "restore_s": 0.02, "switch_s": 0.002,
+                  "restore_by_tier": {"by_tier": {"host": {"experts": 3, "nbytes": 300, "seconds": 0.02}}}})
+    rank0 += [{"t": t0 + 2.2 + 0.1 * i, "rank": 0, "incarnation": 0, "step": 15 + i, "epoch": 1, "tokens": 4}
+              for i in range(5)]
+    _write(tmp_path / "rank0-0.jsonl", rank0)
+    steady = bench_metrics.steady_state(tmp_path, skip_s=0.0)
+    assert steady["step_p50_ms"] == pytest.approx(100.0)
+    assert steady["step_p99_ms"] == pytest.approx(100.0)  # the epoch change gap is not a step
+    assert steady["tokens"] == 80
+    [b] = bench_metrics.pause_breakdown(tmp_path)
+    assert b["kind"] == "repair" and b["failed"] == [1]
+    assert b["detection_s"] == pytest.approx(0.01)
+    assert b["agreement_s"] == pytest.approx(0.03)
+    assert b["repair_transfers_s"] == pytest.approx(0.02)
+    assert b["table_switch_s"] == pytest.approx(0.003)
+    assert b["warmup_s"] == pytest.approx(0.14)
+    assert b["survivor_pause_s"] == pytest.approx(0.3)
+    assert b["repair_by_tier"]["host"]["experts"] == 3
+    up = bench_metrics.startup(tmp_path, t0 - 1.0)
+    assert up["first_token_s"] == pytest.approx(1.5)
+    assert bench_metrics.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert bench_metrics.percentile([], 50) is None
+
+
+# ---- the script -------------------------------------------------------------------------------
+
+def test_arguments_are_checked_and_defaulted():
+    args = failure_bench.parse_args(["--gpus", "4"])
+    assert args.layers == 48 and args.max_tokens == 128 and args.engines == list(failure_bench.GPU_ENGINES)
+    assert failure_bench.parse_args(["--dry-run"]).engines == ["shm"]
+    for bad in (["--gpus", "1"], ["--kill-rank", "4"], ["--dry-run", "--engines", "fused"], ["--engines", "shm"]):
+        with pytest.raises(SystemExit):
+            failure_bench.parse_args(bad)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_redundancy_leaves_room_for_any_single_failure(num_ranks):
+    from eep.state import repair_coverage
+    slots, red = failure_bench.redundancy(128, num_ranks)
+    placement = initial_placement(2, 128, num_ranks, slots, red)
+    for dead in range(num_ranks):
+        after = Membership(num_ranks, active=[r != dead for r in range(num_ranks)], epoch=1)
+        repair_coverage(placement, after)  # raises when the survivors cannot hold every expert
+
+
+def test_dry_run_end_to_end(tmp_path):
+    results = failure_bench.main(["--dry-run", "--gpus", "4", "--out", str(tmp_path)])
+    f = results["failure"]
+    assert f["requests_lost"] == 0 and f["mismatched"] == 0, f
+    assert not f["timed_out"]
+    assert f["recovery_pause_s"] is not None and f["recovery_pause_s"] > 0
+    assert f["reintegration_pause_s"] is not None
+    kinds = [b["kind"] for b in f["breakdown"]]
+    assert kinds == ["repair", "rejoin"], kinds
+    assert f["breakdown"][0]["detection_s"] >= 0
+    assert f["predicted"]["repair_experts"] > 0
+    assert results["steady"]["shm"]["tokens_per_s"] > 0
+    assert results["restart"]["returncode"] == 0 and results["restart"]["first_token_s"] > 0
+    for name in ("results.json", "summary.txt", "timeline.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_engine_serves_through_the_launcher_over_gloo(tmp_path):
+    """GpuEngine in real rank processes (the NCCL engine's code over gloo): answers equal the CPU oracle."""
+    args = failure_bench.parse_args(["--dry-run", "--gpus", "2", "--engines", "gloo", "--out", str(tmp_path)])
+    shards = failure_bench.prepare_shards(args, tmp_path / "work")
+    try:
+        cfg = failure_bench.runtime_config(args, "gloo", shards["shard_dir"], num_requests=24)
+        from eep.runtime import Launcher
+        result = Launcher(cfg, run_dir=tmp_path / "run").run(timeout_s=90)
+        assert not result.is_timed_out and result.num_answered == 24
+        got = failure_bench.check_answers(args, cfg, result)
+        assert got["mismatched"] == 0, got
+        assert got["checked_requests"] > 0
+        steady = bench_metrics.steady_state(result.run_dir, skip_s=0.0)
+        assert steady["num_steps"] > 0 and steady["step_p50_ms"] > 0
+    finally:
+        _remove_host_tier(shards["host_tier_path"])
+
+
+def test_exit_code_and_fault_trigger_validation():
+    from eep.runtime import Fault
+    assert failure_bench.exit_code({"steady": {}}) == 0
+    assert failure_bench.exit_code({"errors": {"steady-nccl": "x"}}) == 2
+    assert failure_bench.exit_code({"errors": {"failure": "x", "steady-nccl": "x"}}) == 1
+    assert Fault("kill", 1, at_s=2.0).at_s == 2.0
+    with pytest.raises(ValueError, match="exactly one"):
+        Fault("kill", 1, at_s=2.0, at_results=3)
+
+
+def test_gpu_engine_through_a_sigkill_and_rejoin_on_the_shm_transport(tmp_path):
+    """GpuEngine's failure path on CPU (membership-aware shm exchange): repair, rejoin, 0 lost, 0 wrong."""
+    args = failure_bench.parse_args(["--dry-run", "--gpus", "3", "--failure-engine", "cpu_elastic",
+                                     "--fault-at-s", "1.0", "--after-fault-s", "2.5", "--out", str(tmp_path)])
+    shards = failure_bench.prepare_shards(args, tmp_path / "work")
+    try:
+        entry, run_dir, cfg = failure_bench.run_failure(args, shards["shard_dir"], tmp_path, 5000.0)
+    finally:
+        _remove_host_tier(shards["host_tier_path"])
+    assert cfg.engine == "cpu_elastic"
+    assert not entry["timed_out"], entry
+    assert entry["requests_lost"] == 0 and entry["mismatched"] == 0, entry
+    assert entry["checked_requests"] > 0
+    kinds = [b["kind"] for b in entry["breakdown"]]
+    assert kinds[0] == "repair" and "rejoin" in kinds, entry["breakdown"]
+    repair = entry["breakdown"][0]
+    assert repair["repair_by_tier"], repair  # survivors restored orphans through weights_tools tiers
+    assert entry["recovery_pause_s"] is not None and entry["reintegration_pause_s"] is not None
