@@ -31,14 +31,22 @@ from __future__ import annotations
 import os
 
 
-def _int(name: str, default: int) -> int:
+def _parsed(name: str, default, parse, what: str):
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        return parse(raw)
     except ValueError as exc:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from exc
+        raise ValueError(f"environment variable {name}={raw!r} is not {what}") from exc
+
+
+def _int(name: str, default: int) -> int:
+    return _parsed(name, default, int, "an integer")
+
+
+def _float(name: str, default: float) -> float:
+    return _parsed(name, default, float, "a number")
 
 
 def secret() -> bytes | None:
@@ -85,16 +93,6 @@ def cutlass_dir() -> str | None:
 
 def expert_backend() -> str:
     return os.environ.get("EEP_EXPERT_BACKEND") or "auto"
-
-
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ValueError(f"environment variable {name}={raw!r} is not a number") from exc
 
 
 def fused_timeout_s(default: float) -> float:
