@@ -173,21 +173,31 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _launch_cli(run_dir, **popen_kwargs) -> subprocess.Popen:
+    """``eep launch`` of 3 ranks with an endless request stream, as a user would start it."""
+    cmd = [sys.executable, "-m", "eep.cli", "launch", "--ranks", "3", "--requests", "100000000",
+           "--heartbeat-ms", "50", "--run-dir", str(run_dir), "--timeout", "60"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen_kwargs)
+
+
+def _wait_until_serving(run_dir, timeout_s: float = 30.0) -> dict:
+    """The rank pids once rank 0 has logged a step (bounded wait)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        log = run_dir / "rank0-0.jsonl"
+        if log.exists() and any('"step"' in line for line in open(log)):
+            return json.loads((run_dir / "pids.json").read_text())["ranks"]
+        time.sleep(0.1)
+    raise AssertionError("the run never started serving")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_ranks_exit_when_the_launcher_dies(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "eep.cli", "launch", "--ranks", "3", "--requests", "100000000",
-           "--heartbeat-ms", "50", "--run-dir", str(run_dir), "--timeout", "60"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _launch_cli(run_dir)
+    pids = None
     try:
-        deadline = time.monotonic() + 30
-        pids = None
-        while time.monotonic() < deadline:
-            if (run_dir / "rank0-0.jsonl").exists() and any('"step"' in line for line in open(run_dir / "rank0-0.jsonl")):
-                pids = json.loads((run_dir / "pids.json").read_text())["ranks"]
-                break
-            time.sleep(0.1)
-        assert pids, "the run never started serving"
+        pids = _wait_until_serving(run_dir)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         bound_s = 0.05 + 1.0  # heartbeat interval + orphan grace (docs/runtime.md)
@@ -207,18 +217,10 @@ def test_ranks_exit_when_the_launcher_dies(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_ctrl_c_shuts_everything_down(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "eep.cli", "launch", "--ranks", "3", "--requests", "100000000",
-           "--heartbeat-ms", "50", "--run-dir", str(run_dir), "--timeout", "60"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = _launch_cli(run_dir, start_new_session=True)
     pids = None
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if (run_dir / "rank0-0.jsonl").exists() and any('"step"' in line for line in open(run_dir / "rank0-0.jsonl")):
-                pids = json.loads((run_dir / "pids.json").read_text())["ranks"]
-                break
-            time.sleep(0.1)
-        assert pids, "the run never started serving"
+        pids = _wait_until_serving(run_dir)
         run_id = json.loads(open(run_dir / "launcher.jsonl").readline())["run_id"]
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
         assert proc.wait(timeout=15) == 1  # interrupted, not a clean finish
