@@ -80,7 +80,6 @@ class ExpertParallelMoE:
             raise ValueError(f"{placement} does not match 1 layer, {num_experts} experts, {num_ranks} ranks x "
                              f"{slots_per_rank} slots")
         self.placement = placement.clone()
-        self.initial_placement = placement.clone()
         self.layer_id = layer_id
         self.tiers = list(tiers) if tiers is not None else [TensorTier({layer_id: (w_gate, w_up, w_down)})]
         self.bandwidth = bandwidth
