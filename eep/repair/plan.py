@@ -20,7 +20,6 @@ link it crosses drains.
 from __future__ import annotations
 
 import enum
-import heapq
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from eep.errors import EEPError, PlacementError
 from eep.repair.bandwidth import GB, Bandwidth
 from eep.repair.tiers import DISK, HOST, PEER, ExpertSource, tier_order
 from eep.state import NO_EXPERT, ExpertPlacement, Membership, repair_coverage
+from eep.state.placement import ReplicaChooser
 
 
 class RepairError(EEPError, RuntimeError):
@@ -249,39 +249,6 @@ def _nbytes_function(expert_nbytes: ExpertBytes | None, tiers: list[ExpertSource
     def unknown(layer: int, expert: int) -> int:
         raise PlacementError(f"the size of layer {layer} expert {expert} is unknown: pass expert_nbytes")
     return unknown
-
-
-class ReplicaChooser:
-    """Hands out experts by highest load per live replica (ties: lowest id); no replicas ranks first.
-
-    One heap entry per expert, re-keyed after every pick, so each pick costs O(log num_experts).
-    """
-
-    def __init__(self, load_row: list[float], counts: list[int]):
-        self.load_row = load_row
-        self.counts = counts
-        self.heap = [(self._key(e), e) for e in range(len(counts))]
-        heapq.heapify(self.heap)
-
-    def _key(self, expert: int) -> float:
-        c = self.counts[expert]
-        return -(self.load_row[expert] / c) if c else float("-inf")
-
-    def take(self, excluded: set[int]) -> int | None:
-        skipped = []
-        chosen = None
-        while self.heap:
-            entry = heapq.heappop(self.heap)
-            if entry[1] in excluded:
-                skipped.append(entry)
-                continue
-            chosen = entry[1]
-            self.counts[chosen] += 1
-            heapq.heappush(self.heap, (self._key(chosen), chosen))
-            break
-        for entry in skipped:
-            heapq.heappush(self.heap, entry)
-        return chosen
 
 
 def live_slots_by_expert(row: list[int], slot_is_active: list[bool]) -> dict[int, list[int]]:

@@ -19,6 +19,7 @@ derived from it, so the three can never disagree.
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 from dataclasses import dataclass
@@ -258,16 +259,49 @@ def _normalise_load(load: torch.Tensor | None, num_layers: int, num_experts: int
 
 def _replicate(load: torch.Tensor, num_redundant: int, num_ranks: int) -> list[int]:
     """Replica count per expert: one each, plus redundant ones to the highest load-per-replica."""
-    num_experts = load.shape[0]
-    counts = [1] * num_experts
-    loads = load.tolist()
+    counts = [1] * load.shape[0]
+    chooser = ReplicaChooser(load.tolist(), counts)  # updates ``counts`` as it hands experts out
+    capped = {e for e, c in enumerate(counts) if c >= num_ranks}  # at most one replica per rank
     for _ in range(num_redundant):
-        candidates = [e for e in range(num_experts) if counts[e] < num_ranks]
-        if not candidates:
+        expert = chooser.take(capped)
+        if expert is None:
             break
-        best = max(candidates, key=lambda e: (loads[e] / counts[e], -e))
-        counts[best] += 1
+        if counts[expert] >= num_ranks:
+            capped.add(expert)
     return counts
+
+
+class ReplicaChooser:
+    """Hands out experts by highest load per live replica (ties: lowest id); no replicas ranks first.
+
+    One heap entry per expert, re-keyed after every pick, so each pick costs O(log num_experts).
+    """
+
+    def __init__(self, load_row: list[float], counts: list[int]):
+        self.load_row = load_row
+        self.counts = counts
+        self.heap = [(self._key(e), e) for e in range(len(counts))]
+        heapq.heapify(self.heap)
+
+    def _key(self, expert: int) -> float:
+        c = self.counts[expert]
+        return -(self.load_row[expert] / c) if c else float("-inf")
+
+    def take(self, excluded: set[int]) -> int | None:
+        skipped = []
+        chosen = None
+        while self.heap:
+            entry = heapq.heappop(self.heap)
+            if entry[1] in excluded:
+                skipped.append(entry)
+                continue
+            chosen = entry[1]
+            self.counts[chosen] += 1
+            heapq.heappush(self.heap, (self._key(chosen), chosen))
+            break
+        for entry in skipped:
+            heapq.heappush(self.heap, entry)
+        return chosen
 
 
 def _pack(load: torch.Tensor, counts: list[int], num_ranks: int, slots_per_rank: int, layer: int,
