@@ -11,6 +11,7 @@ explicitly through ``eep.runtime.RuntimeConfig`` rather than through the environ
 | ``EEP_STORE_PORT`` | ``0`` | its port (0: pick a free one) |
 | ``EEP_HEARTBEAT_INTERVAL_MS`` | ``100`` | rank heartbeat period |
 | ``EEP_SUSPECT_MISSES`` | ``5`` | consecutive missed heartbeats before a rank is declared dead |
+| ``EEP_CORROBORATE_MISSES`` | ``3`` | missed heartbeats that, with a peer's transport-timeout report and no resync ack, make a rank dead |
 | ``EEP_TRANSPORT_TIMEOUT_MS`` | ``1000`` | bounded wait of a receive for one active peer |
 | ``EEP_SHM_DIR`` | ``/dev/shm`` | where the shared-memory transport file lives |
 | ``EEP_LOG_LEVEL`` | ``WARNING`` | logging level of the runtime loggers |
@@ -69,6 +70,10 @@ def heartbeat_interval_ms() -> int:
 
 def suspect_misses() -> int:
     return _int("EEP_SUSPECT_MISSES", 5)
+
+
+def corroborate_misses() -> int:
+    return _int("EEP_CORROBORATE_MISSES", 3)
 
 
 def transport_timeout_ms() -> int:

@@ -3,7 +3,7 @@
 #   bash perf/run_failure_bench_gpu.sh [NUM_GPUS=4] [LAYERS=auto]
 # LAYERS=auto: 48 unless the smoke's shard set-up (write + prepare + host tier, per layer) says 48
 # layers of set-up alone would take over 200 s; then the largest multiple of 8 that fits.
-# 1. smoke: the same script at 4 layers and short runs (catches a broken GPU path in ~1-2 min);
+# 1. smoke: the same script at 2 layers, the eep engine only (catches a broken GPU path in ~1 min);
 # 2. the full run with what is left of the budget (skipped when the smoke failed).
 # Everything lands under $OUT: smoke/ and full/ (results.json, summary.txt, timeline.png, logs).
 set -u
@@ -24,10 +24,13 @@ nvidia-smi -L | tee "$OUT/gpus.txt"
 df -h /tmp /dev/shm | tee -a "$OUT/gpus.txt"
 $PY -c "import torch; print(torch.__version__, torch.cuda.device_count())" 2>&1 | tee -a "$OUT/gpus.txt"
 
-timeout -k 5 170 $PY perf/failure_bench.py --gpus "$N" --layers 4 --steady-s 2 --fault-at-s 2 \
-  --after-fault-s 6 --out "$OUT/smoke" --workdir "$WORK/smoke" --budget-s 150 > "$OUT/smoke.log" 2>&1
+# the device returns a limited number of files: each run's timelines travel as one archive
+pack() { (cd "$1" && for d in steady-* failure restart; do [ -d "$d" ] && tar czf "$d.tgz" "$d" && rm -rf "$d"; done; true); }
+
+timeout -k 5 150 $PY perf/failure_bench.py --gpus "$N" --layers 2 --engines fused --steady-s 1.5 --fault-at-s 2 \
+  --after-fault-s 8 --skip restart --out "$OUT/smoke" --workdir "$WORK/smoke" --budget-s 130 > "$OUT/smoke.log" 2>&1
 rc=$?; echo "=== smoke rc=$rc"; tail -20 "$OUT/smoke.log"
-rm -rf "$WORK/smoke"
+rm -rf "$WORK/smoke"; pack "$OUT/smoke"
 # rc 1: the eep path (fused steady state or the failure run) broke: the full run would too.
 # 2 (a baseline broke) or 124 (smoke ran out of time): the full run is still worth its budget.
 if [ $rc -eq 1 ] && [ "${EEP_GPU_KEEP_GOING:-0}" = 0 ]; then echo "smoke failed: full run skipped"; exit $rc; fi
@@ -36,7 +39,7 @@ if [ "$LAYERS" = auto ]; then
   LAYERS=$($PY -c "
 import json
 s = json.load(open('$OUT/smoke/results.json'))['shards']
-per_layer = (s['write_checkpoint_s'] + s['prepare_s'] + s['host_tier_fill_s']) / 4
+per_layer = (s['write_checkpoint_s'] + s['prepare_s'] + s['host_tier_fill_s']) / 2
 print(48 if per_layer * 48 <= 200 else max(8, int(200 / per_layer) // 8 * 8))" 2>/dev/null || echo 24)
 fi
 echo "=== layers for the full run: $LAYERS"
@@ -45,6 +48,7 @@ echo "=== full run: $left s left"
 timeout -k 5 "$left" $PY perf/failure_bench.py --gpus "$N" --layers "$LAYERS" --out "$OUT/full" \
   --workdir "$WORK/full" --budget-s $(( left - 90 )) > "$OUT/full.log" 2>&1
 rc=$?; echo "=== full rc=$rc"; tail -30 "$OUT/full.log"
+pack "$OUT/full"
 rm -rf "$WORK"
 rm -f /dev/shm/eep-host-* 2>/dev/null   # host tiers this script's runs built
 exit $rc

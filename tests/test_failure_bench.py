@@ -108,15 +108,15 @@ def test_gpu_engine_local_matches_the_cpu_oracle(small_shards):
     got = engine.decode(tokens, active=[True], placement=placement, epoch=0, step=0, timeout_s=1.0)
     from weights_tools import ExpertStore
     store = ExpertStore(shard_dir)
-    want, margin = reference_next_tokens(model, bench_weights(model),
-                                         lambda layer, e: store.load_expert(store.moe_layers[layer], e),
-                                         tokens.tolist())
+    want, margin, gap = reference_next_tokens(model, bench_weights(model),
+                                              lambda layer, e: store.load_expert(store.moe_layers[layer], e),
+                                              tokens.tolist())
     store.close()
     engine.close()
     assert len(got) == 13
-    # bf16 activations in the engine vs float32 in the oracle: only a near tie may differ
-    wrong = [(g, w, m) for g, w, m in zip(got, want, margin) if g != w]
-    assert all(m < 0.05 for _, _, m in wrong), wrong
+    # the oracle rounds where the engine does: only a token decided by accumulation order may differ
+    wrong = [(g, w, m, r) for g, w, m, r in zip(got, want, margin, gap) if g != w]
+    assert all(m < 1e-3 or r < 1e-3 for _, _, m, r in wrong), wrong
     assert len(wrong) <= 1
 
 

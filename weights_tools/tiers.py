@@ -338,7 +338,8 @@ class HostTier:
                     tensors.append(TensorToWrite(f"layers.{layer}.experts.{expert}.{entry.role}", entry.dtype,
                                                  entry.shape, _reader(disk, entry)))
             write_safetensors(self.path, tensors, metadata={"format": HOST_TIER_FORMAT,
-                                                            "manifest_sha256": self.manifest.digest})
+                                                            "manifest_sha256": self.manifest.digest},
+                              readers=min(8, os.cpu_count() or 1))
 
     def _read_valid_header(self) -> set[tuple[int, int]] | None:
         if not os.path.exists(self.path):

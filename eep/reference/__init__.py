@@ -1,7 +1,8 @@
 """Readable pure-PyTorch EP: the oracle every other path is differential-tested against."""
 
-from eep.reference.dispatch import DispatchHandle, RankReceive, combine, dispatch, expert_mlp, swiglu
+from eep.reference.dispatch import (DispatchHandle, RankReceive, combine, dispatch, expert_mlp, swiglu,
+                                     swiglu_rounded)
 from eep.reference.moe import ExpertParallelMoE, dense_moe
 
 __all__ = ["DispatchHandle", "ExpertParallelMoE", "RankReceive", "combine", "dense_moe", "dispatch",
-           "expert_mlp", "swiglu"]
+           "expert_mlp", "swiglu", "swiglu_rounded"]

@@ -150,6 +150,17 @@ def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: to
     return (h @ w_down.float().T).to(x.dtype)
 
 
+def swiglu_rounded(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """One expert rounded where a bf16 expert stage rounds (``eep.fused.gemm``): each GEMM
+    accumulates in float32 and writes bf16, silu and the product run on bf16 tensors. Oracles of
+    deep models use it: float32 inside (``swiglu``) drifts from any bf16 engine by enough, over
+    tens of layers, to flip router near-ties."""
+    xf = x.float()
+    gate = (xf @ w_gate.float().T).to(torch.bfloat16)
+    up = (xf @ w_up.float().T).to(torch.bfloat16)
+    return ((F.silu(gate) * up).float() @ w_down.float().T).to(torch.bfloat16)
+
+
 def _first_shape(x_by_rank: list[torch.Tensor | None]) -> tuple[int, torch.dtype, torch.device]:
     for x in x_by_rank:
         if x is not None:

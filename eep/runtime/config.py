@@ -24,6 +24,9 @@ class RuntimeConfig:
 
     heartbeat_interval_s: float = field(default_factory=lambda: envs.heartbeat_interval_ms() / 1000)
     suspect_misses: int = field(default_factory=envs.suspect_misses)  # K consecutive misses => dead
+    # a rank a peer reported (transport timeout) that also misses this many beats and does not ack
+    # the resync is dead without waiting out the whole suspicion window (docs/runtime.md)
+    corroborate_misses: int = field(default_factory=envs.corroborate_misses)
     transport_timeout_s: float = field(default_factory=lambda: envs.transport_timeout_ms() / 1000)
     restart_after_s: float | None = None  # restart a dead rank after this long (None: never)
     max_restarts: int = 3  # per rank slot
@@ -40,6 +43,11 @@ class RuntimeConfig:
     def suspicion_window_s(self) -> float:
         """How long a rank may stay silent before it is declared dead."""
         return self.heartbeat_interval_s * self.suspect_misses
+
+    @property
+    def corroboration_window_s(self) -> float:
+        """How long a rank that a peer reported may stay silent, unacknowledged, before it is dead."""
+        return self.heartbeat_interval_s * min(self.corroborate_misses, self.suspect_misses)
 
     @property
     def num_channels(self) -> int:

@@ -7,7 +7,10 @@ Evidence it acts on:
   - a rank reported a transport timeout: the coordinator does not trust one rank's view of another,
     it issues a *resync* (same membership, new epoch). The resync's prepare must be acknowledged by
     every member within the suspicion window; a member that is really stalled does not ack and is
-    then declared dead. A slow-but-alive one acks and costs one pause, not a death.
+    then declared dead. A slow-but-alive one acks and costs one pause, not a death. A reported
+    member whose heartbeat has also stopped for ``corroborate_misses`` intervals is dead without
+    waiting out the window: two independent signals agree (a SIGKILLed rank with a large pinned
+    mapping can take over a second to be reaped, so its exit is often the last evidence to arrive).
 
 A decision is two messages in the append-only decision log:
   1. ``prepare(epoch, active)``: every continuing member stops at its next step boundary (or
@@ -98,7 +101,7 @@ class Coordinator:
         if silent:
             self.propose(failed=set(silent), joined={}, reason="heartbeat")
         elif suspects:
-            self.propose(failed=set(), joined={}, reason="resync")
+            self.propose(failed=set(), joined={}, reason="resync", suspects=set(suspects))
 
     def fail(self, ranks: list[int], reason: str) -> None:
         ranks = [r for r in ranks if self.active[r]]
@@ -109,8 +112,13 @@ class Coordinator:
         self._publish({"kind": "shutdown"})
 
     # ---- deciding ----
-    def propose(self, *, failed: set[int], joined: dict[int, dict], reason: str) -> bool:
-        """Prepare, collect acks, commit. Returns False when the decision cannot be made."""
+    def propose(self, *, failed: set[int], joined: dict[int, dict], reason: str,
+                suspects: set[int] | None = None) -> bool:
+        """Prepare, collect acks, commit. Returns False when the decision cannot be made.
+
+        ``suspects``: ranks a peer reported; each one that also stays silent for the corroboration
+        window without acking is dead (two independent signals agree), instead of after the whole
+        suspicion window."""
         while True:
             old_active = self.active
             continuing = [r for r in range(self.cfg.num_ranks) if old_active[r] and r not in failed]
@@ -136,7 +144,7 @@ class Coordinator:
             self.timeline.event("prepare", epoch=epoch, reason=reason, failed=sorted(failed), joined=sorted(joined))
             self.on_phase(f"prepare_{'fail' if failed else reason}", {"epoch": epoch, "failed": sorted(failed),
                                                                        "joined": sorted(joined)})
-            acks, missing = self._collect_acks(epoch, continuing)
+            acks, missing = self._collect_acks(epoch, continuing, suspects or set())
             if missing:
                 log.warning("epoch %d: ranks %s did not acknowledge; declaring them dead", epoch, missing)
                 failed |= set(missing)
@@ -164,9 +172,10 @@ class Coordinator:
             # No member left: nothing serves until a rank joins (then ``_placement_for`` starts afresh).
             self.membership = Membership(self.cfg.num_ranks, active=mask, epoch=self.epoch) if any(mask) else None
 
-    def _collect_acks(self, epoch: int, expected: list[int]) -> tuple[dict[int, int], list[int]]:
+    def _collect_acks(self, epoch: int, expected: list[int], suspects: set[int]) -> tuple[dict[int, int], list[int]]:
         deadline = time.monotonic() + self.cfg.suspicion_window_s
         acks: dict[int, int] = {}
+        next_beat_check = 0.0
         while True:
             for r in expected:
                 if r in acks:
@@ -178,6 +187,13 @@ class Coordinator:
                         acks[r] = int(body["step"])
             waiting = [r for r in expected if r not in acks]
             dead = [r for r in waiting if self.is_dead(r)]
+            now = time.monotonic()
+            if not dead and now >= next_beat_check and suspects.intersection(waiting):
+                next_beat_check = now + self.cfg.heartbeat_interval_s / 2
+                dead = [r for r in waiting if r in suspects
+                        and now - self._observe_heartbeat(r, now) > self.cfg.corroboration_window_s]
+                if dead:
+                    self.timeline.event("corroborated", epoch=epoch, ranks=dead)
             if dead:
                 return acks, dead  # fail them now; the others are re-asked in the next proposal
             if not waiting or time.monotonic() > deadline:
@@ -284,21 +300,20 @@ class Coordinator:
 
     def _silent_ranks(self) -> list[int]:
         now = time.monotonic()
-        silent = []
-        for r in range(self.cfg.num_ranks):
-            if not self.active[r]:
-                continue
-            key = store_key(self.run_id, Key.HEARTBEAT, r)
-            seq, since = self.heartbeat_seen.get(r, (-1, now))
-            if self.store.check([key]):
-                body = self._open(key)
-                if body is not None and body.get("rank") == r and body.get("incarnation") == self.incarnation.get(r) \
-                        and body.get("seq") != seq:
-                    seq, since = body.get("seq"), now
-            self.heartbeat_seen[r] = (seq, since)
-            if now - since > self.cfg.suspicion_window_s:
-                silent.append(r)
-        return silent
+        return [r for r in range(self.cfg.num_ranks)
+                if self.active[r] and now - self._observe_heartbeat(r, now) > self.cfg.suspicion_window_s]
+
+    def _observe_heartbeat(self, rank: int, now: float) -> float:
+        """Read ``rank``'s heartbeat; returns when it was last seen to change (monotonic)."""
+        key = store_key(self.run_id, Key.HEARTBEAT, rank)
+        seq, since = self.heartbeat_seen.get(rank, (-1, now))
+        if self.store.check([key]):
+            body = self._open(key)
+            if body is not None and body.get("rank") == rank and body.get("incarnation") == self.incarnation.get(rank) \
+                    and body.get("seq") != seq:
+                seq, since = body.get("seq"), now
+        self.heartbeat_seen[rank] = (seq, since)
+        return since
 
     def _open(self, key: str) -> dict | None:
         raw = self.store.get(key)

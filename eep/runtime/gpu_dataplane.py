@@ -76,30 +76,49 @@ def bench_weights(config: TinyConfig) -> BenchWeights:
                         lm_head=torch.randn(v, h, generator=gen) / h ** 0.5 * 4.0)
 
 
-def reference_next_tokens(config: TinyConfig, weights: BenchWeights, load_expert: Callable, tokens: list[int]
-                          ) -> tuple[list[int], list[float]]:
-    """The CPU oracle (float32, ``eep.reference.swiglu`` per selected expert): next token of each
-    given token and its logit margin (top-1 minus top-2), for judging bf16 near-ties.
+def reference_next_tokens(config: TinyConfig, weights: BenchWeights, load_expert: Callable, tokens: list[int], *,
+                          combine_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+                          ) -> tuple[list[int], list[float], list[float]]:
+    """The oracle: next token of each given token, in readable PyTorch (a per-expert loop, no EP).
 
-    ``load_expert(layer, expert) -> (w_gate, w_up, w_down)`` (any dtype; upcast here).
+    It rounds where the engine rounds, so that a correct engine agrees with it token for token on
+    all but numerically undecidable tokens: expert GEMM outputs and SwiGLU in bf16 (as
+    ``TorchExpertStage``), top-k contributions summed in float32 in k order (mul then add, as the
+    combine kernel and ``gather_combine``) and rounded to ``combine_dtype`` (bf16 for the fused
+    combine, float32 for ``gather_combine``). Only the order inside each GEMM's float32
+    accumulation differs. In a 32-layer random model an unrounded float32 oracle disagreed with
+    the engine on 1 of 6 sampled tokens (a router top-k near-tie flipped one layer, perf/RESULTS.md).
+
+    Returns ``(next_tokens, margins, router_gaps)``: margin is the top-1 minus top-2 logit, router
+    gap the smallest k-th minus (k+1)-th router logit over all layers; a token with a tiny gap or
+    margin is one where float32 accumulation order alone can change the answer.
+    ``load_expert(layer, expert) -> (w_gate, w_up, w_down)`` (any dtype, any device).
     """
-    from eep.reference import swiglu
+    from eep.reference import swiglu_rounded
 
-    h = weights.embed[torch.tensor(tokens)]
+    dev = torch.device(device)
+    h = weights.embed[torch.tensor(tokens)].to(dev)
+    k = config.top_k
+    gaps = torch.full((len(tokens),), float("inf"), device=dev)
     for layer in range(config.num_layers):
-        x = rms_norm(h).to(torch.bfloat16).float()  # the engine dispatches bf16 activations
-        topk_weights, topk_ids = select_experts(x @ weights.router[layer].T, config.top_k)
-        out = torch.zeros_like(h)
+        x = rms_norm(h).to(torch.bfloat16)  # the engine dispatches bf16 activations
+        logits = x.float() @ weights.router[layer].to(dev).T
+        if k < config.num_experts:
+            top = logits.topk(k + 1, -1).values
+            gaps = torch.minimum(gaps, top[:, k - 1] - top[:, k])
+        topk_weights, topk_ids = select_experts(logits, k)
+        ys = torch.zeros(len(tokens), k, config.hidden, dtype=torch.bfloat16, device=dev)
         for expert in sorted(set(topk_ids.flatten().tolist())):
-            w = [t.float() for t in load_expert(layer, expert)]
-            rows = (topk_ids == expert).any(-1).nonzero().squeeze(1)
-            y = swiglu(x[rows], w[0], w[1], w[2]).float()
-            weight = (topk_weights[rows] * (topk_ids[rows] == expert)).sum(-1, keepdim=True)
-            out[rows] += weight * y
-        h = h + out
-    logits = rms_norm(h) @ weights.lm_head.T
+            w_gate, w_up, w_down = (t.to(dev, torch.bfloat16) for t in load_expert(layer, expert))
+            rows, slots = (topk_ids == expert).nonzero(as_tuple=True)
+            ys[rows, slots] = swiglu_rounded(x[rows], w_gate, w_up, w_down)
+        acc = torch.zeros(len(tokens), config.hidden, dtype=torch.float32, device=dev)
+        for j in range(k):
+            acc = acc + topk_weights[:, j:j + 1] * ys[:, j].float()
+        h = h + acc.to(combine_dtype).float()
+    logits = rms_norm(h) @ weights.lm_head.to(dev).T
     top2 = logits.topk(2, -1).values
-    return logits.argmax(-1).tolist(), (top2[:, 0] - top2[:, 1]).tolist()
+    return logits.argmax(-1).tolist(), (top2[:, 0] - top2[:, 1]).tolist(), gaps.tolist()
 
 
 # ---- exchanges --------------------------------------------------------------------------------
@@ -467,14 +486,16 @@ class GpuEngine:
         """Expert stage and dense parts on random rows, alone; then capture the step graph (no peer
         is touched: capture records the exchange kernels without running them)."""
         c, dev = self.cfg.model, self.device
-        gen = torch.Generator(device="cpu").manual_seed(self.rank)
+        gen = torch.Generator(device=dev).manual_seed(self.rank)
         shape = (self.S, self.cfg.num_ranks, self.M, c.hidden)
+        # drawn once, on the device: 48 slots x 4 ranks x 128 rows x 2048 drawn per layer on the CPU
+        # took 18 s of a 48-layer rank's start-up (and of a joiner's time back to service)
+        x = torch.randn(shape, generator=gen, device=dev).to(torch.bfloat16)
         # a realistic fill: each source sends max_tokens * top_k rows, spread over the slots
         per_block = max(1, self.M * min(c.top_k, self.S) // self.S)
         count = torch.full((self.S, self.cfg.num_ranks), per_block, dtype=torch.int32, device=dev)
         row = torch.arange(self.M, device=dev)
         for layer in range(self.L):
-            x = torch.randn(shape, generator=gen).to(dev, torch.bfloat16)
             count_l = torch.where((self.loaded[layer] >= 0).to(dev).unsqueeze(1), count, 0).to(torch.int32)
             y = self.stage(x, count_l, self.w13[layer], self.w2[layer])
             if not bool(torch.isfinite(y[row < count_l.unsqueeze(-1)]).all()):
