@@ -342,20 +342,26 @@ def transitions_of(cfg: RuntimeConfig, results: dict[int, list[int]]) -> tuple[d
     return transitions, owners
 
 
-# A sampled token counts against the oracle only where float32 accumulation order cannot decide it:
-# its smallest router top-k gap and its final logit margin are above these (router logits here have
-# std 2, final logits std 4; the oracle's rounding matches the engine's to ~1e-5 of a logit).
+# A sampled token counts against the oracle only where rounding cannot decide it: the oracle run
+# with three float32 accumulation orders (split_k 1, 2, 4) gives one answer, and its smallest router
+# top-k gap and final logit margin are above these (router logits have std 2, final logits std 4).
+# Why three orders: a random 48-layer model is chaotic, a 1e-6 difference can grow into a router
+# flip, and the engine's GEMM order is just one more valid order (perf/RESULTS.md, issue 8).
+ORACLE_SPLITS = (1, 2, 4)
 ROUTER_GAP_TOL = 2e-3
 MARGIN_TOL = 1e-2
 
 
 def check_answers(args, cfg: RuntimeConfig, result, golden: dict[int, set[int]] | None = None) -> dict:
-    """Wrong answers, three ways (docs/failure_bench.md "Wrong answers"):
+    """Wrong answers (docs/failure_bench.md "Wrong answers"). ``mismatched`` counts the requests
+    through a token that fails either exact check:
     - consistency: a token with two successors in this run means some answer went wrong;
     - fault-free golden: every token this run shares with the fault-free steady run of the same
-      engine must have the same successor (covers most answers, exact: the engine is deterministic);
-    - the oracle (eep.reference arithmetic, rounded as the engine rounds) on the most-used tokens.
-    A request is mismatched when any of its tokens fails any of them."""
+      engine must have the same successor (exact: the engine is deterministic per token).
+    Besides, the oracle (eep.reference arithmetic, rounded as the engine rounds, three float32
+    accumulation orders) on the most-used tokens: ``oracle_disagreements`` among the tokens it
+    decides. That comparison is decisive at shallow depth only: a random 48-layer model is chaotic,
+    and the oracle's own answer changed with its accumulation order for 6 of 16 tokens on 4xH100."""
     if cfg.engine == "shm":
         from eep.runtime import check_run
         problems = check_run(cfg, result)
@@ -377,27 +383,31 @@ def check_answers(args, cfg: RuntimeConfig, result, golden: dict[int, set[int]] 
     t = time.perf_counter()
     device = "cuda:0" if torch.cuda.is_available() else "cpu"  # the runs are over: the GPU is free
     combine_dtype = torch.bfloat16 if cfg.engine in ("fused", "fused_fixed") else torch.float32
-    ref, margin, gap = reference_next_tokens(cfg.model, bench_weights(cfg.model),
-                                             lambda layer, e: store.load_expert(layers[layer], e), sample,
-                                             combine_dtype=combine_dtype, device=device)
+    weights = bench_weights(cfg.model)
+    runs = [reference_next_tokens(cfg.model, weights, lambda layer, e: store.load_expert(layers[layer], e), sample,
+                                  combine_dtype=combine_dtype, device=device, split_k=k) for k in ORACLE_SPLITS]
     oracle_s = time.perf_counter() - t
     store.close()
-    decided = [a for a, m, g in zip(sample, margin, gap) if m >= MARGIN_TOL and g >= ROUTER_GAP_TOL]
+    ref, margin, gap = runs[0]
+    stable = [len({run[0][i] for run in runs}) == 1 for i in range(len(sample))]
+    decided = [a for a, m, g, ok in zip(sample, margin, gap, stable) if ok and m >= MARGIN_TOL and g >= ROUTER_GAP_TOL]
     by_token = dict(zip(sample, ref))
     off_oracle = [a for a in decided if transitions[a] != {by_token[a]}]
-    bad = set(inconsistent) | set(off_golden) | set(off_oracle)
+    bad = set(inconsistent) | set(off_golden)
     mismatched = set().union(*[owners[a] for a in bad]) if bad else set()
-    covered = set().union(*[owners[a] for a in set(shared) | set(decided)]) if (shared or decided) else set()
+    covered = set().union(*[owners[a] for a in shared]) if shared else set()
     return {"mismatched": len(mismatched),
-            "check": f"{len(result.results)} answers: one successor per token; {len(shared)} tokens vs the "
-                     f"fault-free run; {len(decided)} of {len(sample)} most-used tokens vs eep.reference "
-                     f"({len(covered)} requests covered by golden or oracle)",
+            "check": f"{len(result.results)} answers: one successor per token, {len(shared)} tokens vs the "
+                     f"fault-free run ({len(covered)} requests); oracle: {len(decided) - len(off_oracle)} of "
+                     f"{len(decided)} decided tokens agree ({len(sample)} sampled)",
             "checked_requests": len(covered), "inconsistent_tokens": len(inconsistent),
+            "oracle_disagreements": len(off_oracle),
             "golden_tokens": len(shared), "golden_mismatched_tokens": len(off_golden),
             "oracle_decided": len(decided), "oracle_sampled": len(sample), "oracle_s": oracle_s,
             "oracle_device": device,
             "oracle": [{"token": a, "engine": sorted(transitions[a]), "reference": by_token[a], "margin": m,
-                        "router_gap": g, "decided": a in decided} for a, m, g in zip(sample, margin, gap)]}
+                        "router_gap": g, "by_split_k": [run[0][i] for run in runs], "decided": a in decided}
+                       for i, (a, m, g) in enumerate(zip(sample, margin, gap))]}
 
 
 def predict(cfg: RuntimeConfig, rank: int) -> dict:

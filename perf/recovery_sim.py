@@ -1,6 +1,7 @@
 """Recovery simulator: the real planner over a simulated cluster of N nodes x 8 GPUs.
 
     python perf/recovery_sim.py [--json OUT.json] [--png OUT.png] [--quick]
+    python perf/recovery_sim.py --calibrate perf/failure_bench_4xH100/results-run1.json
 
 Nothing here models the planner: it builds real placements (`ExpertPlacement.build`), applies
 real failures, and asks the real `plan_repair` / `plan_reintegration` for the transfers and
@@ -158,6 +159,38 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def calibration_rows(results: dict) -> list[dict]:
+    """The simulator's row for the failure benchmark's configuration (``perf/failure_bench.py``
+    results.json: shape, EP, slots, one failed rank, its measured detection) and the observed row,
+    in ``format_table``'s form, plus both pauses by phase (``"phases"``) for a side-by-side read."""
+    cfg, f = results["config"], results["failure"]
+    model, ep = cfg["model"], cfg["num_ranks"]
+    shape = next(name for name, (h, i, e, _, n) in SHAPES.items()
+                 if (h, i, e) == (model["hidden"], model["intermediate"], model["num_experts"]))
+    repair = next(b for b in f["breakdown"] if b["kind"] == "repair" and b.get("failed"))
+    rejoin = next((b for b in f["breakdown"] if b["kind"] == "rejoin"), {})
+    layers = model["num_layers"]
+    sim_shape = shape if SHAPES[shape][4] == layers else f"{shape}@{layers}"
+    if sim_shape not in SHAPES:
+        SHAPES[sim_shape] = SHAPES[shape][:4] + (layers,)
+    predicted = simulate(SimConfig(shape=sim_shape, ep=ep, failed="1", gpus_per_node=ep,
+                                   redundancy=cfg["slots_per_rank"] * ep / model["num_experts"] - 1,
+                                   detection_s=repair.get("detection_s") or 1.0))
+    by_tier = {t: v["nbytes"] for t, v in (repair.get("repair_by_tier") or {}).items()}
+    experts = sum(v["experts"] for v in (repair.get("repair_by_tier") or {}).values())
+    observed_phases = {"detection_s": repair.get("detection_s"),
+                       "agreement_s": repair["fault_to_commit_s"] - (repair.get("detection_s") or 0.0),
+                       "transfers_s": repair["repair_transfers_s"],
+                       "table_switch_s": (repair.get("table_switch_s") or 0.0) + (repair.get("warmup_s") or 0.0)}
+    observed = {"config": {**predicted["config"], "shape": f"{sim_shape} observed ({results.get('device')})"},
+                "slots_per_rank": cfg["slots_per_rank"], "feasible": True,
+                "experts_lost_all_replicas_per_layer": experts / layers, "restore_bytes_by_tier": by_tier,
+                "phases": observed_phases, "recovery_pause_s": f["recovery_pause_s"],
+                "reintegration_transfer_s": rejoin.get("joiner_load_s") or 0.0,
+                "reintegration_pause_s": f["reintegration_pause_s"]}
+    return [predicted, observed]
+
+
 def plot(rows: list[dict], path: str) -> bool:
     try:
         import matplotlib
@@ -191,7 +224,16 @@ def main() -> None:
     parser.add_argument("--png")
     parser.add_argument("--quick", action="store_true", help="EP 8-32 only")
     parser.add_argument("--no-host", action="store_true", help="restore from disk only")
+    parser.add_argument("--calibrate", metavar="RESULTS_JSON",
+                        help="only the simulator's row for a failure-benchmark run next to the observed one")
     args = parser.parse_args()
+    if args.calibrate:
+        with open(args.calibrate) as f:
+            rows = calibration_rows(json.load(f))
+        print(format_table(rows))
+        for r in rows:
+            print(f"{r['config']['shape']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["phases"].items()))
+        return
     eps = (8, 16, 32) if args.quick else (8, 16, 32, 64, 128, 256)
     rows = sweep(eps=eps, use_host_tier=not args.no_host)
     print(format_table(rows))

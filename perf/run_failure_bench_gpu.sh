@@ -6,6 +6,8 @@
 # 1. smoke: the same script at 2 layers, the eep engine only (catches a broken GPU path in ~1 min);
 # 2. the full run with what is left of the budget (skipped when the smoke failed).
 # Everything lands under $OUT: smoke/ and full/ (results.json, summary.txt, timeline.png, logs).
+# EEP_BENCH_SMOKE=0 skips the smoke (LAYERS must then be a number); EEP_BENCH_ARGS adds arguments
+# to the full run (e.g. "--engines fused --skip restart": the failure run and its golden only).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EEP_FUSED_CACHE_DIR=/tmp/eep-cache
@@ -27,6 +29,7 @@ $PY -c "import torch; print(torch.__version__, torch.cuda.device_count())" 2>&1 
 # the device returns a limited number of files: each run's timelines travel as one archive
 pack() { (cd "$1" && for d in steady-* failure restart; do [ -d "$d" ] && tar czf "$d.tgz" "$d" && rm -rf "$d"; done; true); }
 
+if [ "${EEP_BENCH_SMOKE:-1}" = 1 ]; then
 timeout -k 5 150 $PY perf/failure_bench.py --gpus "$N" --layers 2 --engines fused --steady-s 1.5 --fault-at-s 2 \
   --after-fault-s 8 --skip restart --out "$OUT/smoke" --workdir "$WORK/smoke" --budget-s 130 > "$OUT/smoke.log" 2>&1
 rc=$?; echo "=== smoke rc=$rc"; tail -20 "$OUT/smoke.log"
@@ -34,6 +37,7 @@ rm -rf "$WORK/smoke"; pack "$OUT/smoke"
 # rc 1: the eep path (fused steady state or the failure run) broke: the full run would too.
 # 2 (a baseline broke) or 124 (smoke ran out of time): the full run is still worth its budget.
 if [ $rc -eq 1 ] && [ "${EEP_GPU_KEEP_GOING:-0}" = 0 ]; then echo "smoke failed: full run skipped"; exit $rc; fi
+fi
 
 if [ "$LAYERS" = auto ]; then
   LAYERS=$($PY -c "
@@ -46,7 +50,7 @@ echo "=== layers for the full run: $LAYERS"
 left=$(( BUDGET - ($(date +%s) - START) ))
 echo "=== full run: $left s left"
 timeout -k 5 "$left" $PY perf/failure_bench.py --gpus "$N" --layers "$LAYERS" --out "$OUT/full" \
-  --workdir "$WORK/full" --budget-s $(( left - 90 )) > "$OUT/full.log" 2>&1
+  --workdir "$WORK/full" --budget-s $(( left - 90 )) ${EEP_BENCH_ARGS:-} > "$OUT/full.log" 2>&1
 rc=$?; echo "=== full rc=$rc"; tail -30 "$OUT/full.log"
 pack "$OUT/full"
 rm -rf "$WORK"

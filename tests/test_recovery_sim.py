@@ -45,3 +45,18 @@ def test_small_sweep_and_table():
     assert rows and all("config" in r for r in rows)
     table = recovery_sim.format_table(rows)
     assert table.count("\n") == len(rows) + 1
+
+
+def test_calibration_rows_put_the_benchmark_next_to_the_simulator():
+    """The recorded 4xH100 failure benchmark, simulated with its own shape, EP, slots and detection."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "perf" / "failure_bench_4xH100" / "results-run2.json"
+    predicted, observed = recovery_sim.calibration_rows(json.loads(path.read_text()))
+    assert predicted["config"]["ep"] == 4 and predicted["slots_per_rank"] == 48
+    assert predicted["phases"]["detection_s"] == observed["phases"]["detection_s"] > 0
+    assert 0 < predicted["phases"]["transfers_s"] < observed["phases"]["transfers_s"]
+    assert observed["experts_lost_all_replicas_per_layer"] == 24
+    table = recovery_sim.format_table([predicted, observed])
+    assert table.count("\n") == 3 and "observed" in table

@@ -150,15 +150,29 @@ def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: to
     return (h @ w_down.float().T).to(x.dtype)
 
 
-def swiglu_rounded(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+def swiglu_rounded(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
+                   split_k: int = 1) -> torch.Tensor:
     """One expert rounded where a bf16 expert stage rounds (``eep.fused.gemm``): each GEMM
     accumulates in float32 and writes bf16, silu and the product run on bf16 tensors. Oracles of
     deep models use it: float32 inside (``swiglu``) drifts from any bf16 engine by enough, over
-    tens of layers, to flip router near-ties."""
+    tens of layers, to flip router near-ties.
+
+    ``split_k > 1`` sums each GEMM as that many float32 partial products over slices of the
+    reduction dimension: another accumulation order, as valid as any engine's. Answers that change
+    with it are decided by rounding alone (how the failure benchmark finds undecidable tokens)."""
     xf = x.float()
-    gate = (xf @ w_gate.float().T).to(torch.bfloat16)
-    up = (xf @ w_up.float().T).to(torch.bfloat16)
-    return ((F.silu(gate) * up).float() @ w_down.float().T).to(torch.bfloat16)
+    gate = _matmul_f32(xf, w_gate.float().T, split_k).to(torch.bfloat16)
+    up = _matmul_f32(xf, w_up.float().T, split_k).to(torch.bfloat16)
+    return _matmul_f32((F.silu(gate) * up).float(), w_down.float().T, split_k).to(torch.bfloat16)
+
+
+def _matmul_f32(a: torch.Tensor, b: torch.Tensor, split_k: int) -> torch.Tensor:
+    if split_k <= 1:
+        return a @ b
+    out = None
+    for a_part, b_part in zip(a.tensor_split(split_k, dim=1), b.tensor_split(split_k, dim=0)):
+        out = a_part @ b_part if out is None else out + a_part @ b_part
+    return out
 
 
 def _first_shape(x_by_rank: list[torch.Tensor | None]) -> tuple[int, torch.dtype, torch.device]:

@@ -92,11 +92,18 @@ def pause_breakdown(run_dir: str | Path) -> list[dict]:
             target = commit["failed"][0]
             fault = next((e for e in reversed(launcher) if e.get("event") == "fault" and e.get("target") == target
                           and e["t"] <= commit["t"]), None)
-            exit_seen = next((e for e in launcher if e.get("event") == "exit" and e.get("target") == target
-                              and fault is not None and e["t"] >= fault["t"]), None)
+            # detection: the first evidence the coordinator acted on (a peer's report, corroborated
+            # by silence; the process exit; or heartbeat silence), whichever came first
+            evidence = [e["t"] for e in launcher if fault is not None and fault["t"] <= e["t"] <= commit["t"] and (
+                (e.get("event") == "exit" and e.get("target") == target)
+                or (e.get("event") == "corroborated" and target in e.get("ranks", []))
+                or (e.get("event") == "prepare" and e.get("reason") == "heartbeat" and target in e.get("failed", [])))]
+            reports = [e["t"] for e in launcher if e.get("event") == "report" and fault is not None
+                       and fault["t"] <= e["t"] <= commit["t"]]
             if fault is not None:
                 entry["fault_t"] = fault["t"]
-                entry["detection_s"] = None if exit_seen is None else exit_seen["t"] - fault["t"]
+                entry["detection_s"] = min(evidence) - fault["t"] if evidence else None
+                entry["first_report_s"] = min(reports) - fault["t"] if reports else None
                 entry["fault_to_commit_s"] = commit["t"] - fault["t"]
         if kind == "rejoin":
             joiner = commit["joined"][0] if commit.get("joined") else None

@@ -47,7 +47,7 @@ class RuntimeConfig:
     @property
     def corroboration_window_s(self) -> float:
         """How long a rank that a peer reported may stay silent, unacknowledged, before it is dead."""
-        return self.heartbeat_interval_s * min(self.corroborate_misses, self.suspect_misses)
+        return self.heartbeat_interval_s * max(1, min(self.corroborate_misses, self.suspect_misses))
 
     @property
     def num_channels(self) -> int:

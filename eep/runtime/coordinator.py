@@ -242,6 +242,19 @@ class Coordinator:
             self.store.set(store_key(self.run_id, Key.OWNER, q), f"{r}:{inc}:{epoch}")
         return requeue
 
+    def holds_requests(self, rank: int) -> bool:
+        """Whether ``rank`` owns an unanswered request. Checked when a non-member dies: the commit
+        that failed it re-queued all it held then, but a fenced rank can claim one afterwards."""
+        num_handed_out = min(self.store.add(store_key(self.run_id, Key.QUEUE_NEXT), 0), self.cfg.num_requests)
+        self.advance_answered(num_handed_out)
+        for q in range(self.answered_below, num_handed_out):
+            owner_key = store_key(self.run_id, Key.OWNER, q)
+            if self.store.check([store_key(self.run_id, Key.RESULT, q)]) or not self.store.check([owner_key]):
+                continue
+            if self.store.get(owner_key).decode().split(":")[0] == str(rank):
+                return True
+        return False
+
     def advance_answered(self, limit: int | None = None) -> int:
         """Move ``answered_below`` past answered requests; returns it. ``results/count`` alone cannot
         say "all answered": a rank killed between writing an answer and counting it leaves it short."""

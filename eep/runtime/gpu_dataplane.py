@@ -77,8 +77,8 @@ def bench_weights(config: TinyConfig) -> BenchWeights:
 
 
 def reference_next_tokens(config: TinyConfig, weights: BenchWeights, load_expert: Callable, tokens: list[int], *,
-                          combine_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
-                          ) -> tuple[list[int], list[float], list[float]]:
+                          combine_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                          split_k: int = 1) -> tuple[list[int], list[float], list[float]]:
     """The oracle: next token of each given token, in readable PyTorch (a per-expert loop, no EP).
 
     It rounds where the engine rounds, so that a correct engine agrees with it token for token on
@@ -92,7 +92,8 @@ def reference_next_tokens(config: TinyConfig, weights: BenchWeights, load_expert
     Returns ``(next_tokens, margins, router_gaps)``: margin is the top-1 minus top-2 logit, router
     gap the smallest k-th minus (k+1)-th router logit over all layers; a token with a tiny gap or
     margin is one where float32 accumulation order alone can change the answer.
-    ``load_expert(layer, expert) -> (w_gate, w_up, w_down)`` (any dtype, any device).
+    ``load_expert(layer, expert) -> (w_gate, w_up, w_down)`` (any dtype, any device). ``split_k``:
+    another float32 accumulation order for the expert GEMMs (``eep.reference.swiglu_rounded``).
     """
     from eep.reference import swiglu_rounded
 
@@ -111,7 +112,7 @@ def reference_next_tokens(config: TinyConfig, weights: BenchWeights, load_expert
         for expert in sorted(set(topk_ids.flatten().tolist())):
             w_gate, w_up, w_down = (t.to(dev, torch.bfloat16) for t in load_expert(layer, expert))
             rows, slots = (topk_ids == expert).nonzero(as_tuple=True)
-            ys[rows, slots] = swiglu_rounded(x[rows], w_gate, w_up, w_down)
+            ys[rows, slots] = swiglu_rounded(x[rows], w_gate, w_up, w_down, split_k=split_k)
         acc = torch.zeros(len(tokens), config.hidden, dtype=torch.float32, device=dev)
         for j in range(k):
             acc = acc + topk_weights[:, j:j + 1] * ys[:, j].float()

@@ -192,9 +192,11 @@ class Launcher:
             self.coordinator.pending_joins.pop(rank, None)
             if self.coordinator.membership is not None and self.coordinator.active[rank]:
                 self.coordinator.fail([rank], reason="exit")
-            elif self.coordinator.membership is not None:
+            elif self.coordinator.membership is not None and self.coordinator.holds_requests(rank):
                 # A fenced rank that dies without rejoining may hold a request it claimed after its
-                # failure was committed; a resync re-queues anything owned by a non-member.
+                # failure was committed; a resync re-queues anything owned by a non-member. (Not
+                # unconditionally: a SIGKILLed GPU rank is reaped ~1.3 s after the commit that
+                # failed it, and a needless resync then paused every survivor again.)
                 self.coordinator.propose(failed=set(), joined={}, reason="resync")
             if self.cfg.restart_after_s is not None and self.num_restarts[rank] < self.cfg.max_restarts:
                 self.restart_at[rank] = time.monotonic() + self.cfg.restart_after_s
