@@ -518,6 +518,13 @@ def summary_text(results: dict) -> str:
                          f"{_fmt(b.get('agreement_s'))}, transfers {_fmt(b.get('repair_transfers_s'))} "
                          f"{json.dumps(b.get('repair_by_tier'))}, table switch {_fmt(b.get('table_switch_s'))}, "
                          f"warm-up {_fmt(b.get('warmup_s'))}, survivor pause {_fmt(b.get('survivor_pause_s'))}")
+        for b in f.get("breakdown", []):
+            if b.get("joiner_startup_s") is not None:
+                phases = b.get("joiner_engine_phases") or {}
+                lines.append(f"  joiner: start-up {_fmt(b['joiner_startup_s'])} = engine init "
+                             f"{_fmt(b.get('joiner_engine_init_s'))} (" + ", ".join(f"{k} {_fmt(v)}" for k, v in
+                                                                             phases.items()) +
+                             f") + row load {_fmt(b.get('joiner_load_s'))} + warm-up/capture rest")
         for st in f.get("stalls", [])[:8]:
             lines.append(f"  stalled: rank {st['rank']} epoch {st['epoch']} step {st['step']} at {st['where']} "
                          f"missed {st['missed']} (+{st['t']:.3f} s)")

@@ -115,6 +115,11 @@ def pause_breakdown(run_dir: str | Path) -> list[dict]:
                 entry["joiner_startup_s"] = request["t"] - spawn["t"]
                 entry["joiner_load_s"] = request.get("load_s")
                 entry["joiner_warmup_s"] = request.get("warmup_s")
+                ready = next((e for e in reversed(events) if e["event"] == "engine_ready" and e["rank"] == joiner
+                              and spawn["t"] <= e["t"] <= request["t"]), None)
+                if ready is not None:
+                    entry["joiner_engine_init_s"] = ready["t"] - spawn["t"]
+                    entry["joiner_engine_phases"] = ready.get("phases")
         entry["repair_transfers_s"] = max((e.get("restore_s") or 0.0 for e in adopted), default=None)
         entry["repair_by_tier"] = _merge_tiers([e.get("restore_by_tier") for e in adopted])
         entry["table_switch_s"] = max(((e.get("plan_s") or 0.0) + (e.get("switch_s") or 0.0) for e in adopted),

@@ -373,9 +373,13 @@ class GpuEngine:
 
     def __init__(self, cfg: RuntimeConfig, rank: int, *, store: Any, run_id: str, incarnation: int,
                  engine: str = "fused", shm_path: str | None = None):
+        # seconds per start-up phase: a restarted rank's start-up is most of the time back to 95%
+        self.init_phases: dict[str, float] = {}
+        mark = _PhaseClock(self.init_phases)
         from weights_tools import ExpertStore
         from eep.fused.gemm import ExpertStageShape, make_expert_stage
 
+        mark("imports")
         opts = dict(cfg.engine_options)
         self.cfg, self.rank, self.engine_name = cfg, rank, engine
         self.control_store, self.run_id = store, run_id
@@ -386,6 +390,9 @@ class GpuEngine:
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = torch.device(want_device)
+        if self.device.type == "cuda":
+            torch.empty(1, device=self.device)  # the CUDA context, on its own clock
+        mark("device")
         self.use_graph = bool(opts.get("use_graph", self.device.type == "cuda"))
         S, M, L = cfg.slots_per_rank, cfg.max_tokens_per_rank, c.num_layers
         self.S, self.M, self.L = S, M, L
@@ -393,6 +400,7 @@ class GpuEngine:
             raise ValueError("GpuEngine needs RuntimeConfig.shard_dir (experts come from eep-shards output)")
         self.store = ExpertStore(cfg.shard_dir, tiers=_tiers(cfg.shard_dir, opts.get("tiers", ["host", "disk"]),
                                                            opts.get("pin_host_tier")))
+        mark("expert_store")  # host tier attach (and pinning, on CUDA)
         self.moe_layers = self.store.moe_layers
         if (len(self.moe_layers), self.store.num_experts) != (L, c.num_experts):
             raise ValueError(f"shards in {cfg.shard_dir} hold {len(self.moe_layers)} MoE layers x "
@@ -414,8 +422,10 @@ class GpuEngine:
         self.loaded = torch.full((L, S), NO_EXPERT, dtype=torch.int64)
         self.max_replicas = int(opts.get("max_replicas", 8))
         self.l2p = torch.full((L, c.num_experts, self.max_replicas), NO_EXPERT, dtype=torch.int64, device=dev)
+        mark("weights_alloc")
         self.stage = make_expert_stage(ExpertStageShape(S, cfg.num_ranks, M, c.hidden, c.intermediate, c.top_k),
                                        device=dev, backend=opts.get("expert_backend"))
+        mark("expert_stage")
         group = f"{run_id}/fused"
         if engine in ("fused", "fused_fixed"):
             self.exchange = FusedExchange(rank, cfg.num_ranks, S, M, c.hidden, c.top_k, store, group,
@@ -428,6 +438,7 @@ class GpuEngine:
             self.exchange = LocalExchange(cfg.num_ranks, S, M, c.hidden, dev)
         else:
             raise ValueError(f"GpuEngine: unknown engine {engine!r}")
+        mark("exchange")
         self.tokens = torch.zeros(M, dtype=torch.int64, device=dev)
         self.graph = None
         self.out: torch.Tensor | None = None
@@ -586,6 +597,18 @@ class GpuEngine:
     def close(self) -> None:
         self.exchange.close()
         self.store.close()
+
+
+class _PhaseClock:
+    """``mark(name)`` records the seconds since the previous mark under ``name``."""
+
+    def __init__(self, phases: dict[str, float]):
+        self.phases, self.t = phases, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = now - self.t
+        self.t = now
 
 
 def _tiers(shard_dir: str, names: list[str], pin: bool | None) -> list:

@@ -129,7 +129,7 @@ class RankWorker:
         # the data plane (docs/runtime.md "Engines"): shm on CPU, the fused GPU buffer on GPUs
         self.engine = make_engine(cfg, self.rank, shm_path=self.spec.shm_path, store=self.store,
                                   run_id=self.run_id, incarnation=self.incarnation)
-        self.timeline.event("engine_ready", engine=cfg.engine)
+        self.timeline.event("engine_ready", engine=cfg.engine, phases=getattr(self.engine, "init_phases", None))
         self.initial = initial_placement(cfg.model.num_layers, cfg.model.num_experts, cfg.num_ranks,
                                          cfg.slots_per_rank, cfg.num_redundant)
         threading.Thread(target=self._heartbeat_loop, name="eep-heartbeat", daemon=True).start()
