@@ -39,7 +39,7 @@ def test_fixed_variant_drops_the_mask_reads():
 
 def test_bad_source_reports_the_nvrtc_log(monkeypatch, tmp_path):
     (tmp_path / "common.cuh").write_text("#pragma once\nthis is not c++;\n")
-    for name in ("dispatch.cuh", "combine.cuh"):
+    for name in fc.KERNEL_FILES[1:]:
         (tmp_path / name).write_text('#include "common.cuh"\n')
     monkeypatch.setattr(fc, "CSRC_DIR", tmp_path)
     with pytest.raises(fc.KernelCompileError, match="common.cuh"):

@@ -118,35 +118,55 @@ class FusedBuffer:
                  fixed_membership: bool = False, timeout_s: float | None = None,
                  num_blocks: int | None = None, vec_per_lane: int | None = None, use_fp8: bool = False,
                  device: torch.device | int | None = None) -> None:
-        from eep.fused.compile import KernelVariant, LoadedKernels
-        from eep.fused.cuda_util import ensure_context
-        from eep.fused.peer_memory import FdServer, VmmAllocation
+        from eep.fused.compile import KernelVariant
 
         if not 0 <= rank < num_ranks:
             raise ValueError(f"rank={rank} outside [0, num_ranks={num_ranks})")
-        self.layout = BufferLayout(num_ranks, slots_per_rank, max_tokens_per_rank, hidden)
-        self.rank, self.num_ranks, self.top_k = rank, num_ranks, top_k
+        layout = BufferLayout(num_ranks, slots_per_rank, max_tokens_per_rank, hidden)
+        self.top_k, self.use_fp8 = top_k, use_fp8
+        variant = KernelVariant(hidden, fixed_membership, vec_per_lane or envs.fused_vec_per_lane(), use_fp8)
+        self._open(rank, layout, variant, store=store, group=group, connect=connect, timeout_s=timeout_s,
+                   num_blocks=num_blocks, device=device,
+                   smem={"eep_dispatch": layout.dispatch_smem_bytes(),
+                         "eep_combine_send": layout.combine_send_smem_bytes()})
+        self.vis_count = torch.zeros(slots_per_rank, num_ranks, dtype=torch.int32, device=self.device)
+        self.handle_pos = torch.full((max_tokens_per_rank, top_k), -1, dtype=torch.int32, device=self.device)
+        if use_fp8:  # each token is quantized once here, then copied top_k times
+            self.stage = torch.empty(max_tokens_per_rank, hidden, dtype=torch.uint8, device=self.device)
+            self.stage_scale = torch.empty(max_tokens_per_rank, dtype=torch.float32, device=self.device)
+        torch.cuda.synchronize(self.device)
+
+    def _open(self, rank: int, layout: Any, variant: Any, *, store: Any, group: str, connect: Sequence[int] | None,
+              timeout_s: float | None, num_blocks: int | None, device: torch.device | int | None,
+              smem: dict[str, int]) -> None:
+        """What every mode's buffer does once: context, kernels, the VMM peer buffer (``layout.nbytes``,
+        zeroed), its fd server, the control block, mask and peer table, the store record, the peers."""
+        from eep.fused.compile import LoadedKernels
+        from eep.fused.cuda_util import ensure_context
+        from eep.fused.peer_memory import FdServer, VmmAllocation
+
+        num_ranks = layout.num_ranks
+        self.layout = layout
+        self.rank, self.num_ranks = rank, num_ranks
         self.store, self.group = store, group
         self.device = torch.device("cuda", torch.cuda.current_device() if device is None else
                                    (device if isinstance(device, int) else device.index))
         torch.cuda.set_device(self.device)
         torch.zeros(1, device=self.device)  # make torch create the primary context first
         ensure_context(self.device.index)
-        vec_per_lane = vec_per_lane or envs.fused_vec_per_lane()
-        self.kernels_variant = KernelVariant(hidden, fixed_membership, vec_per_lane, use_fp8)
-        self.kernels = LoadedKernels.get(self.kernels_variant, self.device.index)
-        self.use_fp8 = use_fp8
-        self._set_smem_limits()
+        self.kernels_variant = variant
+        self.kernels = LoadedKernels.get(variant, self.device.index)
+        self._set_smem_limits(smem)
         # grid of the data-moving kernels; any size is correct (only the last block waits)
         self.num_blocks = (num_blocks or envs.fused_blocks()
                            or torch.cuda.get_device_properties(self.device).multi_processor_count)
 
         # this rank's peer buffer: allocated once for all rank slots
-        self.alloc = VmmAllocation(self.layout.nbytes, self.device.index)
-        self._buffer = _tensor_at(self.alloc.ptr, self.layout.nbytes, self.device)
+        self.alloc = VmmAllocation(layout.nbytes, self.device.index)
+        self._buffer = _tensor_at(self.alloc.ptr, layout.nbytes, self.device)
         self._buffer.zero_()
         self.server = FdServer(self.alloc.fd, {"rank": rank, "nbytes": self.alloc.nbytes,
-                                                "layout": self.layout.signature(), "pid": os.getpid()})
+                                                "layout": layout.signature(), "pid": os.getpid()})
 
         # local device state read by every launch
         self.ctrl = torch.zeros(CTRL_NUMEL, dtype=torch.int64, device=self.device)
@@ -156,16 +176,11 @@ class FusedBuffer:
         self.active_mask = torch.ones(num_ranks, dtype=torch.int32, device=self.device)
         self.peer_base = torch.zeros(num_ranks, dtype=torch.int64, device=self.device)
         self.peer_base[rank] = self.alloc.ptr
-        self.vis_count = torch.zeros(slots_per_rank, num_ranks, dtype=torch.int32, device=self.device)
-        self.handle_pos = torch.full((max_tokens_per_rank, top_k), -1, dtype=torch.int32, device=self.device)
-        if use_fp8:  # each token is quantized once here, then copied top_k times
-            self.stage = torch.empty(max_tokens_per_rank, hidden, dtype=torch.uint8, device=self.device)
-            self.stage_scale = torch.empty(max_tokens_per_rank, dtype=torch.float32, device=self.device)
         self._imports: dict[int, Any] = {}
 
         store.set(store_key(group, rank), json.dumps({
             "address": self.server.public_address, "nbytes": self.alloc.nbytes,
-            "layout": self.layout.signature(), "pid": os.getpid(), "time": time.time()}))
+            "layout": layout.signature(), "pid": os.getpid(), "time": time.time()}))
         for peer in (range(num_ranks) if connect is None else connect):
             if peer != rank:
                 self.add_peer(peer)
@@ -348,13 +363,12 @@ class FusedBuffer:
         check(driver.cuLaunchKernel(self.kernels.functions[name], grid, 1, 1, THREADS_PER_BLOCK, 1, 1,
                                     smem_bytes, stream, ctypes.addressof(arg), 0), f"cuLaunchKernel({name})")
 
-    def _set_smem_limits(self) -> None:
+    def _set_smem_limits(self, smem: dict[str, int]) -> None:
         from cuda.bindings import driver
         from eep.fused.cuda_util import check
 
         attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        for name, nbytes in (("eep_dispatch", self.layout.dispatch_smem_bytes()),
-                             ("eep_combine_send", self.layout.combine_send_smem_bytes())):
+        for name, nbytes in smem.items():
             if nbytes > 48 * 1024:
                 if nbytes > 200 * 1024:
                     raise ValueError(f"{name} needs {nbytes} B of shared memory for layout "

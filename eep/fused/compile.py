@@ -21,8 +21,9 @@ from eep import envs
 from eep.errors import EEPError
 
 CSRC_DIR = Path(__file__).with_name("csrc")
-KERNEL_FILES = ("common.cuh", "dispatch.cuh", "combine.cuh")
-KERNEL_NAMES = ("eep_quantize", "eep_dispatch", "eep_combine_send", "eep_combine_reduce")
+KERNEL_FILES = ("common.cuh", "dispatch.cuh", "combine.cuh", "prefill.cuh")
+KERNEL_NAMES = ("eep_quantize", "eep_dispatch", "eep_combine_send", "eep_combine_reduce",
+                "eep_prefill_dispatch", "eep_prefill_combine_send", "eep_prefill_combine_reduce")
 DEFAULT_ARCH = "sm_90a"
 
 
@@ -96,7 +97,7 @@ def compile_cubin(variant: KernelVariant, arch: str = DEFAULT_ARCH) -> bytes:
     from cuda.bindings import nvrtc
 
     sources = kernel_sources()
-    main = b'#include "dispatch.cuh"\n#include "combine.cuh"\n'
+    main = b'#include "dispatch.cuh"\n#include "combine.cuh"\n#include "prefill.cuh"\n'
     headers = [sources[name] for name in KERNEL_FILES]
     names = [name.encode() for name in KERNEL_FILES]
     err, prog = nvrtc.nvrtcCreateProgram(main, f"{variant.name}.cu".encode(), len(headers), headers, names)

@@ -136,3 +136,67 @@ def compare_rank(rank: int, orc: Oracle, recv_x: torch.Tensor, count: torch.Tens
         errors.append(f"rank {rank}: combine output differs in {int((diff != 0).sum())} elements (nan: "
                       f"{int(diff.isnan().sum())}), max {float(diff.nan_to_num(1e9).max())}")
     return errors
+
+
+# ---- prefill (packed) mode -----------------------------------------------------------------
+
+@dataclass
+class PrefillOracle:
+    recv: list  # PackedReceive | None per rank
+    handles: list  # PackedHandle | None per rank
+    partial: list  # [R, M, H] bf16 | None per rank
+    out: list  # [T_r, H] bf16 | None per rank
+
+
+def prefill_fake_experts(recv, scale: torch.Tensor) -> torch.Tensor:
+    """One output row per (row, k) entry in ``expert_order``: the row scaled by its slot's factor
+    (exact in bf16), so GPU and CPU produce the same bits."""
+    S = scale.shape[0]
+    entry_row, _, offsets = recv.expert_order(S)
+    rows = recv.x.reshape(-1, recv.x.shape[-1])
+    slot_of = torch.repeat_interleave(torch.arange(S, device=entry_row.device), (offsets[1:] - offsets[:-1]))
+    return (rows[entry_row].float() * scale.to(rows.device)[slot_of].unsqueeze(-1)).to(rows.dtype)
+
+
+def prefill_oracle(case: Case, placement: ExpertPlacement, max_tokens: int, *, stale: bool = False) -> PrefillOracle:
+    """``eep.reference.prefill`` for every rank (CPU). ``stale``: routes computed as if every rank
+    were active (tables not yet repaired), while ``case.active`` decides who takes part."""
+    from eep.reference.prefill import combine_packed, dispatch_packed, partial_combine
+
+    S, R = placement.slots_per_rank, len(case.active)
+    routed = Case(case.num_tokens, case.x, case.topk_ids, case.weights, [True] * R) if stale else case
+    phys = [case_phys(routed, placement, r) if case.active[r] else None for r in range(R)]
+    xs = [x if a else None for x, a in zip(case.x, case.active)]
+    ws = [w if a else None for w, a in zip(case.weights, case.active)]
+    recv, handles = dispatch_packed(xs, phys, ws, case.active, S, max_tokens)
+    scale = expert_scale(S)
+    partial = [None if r is None else partial_combine(r, prefill_fake_experts(r, scale), S) for r in recv]
+    return PrefillOracle(recv, handles, partial, combine_packed(partial, handles))
+
+
+def compare_prefill_rank(rank: int, orc: PrefillOracle, count: torch.Tensor, src_token: torch.Tensor,
+                         x: torch.Tensor, local_slot: torch.Tensor, weight: torch.Tensor, dst_row: torch.Tensor,
+                         out: torch.Tensor) -> list[str]:
+    """Differences between one rank's fused prefill results (CPU copies) and the oracle."""
+    want, errors = orc.recv[rank], []
+    if not torch.equal(count, want.count):
+        return [f"rank {rank}: prefill count got {count.tolist()} want {want.count.tolist()}"]
+    valid = torch.arange(want.x.shape[1]).view(1, -1) < want.count.view(-1, 1)  # [R, M]
+    if not torch.equal(src_token[valid], want.src_token[valid]):
+        errors.append(f"rank {rank}: prefill src_token differs in {int((src_token[valid] != want.src_token[valid]).sum())} rows")
+    if not torch.equal(local_slot[valid], want.local_slot[valid]):
+        errors.append(f"rank {rank}: prefill local_slot differs in {int((local_slot[valid] != want.local_slot[valid]).any(-1).sum())} rows")
+    here = want.local_slot >= 0
+    if not torch.equal(weight[here], want.weight[here]):
+        errors.append(f"rank {rank}: prefill weight differs in {int((weight[here] != want.weight[here]).sum())} entries")
+    if not torch.equal(x[valid], want.x[valid]):
+        diff = (x[valid].float() - want.x[valid].float()).abs()
+        errors.append(f"rank {rank}: prefill recv.x differs in {int((diff != 0).sum())} elements "
+                      f"(nan {int(diff.isnan().sum())})")
+    if not torch.equal(dst_row.long(), orc.handles[rank].dst_row):
+        errors.append(f"rank {rank}: prefill dst_row differs at {(dst_row.long() != orc.handles[rank].dst_row).nonzero()[:4].tolist()}")
+    if not torch.equal(out, orc.out[rank]):
+        diff = (out.float() - orc.out[rank].float()).abs()
+        errors.append(f"rank {rank}: prefill combine output differs in {int((diff != 0).sum())} elements "
+                      f"(nan {int(diff.isnan().sum())}), max {float(diff.nan_to_num(1e9).max())}")
+    return errors

@@ -7,6 +7,9 @@ Scenarios (``--scenario``):
          mask the last rank (its process exits) and replay; a new process takes the last rank's
          slot, survivors add_peer + set_membership and replay the same graph.
   join   the new process of the graph scenario.
+  prefill the packed (prefill) mode against eep.reference.prefill: random, skewed, zero-token
+         ranks, a masked rank with stale routes into it, unmasked again; then eager timings
+         (GB/s as DeepEP counts them) with --prefill-time-tokens.
   kill   steps in a loop; the launcher SIGKILLs the last rank; survivors must finish the step
          within the timeout, see it in status(), still access the dead rank's mapped buffer,
          mask it and compute correct results.
@@ -28,8 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from eep.fused.buffer import FusedBuffer  # noqa: E402
-from fused_cases import (case_phys, compare_rank, expert_scale, fake_experts, make_case,  # noqa: E402
-                                   oracle, two_replica_placement)
+from fused_cases import (case_phys, compare_prefill_rank, compare_rank, expert_scale, fake_experts,  # noqa: E402
+                         make_case, oracle, prefill_fake_experts, prefill_oracle, two_replica_placement)
 
 
 class Barrier:
@@ -323,6 +326,132 @@ def scenario_kill(args, store, result) -> None:
     buf.close()
 
 
+def make_prefill_buffer(args, store, *, fixed=False):
+    from eep.fused.prefill import PrefillBuffer
+    return PrefillBuffer(args.rank, args.num_ranks, slots_per_rank=args.slots, max_tokens_per_rank=args.max_tokens,
+                         hidden=args.hidden, top_k=args.top_k, store=store, group=args.group + "-p",
+                         fixed_membership=fixed, timeout_s=args.timeout_s, device=args.rank)
+
+
+def prefill_step(buf, x, phys, w, scale, out):
+    """Dispatch, fake experts per entry, local partial sums, combine (what a prefill step does)."""
+    from eep.reference.prefill import partial_combine
+    recv, handle = buf.dispatch(x, phys, w)
+    partial = partial_combine(recv, prefill_fake_experts(recv, scale), scale.shape[0])
+    buf.combine(partial.contiguous(), handle, out=out)
+    return recv, handle
+
+
+def poison_prefill(buf, num_tokens):
+    recv = buf.recv_views()
+    recv.x.fill_(float("nan"))
+    recv.src_token.fill_(-77)
+    recv.local_slot.fill_(-55)
+    recv.weight.fill_(float("nan"))
+    recv.count.fill_(-5)
+    buf.dst_row.fill_(-99)
+    out = torch.full((num_tokens, buf.layout.hidden), float("nan"), dtype=torch.bfloat16, device=buf.device)
+    torch.cuda.synchronize()
+    return out
+
+
+def prefill_case(args, buf, barrier, participants, seed, errors, label, *, stale=False, **case_kw):
+    placement = two_replica_placement(args.num_ranks, args.slots)
+    case = make_case(seed, **shape_kwargs(args), **case_kw)
+    dev = torch.device("cuda", args.rank)
+    routed = case if not stale else make_case(seed, **shape_kwargs(args), **{**case_kw, "active": None})
+    x, w = case.x[args.rank].to(dev), case.weights[args.rank].to(dev)
+    phys = case_phys(routed, placement, args.rank, device=dev)
+    scale = expert_scale(args.slots).to(dev)
+    out = poison_prefill(buf, x.shape[0])
+    barrier.wait(participants)
+    recv, handle = prefill_step(buf, x, phys, w, scale, out)
+    torch.cuda.synchronize()
+    got = (recv.count.cpu(), recv.src_token.cpu(), recv.x.cpu(), recv.local_slot.cpu(), recv.weight.cpu(),
+           handle.dst_row.cpu(), out.cpu())
+    errs = compare_prefill_rank(args.rank, prefill_oracle(case, placement, args.max_tokens, stale=stale), *got)
+    errors.extend(f"{label}: {e}" for e in errs)
+    barrier.wait(participants)
+    return not errs
+
+
+def scenario_prefill(args, store, result) -> None:
+    errors = result["errors"]
+    R, last = args.num_ranks, args.num_ranks - 1
+    buf = make_prefill_buffer(args, store, fixed=args.fixed)
+    barrier = Barrier(store, f"{args.group}/pbar")
+    seed = args.seed
+    for label, kw in [("random", {}), ("skewed", {"routing": "skewed"}), ("zero-tokens", {"zero_ranks": (0, last)})]:
+        seed += 1
+        prefill_case(args, buf, barrier, R, seed, errors, label, **kw)
+    if not args.fixed and R > 2:
+        mask = [True] * R
+        mask[last] = False
+        seed += 1
+        if args.rank != last:
+            buf.set_membership(mask, epoch=1)
+            prefill_case(args, buf, barrier, R - 1, seed, errors, "masked-stale-routes", stale=True, active=mask)
+            if args.rank == 0:
+                st = buf.status()
+                store.set(f"{args.group}/pseq", json.dumps([st.dispatch_seq, st.combine_seq]))
+            barrier.wait(R)
+        else:
+            barrier.n += 2
+            barrier.wait(R)
+            buf.set_sequence(*json.loads(store.get(f"{args.group}/pseq")))
+        buf.set_membership([True] * R, epoch=2)
+        seed += 1
+        prefill_case(args, buf, barrier, R, seed, errors, "after-unmask")
+    st = buf.status()
+    result["status"] = st.__dict__
+    if any(st.miss_count):
+        errors.append(f"rank {args.rank}: deadlines missed in a healthy prefill run: {st.miss_count}")
+    if not errors and args.prefill_time_tokens:
+        result["timing"] = time_prefill(args, store, barrier, R)
+    buf.close()
+
+
+def time_prefill(args, store, barrier, R):
+    """Eager dispatch and combine at ``--prefill-time-tokens`` tokens per rank (uniform top-k over
+    all experts), CUDA events over ``iters`` steps after a warm-up; GB/s = bytes this rank received
+    (one copy per token and destination rank, its own included) over the kernel time, as DeepEP's
+    normal-mode test counts them."""
+    from eep.fused.prefill import PrefillBuffer
+    from eep.reference.prefill import received_bytes  # noqa: F401  (the same counting rule)
+    dev = torch.device("cuda", args.rank)
+    T = args.prefill_time_tokens
+    buf = PrefillBuffer(args.rank, R, slots_per_rank=args.slots, max_tokens_per_rank=T, hidden=args.hidden,
+                        top_k=args.top_k, store=store, group=args.group + "-pt", timeout_s=args.timeout_s,
+                        device=args.rank)
+    g = torch.Generator(device=dev).manual_seed(args.rank)
+    num_slots = R * args.slots
+    x = torch.randn(T, args.hidden, device=dev, generator=g).to(torch.bfloat16)
+    phys = torch.rand(T, num_slots, device=dev, generator=g).topk(args.top_k, -1).indices.contiguous()
+    w = torch.softmax(torch.randn(T, args.top_k, device=dev, generator=g), -1)
+    partial = torch.randn(R, T, args.hidden, device=dev, generator=g).to(torch.bfloat16)
+    out = torch.empty(T, args.hidden, dtype=torch.bfloat16, device=dev)
+    times = {"dispatch": [], "combine": []}
+    for it in range(args.prefill_time_iters + 3):
+        barrier.wait(R)
+        e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        e[0].record()
+        recv, handle = buf.dispatch(x, phys, w)
+        e[1].record()
+        buf.combine(partial, handle, out=out)
+        e[2].record()
+        torch.cuda.synchronize()
+        if it >= 3:
+            times["dispatch"].append(e[0].elapsed_time(e[1]) / 1e3)
+            times["combine"].append(e[1].elapsed_time(e[2]) / 1e3)
+    recv_rows = int(buf.vis_count.sum())
+    nbytes = recv_rows * args.hidden * 2
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    buf.close()
+    return {"tokens": T, "hidden": args.hidden, "received_rows": recv_rows, "received_bytes": nbytes,
+            "dispatch_s": med["dispatch"], "combine_s": med["combine"],
+            "dispatch_gbps": nbytes / med["dispatch"] / 1e9, "combine_gbps": nbytes / med["combine"] / 1e9}
+
+
 def _td(seconds):
     import datetime
     return datetime.timedelta(seconds=seconds)
@@ -345,13 +474,16 @@ def main() -> None:
     p.add_argument("--fixed", action="store_true")
     p.add_argument("--kill-steps", type=int, default=60)
     p.add_argument("--fp8", action="store_true", help="FP8 dispatch (diff scenario)")
+    p.add_argument("--prefill-time-tokens", type=int, default=0, help="prefill scenario: also time this many tokens")
+    p.add_argument("--prefill-time-iters", type=int, default=20)
     args = p.parse_args()
     from torch.distributed import TCPStore
     store = TCPStore("127.0.0.1", args.port, is_master=False, timeout=_td(300))
     result = {"rank": args.rank, "scenario": args.scenario, "errors": [], "pid": os.getpid()}
     path = os.path.join(args.out, f"{args.scenario}.{args.group}.rank{args.rank}.json")
     try:
-        {"diff": scenario_diff, "graph": scenario_graph, "join": scenario_join, "kill": scenario_kill}[args.scenario](
+        {"diff": scenario_diff, "graph": scenario_graph, "join": scenario_join, "kill": scenario_kill,
+         "prefill": scenario_prefill}[args.scenario](
             args, store, result)
     except Exception:
         result["errors"].append(f"rank {args.rank} raised:\n{traceback.format_exc()}")

@@ -34,6 +34,9 @@ L=tests/gpu/launch.py
 step diff4 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128
 step diff4-fp8 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 64 --fp8
 step diff2-fp8 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $L --scenario diff --num-ranks 2 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128 --fp8
+step prefill4 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --prefill-time-tokens 4096
+step prefill4-ds 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 128 --prefill-time-tokens 4096
+step prefill2 120 env CUDA_VISIBLE_DEVICES=0,1 $PY $L --scenario prefill --num-ranks 2 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256
 step graph4 120 $PY $L --scenario graph --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64
 step kill4 120 $PY $L --scenario kill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5
 if [ "${1:-}" != quick ]; then

@@ -74,16 +74,6 @@ extern "C" __global__ void __launch_bounds__(512) eep_combine_send(const EepPara
   }
 }
 
-// acc[0..8) += w * (8 bf16 of val): mul then add, each rounded, as the reference computes.
-__device__ __forceinline__ void eep_accumulate(float* acc, float w, const EepVec& val) {
-  const u32 words[4] = {val.a, val.b, val.c, val.d};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(w, eep_bf16_lo(words[i])));
-    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(w, eep_bf16_hi(words[i])));
-  }
-}
-
 extern "C" __global__ void __launch_bounds__(512) eep_combine_reduce(const EepParams p) {
   __shared__ int s_use[EEP_MAX_RANKS];  // rank active and its outputs arrived
   const int S = (int)p.slots_per_rank, R = (int)p.num_ranks, M = (int)p.max_tokens;

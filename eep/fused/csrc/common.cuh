@@ -133,6 +133,16 @@ __device__ __forceinline__ void eep_copy_chunk(EepVec* dst, const EepVec* src, i
   }
 }
 
+// acc[0..8) += w * (8 bf16 of val): mul then add, each rounded, as the reference computes.
+__device__ __forceinline__ void eep_accumulate(float* acc, float w, const EepVec& val) {
+  const u32 words[4] = {val.a, val.b, val.c, val.d};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(w, eep_bf16_lo(words[i])));
+    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(w, eep_bf16_hi(words[i])));
+  }
+}
+
 // Record that `peer` missed the deadline of step `seq` (the runtime reads this as evidence).
 __device__ __forceinline__ void eep_record_miss(EepCtrl* ctrl, int peer, u64 seq) {
   atomicAdd(&ctrl->miss_count[peer], 1ull);
