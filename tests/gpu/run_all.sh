@@ -45,6 +45,10 @@ if [ "${1:-}" != quick ]; then
   step bench-qw-4 90 $PY $B --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench.jsonl --rounds 11
   step bench-ds-4-fp8 90 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench.jsonl --rounds 11 --fp8
   step bench-qw-4-fp8 90 $PY $B --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench.jsonl --rounds 11 --fp8
+  P=perf/bench_prefill.py
+  step bench-prefill-ds-4 120 $PY $P --num-ranks 4 --model deepseek-v3 --out $OUT/bench_prefill.jsonl
+  step bench-prefill-qw-4 90 $PY $P --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench_prefill.jsonl
+  step bench-prefill-ds-4-symm 120 $PY $P --num-ranks 4 --model deepseek-v3 --out $OUT/bench_prefill.jsonl --with-symm-mem
   step bench-ds-2 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $B --num-ranks 2 --model deepseek-v3 --out $OUT/bench.jsonl
   step bench-qw-2 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $B --num-ranks 2 --model qwen3-30b-a3b --out $OUT/bench.jsonl
 fi

@@ -1,0 +1,257 @@
+"""Prefill dispatch/combine benchmark: eep ``PrefillBuffer`` (membership-aware and fixed) vs NCCL
+``all_to_all_single`` and ``torch.ops.symm_mem.all_to_all_vdev_2d``, side by side in one run.
+
+    python perf/bench_prefill.py --num-ranks 4 --model deepseek-v3 [--tokens 4096] [--out FILE]
+
+One process per GPU (subprocesses around a TCPStore hosted here). Every rank routes ``tokens``
+tokens top-8 uniformly over all experts (one replica each). Bandwidth is counted as DeepEP's
+normal-mode test counts it: bytes of token rows a rank receives — one copy per token and
+destination rank, its own included — over the kernel time; the slowest rank's median is reported.
+- eep: CUDA graphs of ``iters`` steps (dispatch alone, and dispatch + combine with a static
+  partial-row tensor standing in for the experts), elastic and fixed kernels on the same buffer,
+  replayed alternately ``rounds`` times;
+- NCCL: ``all_to_all_single`` of exactly those rows (per-destination splits), one direction for
+  dispatch and the reverse for combine;
+- symm_mem: ``all_to_all_vdev_2d`` (NVSHMEM) of one copy per (token, choice), expert-major output,
+  as torch's MoE examples use it; it moves top-k copies, so its GB/s counts the bytes it moved.
+  Only with ``--with-symm-mem`` (it initializes NVSHMEM); reported with the error where the op or
+  NVSHMEM is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MODELS = {"deepseek-v3": (7168, 256), "qwen3-30b-a3b": (2048, 128), "tiny": (64, 16)}  # hidden, experts
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from eep.fused.compile import KernelVariant, LoadedKernels
+    from eep.fused.prefill import PrefillBuffer
+
+    rank, R = args.rank, args.num_ranks
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    store = dist.TCPStore("127.0.0.1", args.port, is_master=False, timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group("nccl", store=store, rank=rank, world_size=R, device_id=dev)
+    hidden, num_experts = MODELS[args.model]
+    S, T, K = num_experts // R, args.tokens, args.top_k
+    buf = PrefillBuffer(rank, R, slots_per_rank=S, max_tokens_per_rank=T, hidden=hidden, top_k=K, store=store,
+                        group="bench-prefill", timeout_s=5.0, device=rank)
+    kernels = {"elastic": buf.kernels,
+               "fixed": LoadedKernels.get(KernelVariant(hidden, True, buf.kernels_variant.vec_per_lane), rank)}
+    g = torch.Generator(device=dev).manual_seed(rank + 1)
+    x = torch.randn(T, hidden, device=dev, generator=g).to(torch.bfloat16)
+    ids = torch.rand(T, num_experts, device=dev, generator=g).topk(K, dim=-1).indices  # expert e on slot e
+    phys = ids.contiguous()
+    w = torch.softmax(torch.randn(T, K, device=dev, generator=g), -1)
+    partial = torch.randn(R, T, hidden, device=dev, generator=g).to(torch.bfloat16)
+    out = torch.empty(T, hidden, dtype=torch.bfloat16, device=dev)
+
+    def capture(mode: str):
+        dist.barrier()
+        recv, handle = buf.dispatch(x, phys, w)  # warm-up step on every rank
+        if mode == "both":
+            buf.combine(partial, handle, out=out)
+        torch.cuda.synchronize()
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            for _ in range(args.iters):
+                recv, handle = buf.dispatch(x, phys, w)
+                if mode == "both":
+                    buf.combine(partial, handle, out=out)
+        return gr
+
+    graphs = {}
+    for name in ("elastic", "fixed"):
+        buf.kernels = kernels[name]
+        for mode in ("both", "dispatch"):
+            graphs[(name, mode)] = capture(mode)
+    buf.kernels = kernels["elastic"]
+    torch.cuda.synchronize()
+    recv_rows = int(buf.vis_count.sum())
+
+    # NCCL: the same rows, per-destination splits (a token goes once to each rank it has a choice on)
+    dst = ids // S
+    hits = torch.zeros(T, R, dtype=torch.bool, device=dev)
+    hits.scatter_(1, dst, True)
+    order = [hits[:, d].nonzero().squeeze(1) for d in range(R)]
+    send = torch.cat([x[o] for o in order])
+    in_splits = [int(o.numel()) for o in order]
+    counts = torch.tensor(in_splits, device=dev)
+    got = torch.empty_like(counts)
+    dist.all_to_all_single(got, counts)
+    out_splits = got.tolist()
+    nccl_recv = torch.empty(sum(out_splits), hidden, dtype=torch.bfloat16, device=dev)
+
+    def time_graph(gr) -> float:
+        dist.barrier()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        gr.replay()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3 / args.iters
+
+    def time_nccl(reverse: bool) -> float:
+        dist.barrier()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(args.iters):
+            if reverse:
+                dist.all_to_all_single(send, nccl_recv, output_split_sizes=in_splits, input_split_sizes=out_splits)
+            else:
+                dist.all_to_all_single(nccl_recv, send, output_split_sizes=out_splits, input_split_sizes=in_splits)
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3 / args.iters
+
+    symm = (symm_mem_baseline(args, dist, torch, dev, x, ids, S, num_experts) if args.with_symm_mem
+            else {"error": "not requested (--with-symm-mem)"})
+    for gr in graphs.values():
+        time_graph(gr)
+    time_nccl(False)
+    samples: dict[str, list[float]] = {k: [] for k in ("elastic_both", "elastic_dispatch", "fixed_both",
+                                                      "fixed_dispatch", "nccl_dispatch", "nccl_combine")}
+    if symm.get("run"):
+        samples["symm_mem_dispatch"] = []
+    for _ in range(args.rounds):
+        for name in ("elastic", "fixed"):
+            samples[f"{name}_both"].append(time_graph(graphs[(name, "both")]))
+            samples[f"{name}_dispatch"].append(time_graph(graphs[(name, "dispatch")]))
+        samples["nccl_dispatch"].append(time_nccl(False))
+        samples["nccl_combine"].append(time_nccl(True))
+        if symm.get("run"):
+            samples["symm_mem_dispatch"].append(symm["run"]())
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    med["recv_bytes"] = recv_rows * hidden * 2
+    med["symm_bytes"] = symm.get("bytes", 0)
+    gathered = [None] * R
+    dist.all_gather_object(gathered, med)
+    misses = buf.status().miss_count
+    if rank == 0:
+        worst = {k: max(m[k] for m in gathered) for k in med}
+        s = {k: worst[k] for k in samples}
+        s["elastic_combine"] = s["elastic_both"] - s["elastic_dispatch"]
+        s["fixed_combine"] = s["fixed_both"] - s["fixed_dispatch"]
+        # conservative: the slowest rank's median time over the smallest per-rank byte count
+        nbytes = min(m["recv_bytes"] for m in gathered)
+        gbps = {k: nbytes / v / 1e9 for k, v in s.items() if k.endswith(("dispatch", "combine")) and "symm" not in k}
+        if "symm_mem_dispatch" in s:
+            gbps["symm_mem_dispatch"] = min(m["symm_bytes"] for m in gathered) / s["symm_mem_dispatch"] / 1e9
+        row = {"model": args.model, "num_ranks": R, "tokens": T, "top_k": K, "hidden": hidden,
+               "gpu": torch.cuda.get_device_name(dev), "iters": args.iters, "rounds": args.rounds,
+               "seconds": s, "gbps": gbps, "ratio_elastic_over_fixed": s["elastic_both"] / s["fixed_both"],
+               "received_bytes_per_rank": [m["recv_bytes"] for m in gathered],
+               "symm_mem": {k: v for k, v in symm.items() if k != "run"}, "misses": misses}
+        print("RESULT " + json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    dist.barrier()
+    buf.close()
+    dist.destroy_process_group()
+
+
+def symm_mem_baseline(args, dist, torch, dev, x, ids, S, num_experts) -> dict:
+    """``all_to_all_vdev_2d`` of one row per (token, choice), sorted by (destination rank, local
+    expert); returns ``{"run": timer, "bytes": rows received x row bytes}`` or ``{"error": ...}``."""
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        if hasattr(symm_mem, "set_backend"):
+            symm_mem.set_backend("NVSHMEM")
+        group_name = dist.group.WORLD.group_name
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):
+            symm_mem.enable_symm_mem_for_group(group_name)
+        T, K = ids.shape
+        hidden = x.shape[1]
+        flat = ids.flatten()  # expert e lives on rank e // S as local expert e % S: rank-major = expert order
+        order = flat.argsort(stable=True)
+        rows = x[order // K]
+        splits = torch.bincount(flat, minlength=num_experts).to(torch.int64)
+        max_rows = T * K * 2  # any rank may receive more than it sends under random routing
+        inp = symm_mem.empty(max_rows, hidden, dtype=torch.bfloat16, device=dev)
+        inp[:rows.shape[0]].copy_(rows)
+        in_splits = symm_mem.empty(num_experts, dtype=torch.int64, device=dev)
+        in_splits.copy_(splits)
+        out = symm_mem.empty(max_rows, hidden, dtype=torch.bfloat16, device=dev)
+        out_so = symm_mem.empty((2, num_experts), dtype=torch.int64, device=dev)
+        for t in (inp, in_splits, out, out_so):
+            if hasattr(symm_mem, "rendezvous"):
+                symm_mem.rendezvous(t, group_name)
+        torch.cuda.synchronize(dev)
+        dist.barrier()
+        torch.ops.symm_mem.all_to_all_vdev_2d(inp, out, in_splits, out_so, group_name)
+        torch.cuda.synchronize(dev)
+        received = int(out_so[0].sum())
+
+        def run() -> float:
+            dist.barrier()
+            torch.cuda.synchronize(dev)
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(args.iters):
+                torch.ops.symm_mem.all_to_all_vdev_2d(inp, out, in_splits, out_so, group_name)
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3 / args.iters
+
+        return {"run": run, "bytes": received * hidden * 2, "rows_received": received}
+    except Exception as exc:  # noqa: BLE001 - a missing baseline is reported, not fatal
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-ranks", type=int, default=4)
+    p.add_argument("--model", choices=sorted(MODELS), default="deepseek-v3")
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--with-symm-mem", action="store_true",
+                   help="also time torch.ops.symm_mem.all_to_all_vdev_2d (initializes NVSHMEM)")
+    p.add_argument("--out", default=None, help="append one JSON line per configuration here")
+    p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.rank is not None:
+        worker(args)
+        return 0
+    from torch.distributed import TCPStore
+    sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
+    from launch import free_port
+    port = free_port()
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,  # noqa: F841 (kept alive)
+                     timeout=datetime.timedelta(seconds=300))
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
+               PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--rank", str(r), "--port", str(port)], env=env)
+             for r in range(args.num_ranks)]
+    deadline = time.time() + 500
+    while any(pr.poll() is None for pr in procs) and time.time() < deadline:
+        time.sleep(0.05)
+    for pr in procs:
+        if pr.poll() is None:
+            pr.kill()
+    return max(pr.wait() for pr in procs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
