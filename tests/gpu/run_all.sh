@@ -9,17 +9,8 @@ OUT=${OUT:-/tmp/eep-out}; mkdir -p "$OUT"
 LOG=$OUT/log.txt
 PY=python3
 START=$(date +%s); BUDGET=${EEP_GPU_BUDGET_S:-550}
-step() {  # step NAME SECONDS CMD...   (skipped once the whole script's budget is spent)
-  local name=$1 secs=$2; shift 2
-  local left=$(( BUDGET - ($(date +%s) - START) ))
-  if [ $left -lt 20 ]; then echo "=== $name rc=SKIPPED (budget)" | tee -a "$LOG"; return; fi
-  [ $secs -gt $left ] && secs=$left
-  echo "=== $name ($(date +%T))" | tee -a "$LOG"
-  timeout -k 5 "$secs" "$@" >>"$LOG" 2>&1; local rc=$?
-  echo "=== $name rc=$rc" | tee -a "$LOG"
-  # the first differential test failing means the kernels are wrong: spend no more device time
-  if [ $rc -ne 0 ] && [ "$name" = diff4 ] && [ "${EEP_GPU_KEEP_GOING:-0}" = 0 ]; then BUDGET=0; fi
-}
+STEP_STOP_ON_FAIL=diff4
+source tests/gpu/steps.sh
 nvidia-smi -L | tee -a "$LOG"
 $PY -c "import torch, cuda.bindings, cuda.core; print(torch.__version__, cuda.bindings.__version__, cuda.core.__version__)" 2>&1 | tee -a "$LOG"
 step compile 60 $PY -c "

@@ -9,16 +9,8 @@ OUT=${OUT:-/tmp/eep-gemm-out}; mkdir -p "$OUT"
 LOG=$OUT/gemm_log.txt
 PY=python3
 START=$(date +%s); BUDGET=${EEP_GPU_BUDGET_S:-420}
-step() {  # step NAME SECONDS CMD...
-  local name=$1 secs=$2; shift 2
-  local left=$(( BUDGET - ($(date +%s) - START) ))
-  if [ $left -lt 15 ]; then echo "=== $name rc=SKIPPED (budget)" | tee -a "$LOG"; return; fi
-  [ $secs -gt $left ] && secs=$left
-  echo "=== $name ($(date +%T))" | tee -a "$LOG"
-  timeout -k 5 "$secs" "$@" >>"$LOG" 2>&1; local rc=$?
-  echo "=== $name rc=$rc" | tee -a "$LOG"
-  return $rc
-}
+STEP_MIN_LEFT=15
+source tests/gpu/steps.sh
 nvidia-smi -L | tee -a "$LOG"
 $PY -c "import torch, transformers; print(torch.__version__, torch.cuda.get_device_name(), transformers.__version__)" 2>&1 | tee -a "$LOG"
 step build 240 $PY -c "

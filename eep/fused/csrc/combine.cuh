@@ -55,18 +55,7 @@ extern "C" __global__ void __launch_bounds__(512) eep_combine_send(const EepPara
   }
 
   if (!eep_arrive_last(&ctrl->combine_arrived, &s_last)) return;
-  const u64 my_base = peer[me];
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    if (!eep_rank_active(s_active, r)) continue;
-    __threadfence_system();
-    eep_st_release_sys((u64*)(peer[r] + p.off_combine_flag) + me, seq);
-  }
-  for (int src = threadIdx.x; src < R; src += blockDim.x) {
-    bool ok = false;
-    if (eep_rank_active(s_active, src))
-      ok = eep_wait_flag(ctrl, (const u64*)(my_base + p.off_combine_flag) + src, src, seq);
-    ctrl->combine_ok[src] = ok;
-  }
+  eep_signal_and_wait(ctrl, peer, me, R, s_active, p.off_combine_flag, seq, ctrl->combine_ok, nullptr);
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();

@@ -164,6 +164,27 @@ __device__ __forceinline__ bool eep_wait_flag(EepCtrl* ctrl, const u64* flag, in
   }
 }
 
+// The last block's handshake of a launch: raise this rank's flag (step `seq`) in every active
+// peer's `off_flag` array (release, system scope), then wait a bounded time for every active peer's
+// flag in this rank's own array. ok_out[r] (device status, and s_ok[r] if given) says whether peer r
+// arrived; inactive peers count as not arrived. One definition for every mode's kernels.
+__device__ __forceinline__ void eep_signal_and_wait(EepCtrl* ctrl, const u64* peer, int me, int R,
+                                                    const int* s_active, u64 off_flag, u64 seq, u64* ok_out,
+                                                    int* s_ok) {
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    if (!eep_rank_active(s_active, r)) continue;
+    __threadfence_system();
+    eep_st_release_sys((u64*)(peer[r] + off_flag) + me, seq);
+  }
+  const u64* mine = (const u64*)(peer[me] + off_flag);
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    bool ok = false;
+    if (eep_rank_active(s_active, r)) ok = eep_wait_flag(ctrl, mine + r, r, seq);
+    if (s_ok != nullptr) s_ok[r] = ok;
+    ok_out[r] = ok;
+  }
+}
+
 // Every block calls this after its sends; returns true in exactly one block (the last), after
 // all other blocks' writes are ordered before anything that block does next.
 __device__ __forceinline__ bool eep_arrive_last(u64* counter, int* s_flag) {

@@ -102,18 +102,7 @@ extern "C" __global__ void __launch_bounds__(512) eep_dispatch(const EepParams p
   // 3. last block: signal, bounded wait, publish counts
   if (!eep_arrive_last(&ctrl->dispatch_arrived, &s_last)) return;
   const u64 my_base = peer[me];
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    if (!eep_rank_active(s_active, r)) continue;
-    __threadfence_system();
-    eep_st_release_sys((u64*)(peer[r] + p.off_dispatch_flag) + me, seq);
-  }
-  for (int src = threadIdx.x; src < R; src += blockDim.x) {
-    bool ok = false;
-    if (eep_rank_active(s_active, src))
-      ok = eep_wait_flag(ctrl, (const u64*)(my_base + p.off_dispatch_flag) + src, src, seq);
-    s_ok[src] = ok;
-    ctrl->dispatch_ok[src] = ok;
-  }
+  eep_signal_and_wait(ctrl, peer, me, R, s_active, p.off_dispatch_flag, seq, ctrl->dispatch_ok, s_ok);
   __syncthreads();
   __threadfence();
   int* vis_count = (int*)p.vis_count;

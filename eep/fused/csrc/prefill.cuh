@@ -134,18 +134,7 @@ extern "C" __global__ void __launch_bounds__(512) eep_prefill_dispatch(const Eep
   // 3. last block: signal, bounded wait, publish the counts of the sources that arrived
   if (!eep_arrive_last(&ctrl->dispatch_arrived, &s_last)) return;
   const u64 my_base = peer[me];
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    if (!eep_rank_active(s_active, r)) continue;
-    __threadfence_system();
-    eep_st_release_sys((u64*)(peer[r] + p.off_dispatch_flag) + me, seq);
-  }
-  for (int src = threadIdx.x; src < R; src += blockDim.x) {
-    bool ok = false;
-    if (eep_rank_active(s_active, src))
-      ok = eep_wait_flag(ctrl, (const u64*)(my_base + p.off_dispatch_flag) + src, src, seq);
-    s_ok[src] = ok;
-    ctrl->dispatch_ok[src] = ok;
-  }
+  eep_signal_and_wait(ctrl, peer, me, R, s_active, p.off_dispatch_flag, seq, ctrl->dispatch_ok, s_ok);
   __syncthreads();
   __threadfence();
   int* vis_count = (int*)p.vis_count;
@@ -194,18 +183,7 @@ extern "C" __global__ void __launch_bounds__(512) eep_prefill_combine_send(const
   }
 
   if (!eep_arrive_last(&ctrl->combine_arrived, &s_last)) return;
-  const u64 my_base = peer[me];
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    if (!eep_rank_active(s_active, r)) continue;
-    __threadfence_system();
-    eep_st_release_sys((u64*)(peer[r] + p.off_combine_flag) + me, seq);
-  }
-  for (int d = threadIdx.x; d < R; d += blockDim.x) {
-    bool ok = false;
-    if (eep_rank_active(s_active, d))
-      ok = eep_wait_flag(ctrl, (const u64*)(my_base + p.off_combine_flag) + d, d, seq);
-    ctrl->combine_ok[d] = ok;
-  }
+  eep_signal_and_wait(ctrl, peer, me, R, s_active, p.off_combine_flag, seq, ctrl->combine_ok, nullptr);
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
