@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--expert-backend", default="grouped_mm",
                     help="expert stage: grouped_mm (torch._grouped_mm), cutlass, loop or auto (EEP_EXPERT_BACKEND)")
     ap.add_argument("--no-pin", action="store_true", help="ranks map the host tier without cudaHostRegister")
+    ap.add_argument("--pin", choices=("now", "after_warmup"), default="now",
+                    help="pin the host tier at engine construction (now) or on a thread after graph capture")
     ap.add_argument("--check-sample", type=int, default=None, help="most-used tokens checked on the oracle (16)")
     ap.add_argument("--skip", default="", help="comma separated runs to skip: steady,failure,restart")
     ap.add_argument("--budget-s", type=float, default=560.0, help="stop starting runs after this (whole script)")
@@ -130,7 +132,7 @@ def runtime_config(args, engine: str, shard_dir: str, *, num_requests: int, rest
     opts = {}
     if engine != "shm":
         opts = {"attn_width": args.attn_width, "tiers": tiers or ["host", "disk"],
-                "expert_backend": args.expert_backend, "pin_host_tier": False if args.no_pin else None}
+                "expert_backend": args.expert_backend, "pin_host_tier": False if args.no_pin else (None if args.pin == "now" else args.pin)}
     if engine in ("gloo", "cpu_elastic"):  # GpuEngine on CPU (tests)
         opts.update(device="cpu", expert_backend="loop")
     return RuntimeConfig(num_ranks=args.gpus, slots_per_rank=slots, num_redundant=num_redundant,

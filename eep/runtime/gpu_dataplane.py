@@ -366,7 +366,9 @@ class GpuEngine:
     """The engine seam over a GPU exchange (docstring of the module; options in ``cfg.engine_options``):
 
     attn_width (int, default 0): columns of the attention stand-in; expert_backend (default "auto");
-    tiers (default ["host", "disk"]); pin_host_tier (None: weights_tools decides, i.e. pin on CUDA);
+    tiers (default ["host", "disk"]); pin_host_tier (None: weights_tools decides, i.e. pin on CUDA at
+    construction; "after_warmup": pin on a thread once the step graph is captured, so start-up does
+    not wait for it — restores before it finishes are synchronous copies);
     max_replicas (default 8): width of the device replica table; device ("cuda" or "cpu"; default cuda);
     use_graph (default True on CUDA).
     """
@@ -398,8 +400,11 @@ class GpuEngine:
         self.S, self.M, self.L = S, M, L
         if cfg.shard_dir is None:
             raise ValueError("GpuEngine needs RuntimeConfig.shard_dir (experts come from eep-shards output)")
-        self.store = ExpertStore(cfg.shard_dir, tiers=_tiers(cfg.shard_dir, opts.get("tiers", ["host", "disk"]),
-                                                           opts.get("pin_host_tier")))
+        pin = opts.get("pin_host_tier")
+        tiers = _tiers(cfg.shard_dir, opts.get("tiers", ["host", "disk"]), False if pin == "after_warmup" else pin)
+        # "after_warmup": pin once the step graph is captured, on a thread (HostTier.pin_in_background)
+        self._pin_later = [t for t in tiers if hasattr(t, "pin_in_background")] if pin == "after_warmup" else []
+        self.store = ExpertStore(cfg.shard_dir, tiers=tiers)
         mark("expert_store")  # host tier attach (and pinning, on CUDA)
         self.moe_layers = self.store.moe_layers
         if (len(self.moe_layers), self.store.num_experts) != (L, c.num_experts):
@@ -524,6 +529,9 @@ class GpuEngine:
                 self.out = self._forward(self.tokens)
             torch.cuda.current_stream(dev).wait_stream(side)
             torch.cuda.synchronize(dev)
+        for tier in self._pin_later:  # after capture: registration is not allowed during one
+            tier.pin_in_background()
+        self._pin_later = []
 
     def _dense_warmup(self) -> None:
         """Every op of the step except the exchange, eagerly (no peer is touched)."""
