@@ -7,7 +7,9 @@ Starts one process per GPU (subprocesses; a TCPStore hosted here). Every rank se
 events around CUDA-graph replays of ``iters`` steps; membership-aware and fixed graphs are
 replayed alternately ``rounds`` times and the medians compared, so the ratio is measured side by
 side. NCCL baseline: ``all_to_all_single`` of every top-k copy (``[tokens * top_k, hidden]`` bf16,
-equal splits), one direction, as DeepEP's and the issue's NCCL numbers count it.
+equal splits), one direction, as DeepEP's and the issue's NCCL numbers count it. With
+``--with-symm-mem`` also ``torch.ops.symm_mem.all_to_all_vdev_2d`` of the same top-k rows
+(``perf/bench_prefill.symm_mem_baseline``; NVSHMEM), one direction.
 """
 
 from __future__ import annotations
@@ -126,14 +128,20 @@ def worker(args) -> None:
     for gr in graphs.values():  # warm
         time_graph(gr)
     time_nccl()
+    symm = {"error": "not requested (--with-symm-mem)"}
+    if args.with_symm_mem:  # one copy per (token, choice), expert-major: the same rows as the top-k dispatch
+        from bench_prefill import symm_mem_baseline
+        symm = symm_mem_baseline(args, dist, torch, dev, x, ids, S, num_experts)
     samples = {k: [] for k in ("elastic_both", "fixed_both", "elastic_both_again", "elastic_dispatch",
-                               "fixed_dispatch", "nccl_a2a", *sweep)}
+                               "fixed_dispatch", "nccl_a2a", *sweep, *(["symm_mem_a2a"] if symm.get("run") else []))}
     for _ in range(args.rounds):
         for name in ("elastic", "fixed"):
             samples[f"{name}_both"].append(time_graph(graphs[(name, "both")]))
             samples[f"{name}_dispatch"].append(time_graph(graphs[(name, "dispatch")]))
         samples["elastic_both_again"].append(time_graph(graphs[("elastic", "both")]))  # A/A: the noise
         samples["nccl_a2a"].append(time_nccl())
+        if symm.get("run"):
+            samples["symm_mem_a2a"].append(symm["run"]() * 1e6)  # seconds -> us per step
         for key, gr in sweep.items():
             samples[key].append(time_graph(gr))
     if args.profile:
@@ -159,7 +167,7 @@ def worker(args) -> None:
                "dispatch_dtype": "fp8-e4m3+per-token-scale" if args.fp8 else "bf16",
                "gpu": torch.cuda.get_device_name(dev), "iters": args.iters, "rounds": args.rounds,
                "us": worst, "per_rank_elastic_both": [m["elastic_both"] for m in gathered],
-               "misses": status.miss_count}
+               "misses": status.miss_count, "symm_mem": {k: v for k, v in symm.items() if k != "run"}}
         print("RESULT " + json.dumps(row), flush=True)
         if args.out:
             with open(args.out, "a") as f:
@@ -182,6 +190,8 @@ def main() -> int:
     p.add_argument("--fp8", action="store_true", help="FP8 dispatch (per-token scales); combine stays bf16")
     p.add_argument("--sweep", action="store_true", help="also time other grid sizes and vectors per lane")
     p.add_argument("--profile", default=None, help="directory for torch.profiler (TensorBoard) traces")
+    p.add_argument("--with-symm-mem", action="store_true",
+                   help="also time torch.ops.symm_mem.all_to_all_vdev_2d (initializes NVSHMEM)")
     p.add_argument("--out", default=None, help="append one JSON line per configuration here")
     p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)

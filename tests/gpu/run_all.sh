@@ -39,6 +39,7 @@ if [ "${1:-}" != quick ]; then
   step bench-qw-4 90 $PY $B --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench.jsonl --rounds 11
   step bench-ds-4-fp8 90 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench.jsonl --rounds 11 --fp8
   step bench-qw-4-fp8 90 $PY $B --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench.jsonl --rounds 11 --fp8
+  step bench-ds-4-symm 120 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench.jsonl --rounds 7 --with-symm-mem
   P=perf/bench_prefill.py
   step bench-prefill-ds-4 120 $PY $P --num-ranks 4 --model deepseek-v3 --out $OUT/bench_prefill.jsonl
   step bench-prefill-qw-4 90 $PY $P --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench_prefill.jsonl
