@@ -71,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--expert-backend", default="grouped_mm",
                     help="expert stage: grouped_mm (torch._grouped_mm), cutlass, loop or auto (EEP_EXPERT_BACKEND)")
     ap.add_argument("--no-pin", action="store_true", help="ranks map the host tier without cudaHostRegister")
+    ap.add_argument("--degraded-tokens", type=int, default=0,
+                    help="tokens per rank while a rank is missing (survivors absorb its share through a "
+                         "second captured graph); 0 = off, -1 = the missing rank's share: "
+                         "max_tokens * N / (N - 1), rounded up to a multiple of 8")
     ap.add_argument("--pin", choices=("now", "after_warmup"), default="now",
                     help="pin the host tier at engine construction (now) or on a thread after graph capture")
     ap.add_argument("--check-sample", type=int, default=None, help="most-used tokens checked on the oracle (16)")
@@ -91,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.degraded_tokens < 0:
+        share = (args.max_tokens * args.gpus + args.gpus - 2) // (args.gpus - 1)  # ceil(max_tokens * N / (N - 1))
+        args.degraded_tokens = (share + 7) // 8 * 8
     args.engines = [e for e in args.engines.split(",") if e]
     bad = [e for e in args.engines if e not in (CPU_ENGINES if d else GPU_ENGINES)]
     if bad:
@@ -137,10 +144,11 @@ def runtime_config(args, engine: str, shard_dir: str, *, num_requests: int, rest
         opts.update(device="cpu", expert_backend="loop")
     return RuntimeConfig(num_ranks=args.gpus, slots_per_rank=slots, num_redundant=num_redundant,
                          max_tokens_per_rank=args.max_tokens, num_requests=num_requests,
+                         degraded_tokens_per_rank=args.degraded_tokens or None,
                          max_new_tokens=args.max_new_tokens, model=model, shard_dir=shard_dir, engine=engine,
                          # a graph replay cannot be interrupted by a decision, so a member must be allowed a
                          # whole step with two kernel deadlines before a late ack counts as death (1 s);
-                         # a SIGKILL is seen at once by the launcher, so this only delays SIGSTOP detection
+                         # a dead rank is found sooner, by corroboration (docs/runtime.md)
                          engine_options=opts, heartbeat_interval_s=0.05, suspect_misses=5 if engine == "shm" else 20,
                          transport_timeout_s=args.fused_timeout_s if engine != "shm" else 0.5,
                          restart_after_s=restart_after_s, max_restarts=1,

@@ -130,7 +130,7 @@ def test_gpu_engine_refuses_a_partial_membership_without_awareness(small_shards)
     wide = ExpertPlacement.build(model.num_layers, model.num_experts, 2, model.num_experts, num_redundant=4)
     with pytest.raises(RuntimeError, match="max_replicas=1"):
         engine._write_table(wide)
-    with pytest.raises(ValueError, match="max_tokens_per_rank=4"):
+    with pytest.raises(ValueError, match="capacity of 4 per step"):
         engine.decode(torch.arange(5), active=[True], placement=wide, epoch=0, step=0, timeout_s=1.0)
     engine.close()
 
@@ -287,3 +287,33 @@ def test_gpu_engine_through_a_sigkill_and_rejoin_on_the_shm_transport(tmp_path):
     repair = entry["breakdown"][0]
     assert repair["repair_by_tier"], repair  # survivors restored orphans through weights_tools tiers
     assert entry["recovery_pause_s"] is not None and entry["reintegration_pause_s"] is not None
+
+
+def test_survivors_absorb_the_missing_ranks_batch_then_give_it_back(tmp_path):
+    """degraded_tokens_per_rank: while a rank is out, survivors take more tokens per step (the
+    engine's second batch size), then drain back to max_tokens_per_rank after the rejoin."""
+    from eep.runtime import RuntimeConfig
+    from eep.runtime.metrics import load_run
+
+    cfg = RuntimeConfig(num_ranks=3, max_tokens_per_rank=8, degraded_tokens_per_rank=12)
+    assert cfg.token_capacity == 12 and cfg.batch_limit([True] * 3) == 8 and cfg.batch_limit([True, False, True]) == 12
+    assert RuntimeConfig(max_tokens_per_rank=8, degraded_tokens_per_rank=4).token_capacity == 8
+    args = failure_bench.parse_args(["--dry-run", "--gpus", "3", "--failure-engine", "cpu_elastic",
+                                     "--degraded-tokens", "-1", "--fault-at-s", "1.0", "--after-fault-s", "2.5",
+                                     "--out", str(tmp_path)])
+    assert args.degraded_tokens == 16  # ceil(8 * 3 / 2) = 12, rounded up to 16
+    shards = failure_bench.prepare_shards(args, tmp_path / "work")
+    try:
+        entry, run_dir, cfg = failure_bench.run_failure(args, shards["shard_dir"], tmp_path, 5000.0)
+    finally:
+        _remove_host_tier(shards["host_tier_path"])
+    assert not entry["timed_out"] and entry["requests_lost"] == 0 and entry["mismatched"] == 0, entry
+    assert entry["oracle_disagreements"] == 0, entry
+    launcher, ranks = load_run(run_dir)
+    commits = [e for e in launcher if e.get("event") == "commit" and e.get("reason") != "start"]
+    degraded_epoch = next(e["epoch"] for e in commits if e.get("failed"))
+    steps = [r for r in ranks if "step" in r and "event" not in r]
+    during = [s["tokens"] for s in steps if s["epoch"] == degraded_epoch]
+    assert max(during) > args.max_tokens, f"survivors never took more than {args.max_tokens} tokens: {max(during)}"
+    assert max(s["tokens"] for s in steps) <= args.degraded_tokens
+    assert all(s["tokens"] <= args.max_tokens for s in steps if s["epoch"] < degraded_epoch)

@@ -14,6 +14,9 @@ class RuntimeConfig:
     slots_per_rank: int = 8  # 32 slots for 16 experts: two ranks may die together and still fit
     num_redundant: int = 8  # 16 primaries + 8 redundant replicas + 8 spare slots
     max_tokens_per_rank: int = 8  # decode batch per rank (one token per request per step)
+    # batch per rank while a rank slot is inactive: survivors absorb the missing rank's share
+    # (engines size their buffers for it and capture a graph for it); None: max_tokens_per_rank
+    degraded_tokens_per_rank: int | None = None
     num_requests: int = 400
     max_new_tokens: int = 12
     model: TinyConfig = field(default_factory=TinyConfig)
@@ -43,6 +46,15 @@ class RuntimeConfig:
     def suspicion_window_s(self) -> float:
         """How long a rank may stay silent before it is declared dead."""
         return self.heartbeat_interval_s * self.suspect_misses
+
+    @property
+    def token_capacity(self) -> int:
+        """The most tokens one rank may hold in a step (what data-plane buffers are sized for)."""
+        return max(self.max_tokens_per_rank, self.degraded_tokens_per_rank or 0)
+
+    def batch_limit(self, active: list[bool]) -> int:
+        """Tokens a rank takes per step under membership ``active``."""
+        return self.max_tokens_per_rank if all(active) else self.token_capacity
 
     @property
     def corroboration_window_s(self) -> float:

@@ -68,11 +68,11 @@ def transport_capacity_nbytes(cfg: RuntimeConfig) -> int:
     """Bytes of one region of the launcher's shared-memory file for ``cfg.engine``."""
     if cfg.engine == "shm":
         from eep.runtime.dataplane import BlockCodec
-        codec = BlockCodec(cfg.slots_per_rank, cfg.max_tokens_per_rank, cfg.model.hidden)
+        codec = BlockCodec(cfg.slots_per_rank, cfg.token_capacity, cfg.model.hidden)
         return (max(codec.block_nbytes, codec.reply_nbytes) + 63) // 64 * 64
     if cfg.engine == "cpu_elastic":
         from eep.runtime.gpu_dataplane import ShmExchange
-        return ShmExchange.capacity_nbytes(cfg.slots_per_rank, cfg.max_tokens_per_rank, cfg.model.hidden)
+        return ShmExchange.capacity_nbytes(cfg.slots_per_rank, cfg.token_capacity, cfg.model.hidden)
     return 64  # GPU engines move data through their own buffers; the file only keeps the layout
 
 
@@ -86,7 +86,7 @@ class ShmEngine:
         self.transport = SharedMemoryTransport(shm_path, rank)
         self.weights = generate_weights(cfg.model, shard_dir=cfg.shard_dir)
         self.source = expert_source(self.weights, cfg.shard_dir)
-        self.moe = RankMoE(rank, cfg.num_ranks, cfg.model.num_layers, cfg.slots_per_rank, cfg.max_tokens_per_rank,
+        self.moe = RankMoE(rank, cfg.num_ranks, cfg.model.num_layers, cfg.slots_per_rank, cfg.token_capacity,
                            cfg.model.hidden, cfg.model.intermediate, self.transport)
         self.restore_stats: dict = {}
 
@@ -105,7 +105,7 @@ class ShmEngine:
     def warmup(self) -> None:
         """Run every local expert on random rows, alone: no transport, no peer sees it."""
         gen = torch.Generator().manual_seed(self.rank)
-        s, t, h = self.cfg.slots_per_rank, self.cfg.max_tokens_per_rank, self.cfg.model.hidden
+        s, t, h = self.cfg.slots_per_rank, self.cfg.token_capacity, self.cfg.model.hidden
         for _ in range(self.cfg.warmup_steps):
             for layer in range(self.cfg.model.num_layers):
                 count = torch.where(self.moe.loaded[layer] >= 0, t, 0).to(torch.int32)  # empty slots stay idle

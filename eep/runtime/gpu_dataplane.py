@@ -29,12 +29,13 @@ Exchanges (how the tokens cross ranks, chosen by the engine name):
 - ``LocalExchange``: one rank, no communication (the CPU test of the model and slot tables).
 
 Everything is captured once into a CUDA graph of ``max_tokens_per_rank`` tokens (smaller batches
-are padded); a membership change rewrites ``active_mask`` / ``l2p`` / sequence numbers in place,
-so the graph is never recaptured. Status of the fused kernels (deadline misses) is copied out with
+are padded), and, with ``degraded_tokens_per_rank``, a second graph of that many tokens for steps
+where survivors absorb a missing rank's share; a membership change rewrites ``active_mask`` /
+``l2p`` / sequence numbers in place, so no graph is ever recaptured. Status of the fused kernels (deadline misses) is copied out with
 the next tokens in one device-to-host copy per step.
 
-STATUS: the GPU paths (``FusedExchange``, ``NcclExchange``, graph capture) are written but have
-NOT been run yet (docs/failure_bench.md); ``LocalExchange`` on CPU is tested.
+STATUS: run on 4xH100 in the failure benchmark (perf/RESULTS.md), one graph per rank; the
+degraded-batch graph is CPU-tested only.
 """
 
 from __future__ import annotations
@@ -396,8 +397,11 @@ class GpuEngine:
             torch.empty(1, device=self.device)  # the CUDA context, on its own clock
         mark("device")
         self.use_graph = bool(opts.get("use_graph", self.device.type == "cuda"))
-        S, M, L = cfg.slots_per_rank, cfg.max_tokens_per_rank, c.num_layers
+        # M: the receive capacity per source, the largest batch any step can have; a graph is
+        # captured per batch size (full membership, and degraded when survivors absorb more)
+        S, M, L = cfg.slots_per_rank, cfg.token_capacity, c.num_layers
         self.S, self.M, self.L = S, M, L
+        self.sizes = sorted({cfg.max_tokens_per_rank, M})
         if cfg.shard_dir is None:
             raise ValueError("GpuEngine needs RuntimeConfig.shard_dir (experts come from eep-shards output)")
         pin = opts.get("pin_host_tier")
@@ -444,9 +448,9 @@ class GpuEngine:
         else:
             raise ValueError(f"GpuEngine: unknown engine {engine!r}")
         mark("exchange")
-        self.tokens = torch.zeros(M, dtype=torch.int64, device=dev)
-        self.graph = None
-        self.out: torch.Tensor | None = None
+        self.tokens = {n: torch.zeros(n, dtype=torch.int64, device=dev) for n in self.sizes}  # static inputs
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outs: dict[int, torch.Tensor] = {}
         self.last_misses = [0] * cfg.num_ranks
         self.restore_stats: dict = {}
 
@@ -519,24 +523,25 @@ class GpuEngine:
                 raise RuntimeError(f"rank {self.rank}: warm-up of layer {layer} gave non-finite outputs")
         if hasattr(self.exchange, "prime"):
             self.exchange.prime()
-        if self.use_graph and self.graph is None:
+        if self.use_graph and not self.graphs:
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):  # lazy library state (cuBLAS) is created outside the capture
-                self._dense_warmup()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=side):
-                self.out = self._forward(self.tokens)
+            for n in self.sizes:
+                with torch.cuda.stream(side):  # lazy library state (cuBLAS) is created outside the capture
+                    self._dense_warmup(self.tokens[n])
+                self.graphs[n] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graphs[n], stream=side):
+                    self.outs[n] = self._forward(self.tokens[n])
             torch.cuda.current_stream(dev).wait_stream(side)
             torch.cuda.synchronize(dev)
         for tier in self._pin_later:  # after capture: registration is not allowed during one
             tier.pin_in_background()
         self._pin_later = []
 
-    def _dense_warmup(self) -> None:
+    def _dense_warmup(self, tokens: torch.Tensor) -> None:
         """Every op of the step except the exchange, eagerly (no peer is touched)."""
         c = self.cfg.model
-        h = self.embed[self.tokens]
+        h = self.embed[tokens]
         x = rms_norm(h).to(torch.bfloat16)
         for layer in range(min(self.L, 2)):
             topk_weights, topk_ids = select_experts(x.float() @ self.router[layer].T, c.top_k)
@@ -586,16 +591,17 @@ class GpuEngine:
                timeout_s: float, should_abort: Callable[[], bool] | None = None) -> list[int]:
         n = tokens.shape[0]
         if n > self.M:
-            raise ValueError(f"rank {self.rank}: {n} tokens > max_tokens_per_rank={self.M}")
-        padded = torch.zeros(self.M, dtype=torch.int64)
+            raise ValueError(f"rank {self.rank}: {n} tokens > the engine's capacity of {self.M} per step")
+        size = next(k for k in self.sizes if k >= n)  # the smallest captured batch that holds them
+        padded = torch.zeros(size, dtype=torch.int64)
         padded[:n] = tokens
-        self.tokens.copy_(padded)  # the graph's static input (fixed token count)
-        if self.graph is not None:
-            self.graph.replay()
-            out = self.out.cpu()
+        self.tokens[size].copy_(padded)  # the graph's static input (fixed token count)
+        if size in self.graphs:
+            self.graphs[size].replay()
+            out = self.outs[size].cpu()
         else:
-            out = self._forward(self.tokens).cpu()
-        misses = out[self.M:].tolist()
+            out = self._forward(self.tokens[size]).cpu()
+        misses = out[size:].tolist()
         missed = [r for r, (a, b) in enumerate(zip(misses, self.last_misses)) if a > b and active[r]]
         self.last_misses = misses
         if missed:

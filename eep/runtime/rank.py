@@ -327,7 +327,8 @@ class RankWorker:
             time.sleep(self.cfg.step_delay_s)
 
     def _fill_batch(self) -> None:
-        while len(self.batch) < self.cfg.max_tokens_per_rank:
+        limit = self.cfg.batch_limit(self.membership.active_cpu.tolist())
+        while len(self.batch) < limit:
             if self.pending:
                 request_id = self.pending.pop(0)
             elif not self.is_queue_exhausted:
