@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the fused data plane needs a GPU for, in one device call: compile, differential
 # tests (2 and 4 GPUs), CUDA-graph mask/rejoin, SIGKILL, benchmarks. Logs under $OUT.
-#   bash tests/gpu/run_all.sh [quick]
+#   bash tests/gpu/run_all.sh [quick|bench]   quick: correctness only; bench: benchmarks only
+# (a full run needs more than one 10-minute call: run quick, then bench)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EEP_FUSED_CACHE_DIR=/tmp/eep-cache
@@ -22,6 +23,8 @@ for h in (2048, 7168):
         cached_cubin(KernelVariant(h, f), arch)
 print('compiled')"
 L=tests/gpu/launch.py
+MODE=${1:-all}
+if [ "$MODE" != bench ]; then
 step diff4 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128
 step diff4-fp8 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 64 --fp8
 step diff2-fp8 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $L --scenario diff --num-ranks 2 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128 --fp8
@@ -33,7 +36,8 @@ if $PY -c "import pytest" 2>/dev/null; then  # the GPU-marked pytest tests (skip
 else echo "=== pytest-gpu rc=SKIPPED (no pytest on this machine)" | tee -a "$LOG"; fi
 step graph4 120 $PY $L --scenario graph --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64
 step kill4 120 $PY $L --scenario kill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5
-if [ "${1:-}" != quick ]; then
+fi
+if [ "$MODE" != quick ]; then
   B=perf/bench_dispatch.py
   step bench-ds-4 120 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench.jsonl --profile $OUT/prof --rounds 11
   step bench-qw-4 90 $PY $B --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench.jsonl --rounds 11
@@ -47,10 +51,12 @@ if [ "${1:-}" != quick ]; then
   step bench-ds-2 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $B --num-ranks 2 --model deepseek-v3 --out $OUT/bench.jsonl
   step bench-qw-2 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $B --num-ranks 2 --model qwen3-30b-a3b --out $OUT/bench.jsonl
 fi
+if [ "$MODE" != bench ]; then
 step diff2 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $L --scenario diff --num-ranks 2 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128
 step diff4-fixed 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128 --fixed
 step diff4-h7168 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 64
-if [ "${1:-}" != quick ]; then
+fi
+if [ "$MODE" != quick ]; then
   [ -d $OUT/prof ] && tar czf $OUT/prof.tgz -C $OUT prof && rm -rf $OUT/prof
 fi
 tar czf $OUT/res.tgz -C $OUT res 2>/dev/null && rm -rf $OUT/res
