@@ -82,13 +82,33 @@ class EPHandle:
     recv_count: torch.Tensor | None = None
 
 
+@dataclass
+class PrefillHandle:
+    """What ``prefill_combine`` needs from ``prefill_dispatch`` (opaque to callers).
+
+    sent: per destination rank, the tokens sent there (ascending); received: rows per source rank.
+    """
+
+    epoch: int
+    step: int
+    hidden: int
+    num_tokens: int
+    sent: dict[int, torch.Tensor] = field(default_factory=dict)
+    received: dict[int, int] = field(default_factory=dict)
+    fused: tuple | None = None
+
+
 class Buffer:
     """One rank's end of the low-latency dispatch/combine (see the module docstring)."""
 
     def __init__(self, rank: int, num_ranks: int, *, transport: Transport | None = None, fused=None,
-                 epoch: int = 0, max_wait_s: float = 300.0):
-        if (transport is None) == (fused is None):
-            raise ValueError("eep.Buffer needs exactly one backend: transport= (CPU) or fused= (GPU)")
+                 prefill=None, epoch: int = 0, max_wait_s: float = 300.0):
+        if (transport is None) == (fused is None and prefill is None):
+            raise ValueError("eep.Buffer needs exactly one backend: transport= (CPU) or fused= / prefill= (GPU)")
+        self.prefill = prefill  # eep.fused.prefill.PrefillBuffer: the GPU backend of prefill_dispatch/combine
+        if prefill is not None and (prefill.rank, prefill.num_ranks) != (rank, num_ranks):
+            raise ValueError(f"prefill buffer is for rank {prefill.rank} of {prefill.num_ranks}, "
+                             f"not rank {rank} of {num_ranks}")
         self.rank = rank
         self.num_ranks = num_ranks
         self.epoch = epoch
@@ -97,7 +117,9 @@ class Buffer:
         self.missed_peers: list[tuple[int, int, int]] = []  # (epoch, step, rank): evidence for the runtime
         self.fused = fused
         self.transport = transport
-        if fused is not None:
+        if transport is None:
+            if fused is None:
+                return
             if (fused.rank, fused.num_ranks) != (rank, num_ranks):
                 raise ValueError(f"fused buffer is for rank {fused.rank} of {fused.num_ranks}, "
                                  f"not rank {rank} of {num_ranks}")
@@ -239,6 +261,153 @@ class Buffer:
             receive()
         return combined, EventOverlap(), hook
 
+    # ---- prefill (DeepEP's "normal" mode): one copy of a token per destination rank ----
+    @staticmethod
+    def get_prefill_buffer_size_hint(num_max_tokens_per_rank: int, hidden: int, top_k: int, *,
+                                     elem_nbytes: int = 2) -> int:
+        """Bytes one (source, destination) region needs for ``prefill_dispatch``/``prefill_combine``."""
+        rows = num_max_tokens_per_rank
+        dispatch = 8 + rows * (4 + 8 * top_k) + rows * hidden * elem_nbytes
+        return -(-max(dispatch, rows * hidden * elem_nbytes) // 8) * 8
+
+    def prefill_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                         active_ranks: torch.Tensor, num_experts: int, timeout_us: int):
+        """Send each token once to every rank hosting one of its experts (``eep.reference.prefill``).
+
+        ``topk_idx`` holds physical expert ids (expert ``e`` on rank ``e // num_local_experts``), -1
+        for none. Returns ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert,
+        handle, event)`` as DeepEP's normal-mode dispatch does: ``recv_x [num_recv, hidden]`` grouped
+        by source rank, then source token; ``recv_topk_idx [num_recv, top_k]`` int64 local expert
+        ids, -1 where the choice lives on another rank; ``recv_topk_weights`` float32 (0 there);
+        ``num_recv_tokens_per_expert`` a list of entries per local expert. A rank that misses the
+        deadline is cleared in ``active_ranks`` and sends nothing.
+        """
+        local = self._check_prefill(x, topk_idx, topk_weights, active_ranks, num_experts)
+        if self.prefill is not None:
+            return self._fused_prefill_dispatch(x, topk_idx, topk_weights, active_ranks, local, timeout_us)
+        peers = self._active(active_ranks)
+        top_k = topk_idx.shape[1]
+        dst_of = torch.where(topk_idx >= 0, topk_idx // local, -1)
+        handle = PrefillHandle(self.epoch, self.step, x.shape[1], x.shape[0])
+        for dst in peers:
+            here = dst_of == dst
+            tokens = here.any(-1).nonzero().squeeze(1)  # ascending
+            idx = torch.where(here[tokens], topk_idx[tokens] % local, -1).to(torch.int32)
+            w = torch.where(here[tokens], topk_weights[tokens].float(), 0.0)
+            payload = torch.cat([torch.tensor([tokens.numel(), top_k], dtype=torch.int32).view(torch.uint8),
+                                 tokens.to(torch.int32).view(torch.uint8), idx.contiguous().view(-1).view(torch.uint8),
+                                 w.contiguous().view(-1).view(torch.uint8),
+                                 x[tokens].contiguous().view(-1).view(torch.uint8)])
+            self.transport.send(DISPATCH_CHANNEL, dst, payload, epoch=self.epoch, step=self.step)
+            handle.sent[dst] = tokens
+        rows, idxs, ws = [], [], []
+        for src, raw in sorted(self._recv(DISPATCH_CHANNEL, peers, active_ranks, timeout_us).items()):
+            n, k = (int(v) for v in raw[:8].view(torch.int32))
+            off = 8 + 4 * n
+            idxs.append(raw[off:off + 4 * n * k].view(torch.int32).view(n, k).long())
+            off += 4 * n * k
+            ws.append(raw[off:off + 4 * n * k].view(torch.float32).view(n, k).clone())
+            off += 4 * n * k
+            rows.append(raw[off:off + n * x.shape[1] * x.element_size()].view(x.dtype).view(n, x.shape[1]).clone())
+            handle.received[src] = n
+        recv_x = torch.cat(rows) if rows else x.new_zeros(0, x.shape[1])
+        recv_idx = torch.cat(idxs) if idxs else torch.zeros(0, top_k, dtype=torch.int64)
+        recv_w = torch.cat(ws) if ws else torch.zeros(0, top_k)
+        per_expert = [int((recv_idx == i).sum()) for i in range(local)]
+        return recv_x, recv_idx, recv_w, per_expert, handle, EventOverlap()
+
+    def prefill_combine(self, x: torch.Tensor, handle: "PrefillHandle", active_ranks: torch.Tensor,
+                        timeout_us: int, out: torch.Tensor | None = None):
+        """Send each received row's partial sum home and add them per token.
+
+        ``x [num_recv, hidden]``: for every row of ``prefill_dispatch``, the caller's sum of its local
+        experts' outputs weighted by ``recv_topk_weights`` (float32 in k order, then the activation
+        dtype, as ``eep.reference.prefill.partial_combine``). Returns ``(combined [num_tokens, hidden],
+        event)``: partials summed in ascending rank order in float32, rounded once; ranks that missed
+        the deadline add nothing (and are cleared in ``active_ranks``).
+        """
+        if (handle.epoch, handle.step) != (self.epoch, self.step):
+            raise RoutingError(f"handle is from epoch {handle.epoch} step {handle.step}, the buffer is at "
+                               f"epoch {self.epoch} step {self.step}: combine each dispatch once, in order")
+        if self.prefill is not None:
+            return self._fused_prefill_combine(x, handle, active_ranks, timeout_us, out)
+        expected = sum(handle.received.values())
+        if tuple(x.shape) != (expected, handle.hidden):
+            raise RoutingError(f"prefill_combine x has shape {tuple(x.shape)}, expected ({expected}, {handle.hidden}): "
+                               "one partial row per row prefill_dispatch returned")
+        peers = self._active(active_ranks)
+        start = 0
+        for src, n in sorted(handle.received.items()):
+            if src in peers:
+                self.transport.send(COMBINE_CHANNEL, src, x[start:start + n].contiguous().view(-1).view(torch.uint8),
+                                    epoch=self.epoch, step=self.step)
+            start += n
+        acc = torch.zeros(handle.num_tokens, handle.hidden, dtype=torch.float32)
+        result = self._recv(COMBINE_CHANNEL, [p for p in peers if p in handle.sent], active_ranks, timeout_us)
+        for dst, raw in sorted(result.items()):
+            tokens = handle.sent[dst]
+            rows = raw[:tokens.numel() * handle.hidden * x.element_size()].view(x.dtype).view(-1, handle.hidden)
+            acc[tokens] = acc[tokens] + rows.float()
+        combined = acc.to(x.dtype)
+        if out is not None:
+            out.copy_(combined)
+            combined = out
+        self.step += 1
+        return combined, EventOverlap()
+
+    def _fused_prefill_dispatch(self, x, topk_idx, topk_weights, active_ranks, local, timeout_us):
+        pb = self.prefill
+        if (local, x.shape[1]) != (pb.slots_per_rank, pb.layout.hidden):
+            raise RoutingError(f"the prefill buffer was built for (local experts, hidden) = "
+                               f"{(pb.slots_per_rank, pb.layout.hidden)}; got {(local, x.shape[1])}")
+        self._set_deadline(timeout_us, pb)
+        pb.active_mask.copy_(active_ranks)
+        recv, fused_handle = pb.dispatch(x.contiguous(), topk_idx.to(torch.int64).contiguous(),
+                                         topk_weights.float().contiguous())
+        self._write_evidence(active_ranks, pb)
+        M, K = pb.layout.max_tokens_per_rank, pb.layout.top_k
+        counts = recv.count.tolist()  # the packed view needs the counts on the host, as DeepEP's does
+        index = torch.cat([torch.arange(n, device=x.device) + s * M for s, n in enumerate(counts)])
+        recv_x = recv.x.reshape(-1, x.shape[1])[index]
+        recv_idx = recv.local_slot.reshape(-1, K)[index].long()
+        recv_w = recv.weight.reshape(-1, K)[index]
+        recv_w = torch.where(recv_idx >= 0, recv_w, 0.0)
+        handle = PrefillHandle(self.epoch, self.step, x.shape[1], x.shape[0])
+        handle.received = {s: n for s, n in enumerate(counts) if n}
+        handle.fused = (fused_handle, index)
+        per_expert = torch.bincount(recv_idx[recv_idx >= 0], minlength=local).tolist()
+        return recv_x, recv_idx, recv_w, per_expert, handle, EventOverlap()
+
+    def _fused_prefill_combine(self, x, handle, active_ranks, timeout_us, out):
+        pb = self.prefill
+        fused_handle, index = handle.fused
+        lay = pb.layout
+        partial = torch.zeros(lay.num_ranks * lay.max_tokens_per_rank, lay.hidden, dtype=torch.bfloat16,
+                              device=x.device)
+        partial[index] = x.to(torch.bfloat16)
+        self._set_deadline(timeout_us, pb)
+        pb.active_mask.copy_(active_ranks)
+        combined = pb.combine(partial.view(lay.num_ranks, lay.max_tokens_per_rank, lay.hidden), fused_handle, out=out)
+        self._write_evidence(active_ranks, pb)
+        self.step += 1
+        return combined, EventOverlap()
+
+    def _check_prefill(self, x, topk_idx, topk_weights, active_ranks, num_experts) -> int:
+        if x.dim() != 2:
+            raise RoutingError(f"x has shape {tuple(x.shape)}, expected [num_tokens, hidden]")
+        if topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]:
+            raise RoutingError(f"topk_idx has shape {tuple(topk_idx.shape)}, expected [{x.shape[0]}, top_k]")
+        if tuple(topk_weights.shape) != tuple(topk_idx.shape):
+            raise RoutingError(f"topk_weights has shape {tuple(topk_weights.shape)}, topk_idx {tuple(topk_idx.shape)}")
+        if num_experts % self.num_ranks:
+            raise RoutingError(f"num_experts={num_experts} is not a multiple of num_ranks={self.num_ranks}")
+        if topk_idx.numel() and (int(topk_idx.max()) >= num_experts or int(topk_idx.min()) < -1):
+            raise RoutingError(f"topk_idx holds ids outside [-1, {num_experts}): "
+                               f"{int(topk_idx.min())}..{int(topk_idx.max())}")
+        if tuple(active_ranks.shape) != (self.num_ranks,):
+            raise RoutingError(f"active_ranks has shape {tuple(active_ranks.shape)}, expected [{self.num_ranks}]")
+        return num_experts // self.num_ranks
+
     # ---- the GPU backend: device work only, so a CUDA graph can hold it ----
     def _fused_dispatch(self, x, topk_idx, active_ranks, m, num_experts, timeout_us, use_fp8, local):
         fused = self.fused
@@ -273,15 +442,15 @@ class Buffer:
         self.step += 1
         return combined, EventOverlap(), (lambda: None)
 
-    def _set_deadline(self, timeout_us: int) -> None:
+    def _set_deadline(self, timeout_us: int, buf=None) -> None:
         from eep.fused.layout import CTRL_TIMEOUT_NS
         timeout_s = self.max_wait_s if timeout_us < 0 else min(timeout_us / 1e6, self.max_wait_s)
         # fill_ with a Python scalar is a kernel argument, not a host-to-device copy: capturable
-        self.fused.ctrl[CTRL_TIMEOUT_NS:CTRL_TIMEOUT_NS + 1].fill_(int(timeout_s * 1e9))
+        (buf or self.fused).ctrl[CTRL_TIMEOUT_NS:CTRL_TIMEOUT_NS + 1].fill_(int(timeout_s * 1e9))
 
-    def _write_evidence(self, active_ranks: torch.Tensor) -> None:
+    def _write_evidence(self, active_ranks: torch.Tensor, buf=None) -> None:
         from eep.fused.layout import CTRL_SUSPECT
-        suspect = self.fused.ctrl[CTRL_SUSPECT:CTRL_SUSPECT + self.num_ranks]
+        suspect = (buf or self.fused).ctrl[CTRL_SUSPECT:CTRL_SUSPECT + self.num_ranks]
         active_ranks.mul_((suspect == 0).to(active_ranks.dtype))  # in place, on the device
 
     # ---- internals ----
