@@ -1,7 +1,7 @@
 """Prefill dispatch/combine benchmark: eep ``PrefillBuffer`` (membership-aware and fixed) vs NCCL
 ``all_to_all_single`` and ``torch.ops.symm_mem.all_to_all_vdev_2d``, side by side in one run.
 
-    python perf/bench_prefill.py --num-ranks 4 --model deepseek-v3 [--tokens 4096] [--out FILE]
+    python perf/bench_prefill.py --num-ranks 4 --model deepseek-v3 [--tokens 4096] [--profile DIR] [--out FILE]
 
 One process per GPU (subprocesses around a TCPStore hosted here). Every rank routes ``tokens``
 tokens top-8 uniformly over all experts (one replica each). Bandwidth is counted as DeepEP's
@@ -138,6 +138,15 @@ def worker(args) -> None:
         samples["nccl_combine"].append(time_nccl(True))
         if symm.get("run"):
             samples["symm_mem_dispatch"].append(symm["run"]())
+    if args.profile:  # TensorBoard traces (torch-tb-profiler opens them)
+        from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+        os.makedirs(args.profile, exist_ok=True)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                     on_trace_ready=tensorboard_trace_handler(args.profile,
+                                                              worker_name=f"prefill-{args.model}-R{R}-rank{rank}")):
+            for name in ("elastic", "fixed"):
+                time_graph(graphs[(name, "both")])
+            time_nccl(False)
     med = {k: statistics.median(v) for k, v in samples.items()}
     med["recv_bytes"] = recv_rows * hidden * 2
     med["symm_bytes"] = symm.get("bytes", 0)
@@ -227,6 +236,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--with-symm-mem", action="store_true",
                    help="also time torch.ops.symm_mem.all_to_all_vdev_2d (initializes NVSHMEM)")
+    p.add_argument("--profile", default=None, help="directory for torch.profiler (TensorBoard) traces")
     p.add_argument("--out", default=None, help="append one JSON line per configuration here")
     p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
