@@ -22,6 +22,7 @@ from sglang.srt.layers.moe.token_dispatcher import (BaseDispatcher, CombineInput
 
 from eep.integrations.buffer import Buffer
 from eep.integrations.sglang.dispatcher import EepDispatcher
+from eep.reference import swiglu
 from eep.transport.shm import SharedMemoryTransport, create_shm_file
 
 
@@ -175,3 +176,63 @@ def test_sigkilled_rank_clears_sglang_active_ranks_in_place_and_survivors_match_
     for rank, (_, mask, same_tensor, passed_sglangs) in got.items():
         assert mask == [int(a) for a in survivors], rank  # evidence in SGLang's own tensor
         assert same_tensor and passed_sglangs, rank  # written in place, never replaced
+
+
+def _partial_rows(out, rank, weights):
+    """What SGLang's normal-mode MoE runner returns: each received row's local experts, weighted by
+    ``topk_weights``, summed in k order in float32 (``eep.reference.prefill.partial_combine``)."""
+    acc = torch.zeros(out.hidden_states.shape[0], HIDDEN)
+    for k in range(TOP_K):
+        for row in range(out.hidden_states.shape[0]):
+            i = int(out.topk_ids[row, k])
+            if i >= 0:
+                e = rank * LOCAL + i
+                y = swiglu(out.hidden_states[row:row + 1], weights[0][e], weights[1][e], weights[2][e])[0]
+                acc[row] = acc[row] + out.topk_weights[row, k] * y.float()
+    return acc.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", ["normal", "auto-extend"])
+def test_normal_mode_returns_sglang_deepep_normal_and_matches_the_reference(tmp_path, mode):
+    from sglang.srt.layers.dp_attention import set_is_extend_in_batch
+    from sglang.srt.layers.moe.token_dispatcher.deepep import DeepEPNormalCombineInput, DeepEPNormalDispatchOutput
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+    from sglang.srt.layers.moe.utils import DeepEPMode
+
+    path = str(tmp_path / "ep.shm")
+    create_shm_file(path, NUM_RANKS, 2, max(Buffer.get_ep_buffer_size_hint(M, HIDDEN, NUM_RANKS, NUM_EXPERTS),
+                                            Buffer.get_prefill_buffer_size_hint(M, HIDDEN, TOP_K)))
+    xs, ids, ws, weights = make_inputs(21)
+    results, errors = {}, []
+
+    def one(rank):
+        try:
+            d = make_dispatcher(rank, Buffer(rank, NUM_RANKS, transport=SharedMemoryTransport(path, rank)),
+                                use_fp8=False)
+            d.deepep_mode = DeepEPMode.NORMAL if mode == "normal" else DeepEPMode.AUTO
+            set_is_extend_in_batch(mode == "auto-extend")  # per thread, as SGLang's forward thread sets it
+            d.dispatch_a(hidden_states=xs[rank], topk_output=StandardTopKOutput(ws[rank], ids[rank], None))
+            out = d.dispatch_b()
+            d.combine_a(DeepEPNormalCombineInput(_partial_rows(out, rank, weights), out.topk_ids, out.topk_weights))
+            results[rank] = (out, d.combine_b())
+        except Exception as exc:  # surfaced below with the rank
+            errors.append((rank, exc))
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in range(NUM_RANKS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    refs = reference_outputs(xs, ids, ws, weights, [True] * NUM_RANKS)
+    for rank in range(NUM_RANKS):
+        out, combined = results[rank]
+        assert type(out) is DeepEPNormalDispatchOutput and out.format.is_deepep_normal()
+        # one row per (source token, this rank) pair; local expert ids, -1 for choices elsewhere
+        expected_rows = sum(int(((i // LOCAL) == rank).any(-1).sum()) for i in ids)
+        assert out.hidden_states.shape == (expected_rows, HIDDEN) and out.hidden_states_scale is None
+        assert int(out.topk_ids.max()) < LOCAL and int(out.topk_ids.min()) >= -1
+        expected_counts = torch.stack([torch.bincount(i.flatten(), minlength=NUM_EXPERTS) for i in ids]).sum(0)
+        assert out.num_recv_tokens_per_expert == expected_counts[rank * LOCAL:(rank + 1) * LOCAL].tolist()
+        assert tuple(combined.shape) == (xs[rank].shape[0], HIDDEN) and combined.dtype == torch.bfloat16
+        assert relative_error(combined, refs[rank]) < 0.01, rank

@@ -4,13 +4,20 @@ A drop-in for SGLang's ``MooncakeEPDispatcher``: the same constructor arguments 
 ``MaybeTboDeepEPDispatcher`` passes), the same split methods and stage machine that SGLang's models
 drive (``dispatch_a`` -> ``dispatch_b`` -> ``combine_a`` -> ``combine_b``, with two-batch overlap
 running other work between the halves), and SGLang's own ``DeepEPLLDispatchOutput`` so its
-low-latency MoE runners consume the result unchanged:
+low-latency MoE runners consume the result unchanged (normal mode, below, returns SGLang's
+``DeepEPNormalDispatchOutput``):
 
     hidden_states        [num_local_experts, num_ranks * M, hidden]   float8_e4m3fn (use_fp8) or bf16
     hidden_states_scale  [num_local_experts, num_ranks * M, hidden // 128] float32, or None
     masked_m             [num_local_experts] int32, rows received per local expert
     expected_m           int, SGLang's expected rows per expert (the same formula as Mooncake's)
     topk_ids/topk_weights the caller's [num_tokens, top_k], passed back for the combine
+
+Normal (prefill) mode — ``--deepep-mode normal``, or ``auto`` on a batch with extends, as SGLang's
+``DeepEPDispatcher`` resolves it — goes through ``eep.Buffer.prefill_dispatch``/``prefill_combine``:
+one copy of a token per destination rank; ``hidden_states [num_recv, hidden]`` bf16, ``topk_ids``
+local expert ids (-1 elsewhere), ``topk_weights``, ``num_recv_tokens_per_expert``; the combine input
+is the runner's per-row weighted sum, added per token across ranks.
 
 ``topk_ids`` arrive as *physical* expert ids: SGLang's top-k already mapped logical ids through its
 expert-location maps, so this adapter sends each copy to ``rank = id // num_local_experts`` and never
@@ -31,7 +38,8 @@ import torch
 from sglang.srt.elastic_ep.elastic_ep import ElasticEPStateManager
 from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
 from sglang.srt.layers.moe.token_dispatcher.base import BaseDispatcher, CombineInput, DispatchOutput
-from sglang.srt.layers.moe.token_dispatcher.deepep import DeepEPLLDispatchOutput
+from sglang.srt.layers.dp_attention import get_is_extend_in_batch
+from sglang.srt.layers.moe.token_dispatcher.deepep import DeepEPLLDispatchOutput, DeepEPNormalDispatchOutput
 from sglang.srt.layers.moe.topk import TopKOutput
 from sglang.srt.layers.moe.utils import DeepEPMode
 from sglang.srt.utils import get_int_env_var
@@ -59,8 +67,9 @@ class EepDispatcher(BaseDispatcher):
     Parameters (first ten: as SGLang's ``MooncakeEPDispatcher``):
         group: the EP process group (its ``rank()`` is this process's rank slot).
         num_experts: physical experts (logical + redundant); ``num_local_experts`` of them per rank.
-        deepep_mode: ``LOW_LATENCY`` or ``AUTO``; eep has one layout, so ``AUTO`` runs it for
-            prefill too (a batch must fit ``num_max_dispatch_tokens_per_rank``). ``NORMAL`` raises.
+        deepep_mode: ``LOW_LATENCY``, ``NORMAL`` (prefill layout) or ``AUTO`` (normal on batches
+            with extends, low-latency otherwise, as SGLang resolves it). Either way a rank's batch
+            must fit ``num_max_dispatch_tokens_per_rank``.
         return_recv_hook: send in ``*_a``, receive in ``*_b`` (what SGLang passes: True).
     Keyword-only, eep's own:
         buffer: an ``eep.Buffer`` to use instead of the process-wide one (tests, custom launchers).
@@ -78,9 +87,6 @@ class EepDispatcher(BaseDispatcher):
                  timeout_us: int = DEFAULT_TIMEOUT_US, warmup_timeout_us: int = -1,
                  num_max_dispatch_tokens_per_rank: int | None = None):
         super().__init__()
-        if deepep_mode == DeepEPMode.NORMAL:
-            raise NotImplementedError("EepDispatcher has only the low-latency layout: use --deepep-mode "
-                                      "low_latency (or auto)")
         if num_experts is None or num_local_experts is None or hidden_size is None:
             raise ValueError(f"EepDispatcher needs num_experts, num_local_experts and hidden_size, got "
                              f"{num_experts}, {num_local_experts}, {hidden_size}")
@@ -107,6 +113,7 @@ class EepDispatcher(BaseDispatcher):
         self._stage = Stage.INITIAL
         self._dispatch_state: tuple | None = None
         self._combine_state: tuple | None = None
+        self._normal = False  # the mode the running step resolved to
 
     # ---- SGLang's dispatcher interface ----
     def dispatch(self, hidden_states: torch.Tensor, topk_output: TopKOutput) -> DispatchOutput:
@@ -123,6 +130,17 @@ class EepDispatcher(BaseDispatcher):
             # e.g. --max-ep-size > --ep-size: SGLang's mask has reserved slots its expert layout lacks
             raise ValueError(f"eep.Buffer has {buffer.num_ranks} rank slots (len(active_ranks)) x "
                              f"{self.num_local_experts} local experts != num_experts={self.num_experts}")
+        mode = self.deepep_mode  # AUTO resolves per batch, as SGLang's DeepEPDispatcher does
+        self._normal = (mode.resolve(get_is_extend_in_batch()) if mode == DeepEPMode.AUTO else mode) == DeepEPMode.NORMAL
+        if self._normal:
+            if hidden_states.shape[0] > self.num_max_dispatch_tokens_per_rank:
+                raise ValueError(f"normal-mode dispatch of {hidden_states.shape[0]} tokens: more than "
+                                 f"num_max_dispatch_tokens_per_rank={self.num_max_dispatch_tokens_per_rank} "
+                                 f"(the buffer's capacity per rank; raise {NUM_MAX_DISPATCH_TOKENS_ENV})")
+            self._dispatch_state = buffer.prefill_dispatch(hidden_states, topk_ids, topk_weights, active_ranks,
+                                                           self.num_experts, self._current_timeout_us())
+            self._stage = Stage.AFTER_DISPATCH_A
+            return
         expected_m = (hidden_states.shape[0] * buffer.num_ranks * topk_ids.shape[1] + self.num_experts) \
             // self.num_experts  # Mooncake's estimate, kept so SGLang's grouped GEMM sizes the same
         recv_x, masked_m, self._handle, event, hook = buffer.dispatch(
@@ -135,6 +153,12 @@ class EepDispatcher(BaseDispatcher):
     def dispatch_b(self) -> DeepEPLLDispatchOutput:
         """Receive; returns SGLang's ``DeepEPLLDispatchOutput`` (shapes in the module docstring)."""
         self._expect(Stage.AFTER_DISPATCH_A, "dispatch_b")
+        if self._normal:
+            recv_x, recv_ids, recv_weights, per_expert, self._handle, _ = self._dispatch_state
+            self._dispatch_state, self._stage = None, Stage.AFTER_DISPATCH_B
+            get_global_expert_distribution_recorder().on_deepep_dispatch_normal(
+                per_expert, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None, num_tokens_per_expert=None)
+            return DeepEPNormalDispatchOutput(recv_x, None, recv_ids, recv_weights, per_expert)
         recv_x, topk_ids, topk_weights, masked_m, expected_m, event, hook = self._dispatch_state
         _finish(event, hook, self.return_recv_hook)
         self._dispatch_state, self._stage = None, Stage.AFTER_DISPATCH_B
@@ -151,6 +175,13 @@ class EepDispatcher(BaseDispatcher):
         ``(hidden_states [num_local_experts, num_ranks * M, hidden], topk_ids, topk_weights)``."""
         hidden_states, topk_ids, topk_weights = combine_input
         self._expect(Stage.AFTER_DISPATCH_B, "combine_a")
+        if self._normal:  # DeepEPNormalCombineInput: the runner's per-row weighted sums
+            combined, event = self._get_buffer().prefill_combine(hidden_states, self._handle, self.active_ranks(),
+                                                                 self._current_timeout_us())
+            self._is_first_step, self._handle = False, None
+            self._combine_state = (combined, event, lambda: None)
+            self._stage = Stage.AFTER_COMBINE_A
+            return
         combined, event, hook = self._get_buffer().combine(
             hidden_states, topk_ids, topk_weights, self.active_ranks(), self._current_timeout_us(), self._handle,
             async_finish=not self.return_recv_hook, return_recv_hook=self.return_recv_hook)
@@ -163,7 +194,8 @@ class EepDispatcher(BaseDispatcher):
         """Receive and sum; returns ``[num_tokens, hidden]``."""
         self._expect(Stage.AFTER_COMBINE_A, "combine_b")
         combined, event, hook = self._combine_state
-        _finish(event, hook, self.return_recv_hook)
+        if not self._normal:
+            _finish(event, hook, self.return_recv_hook)
         self._combine_state, self._stage = None, Stage.INITIAL
         return combined
 
@@ -184,7 +216,7 @@ class EepDispatcher(BaseDispatcher):
         active_ranks = self.active_ranks()
         spec = BufferSpec(num_ranks=active_ranks.numel(), hidden_size=self.hidden_size,
                           num_max_dispatch_tokens_per_rank=self.num_max_dispatch_tokens_per_rank,
-                          num_experts=self.num_experts, use_fp8=self._dispatch_fp8())
+                          num_experts=self.num_experts, use_fp8=self._dispatch_fp8(), top_k=self.router_topk)
         return EepEPBuffer.get_ep_buffer(self.group, spec, active_ranks)
 
     def _dispatch_fp8(self) -> bool:

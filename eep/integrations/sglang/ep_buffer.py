@@ -39,6 +39,7 @@ class BufferSpec:
     num_max_dispatch_tokens_per_rank: int
     num_experts: int
     use_fp8: bool
+    top_k: int = 8  # sizes the prefill (normal-mode) messages
 
 
 class EepEPBuffer:
@@ -80,8 +81,10 @@ def make_buffer(group: Any, spec: BufferSpec, active_ranks: torch.Tensor) -> Buf
             f"{active_ranks.device}. eep.Buffer(fused=FusedBuffer(...)) plugs in here "
             f"(eep/integrations/sglang/ep_buffer.py, make_buffer); see docs/integrations.md")
     rank = group.rank()
-    capacity = Buffer.get_ep_buffer_size_hint(spec.num_max_dispatch_tokens_per_rank, spec.hidden_size,
-                                              spec.num_ranks, spec.num_experts, use_fp8=spec.use_fp8)
+    capacity = max(Buffer.get_ep_buffer_size_hint(spec.num_max_dispatch_tokens_per_rank, spec.hidden_size,
+                                                  spec.num_ranks, spec.num_experts, use_fp8=spec.use_fp8),
+                   Buffer.get_prefill_buffer_size_hint(spec.num_max_dispatch_tokens_per_rank, spec.hidden_size,
+                                                       spec.top_k))
     path = _agree_shm_path(rank, spec.num_ranks, capacity)
     return Buffer(rank, spec.num_ranks, transport=SharedMemoryTransport(path, rank))
 
