@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="tokens per rank while a rank is missing (survivors absorb its share through a "
                          "second captured graph); 0 = off, -1 = the missing rank's share: "
                          "max_tokens * N / (N - 1), rounded up to a multiple of 8")
+    ap.add_argument("--variants", default="",
+                    help="extra failure runs after the base one, each with its own fault-free steady run, "
+                         f"comma separated from {','.join(VARIANTS)}")
     ap.add_argument("--pin", choices=("now", "after_warmup"), default="now",
                     help="pin the host tier at engine construction (now) or on a thread after graph capture")
     ap.add_argument("--check-sample", type=int, default=None, help="most-used tokens checked on the oracle (16)")
@@ -95,9 +98,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.degraded_tokens < 0:
-        share = (args.max_tokens * args.gpus + args.gpus - 2) // (args.gpus - 1)  # ceil(max_tokens * N / (N - 1))
-        args.degraded_tokens = (share + 7) // 8 * 8
+    resolve_degraded(args)
+    args.variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"--variants {bad}: known variants are {sorted(VARIANTS)}")
     args.engines = [e for e in args.engines.split(",") if e]
     bad = [e for e in args.engines if e not in (CPU_ENGINES if d else GPU_ENGINES)]
     if bad:
@@ -108,6 +113,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.failure_engine not in (("shm", "cpu_elastic") if d else ("fused",)):
         ap.error(f"--failure-engine {args.failure_engine}: not membership-aware or not available here")
     return args
+
+
+# Failure-run variants (--variants): argument overrides, each measured against its own fault-free run
+VARIANTS = {"absorb": {"degraded_tokens": -1}, "pin": {"pin": "after_warmup"},
+            "absorb+pin": {"degraded_tokens": -1, "pin": "after_warmup"}}
+
+
+def resolve_degraded(args) -> None:
+    """--degraded-tokens -1: the missing rank's share, ceil(max_tokens * N / (N - 1)), up to a multiple of 8."""
+    if args.degraded_tokens < 0:
+        share = (args.max_tokens * args.gpus + args.gpus - 2) // (args.gpus - 1)
+        args.degraded_tokens = (share + 7) // 8 * 8
+
+
+def variant_args(args, name: str):
+    import copy
+
+    vargs = copy.copy(args)
+    for key, value in VARIANTS[name].items():
+        setattr(vargs, key, value)
+    resolve_degraded(vargs)
+    return vargs
 
 
 def model_config(args) -> TinyConfig:
@@ -545,6 +572,17 @@ def summary_text(results: dict) -> str:
         p = f.get("predicted", {})
         lines.append(f"  planner: repair {_fmt(p.get('repair_pause_s'))} predicted ({p.get('repair_experts')} experts),"
                      f" reintegration {_fmt(p.get('reintegration_s'))} predicted")
+    for name, v in (results.get("variants") or {}).items():
+        st, fv = v.get("steady", {}), v.get("failure", {})
+        lines.append(f"variant {name} {json.dumps(v.get('overrides'))}: steady {st.get('tokens_per_s', 0):.0f} "
+                     f"tokens/s, p50 {_fmt(st.get('step_p50_ms'), 'ms')}; recovery pause "
+                     f"{_fmt(fv.get('recovery_pause_s'))}, reintegration {_fmt(fv.get('reintegration_pause_s'))}, "
+                     f"back to 95% in {_fmt(fv.get('time_to_95pct_s'))}, lost {fv.get('requests_lost')}, "
+                     f"mismatched {fv.get('mismatched')}")
+        for b in fv.get("breakdown", []):
+            if b.get("joiner_startup_s") is not None:
+                lines.append(f"  joiner start-up {_fmt(b['joiner_startup_s'])} (engine init "
+                             f"{_fmt(b.get('joiner_engine_init_s'))}: {json.dumps(b.get('joiner_engine_phases'))})")
     r = results.get("restart")
     if r:
         lines.append(f"full restart: first token {_fmt(r.get('first_token_s'))} after launch "
@@ -625,6 +663,22 @@ def main(argv: list[str] | None = None) -> dict:
             series, markers = bench_metrics.throughput_markers(run_dir, 0.1 if args.dry_run else 0.25)
             if series:
                 plot_timeline(out / "timeline.png", series, markers)
+    for name in args.variants:
+        if over_budget(f"variant-{name}"):
+            continue
+
+        def run_variant(name=name) -> dict:
+            vargs, vout = variant_args(args, name), out / f"variant-{name}"
+            vout.mkdir(parents=True, exist_ok=True)
+            st = run_steady(vargs, vargs.failure_engine, shard_dir, vout)
+            fl, _, _ = run_failure(vargs, shard_dir, vout, st.get("tokens_per_s"), GOLDEN.get(vargs.failure_engine))
+            return {"overrides": VARIANTS[name], "degraded_tokens": vargs.degraded_tokens, "steady": st,
+                    "failure": fl}
+
+        got = guarded(f"variant-{name}", run_variant)
+        if got is not None:
+            results.setdefault("variants", {})[name] = got
+            save()
     if "restart" not in args.skip and not over_budget("restart"):
         got = guarded("restart", lambda: run_restart(args, shard_dir, out))
         if got is not None:

@@ -7,7 +7,8 @@
 # 2. the full run with what is left of the budget (skipped when the smoke failed).
 # Everything lands under $OUT: smoke/ and full/ (results.json, summary.txt, timeline.png, logs).
 # EEP_BENCH_SMOKE=0 skips the smoke (LAYERS must then be a number); EEP_BENCH_ARGS adds arguments
-# to the full run (e.g. "--engines fused --skip restart": the failure run and its golden only).
+# to the full run (e.g. "--engines fused --skip restart": the failure run and its golden only;
+# "--variants absorb,absorb+pin": more failure runs with survivors absorbing the batch / pinning late).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EEP_FUSED_CACHE_DIR=/tmp/eep-cache
@@ -27,7 +28,7 @@ df -h /tmp /dev/shm | tee -a "$OUT/gpus.txt"
 $PY -c "import torch; print(torch.__version__, torch.cuda.device_count())" 2>&1 | tee -a "$OUT/gpus.txt"
 
 # the device returns a limited number of files: each run's timelines travel as one archive
-pack() { (cd "$1" && for d in steady-* failure restart; do [ -d "$d" ] && tar czf "$d.tgz" "$d" && rm -rf "$d"; done; true); }
+pack() { (cd "$1" && for d in steady-* failure restart variant-*; do [ -d "$d" ] && tar czf "$d.tgz" "$d" && rm -rf "$d"; done; true); }
 
 if [ "${EEP_BENCH_SMOKE:-1}" = 1 ]; then
 timeout -k 5 150 $PY perf/failure_bench.py --gpus "$N" --layers 2 --engines fused --steady-s 1.5 --fault-at-s 2 \

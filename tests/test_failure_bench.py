@@ -317,3 +317,15 @@ def test_survivors_absorb_the_missing_ranks_batch_then_give_it_back(tmp_path):
     assert max(during) > args.max_tokens, f"survivors never took more than {args.max_tokens} tokens: {max(during)}"
     assert max(s["tokens"] for s in steps) <= args.degraded_tokens
     assert all(s["tokens"] <= args.max_tokens for s in steps if s["epoch"] < degraded_epoch)
+
+
+def test_variants_are_validated_and_override_only_their_knobs():
+    args = failure_bench.parse_args(["--gpus", "4", "--variants", "absorb,absorb+pin"])
+    assert args.variants == ["absorb", "absorb+pin"] and args.degraded_tokens == 0 and args.pin == "now"
+    absorb = failure_bench.variant_args(args, "absorb")
+    assert (absorb.degraded_tokens, absorb.pin) == (176, "now")  # ceil(128 * 4 / 3) = 171, up to 176
+    both = failure_bench.variant_args(args, "absorb+pin")
+    assert (both.degraded_tokens, both.pin) == (176, "after_warmup")
+    assert args.degraded_tokens == 0 and args.pin == "now"  # the base run's arguments are untouched
+    with pytest.raises(SystemExit):
+        failure_bench.parse_args(["--variants", "warp-speed"])
