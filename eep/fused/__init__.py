@@ -9,4 +9,10 @@ def __getattr__(name: str):
     if name == "MoELayer":
         from eep.fused.moe_layer import MoELayer
         return MoELayer
+    if name == "FusedBuffer":
+        from eep.fused.buffer import FusedBuffer
+        return FusedBuffer
+    if name == "PrefillBuffer":
+        from eep.fused.prefill import PrefillBuffer
+        return PrefillBuffer
     raise AttributeError(f"module 'eep.fused' has no attribute {name!r}")
