@@ -432,6 +432,9 @@ class GpuEngine:
         self.max_replicas = int(opts.get("max_replicas", 8))
         self.l2p = torch.full((L, c.num_experts, self.max_replicas), NO_EXPERT, dtype=torch.int64, device=dev)
         mark("weights_alloc")
+        # One stage, sized for the capacity, serves every graph: what a rank receives depends on its
+        # peers' batches, not its own (a rank replaying the small graph can receive from survivors
+        # still draining large batches), so a per-graph stage sized by its own batch would overflow.
         self.stage = make_expert_stage(ExpertStageShape(S, cfg.num_ranks, M, c.hidden, c.intermediate, c.top_k),
                                        device=dev, backend=opts.get("expert_backend"))
         mark("expert_stage")
