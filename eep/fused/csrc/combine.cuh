@@ -22,13 +22,7 @@ extern "C" __global__ void __launch_bounds__(512) eep_combine_send(const EepPara
   int* s_rows = s_dyn;
   int* s_start = s_dyn + num_pairs;
 
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-#if EEP_FIXED_MEMBERSHIP
-    s_active[r] = 1;
-#else
-    s_active[r] = ((const int*)p.active)[r];
-#endif
-  }
+  eep_load_active((const int*)p.active, s_active, R);
   __syncthreads();
   const int* vis_count = (const int*)p.vis_count;
   for (int pair = threadIdx.x; pair < num_pairs; pair += blockDim.x)
@@ -68,13 +62,7 @@ extern "C" __global__ void __launch_bounds__(512) eep_combine_reduce(const EepPa
   const int S = (int)p.slots_per_rank, R = (int)p.num_ranks, M = (int)p.max_tokens;
   const int K = (int)p.top_k, T = (int)p.num_tokens, num_slots = S * R;
   const EepCtrl* ctrl = (const EepCtrl*)p.ctrl;
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    int ok = (int)ctrl->combine_ok[r];
-#if !EEP_FIXED_MEMBERSHIP
-    ok = ok && ((const int*)p.active)[r];
-#endif
-    s_use[r] = ok;
-  }
+  eep_load_arrived(ctrl, (const int*)p.active, s_use, R);
   __syncthreads();
   const i64* phys = (const i64*)p.phys;
   const int* handle_pos = (const int*)p.handle_pos;
@@ -109,11 +97,6 @@ extern "C" __global__ void __launch_bounds__(512) eep_combine_reduce(const EepPa
       for (int u = 0; u < 4; ++u)
         if (use[u]) eep_accumulate(acc, w[u], val[u]);
     }
-    EepVec o;
-    o.a = eep_f32_to_bf16(acc[0]) | (eep_f32_to_bf16(acc[1]) << 16);
-    o.b = eep_f32_to_bf16(acc[2]) | (eep_f32_to_bf16(acc[3]) << 16);
-    o.c = eep_f32_to_bf16(acc[4]) | (eep_f32_to_bf16(acc[5]) << 16);
-    o.d = eep_f32_to_bf16(acc[6]) | (eep_f32_to_bf16(acc[7]) << 16);
-    out[item] = o;
+    out[item] = eep_pack_bf16x8(acc);
   }
 }

@@ -108,6 +108,28 @@ __device__ __forceinline__ bool eep_rank_active(const int* s_active, int rank) {
 #endif
 }
 
+// The membership mask into shared memory (all ones in the fixed-membership variant).
+__device__ __forceinline__ void eep_load_active(const int* active, int* s_active, int R) {
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+#if EEP_FIXED_MEMBERSHIP
+    s_active[r] = 1;
+#else
+    s_active[r] = active[r];
+#endif
+  }
+}
+
+// Ranks whose combine rows a reduce may read: their outputs arrived and (elastic) they are active.
+__device__ __forceinline__ void eep_load_arrived(const EepCtrl* ctrl, const int* active, int* s_use, int R) {
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    int ok = (int)ctrl->combine_ok[r];
+#if !EEP_FIXED_MEMBERSHIP
+    ok = ok && active[r];
+#endif
+    s_use[r] = ok;
+  }
+}
+
 // Physical slot of entry e if it is to be sent, else -1 (NO_EXPERT, garbage, or inactive host).
 __device__ __forceinline__ int eep_valid_slot(i64 phys, int num_slots, int slots_per_rank,
                                               const int* s_active) {
@@ -141,6 +163,16 @@ __device__ __forceinline__ void eep_accumulate(float* acc, float w, const EepVec
     acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(w, eep_bf16_lo(words[i])));
     acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(w, eep_bf16_hi(words[i])));
   }
+}
+
+// Eight float32 sums rounded (to nearest even) into one vector of eight bf16.
+__device__ __forceinline__ EepVec eep_pack_bf16x8(const float* acc) {
+  EepVec o;
+  o.a = eep_f32_to_bf16(acc[0]) | (eep_f32_to_bf16(acc[1]) << 16);
+  o.b = eep_f32_to_bf16(acc[2]) | (eep_f32_to_bf16(acc[3]) << 16);
+  o.c = eep_f32_to_bf16(acc[4]) | (eep_f32_to_bf16(acc[5]) << 16);
+  o.d = eep_f32_to_bf16(acc[6]) | (eep_f32_to_bf16(acc[7]) << 16);
+  return o;
 }
 
 // Record that `peer` missed the deadline of step `seq` (the runtime reads this as evidence).

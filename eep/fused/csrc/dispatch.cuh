@@ -39,13 +39,7 @@ extern "C" __global__ void __launch_bounds__(512) eep_dispatch(const EepParams p
 
   // 1. layout
   for (int i = threadIdx.x; i < num_slots * words; i += blockDim.x) s_mask[i] = 0u;
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-#if EEP_FIXED_MEMBERSHIP
-    s_active[r] = 1;
-#else
-    s_active[r] = ((const int*)p.active)[r];
-#endif
-  }
+  eep_load_active((const int*)p.active, s_active, R);
   __syncthreads();
   for (int e = threadIdx.x; e < T * K; e += blockDim.x) {
     int slot = eep_valid_slot(phys[e], num_slots, S, s_active);

@@ -35,16 +35,6 @@ struct EepPrefillParams {
   u64 off_dispatch_flag, off_combine_flag;
 };
 
-__device__ __forceinline__ void eep_load_active(const EepPrefillParams& p, int* s_active, int R) {
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-#if EEP_FIXED_MEMBERSHIP
-    s_active[r] = 1;
-#else
-    s_active[r] = ((const int*)p.active)[r];
-#endif
-  }
-}
-
 extern "C" __global__ void __launch_bounds__(512) eep_prefill_dispatch(const EepPrefillParams p) {
   extern __shared__ u32 s_dyn32[];  // s_mask[R][words], then s_before[R][words] (set bits in earlier words)
   __shared__ int s_active[EEP_MAX_RANKS];
@@ -65,7 +55,7 @@ extern "C" __global__ void __launch_bounds__(512) eep_prefill_dispatch(const Eep
 
   // 1. which destinations each token goes to, and the row it takes there
   for (int i = threadIdx.x; i < R * words; i += blockDim.x) s_mask[i] = 0u;
-  eep_load_active(p, s_active, R);
+  eep_load_active((const int*)p.active, s_active, R);
   __syncthreads();
   for (int e = threadIdx.x; e < T * K; e += blockDim.x) {
     const int slot = eep_valid_slot(phys[e], num_slots, S, s_active);
@@ -164,7 +154,7 @@ extern "C" __global__ void __launch_bounds__(512) eep_prefill_combine_send(const
   EepCtrl* ctrl = (EepCtrl*)p.ctrl;
   const u64* peer = (const u64*)p.peer_base;
   const u64 seq = *(volatile u64*)&ctrl->combine_seq + 1;
-  eep_load_active(p, s_active, R);
+  eep_load_active((const int*)p.active, s_active, R);
   __syncthreads();
   const int* vis_count = (const int*)p.vis_count;
   for (int r = threadIdx.x; r < R; r += blockDim.x)
@@ -195,13 +185,7 @@ extern "C" __global__ void __launch_bounds__(512) eep_prefill_combine_reduce(con
   __shared__ int s_use[EEP_MAX_RANKS];  // rank active and its partial rows arrived
   const int R = (int)p.num_ranks, M = (int)p.max_tokens, T = (int)p.num_tokens;
   const EepCtrl* ctrl = (const EepCtrl*)p.ctrl;
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    int ok = (int)ctrl->combine_ok[r];
-#if !EEP_FIXED_MEMBERSHIP
-    ok = ok && ((const int*)p.active)[r];
-#endif
-    s_use[r] = ok;
-  }
+  eep_load_arrived(ctrl, (const int*)p.active, s_use, R);
   __syncthreads();
   const int* dst_row = (const int*)p.dst_row;
   const EepVec* comb_x = (const EepVec*)(((const u64*)p.peer_base)[p.my_rank] + p.off_comb_x);
@@ -217,11 +201,6 @@ extern "C" __global__ void __launch_bounds__(512) eep_prefill_combine_reduce(con
       if (row < 0 || row >= M || !s_use[d]) continue;
       eep_accumulate(acc, 1.f, comb_x[((u64)d * M + row) * EEP_VEC_PER_ROW + v]);
     }
-    EepVec o;
-    o.a = eep_f32_to_bf16(acc[0]) | (eep_f32_to_bf16(acc[1]) << 16);
-    o.b = eep_f32_to_bf16(acc[2]) | (eep_f32_to_bf16(acc[3]) << 16);
-    o.c = eep_f32_to_bf16(acc[4]) | (eep_f32_to_bf16(acc[5]) << 16);
-    o.d = eep_f32_to_bf16(acc[6]) | (eep_f32_to_bf16(acc[7]) << 16);
-    out[item] = o;
+    out[item] = eep_pack_bf16x8(acc);
   }
 }
