@@ -19,9 +19,7 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -199,24 +197,9 @@ def main() -> int:
     if args.rank is not None:
         worker(args)
         return 0
-    from torch.distributed import TCPStore
     sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
-    from launch import free_port
-    port = free_port()
-    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,  # noqa: F841 (kept alive)
-                     timeout=datetime.timedelta(seconds=300))
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
-               PYTHONUNBUFFERED="1")
-    forwarded = [a for a in sys.argv[1:]]
-    procs = [subprocess.Popen([sys.executable, __file__, *forwarded, "--rank", str(r), "--port", str(port)], env=env)
-             for r in range(args.num_ranks)]
-    deadline = time.time() + 500
-    while any(pr.poll() is None for pr in procs) and time.time() < deadline:
-        time.sleep(0.05)
-    for pr in procs:
-        if pr.poll() is None:
-            pr.kill()
-    return max(pr.wait() for pr in procs)
+    from launch import run_rank_script
+    return run_rank_script(__file__, sys.argv[1:], args.num_ranks)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,8 @@ import torch
 
 from eep import envs
 from eep.fused.buffer import FusedBuffer
-from eep.fused.layout import ALIGN, MAX_RANKS
+from eep.fused.layout import MAX_RANKS, _align
 from eep.reference.prefill import PackedHandle, PackedReceive
-
-
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 @dataclass(frozen=True)

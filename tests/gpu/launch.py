@@ -29,6 +29,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_rank_script(script: str, argv: list[str], num_ranks: int, *, timeout_s: float = 500.0) -> int:
+    """Host a TCPStore and start ``script argv --rank r --port P`` once per rank (a benchmark's own
+    workers); returns the worst exit code, killing stragglers after ``timeout_s``."""
+    from torch.distributed import TCPStore
+
+    port = free_port()
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,  # noqa: F841 (kept alive)
+                     timeout=datetime.timedelta(seconds=300))
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
+               PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, script, *argv, "--rank", str(r), "--port", str(port)], env=env)
+             for r in range(num_ranks)]
+    deadline = time.time() + timeout_s
+    while any(pr.poll() is None for pr in procs) and time.time() < deadline:
+        time.sleep(0.05)
+    for pr in procs:
+        if pr.poll() is None:
+            pr.kill()
+    return max(pr.wait() for pr in procs)
+
+
 def run_scenario(scenario: str, num_ranks: int, out: str, *, extra: list[str] = (), group: str | None = None,
                  timeout_s: float = 400.0) -> list[dict]:
     """Run one scenario; returns the per-process result dicts (``errors`` empty when all passed)."""
