@@ -222,12 +222,8 @@ class Coordinator:
     # ---- requests ----
     def _requeue(self, continuing: set[int], new_active: list[bool], epoch: int) -> dict[int, list[int]]:
         """Unanswered requests whose owner is not a continuing member, dealt to the new members."""
-        num_handed_out = min(self.store.add(store_key(self.run_id, Key.QUEUE_NEXT), 0), self.cfg.num_requests)
-        self.advance_answered(num_handed_out)
         orphans = []
-        for q in range(self.answered_below, num_handed_out):
-            if self.store.check([store_key(self.run_id, Key.RESULT, q)]):
-                continue
+        for q in self._unanswered():
             owner_key = store_key(self.run_id, Key.OWNER, q)
             mine = f"coordinator:{epoch}"
             owner = self.store.compare_set(owner_key, "", mine).decode()  # takes it if never owned
@@ -245,15 +241,19 @@ class Coordinator:
     def holds_requests(self, rank: int) -> bool:
         """Whether ``rank`` owns an unanswered request. Checked when a non-member dies: the commit
         that failed it re-queued all it held then, but a fenced rank can claim one afterwards."""
+        for q in self._unanswered():
+            owner_key = store_key(self.run_id, Key.OWNER, q)
+            if self.store.check([owner_key]) and self.store.get(owner_key).decode().split(":")[0] == str(rank):
+                return True
+        return False
+
+    def _unanswered(self):
+        """Ids of the requests handed out so far that have no answer yet (ascending)."""
         num_handed_out = min(self.store.add(store_key(self.run_id, Key.QUEUE_NEXT), 0), self.cfg.num_requests)
         self.advance_answered(num_handed_out)
         for q in range(self.answered_below, num_handed_out):
-            owner_key = store_key(self.run_id, Key.OWNER, q)
-            if self.store.check([store_key(self.run_id, Key.RESULT, q)]) or not self.store.check([owner_key]):
-                continue
-            if self.store.get(owner_key).decode().split(":")[0] == str(rank):
-                return True
-        return False
+            if not self.store.check([store_key(self.run_id, Key.RESULT, q)]):
+                yield q
 
     def advance_answered(self, limit: int | None = None) -> int:
         """Move ``answered_below`` past answered requests; returns it. ``results/count`` alone cannot
