@@ -41,17 +41,13 @@ def _shm(tmp_path, use_fp8=True) -> str:
     return path
 
 
-def _run_threads(path, seed, use_fp8, return_recv_hook=True, quant_config=None):
-    xs, ids, ws, weights = make_inputs(seed)
+def _on_every_rank(step) -> dict:
+    """``step(rank)`` on one thread per rank; returns ``{rank: result}``, raising any rank's error."""
     results, errors = {}, []
 
     def one(rank):
         try:
-            d = make_dispatcher(rank, Buffer(rank, NUM_RANKS, transport=SharedMemoryTransport(path, rank)),
-                                use_fp8=use_fp8, return_recv_hook=return_recv_hook)
-            if quant_config is not None:
-                d.set_quant_config(quant_config)  # as SGLang's quant methods do after weight loading
-            results[rank] = run_step(d, xs[rank], ids[rank], ws[rank], rank, weights) + (d,)
+            results[rank] = step(rank)
         except Exception as exc:  # surfaced below with the rank
             errors.append((rank, exc))
 
@@ -61,7 +57,20 @@ def _run_threads(path, seed, use_fp8, return_recv_hook=True, quant_config=None):
     for t in threads:
         t.join(timeout=60)
     assert not errors, errors
-    return (xs, ids, ws, weights), results
+    return results
+
+
+def _run_threads(path, seed, use_fp8, return_recv_hook=True, quant_config=None):
+    xs, ids, ws, weights = make_inputs(seed)
+
+    def step(rank):
+        d = make_dispatcher(rank, Buffer(rank, NUM_RANKS, transport=SharedMemoryTransport(path, rank)),
+                            use_fp8=use_fp8, return_recv_hook=return_recv_hook)
+        if quant_config is not None:
+            d.set_quant_config(quant_config)  # as SGLang's quant methods do after weight loading
+        return run_step(d, xs[rank], ids[rank], ws[rank], rank, weights) + (d,)
+
+    return (xs, ids, ws, weights), _on_every_rank(step)
 
 
 def test_is_a_concrete_base_dispatcher_accepting_what_sglang_passes_mooncake():
@@ -203,27 +212,17 @@ def test_normal_mode_returns_sglang_deepep_normal_and_matches_the_reference(tmp_
     create_shm_file(path, NUM_RANKS, 2, max(Buffer.get_ep_buffer_size_hint(M, HIDDEN, NUM_RANKS, NUM_EXPERTS),
                                             Buffer.get_prefill_buffer_size_hint(M, HIDDEN, TOP_K)))
     xs, ids, ws, weights = make_inputs(21)
-    results, errors = {}, []
 
-    def one(rank):
-        try:
-            d = make_dispatcher(rank, Buffer(rank, NUM_RANKS, transport=SharedMemoryTransport(path, rank)),
-                                use_fp8=False)
-            d.deepep_mode = DeepEPMode.NORMAL if mode == "normal" else DeepEPMode.AUTO
-            set_is_extend_in_batch(mode == "auto-extend")  # per thread, as SGLang's forward thread sets it
-            d.dispatch_a(hidden_states=xs[rank], topk_output=StandardTopKOutput(ws[rank], ids[rank], None))
-            out = d.dispatch_b()
-            d.combine_a(DeepEPNormalCombineInput(_partial_rows(out, rank, weights), out.topk_ids, out.topk_weights))
-            results[rank] = (out, d.combine_b())
-        except Exception as exc:  # surfaced below with the rank
-            errors.append((rank, exc))
+    def step(rank):
+        d = make_dispatcher(rank, Buffer(rank, NUM_RANKS, transport=SharedMemoryTransport(path, rank)), use_fp8=False)
+        d.deepep_mode = DeepEPMode.NORMAL if mode == "normal" else DeepEPMode.AUTO
+        set_is_extend_in_batch(mode == "auto-extend")  # per thread, as SGLang's forward thread sets it
+        d.dispatch_a(hidden_states=xs[rank], topk_output=StandardTopKOutput(ws[rank], ids[rank], None))
+        out = d.dispatch_b()
+        d.combine_a(DeepEPNormalCombineInput(_partial_rows(out, rank, weights), out.topk_ids, out.topk_weights))
+        return out, d.combine_b()
 
-    threads = [threading.Thread(target=one, args=(r,)) for r in range(NUM_RANKS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
+    results = _on_every_rank(step)
     refs = reference_outputs(xs, ids, ws, weights, [True] * NUM_RANKS)
     for rank in range(NUM_RANKS):
         out, combined = results[rank]
