@@ -10,3 +10,21 @@ def random_experts(num_experts: int, inter: int, hidden: int, *, generator: torc
     w_up = torch.randn(num_experts, inter, hidden, generator=generator) / hidden ** 0.5
     w_down = torch.randn(num_experts, hidden, inter, generator=generator) / inter ** 0.5
     return w_gate.to(dtype), w_up.to(dtype), w_down.to(dtype)
+
+
+def prefill_partials(recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_w: torch.Tensor, rank: int,
+                     num_local_experts: int, weights: tuple) -> torch.Tensor:
+    """A normal-mode MoE runner's output for packed rows: each row's local experts (SwiGLU of
+    ``weights[e]``, ``e = rank * num_local_experts + recv_idx``) weighted by ``recv_w`` and summed in
+    k order in float32, as ``eep.reference.prefill.partial_combine`` specifies."""
+    from eep.reference import swiglu
+
+    acc = torch.zeros(recv_x.shape[0], recv_x.shape[1])
+    for k in range(recv_idx.shape[1]):
+        for row in range(recv_x.shape[0]):
+            i = int(recv_idx[row, k])
+            if i >= 0:
+                e = rank * num_local_experts + i
+                y = swiglu(recv_x[row:row + 1], weights[0][e], weights[1][e], weights[2][e])[0]
+                acc[row] = acc[row] + recv_w[row, k] * y.float()
+    return acc.to(recv_x.dtype)

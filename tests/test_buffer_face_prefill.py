@@ -9,10 +9,9 @@ import threading
 import pytest
 import torch
 
-from eep_test_utils import random_experts
+from eep_test_utils import prefill_partials, random_experts
 from eep.errors import RoutingError
 from eep.integrations.buffer import Buffer
-from eep.reference import swiglu
 from eep.reference.prefill import combine_packed, dispatch_packed
 from eep.transport.shm import SharedMemoryTransport, create_shm_file
 
@@ -34,16 +33,7 @@ def _inputs(seed: int):
 
 
 def _partials(recv_x, recv_idx, recv_w, rank, weights):
-    """The caller's side: each received row's local experts, weighted, summed in k order (float32)."""
-    acc = torch.zeros(recv_x.shape[0], HIDDEN)
-    for k in range(TOP_K):
-        for row in range(recv_x.shape[0]):
-            i = int(recv_idx[row, k])
-            if i >= 0:
-                e = rank * LOCAL + i
-                y = swiglu(recv_x[row:row + 1], weights[0][e], weights[1][e], weights[2][e])[0]
-                acc[row] = acc[row] + recv_w[row, k] * y.float()
-    return acc.to(recv_x.dtype)
+    return prefill_partials(recv_x, recv_idx, recv_w, rank, LOCAL, weights)
 
 
 def _run_rank(path, rank, x, ids, w, weights, active, results):

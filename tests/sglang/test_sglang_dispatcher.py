@@ -22,7 +22,7 @@ from sglang.srt.layers.moe.token_dispatcher import (BaseDispatcher, CombineInput
 
 from eep.integrations.buffer import Buffer
 from eep.integrations.sglang.dispatcher import EepDispatcher
-from eep.reference import swiglu
+from eep_test_utils import prefill_partials
 from eep.transport.shm import SharedMemoryTransport, create_shm_file
 
 
@@ -188,17 +188,8 @@ def test_sigkilled_rank_clears_sglang_active_ranks_in_place_and_survivors_match_
 
 
 def _partial_rows(out, rank, weights):
-    """What SGLang's normal-mode MoE runner returns: each received row's local experts, weighted by
-    ``topk_weights``, summed in k order in float32 (``eep.reference.prefill.partial_combine``)."""
-    acc = torch.zeros(out.hidden_states.shape[0], HIDDEN)
-    for k in range(TOP_K):
-        for row in range(out.hidden_states.shape[0]):
-            i = int(out.topk_ids[row, k])
-            if i >= 0:
-                e = rank * LOCAL + i
-                y = swiglu(out.hidden_states[row:row + 1], weights[0][e], weights[1][e], weights[2][e])[0]
-                acc[row] = acc[row] + out.topk_weights[row, k] * y.float()
-    return acc.to(torch.bfloat16)
+    """What SGLang's normal-mode MoE runner returns for the received rows."""
+    return prefill_partials(out.hidden_states, out.topk_ids, out.topk_weights, rank, LOCAL, weights)
 
 
 @pytest.mark.parametrize("mode", ["normal", "auto-extend"])
