@@ -40,6 +40,14 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def check_ranks_and_hidden(num_ranks: int, hidden: int) -> None:
+    """What every buffer layout asks of its shape: rank slots the kernels support, 16-byte rows."""
+    if not 1 <= num_ranks <= MAX_RANKS:
+        raise ValueError(f"num_ranks={num_ranks}: the fused kernels support 1..{MAX_RANKS} ranks")
+    if hidden <= 0 or hidden % 8:
+        raise ValueError(f"hidden={hidden} must be a positive multiple of 8 (16-byte vectors)")
+
+
 @dataclass(frozen=True)
 class BufferLayout:
     """Offsets (bytes) of each region in a rank's peer buffer; identical on every rank."""
@@ -51,13 +59,10 @@ class BufferLayout:
     elem_bytes: int = 2  # bf16
 
     def __post_init__(self) -> None:
-        if not 1 <= self.num_ranks <= MAX_RANKS:
-            raise ValueError(f"num_ranks={self.num_ranks}: the fused kernels support 1..{MAX_RANKS} ranks")
+        check_ranks_and_hidden(self.num_ranks, self.hidden)
         if self.slots_per_rank < 1 or self.max_tokens_per_rank < 1:
             raise ValueError(f"slots_per_rank={self.slots_per_rank} and max_tokens_per_rank="
                              f"{self.max_tokens_per_rank} must both be positive")
-        if self.hidden <= 0 or self.hidden % 8:
-            raise ValueError(f"hidden={self.hidden} must be a positive multiple of 8 (16-byte vectors)")
 
     @property
     def num_rows(self) -> int:

@@ -25,7 +25,7 @@ import torch
 
 from eep import envs
 from eep.fused.buffer import FusedBuffer
-from eep.fused.layout import MAX_RANKS, _align
+from eep.fused.layout import _align, check_ranks_and_hidden
 from eep.reference.prefill import PackedHandle, PackedReceive
 
 
@@ -48,12 +48,9 @@ class PrefillLayout:
     top_k: int
 
     def __post_init__(self) -> None:
-        if not 1 <= self.num_ranks <= MAX_RANKS:
-            raise ValueError(f"num_ranks={self.num_ranks}: the fused kernels support 1..{MAX_RANKS} ranks")
+        check_ranks_and_hidden(self.num_ranks, self.hidden)
         if self.max_tokens_per_rank < 1 or self.top_k < 1:
             raise ValueError(f"max_tokens_per_rank={self.max_tokens_per_rank} and top_k={self.top_k} must be positive")
-        if self.hidden <= 0 or self.hidden % 8:
-            raise ValueError(f"hidden={self.hidden} must be a positive multiple of 8 (16-byte vectors)")
 
     @property
     def num_rows(self) -> int:
