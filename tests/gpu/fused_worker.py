@@ -8,8 +8,7 @@ Scenarios (``--scenario``):
          slot, survivors add_peer + set_membership and replay the same graph.
   join   the new process of the graph scenario.
   prefill the packed (prefill) mode against eep.reference.prefill: random, skewed, zero-token
-         ranks, a masked rank with stale routes into it, unmasked again; then eager timings
-         (GB/s as DeepEP counts them) with --prefill-time-tokens.
+         ranks, a masked rank with stale routes into it, unmasked again (timings: perf/bench_prefill.py).
   kill   steps in a loop; the launcher SIGKILLs the last rank; survivors must finish the step
          within the timeout, see it in status(), still access the dead rank's mapped buffer,
          mask it and compute correct results.
@@ -406,50 +405,7 @@ def scenario_prefill(args, store, result) -> None:
     result["status"] = st.__dict__
     if any(st.miss_count):
         errors.append(f"rank {args.rank}: deadlines missed in a healthy prefill run: {st.miss_count}")
-    if not errors and args.prefill_time_tokens:
-        result["timing"] = time_prefill(args, store, barrier, R)
     buf.close()
-
-
-def time_prefill(args, store, barrier, R):
-    """Eager dispatch and combine at ``--prefill-time-tokens`` tokens per rank (uniform top-k over
-    all experts), CUDA events over ``iters`` steps after a warm-up; GB/s = bytes this rank received
-    (one copy per token and destination rank, its own included) over the kernel time, as DeepEP's
-    normal-mode test counts them."""
-    from eep.fused.prefill import PrefillBuffer
-    from eep.reference.prefill import received_bytes  # noqa: F401  (the same counting rule)
-    dev = torch.device("cuda", args.rank)
-    T = args.prefill_time_tokens
-    buf = PrefillBuffer(args.rank, R, slots_per_rank=args.slots, max_tokens_per_rank=T, hidden=args.hidden,
-                        top_k=args.top_k, store=store, group=args.group + "-pt", timeout_s=args.timeout_s,
-                        device=args.rank)
-    g = torch.Generator(device=dev).manual_seed(args.rank)
-    num_slots = R * args.slots
-    x = torch.randn(T, args.hidden, device=dev, generator=g).to(torch.bfloat16)
-    phys = torch.rand(T, num_slots, device=dev, generator=g).topk(args.top_k, -1).indices.contiguous()
-    w = torch.softmax(torch.randn(T, args.top_k, device=dev, generator=g), -1)
-    partial = torch.randn(R, T, args.hidden, device=dev, generator=g).to(torch.bfloat16)
-    out = torch.empty(T, args.hidden, dtype=torch.bfloat16, device=dev)
-    times = {"dispatch": [], "combine": []}
-    for it in range(args.prefill_time_iters + 3):
-        barrier.wait(R)
-        e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-        e[0].record()
-        recv, handle = buf.dispatch(x, phys, w)
-        e[1].record()
-        buf.combine(partial, handle, out=out)
-        e[2].record()
-        torch.cuda.synchronize()
-        if it >= 3:
-            times["dispatch"].append(e[0].elapsed_time(e[1]) / 1e3)
-            times["combine"].append(e[1].elapsed_time(e[2]) / 1e3)
-    recv_rows = int(buf.vis_count.sum())
-    nbytes = recv_rows * args.hidden * 2
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    buf.close()
-    return {"tokens": T, "hidden": args.hidden, "received_rows": recv_rows, "received_bytes": nbytes,
-            "dispatch_s": med["dispatch"], "combine_s": med["combine"],
-            "dispatch_gbps": nbytes / med["dispatch"] / 1e9, "combine_gbps": nbytes / med["combine"] / 1e9}
 
 
 def _td(seconds):
@@ -474,8 +430,6 @@ def main() -> None:
     p.add_argument("--fixed", action="store_true")
     p.add_argument("--kill-steps", type=int, default=60)
     p.add_argument("--fp8", action="store_true", help="FP8 dispatch (diff scenario)")
-    p.add_argument("--prefill-time-tokens", type=int, default=0, help="prefill scenario: also time this many tokens")
-    p.add_argument("--prefill-time-iters", type=int, default=20)
     args = p.parse_args()
     from torch.distributed import TCPStore
     store = TCPStore("127.0.0.1", args.port, is_master=False, timeout=_td(300))

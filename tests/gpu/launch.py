@@ -105,7 +105,7 @@ def main() -> int:
     results = run_scenario(args.scenario, args.num_ranks, args.out, extra=extra)
     errors = [e for r in results for e in r["errors"]]
     summary = [{k: v for k, v in r.items() if k in ("rank", "rejoin_survivor_s", "step_s_detect", "step_s_before",
-                                                   "dead_peer_memory_ok", "slow_steps_s", "detected_at", "timing")}
+                                                   "dead_peer_memory_ok", "slow_steps_s", "detected_at")}
                for r in results]
     print(f"SCENARIO {args.scenario} ranks={args.num_ranks} {' '.join(extra)}: "
           f"{'PASS' if not errors else 'FAIL'} ({len(errors)} errors) {json.dumps(summary)}", flush=True)

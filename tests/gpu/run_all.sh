@@ -28,8 +28,8 @@ if [ "$MODE" != bench ]; then
 step diff4 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128
 step diff4-fp8 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 64 --fp8
 step diff2-fp8 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $L --scenario diff --num-ranks 2 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128 --fp8
-step prefill4 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --prefill-time-tokens 4096
-step prefill4-ds 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 128 --prefill-time-tokens 4096
+step prefill4 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256
+step prefill4-ds 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 128
 step prefill2 120 env CUDA_VISIBLE_DEVICES=0,1 $PY $L --scenario prefill --num-ranks 2 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256
 if $PY -c "import pytest" 2>/dev/null; then  # the GPU-marked pytest tests (skipped in CI)
   step pytest-gpu 120 $PY -m pytest -q -m gpu tests -p no:cacheprovider
