@@ -8,7 +8,9 @@
 # Everything lands under $OUT: smoke/ and full/ (results.json, summary.txt, timeline.png, logs).
 # EEP_BENCH_SMOKE=0 skips the smoke (LAYERS must then be a number); EEP_BENCH_ARGS adds arguments
 # to the full run (e.g. "--engines fused --skip restart": the failure run and its golden only;
-# "--variants absorb,absorb+pin": more failure runs with survivors absorbing the batch / pinning late).
+# "--variants absorb,grouped_mm": more runs, docs/failure_bench.md). `--expert-backend cutlass` uses the
+# CUTLASS library carried pre-built in build/gemm-cache (with build/cutlass: carry both); when it is
+# not there (a build inside four rank processes would eat the call) the run falls back to grouped_mm.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EEP_FUSED_CACHE_DIR=/tmp/eep-cache
@@ -22,6 +24,15 @@ SHM_FREE_GB=$(df -BG --output=avail /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)
 if [ "${SHM_FREE_GB:-0}" -lt 70 ] && [ -z "${EEP_HOST_TIER_DIR:-}" ]; then
   mkdir -p "$WORK/host"; export EEP_HOST_TIER_DIR=$WORK/host
   echo "/dev/shm has ${SHM_FREE_GB:-?} GB free: host tier in $EEP_HOST_TIER_DIR (page cache)"
+fi
+[ -d build/cutlass ] && export EEP_CUTLASS_DIR=$PWD/build/cutlass
+[ -d build/gemm-cache ] && export EEP_GEMM_CACHE_DIR=$PWD/build/gemm-cache
+BENCH_ARGS=${EEP_BENCH_ARGS:-}
+if [[ " $BENCH_ARGS " == *" --expert-backend cutlass "* ]]; then
+  if ! $PY -c "from eep.fused.gemm.build import library_path; import sys; p = library_path(); print('CUTLASS library', p); sys.exit(0 if p.exists() else 1)"; then
+    echo "no pre-built CUTLASS library for this nvcc/CUTLASS: --expert-backend grouped_mm instead"
+    BENCH_ARGS=${BENCH_ARGS/--expert-backend cutlass/--expert-backend grouped_mm}
+  fi
 fi
 nvidia-smi -L | tee "$OUT/gpus.txt"
 df -h /tmp /dev/shm | tee -a "$OUT/gpus.txt"
@@ -51,7 +62,7 @@ echo "=== layers for the full run: $LAYERS"
 left=$(( BUDGET - ($(date +%s) - START) ))
 echo "=== full run: $left s left"
 timeout -k 5 "$left" $PY perf/failure_bench.py --gpus "$N" --layers "$LAYERS" --out "$OUT/full" \
-  --workdir "$WORK/full" --budget-s $(( left - 90 )) ${EEP_BENCH_ARGS:-} > "$OUT/full.log" 2>&1
+  --workdir "$WORK/full" --budget-s $(( left - 90 )) $BENCH_ARGS > "$OUT/full.log" 2>&1
 rc=$?; echo "=== full rc=$rc"; tail -30 "$OUT/full.log"
 pack "$OUT/full"
 rm -rf "$WORK"

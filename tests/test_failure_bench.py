@@ -15,6 +15,7 @@ from eep.routing import route_to_phys
 from eep.runtime import RuntimeConfig, TinyConfig
 from eep.runtime import bench_metrics
 from eep.runtime.engine import ENGINES, ShmEngine, make_engine
+from eep.runtime.metrics import summarize
 from eep.runtime.gpu_dataplane import (GpuEngine, bench_weights, gather_combine, pack_receive_layout,
                                        reference_next_tokens)
 from eep.runtime.rules import initial_placement
@@ -189,6 +190,44 @@ def test_steady_state_and_breakdown_from_synthetic_timelines(tmp_path):
     assert bench_metrics.percentile([], 50) is None
 
 
+def _steady_ranks(t_from: float, t_to: float, ranks: list[int], tokens: int, epoch: int, step_s: float = 0.025):
+    out = []
+    for r in ranks:
+        t, i = t_from, 0
+        while t < t_to:
+            out.append({"t": t, "rank": r, "incarnation": 0, "step": i, "epoch": epoch, "tokens": tokens})
+            t, i = t + step_s, i + 1
+    return out
+
+
+@pytest.mark.parametrize("survivor_tokens,recovers_before_rejoin", [(128, False), (144, False), (160, True)])
+def test_time_to_95pct_uses_the_pre_fault_mean_and_a_one_second_window(tmp_path, survivor_tokens,
+                                                                       recovers_before_rejoin):
+    """4 ranks x 128 tokens per 25 ms step, rank 1 killed at 6 s, back at 15 s; the 3 survivors then run
+    ``survivor_tokens`` each. A dip just before the fault (one rank idle for 0.4 s) puts the 2 s pre-fault
+    mean at 95% of full speed: 3 x 160 tokens (99% of that mean) count as recovered, 3 x 144 (88%) do not
+    (a 0.5 s baseline would have put the bar at 76% of full speed, and let 144 pass)."""
+    t0 = 1000.0
+    launcher = [{"t": t0, "event": "launch"},
+                {"t": t0 + 6.0, "event": "fault", "action": "kill", "target": 1},
+                {"t": t0 + 6.3, "event": "commit", "epoch": 1, "reason": "exit", "failed": [1], "joined": []},
+                {"t": t0 + 15.0, "event": "commit", "epoch": 2, "reason": "join", "failed": [], "joined": [1]}]
+    steps = _steady_ranks(t0, t0 + 5.6, [0, 1, 2, 3], 128, 0) + _steady_ranks(t0 + 5.6, t0 + 6.0, [0, 2, 3], 128, 0)
+    steps += _steady_ranks(t0 + 6.4, t0 + 15.0, [0, 2, 3], survivor_tokens, 1)
+    steps += _steady_ranks(t0 + 15.1, t0 + 20.0, [0, 1, 2, 3], 128, 2)
+    _write(tmp_path / "launcher.jsonl", launcher)
+    for r in range(4):
+        _write(tmp_path / f"rank{r}-0.jsonl", [s for s in steps if s["rank"] == r])
+    [fault] = summarize(tmp_path)["faults"]
+    full = 4 * 128 / 0.025
+    assert fault["pre_fault_tokens_per_s"] == pytest.approx(full * (1 - 0.25 * 0.4 / 2.0), rel=0.02)
+    assert fault["degraded_fraction"] == pytest.approx(3 * survivor_tokens / (4 * 128) / (1 - 0.05), rel=0.03)
+    if recovers_before_rejoin:
+        assert 1.0 <= fault["time_to_95pct_s"] <= 1.6  # repair at +0.3 s, steps from +0.4 s, a 1 s window
+    else:
+        assert fault["time_to_95pct_s"] >= 9.0  # only once all four ranks serve again
+
+
 # ---- the script -------------------------------------------------------------------------------
 
 def test_arguments_are_checked_and_defaulted():
@@ -320,12 +359,14 @@ def test_survivors_absorb_the_missing_ranks_batch_then_give_it_back(tmp_path):
 
 
 def test_variants_are_validated_and_override_only_their_knobs():
-    args = failure_bench.parse_args(["--gpus", "4", "--variants", "absorb,absorb+pin"])
-    assert args.variants == ["absorb", "absorb+pin"] and args.degraded_tokens == 0 and args.pin == "now"
+    args = failure_bench.parse_args(["--gpus", "4", "--expert-backend", "cutlass", "--degraded-tokens", "224",
+                                     "--variants", "absorb,grouped_mm,no-absorb"])
+    assert args.variants == ["absorb", "grouped_mm", "no-absorb"] and args.degraded_tokens == 224
     absorb = failure_bench.variant_args(args, "absorb")
-    assert (absorb.degraded_tokens, absorb.pin) == (176, "now")  # ceil(128 * 4 / 3) = 171, up to 176
-    both = failure_bench.variant_args(args, "absorb+pin")
-    assert (both.degraded_tokens, both.pin) == (176, "after_warmup")
-    assert args.degraded_tokens == 0 and args.pin == "now"  # the base run's arguments are untouched
+    assert (absorb.degraded_tokens, absorb.expert_backend) == (176, "cutlass")  # ceil(128 * 4 / 3) = 171 -> 176
+    old = failure_bench.variant_args(args, "grouped_mm")
+    assert (old.degraded_tokens, old.expert_backend) == (0, "grouped_mm")
+    assert failure_bench.VARIANTS["no-absorb"][1] == ("steady",)  # no failure run of its own
+    assert (args.degraded_tokens, args.expert_backend) == (224, "cutlass")  # the base run's arguments are untouched
     with pytest.raises(SystemExit):
         failure_bench.parse_args(["--variants", "warp-speed"])

@@ -280,34 +280,6 @@ def test_pinned_host_tier_copies_to_gpu_on_a_stream(built, tmp_path):
     host.close()
 
 
-@pytest.mark.gpu
-def test_host_tier_pinned_in_background_while_copies_run(built, tmp_path):
-    """Pinning after start-up (the restarted rank's path): copies before, during and after the
-    registration are all correct, and close() waits for it."""
-    model, _, shards = built["qwen3_moe"]
-    host = HostTier(shards, path=str(tmp_path / "host.safetensors"), pin=False)
-    assert not host.is_pinned
-    thread = host.pin_in_background()
-    dst = [torch.empty(s, device="cuda") for s in ExpertStore(shards, tiers=[host]).expert_shapes()]
-    for _ in range(3):
-        host.copy_expert_into(1, 2, *dst)
-        for d, w in zip(dst, model_expert(model, 1, 2)):
-            assert torch.equal(d.cpu(), w)
-    thread.join()
-    assert host.is_pinned and host.pin_in_background() is None
-    host.close()
-
-
-def test_pin_in_background_without_cuda_is_a_no_op(built, tmp_path, monkeypatch):
-    _, _, shards = built["qwen3_moe"]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    host = HostTier(shards, path=str(tmp_path / "host.safetensors"), pin=False)
-    assert host.pin_in_background() is None and not host.is_pinned
-    w_gate, w_up, w_down = (torch.empty(s) for s in ExpertStore(shards, tiers=[host]).expert_shapes())
-    assert host.copy_expert_into(0, 1, w_gate, w_up, w_down) > 0
-    host.close()
-
-
 def test_crash_mid_prepare_leaves_no_manifest_and_no_temp_files(built, tmp_path, monkeypatch):
     prep = importlib.import_module("weights_tools.prepare")  # the package attribute `prepare` is the function
 

@@ -257,7 +257,6 @@ class HostTier:
         if create:
             self._build_once(wanted)
         self._attach()
-        self._pin_thread: threading.Thread | None = None
         if pin if pin is not None else torch.cuda.is_available():
             self._pin()
 
@@ -303,21 +302,7 @@ class HostTier:
             except FileNotFoundError:
                 pass
 
-    def pin_in_background(self) -> threading.Thread | None:
-        """Page-lock the mapping on a thread (when CUDA is there and it is not pinned yet); copies
-        made meanwhile are synchronous and correct, later ones asynchronous. Why: pinning a 58 GB
-        mapping is seconds of a rank's start-up, and a restarted rank is not serving until it is
-        up. Call it outside CUDA-graph capture (``cudaHostRegister`` is not allowed during one)."""
-        if self.is_pinned or self._pin_thread is not None or not torch.cuda.is_available() or self._buffer is None:
-            return None
-        self._pin_thread = threading.Thread(target=self._pin, name="eep-host-tier-pin", daemon=True)
-        self._pin_thread.start()
-        return self._pin_thread
-
     def close(self) -> None:
-        if self._pin_thread is not None:
-            self._pin_thread.join()  # never unregister (or unmap) under a registration in flight
-            self._pin_thread = None
         if self.is_pinned and self._buffer is not None:
             torch.cuda.cudart().cudaHostUnregister(self._buffer.data_ptr())
             self.is_pinned = False

@@ -368,8 +368,7 @@ class GpuEngine:
 
     attn_width (int, default 0): columns of the attention stand-in; expert_backend (default "auto");
     tiers (default ["host", "disk"]); pin_host_tier (None: weights_tools decides, i.e. pin on CUDA at
-    construction; "after_warmup": pin on a thread once the step graph is captured, so start-up does
-    not wait for it — restores before it finishes are synchronous copies);
+    construction; False: map without pinning);
     max_replicas (default 8): width of the device replica table; device ("cuda" or "cpu"; default cuda);
     use_graph (default True on CUDA).
     """
@@ -404,10 +403,7 @@ class GpuEngine:
         self.sizes = sorted({cfg.max_tokens_per_rank, M})
         if cfg.shard_dir is None:
             raise ValueError("GpuEngine needs RuntimeConfig.shard_dir (experts come from eep-shards output)")
-        pin = opts.get("pin_host_tier")
-        tiers = _tiers(cfg.shard_dir, opts.get("tiers", ["host", "disk"]), False if pin == "after_warmup" else pin)
-        # "after_warmup": pin once the step graph is captured, on a thread (HostTier.pin_in_background)
-        self._pin_later = [t for t in tiers if hasattr(t, "pin_in_background")] if pin == "after_warmup" else []
+        tiers = _tiers(cfg.shard_dir, opts.get("tiers", ["host", "disk"]), opts.get("pin_host_tier"))
         self.store = ExpertStore(cfg.shard_dir, tiers=tiers)
         mark("expert_store")  # host tier attach (and pinning, on CUDA)
         self.moe_layers = self.store.moe_layers
@@ -435,8 +431,12 @@ class GpuEngine:
         # One stage, sized for the capacity, serves every graph: what a rank receives depends on its
         # peers' batches, not its own (a rank replaying the small graph can receive from survivors
         # still draining large batches), so a per-graph stage sized by its own batch would overflow.
+        # Kernels are picked for the full-membership batch, the common case: a (slot, source) block
+        # then holds about max_tokens * top_k / (ranks * slots) rows (5 at the qwen3 bench shape).
+        rows_per_block = cfg.max_tokens_per_rank * c.top_k / (cfg.num_ranks * S)
         self.stage = make_expert_stage(ExpertStageShape(S, cfg.num_ranks, M, c.hidden, c.intermediate, c.top_k),
-                                       device=dev, backend=opts.get("expert_backend"))
+                                       device=dev, backend=opts.get("expert_backend"),
+                                       expected_rows_per_group=rows_per_block)
         mark("expert_stage")
         group = f"{run_id}/fused"
         if engine in ("fused", "fused_fixed"):
@@ -537,9 +537,6 @@ class GpuEngine:
                     self.outs[n] = self._forward(self.tokens[n])
             torch.cuda.current_stream(dev).wait_stream(side)
             torch.cuda.synchronize(dev)
-        for tier in self._pin_later:  # after capture: registration is not allowed during one
-            tier.pin_in_background()
-        self._pin_later = []
 
     def _dense_warmup(self, tokens: torch.Tensor) -> None:
         """Every op of the step except the exchange, eagerly (no peer is touched)."""
