@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -327,7 +328,10 @@ GOLDEN: dict[str, dict[int, set[int]]] = {}  # engine -> token successors of its
 
 
 def run_failure(args, shard_dir: str, out: Path, tokens_per_s: float | None,
-                golden: dict[int, set[int]] | None = None) -> tuple[dict, Path, RuntimeConfig]:
+                golden: dict[int, set[int]] | None = None,
+                on_measured: Callable[[dict], None] | None = None) -> tuple[dict, Path, RuntimeConfig]:
+    """The failure run; ``on_measured(entry)`` gets the timings before the answers are checked (the
+    check takes tens of seconds: a device call cut short there still keeps the pauses)."""
     engine = args.failure_engine
     mean_new = (max(1, args.max_new_tokens // 3) + args.max_new_tokens) / 2
     span = args.fault_at_s + args.after_fault_s
@@ -348,7 +352,16 @@ def run_failure(args, shard_dir: str, out: Path, tokens_per_s: float | None,
     entry["time_to_95pct_s"] = fault.get("time_to_95pct_s")
     entry["reintegration_pause_s"] = (s.get("rejoins") or [{}])[0].get("reintegration_pause_s")
     entry.update(control_log(result.run_dir))
+    entry["answers_checked"] = False
+    if on_measured is not None:
+        on_measured(entry)
+    t_check = time.perf_counter()
+    print(f"failure run over in {entry['wall_s']:.1f} s; checking {result.num_answered} answers", file=sys.stderr,
+          flush=True)
     entry.update(check_answers(args, cfg, result, golden))
+    entry["answers_checked"], entry["check_s"] = True, time.perf_counter() - t_check
+    print(f"answers checked in {entry['check_s']:.1f} s (oracle {entry.get('oracle_s') or 0:.1f} s)", file=sys.stderr,
+          flush=True)
     entry["predicted"] = predict(cfg, args.kill_rank)
     return entry, result.run_dir, cfg
 
@@ -411,7 +424,7 @@ def check_answers(args, cfg: RuntimeConfig, result, golden: dict[int, set[int]] 
         return {"mismatched": 0 if not wrong else int(wrong[0].split()[0]), "check": "every answer, token by token",
                 "problems": problems}
     from weights_tools import ExpertStore
-    from eep.runtime.gpu_dataplane import bench_weights, reference_next_tokens
+    from eep.runtime.gpu_dataplane import bench_weights, expert_tiers, reference_next_tokens
 
     transitions, owners = transitions_of(cfg, result.results)
     if not transitions:
@@ -420,7 +433,9 @@ def check_answers(args, cfg: RuntimeConfig, result, golden: dict[int, set[int]] 
     shared = [a for a in transitions if golden and a in golden]
     off_golden = [a for a in shared if transitions[a] != golden[a]]
     sample = sorted(transitions, key=lambda a: -len(owners[a]))[:args.check_sample]
-    store = ExpertStore(cfg.shard_dir, tiers=["host", "disk"])
+    # unpinned: registering the 58 GB mapping took 11.6 s of a rank's start-up on 4xH100, and the
+    # oracle's few hundred expert reads gain nothing from it
+    store = ExpertStore(cfg.shard_dir, tiers=expert_tiers(cfg.shard_dir, ["host", "disk"], False))
     layers = store.moe_layers
     t = time.perf_counter()
     device = "cuda:0" if torch.cuda.is_available() else "cpu"  # the runs are over: the GPU is free
@@ -681,7 +696,12 @@ def main(argv: list[str] | None = None) -> dict:
         steady(first)
     if "failure" not in args.skip and not over_budget("failure"):
         tps = (results["steady"].get(args.failure_engine) or {}).get("tokens_per_s")
-        got = guarded("failure", lambda: run_failure(args, shard_dir, out, tps, GOLDEN.get(args.failure_engine)))
+        def measured(entry: dict) -> None:
+            results["failure"] = entry
+            save()
+
+        got = guarded("failure", lambda: run_failure(args, shard_dir, out, tps, GOLDEN.get(args.failure_engine),
+                                                     measured))
         if got is not None:
             results["failure"], run_dir, _ = got
             save()
@@ -689,6 +709,11 @@ def main(argv: list[str] | None = None) -> dict:
             series, markers = bench_metrics.throughput_markers(run_dir, 0.1 if args.dry_run else 0.25)
             if series:
                 plot_timeline(out / "timeline.png", series, markers)
+    # the restart is the ratio's denominator: before the variants, which only add comparisons
+    if "restart" not in args.skip and not over_budget("restart"):
+        got = guarded("restart", lambda: run_restart(args, shard_dir, out))
+        if got is not None:
+            results["restart"] = got
     for name in args.variants:
         if over_budget(f"variant-{name}"):
             continue
@@ -701,18 +726,18 @@ def main(argv: list[str] | None = None) -> dict:
             got = {"overrides": overrides, "degraded_tokens": vargs.degraded_tokens,
                    "expert_backend": vargs.expert_backend, "steady": st}
             if "failure" in runs:
+                def measured(entry: dict) -> None:
+                    results.setdefault("variants", {})[name] = {**got, "failure": entry}
+                    save()
+
                 got["failure"], _, _ = run_failure(vargs, shard_dir, vout, st.get("tokens_per_s"),
-                                                   GOLDEN.get(vargs.failure_engine))
+                                                   GOLDEN.get(vargs.failure_engine), measured)
             return got
 
         got = guarded(f"variant-{name}", run_variant)
         if got is not None:
             results.setdefault("variants", {})[name] = got
             save()
-    if "restart" not in args.skip and not over_budget("restart"):
-        got = guarded("restart", lambda: run_restart(args, shard_dir, out))
-        if got is not None:
-            results["restart"] = got
     steady([e for e in args.engines if e not in first])
     results["total_s"] = time.perf_counter() - t_start
     save()

@@ -45,7 +45,9 @@ def test_differential_deepseek_hidden(tmp_path):
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
 def test_differential_fp8_dispatch(num_ranks, tmp_path):
-    _run("diff", num_ranks, tmp_path, "--hidden", "7168", "--slots", "4", "--max-tokens", "64", "--fp8")
+    # experts = ranks * slots / 2 (tests/gpu/fused_cases.py) must reach top-8: 2 ranks need 8 slots
+    slots = str(16 // num_ranks)
+    _run("diff", num_ranks, tmp_path, "--hidden", "7168", "--slots", slots, "--max-tokens", "64", "--fp8")
 
 
 def test_graph_replay_across_mask_and_rejoin(tmp_path):

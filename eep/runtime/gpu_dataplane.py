@@ -34,8 +34,8 @@ where survivors absorb a missing rank's share; a membership change rewrites ``ac
 ``l2p`` / sequence numbers in place, so no graph is ever recaptured. Status of the fused kernels (deadline misses) is copied out with
 the next tokens in one device-to-host copy per step.
 
-STATUS: run on 4xH100 in the failure benchmark (perf/RESULTS.md), one graph per rank; the
-degraded-batch graph is CPU-tested only.
+STATUS: run on 4xH100 in the failure benchmark (perf/RESULTS.md), with the ``torch._grouped_mm``
+and the CUTLASS expert stages, and with the degraded-batch graph (survivors absorbing the batch).
 """
 
 from __future__ import annotations
@@ -164,6 +164,43 @@ def gather_combine(home: torch.Tensor, phys: torch.Tensor, position: torch.Tenso
     return acc
 
 
+_MIN_PEER_S = 0.05  # each peer's share of a connect deadline never drops below this (a live one needs < 1 ms)
+
+
+def connect_each(rank: int, peers: list[int], timeout_s: float, connect_one: Callable[[int, float], None]) -> None:
+    """Call ``connect_one(peer, seconds)`` for every peer within one deadline of ``timeout_s``.
+
+    A peer whose handshake fails (``OSError``: no server, refused, reset, timed out) is that peer's
+    failure, not this rank's: it is logged, the other peers are still connected, and
+    ``StepAborted(phase="connect", missed=[...])`` names the failed ones at the end, so the rank
+    reports them exactly as it reports a transport deadline miss (docs/runtime.md, "Peer loss at a
+    commit"). Each peer gets what is left of the deadline but at least ``_MIN_PEER_S``, so one
+    stopped peer cannot make a live one look dead.
+    """
+    import logging
+
+    deadline = time.monotonic() + timeout_s
+    failed = []
+    for r in peers:
+        if r == rank:
+            continue
+        try:
+            connect_one(r, max(deadline - time.monotonic(), _MIN_PEER_S))
+        except OSError as exc:
+            logging.getLogger("eep.runtime.gpu_dataplane").warning(
+                "rank %d: could not map the buffer of rank %d: %s", rank, r, exc)
+            failed.append(r)
+    if failed:
+        raise StepAborted(-1, "connect", failed, is_aborted=False)
+
+
+def _check_mapped(rank: int, active: list[bool], mapped: set[int], epoch: int) -> None:
+    unmapped = [r for r, a in enumerate(active) if a and r != rank and r not in mapped]
+    if unmapped:  # a step would write through a missing (or a dead incarnation's) peer mapping
+        raise RuntimeError(f"rank {rank}: epoch {epoch} has members {unmapped} whose buffers are not mapped; "
+                           "connect them first")
+
+
 class LocalExchange:
     """One rank, no communication (``num_ranks == 1``): the receive layout is the send layout."""
 
@@ -211,12 +248,27 @@ class ShmExchange:
                  timeout_s: float):
         from eep.transport import SharedMemoryTransport
 
+        import os
+
+        from eep.fused.peer_memory import FdServer
+
         self.rank, self.num_ranks, self.s, self.m, self.h = rank, num_ranks, slots_per_rank, max_tokens, hidden
         self.transport = SharedMemoryTransport(shm_path, rank)
         self.timeout_s = timeout_s
         self.active_mask = torch.ones(num_ranks, dtype=torch.int32)
         self.miss_count = torch.zeros(num_ranks, dtype=torch.int64)
         self.active, self.suspect, self.epoch, self.seq = [True] * num_ranks, set(), 0, 0
+        # ``connect``'s handshake, the fused buffer's on CPU: every rank serves its descriptor of the
+        # transport file on an abstract socket named after the file (device, inode) and the rank, and
+        # a member maps a new peer by fetching it; a dead or stopped peer fails it as on the GPU.
+        self._file_fd = os.open(shm_path, os.O_RDONLY)
+        st = os.fstat(self._file_fd)
+        self._file_id = (st.st_dev, st.st_ino)
+        self.server = FdServer(self._file_fd, {"rank": rank, "pid": os.getpid()}, name=self._server_name(rank))
+        self.mapped: set[int] = set()
+
+    def _server_name(self, rank: int) -> str:
+        return f"shm-{self._file_id[0]:x}-{self._file_id[1]:x}-r{rank}"
 
     @staticmethod
     def capacity_nbytes(slots_per_rank: int, max_tokens: int, hidden: int) -> int:
@@ -256,15 +308,39 @@ class ShmExchange:
             home[d] = region[:S * M * H * 2].view(torch.bfloat16).view(S, M, H)
         return gather_combine(home, phys, position, topk_weights, S)
 
-    def connect(self, peers: list[int]) -> None:
-        pass
+    def connect(self, peers: list[int], *, timeout_s: float | None = None) -> None:
+        """Handshake with each peer process (its descriptor of the transport file, checked to be
+        this file); raises ``StepAborted(phase="connect")`` naming the peers that did not answer
+        within ``timeout_s`` (default: the transport timeout)."""
+        import os
+
+        from eep.fused.peer_memory import fetch_fd
+
+        def one(r: int, seconds: float) -> None:
+            self.mapped.discard(r)  # until this incarnation answers
+            fd, header = fetch_fd("@eep-fused-" + self._server_name(r), timeout_s=seconds)
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if (st.st_dev, st.st_ino) != self._file_id or header.get("rank") != r:
+                raise RuntimeError(f"rank {self.rank}: the server of rank {r} handed over another file "
+                                   f"(header {header})")
+            self.mapped.add(r)
+
+        connect_each(self.rank, peers, self.timeout_s if timeout_s is None else timeout_s, one)
 
     def switch(self, active: list[bool], epoch: int) -> None:
+        _check_mapped(self.rank, active, self.mapped, epoch)
         self.active, self.epoch, self.seq = list(active), epoch, 0
         self.suspect.clear()
         self.active_mask.copy_(torch.tensor([int(a) for a in active], dtype=torch.int32))
 
     def close(self) -> None:
+        import os
+
+        self.server.close()
+        os.close(self._file_fd)
         self.transport.close()
 
 
@@ -292,14 +368,22 @@ class FusedExchange:
     def combine(self, y, handle, topk_weights):
         return self.buf.combine(y, handle, topk_weights).float()
 
-    def connect(self, peers: list[int]) -> None:
-        """Map these peers' (current) buffers: at the start commit all, at a join the joiners."""
-        for r in peers:
-            if r != self.rank:
-                self.buf.add_peer(r)
-                self.mapped.add(r)
+    def connect(self, peers: list[int], *, timeout_s: float = 60.0) -> None:
+        """Map these peers' (current) buffers: at the start commit all, at a join the joiners.
+
+        A peer that cannot be mapped within ``timeout_s`` (its fd server gone: SIGKILLed; or not
+        answering: stopped) is left unmapped and named by ``StepAborted(phase="connect")``; the
+        others are mapped. ``switch`` refuses a membership with an unmapped member."""
+        def one(r: int, seconds: float) -> None:
+            self.mapped.discard(r)  # an earlier incarnation's mapping is not this member's buffer
+            self.buf.add_peer(r, timeout_s=seconds)
+            self.mapped.add(r)
+
+        connect_each(self.rank, peers, timeout_s, one)
 
     def switch(self, active: list[bool], epoch: int) -> None:
+        if self.is_membership_aware:  # fixed membership: every peer was mapped at start or nothing runs
+            _check_mapped(self.rank, active, self.mapped, epoch)
         self.buf.set_membership(active, epoch=epoch)
         # Every member restarts its step counters at the same value: flags of earlier epochs never match.
         base = (epoch + 1) << 32
@@ -403,7 +487,7 @@ class GpuEngine:
         self.sizes = sorted({cfg.max_tokens_per_rank, M})
         if cfg.shard_dir is None:
             raise ValueError("GpuEngine needs RuntimeConfig.shard_dir (experts come from eep-shards output)")
-        tiers = _tiers(cfg.shard_dir, opts.get("tiers", ["host", "disk"]), opts.get("pin_host_tier"))
+        tiers = expert_tiers(cfg.shard_dir, opts.get("tiers", ["host", "disk"]), opts.get("pin_host_tier"))
         self.store = ExpertStore(cfg.shard_dir, tiers=tiers)
         mark("expert_store")  # host tier attach (and pinning, on CUDA)
         self.moe_layers = self.store.moe_layers
@@ -557,10 +641,11 @@ class GpuEngine:
                   is_joiner: bool) -> None:
         if not self.exchange.is_membership_aware and not all(active):
             raise RuntimeError(f"rank {self.rank}: engine {self.engine_name} cannot serve a partial membership")
-        if isinstance(self.exchange, FusedExchange):
+        if hasattr(self.exchange, "mapped"):  # exchanges that map peers: the fused buffer, shm's handshake
             peers = [r for r, a in enumerate(active) if a and r != self.rank]
             fresh = [r for r in peers if is_joiner or r in joined or r not in self.exchange.mapped]
-            self.exchange.connect(fresh)
+            # raises StepAborted(phase="connect") naming peers that could not be mapped (rank.py reports them)
+            self.exchange.connect(fresh, timeout_s=self.cfg.peer_connect_timeout_s)
         self.exchange.switch(active, epoch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -625,7 +710,7 @@ class _PhaseClock:
         self.t = now
 
 
-def _tiers(shard_dir: str, names: list[str], pin: bool | None) -> list:
+def expert_tiers(shard_dir: str, names: list[str], pin: bool | None) -> list:
     """weights_tools tiers by name; the host tier pinned or not as asked (pinning a 58 GB mapping
     costs start-up time in every rank process, and buys asynchronous, faster restores)."""
     from weights_tools import DiskTier, HostTier
