@@ -10,6 +10,14 @@ side. NCCL baseline: ``all_to_all_single`` of every top-k copy (``[tokens * top_
 equal splits), one direction, as DeepEP's and the issue's NCCL numbers count it. With
 ``--with-symm-mem`` also ``torch.ops.symm_mem.all_to_all_vdev_2d`` of the same top-k rows
 (``perf/bench_prefill.symm_mem_baseline``; NVSHMEM), one direction.
+
+``--decode-variant pull`` also builds a second buffer with the experimental decode kernels
+(``FusedBuffer(decode="pull")``, docs/fused.md "Decode: where the time goes") and times, in the
+same rounds as the default kernels: ``pull_both`` (experts' outputs already in ``combine_input()``,
+the intended use), ``pull_copy_both`` (``y`` = ``recv.x``, so combine first stages the rows) and
+``pull_dispatch`` (with ``--fp8``: the grid-wide quantize).
+Always also timed: ``empty_*``, the default kernels with every copy NO_EXPERT (no rows move), i.e.
+each direction's fixed cost (launch, layout, fences, flag round trip, count publication).
 """
 
 from __future__ import annotations
@@ -57,34 +65,48 @@ def worker(args) -> None:
     w = torch.softmax(torch.randn(T, K, device=dev, generator=g), -1)
     l2p = torch.arange(num_experts, device=dev).view(-1, 1)
     phys = route_to_phys(ids, l2p, torch.ones(R, dtype=torch.int32, device=dev), S)
+    variant = args.decode_variant
+    if variant != "push":  # its own allocation (its combine reads peers' combine_input regions)
+        bufs[variant] = FusedBuffer(rank, R, slots_per_rank=S, max_tokens_per_rank=M, hidden=hidden, top_k=K,
+                                    store=store, group=f"bench-{variant}", timeout_s=5.0, device=rank,
+                                    use_fp8=args.fp8, decode=variant)
+        bufs[f"{variant}-copy"] = bufs[variant]
+        kernels[variant] = kernels[f"{variant}-copy"] = bufs[variant].kernels
     outs = {n: torch.empty(T, hidden, dtype=torch.bfloat16, device=dev) for n in bufs}
 
     # combine takes bf16 expert outputs; with FP8 dispatch recv.x is e4m3, so combine a bf16 stand-in
     y_fp8_case = torch.randn(S, R, M, hidden, device=dev).to(torch.bfloat16) if args.fp8 else None
 
-    def step(buf, out, *, with_combine=True):
-        recv, handle = buf.dispatch(x, phys)
-        if with_combine:
-            buf.combine(recv.x if y_fp8_case is None else y_fp8_case, handle, w, out=out)
+    phys_empty = torch.full_like(phys, -1)  # every copy NO_EXPERT: what a step costs moving no rows
+
+    def step(buf, out, *, with_combine=True, in_place=False, empty=False):
+        recv, handle = buf.dispatch(x, phys_empty if empty else phys)
+        if with_combine:  # in_place: the experts wrote their outputs into combine_input() (pull variant)
+            y = buf.combine_input() if in_place else (recv.x if y_fp8_case is None else y_fp8_case)
+            buf.combine(y, handle, w, out=out)
 
     graphs = {}
     torch.cuda.synchronize()
 
-    def capture(buf, out, mode):
+    def capture(buf, out, mode, in_place=False, empty=False):
         dist.barrier()
-        step(buf, out, with_combine=(mode == "both"))  # warm-up step, all ranks
+        step(buf, out, with_combine=(mode == "both"), in_place=in_place, empty=empty)  # warm-up, all ranks
         torch.cuda.synchronize()
         gr = torch.cuda.CUDAGraph()
         with torch.cuda.graph(gr):
             for _ in range(args.iters):
-                step(buf, out, with_combine=(mode == "both"))
+                step(buf, out, with_combine=(mode == "both"), in_place=in_place, empty=empty)
         return gr
 
     for name, buf in bufs.items():
         buf.kernels = kernels[name]
-        for mode in ("both", "dispatch"):
-            graphs[(name, mode)] = capture(buf, outs[name], mode)
+        for mode in (("both",) if name.endswith("-copy") else ("both", "dispatch")):
+            in_place = name == variant and variant != "push"
+            graphs[(name, mode)] = capture(buf, outs[name], mode, in_place)
     elastic.kernels = kernels["elastic"]
+    # the fixed cost of each kernel (launch, layout, fences, flag round trip, tails): no rows move
+    for mode in ("both", "dispatch"):
+        graphs[("elastic-empty", mode)] = capture(elastic, outs["elastic"], mode, empty=True)
     # launch-shape sweep of the membership-aware kernels (vectors per lane x grid size)
     sweep = {}
     if args.sweep:
@@ -137,17 +159,22 @@ def worker(args) -> None:
             samples[f"{name}_both"].append(time_graph(graphs[(name, "both")]))
             samples[f"{name}_dispatch"].append(time_graph(graphs[(name, "dispatch")]))
         samples["elastic_both_again"].append(time_graph(graphs[("elastic", "both")]))  # A/A: the noise
+        for mode in ("both", "dispatch"):
+            samples.setdefault(f"empty_{mode}", []).append(time_graph(graphs[("elastic-empty", mode)]))
         samples["nccl_a2a"].append(time_nccl())
         if symm.get("run"):
             samples["symm_mem_a2a"].append(symm["run"]() * 1e6)  # seconds -> us per step
         for key, gr in sweep.items():
             samples[key].append(time_graph(gr))
+        if variant != "push":  # the experimental decode kernels, in the same round
+            for name, mode in ((variant, "both"), (variant, "dispatch"), (f"{variant}-copy", "both")):
+                samples.setdefault(f"{name.replace('-', '_')}_{mode}", []).append(time_graph(graphs[(name, mode)]))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
         os.makedirs(args.profile, exist_ok=True)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                      on_trace_ready=tensorboard_trace_handler(args.profile, worker_name=f"{args.model}-R{R}-rank{rank}")):
-            for name in ("elastic", "fixed"):
+            for name in ("elastic", "fixed", *([variant] if variant != "push" else [])):
                 time_graph(graphs[(name, "both")])
             time_nccl()
     med = {k: statistics.median(v) for k, v in samples.items()}
@@ -155,17 +182,25 @@ def worker(args) -> None:
     gathered = [None] * R
     dist.all_gather_object(gathered, med)
     status = bufs["elastic"].status()
+    variant_misses = bufs[variant].status().miss_count if variant != "push" else None
     if rank == 0:
         worst = {k: max(m[k] for m in gathered) for k in med}
         worst["elastic_combine"] = worst["elastic_both"] - worst["elastic_dispatch"]
         worst["fixed_combine"] = worst["fixed_both"] - worst["fixed_dispatch"]
+        worst["empty_combine"] = worst["empty_both"] - worst["empty_dispatch"]
         worst["ratio_elastic_over_fixed"] = worst["elastic_both"] / worst["fixed_both"]
         worst["ratio_elastic_again_over_elastic"] = worst["elastic_both_again"] / worst["elastic_both"]
+        if variant != "push":
+            worst[f"{variant}_combine"] = worst[f"{variant}_both"] - worst[f"{variant}_dispatch"]
+            worst[f"{variant}_copy_combine"] = worst[f"{variant}_copy_both"] - worst[f"{variant}_dispatch"]
+            worst[f"ratio_{variant}_over_elastic"] = worst[f"{variant}_both"] / worst["elastic_both"]
         row = {"model": args.model, "num_ranks": R, "tokens": T, "max_tokens_per_rank": M, "top_k": K, "hidden": hidden,
                "dispatch_dtype": "fp8-e4m3+per-token-scale" if args.fp8 else "bf16",
                "gpu": torch.cuda.get_device_name(dev), "iters": args.iters, "rounds": args.rounds,
+               "decode_variant": variant,
                "us": worst, "per_rank_elastic_both": [m["elastic_both"] for m in gathered],
-               "misses": status.miss_count, "symm_mem": {k: v for k, v in symm.items() if k != "run"}}
+               "misses": status.miss_count, "misses_variant": variant_misses,
+               "symm_mem": {k: v for k, v in symm.items() if k != "run"}}
         print("RESULT " + json.dumps(row), flush=True)
         if args.out:
             with open(args.out, "a") as f:
@@ -187,6 +222,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--fp8", action="store_true", help="FP8 dispatch (per-token scales); combine stays bf16")
     p.add_argument("--sweep", action="store_true", help="also time other grid sizes and vectors per lane")
+    p.add_argument("--decode-variant", default="push", choices=("push", "pull"),
+                   help="also time this experimental decode path (FusedBuffer(decode=...)) beside the default")
     p.add_argument("--profile", default=None, help="directory for torch.profiler (TensorBoard) traces")
     p.add_argument("--with-symm-mem", action="store_true",
                    help="also time torch.ops.symm_mem.all_to_all_vdev_2d (initializes NVSHMEM)")

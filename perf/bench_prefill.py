@@ -2,6 +2,7 @@
 ``all_to_all_single`` and ``torch.ops.symm_mem.all_to_all_vdev_2d``, side by side in one run.
 
     python perf/bench_prefill.py --num-ranks 4 --model deepseek-v3 [--tokens 4096] [--profile DIR] [--out FILE]
+        [--combine-variant push,spread,pull,pull-copy]
 
 One process per GPU (subprocesses around a TCPStore hosted here). Every rank routes ``tokens``
 tokens top-8 uniformly over all experts (one replica each). Bandwidth is counted as DeepEP's
@@ -9,7 +10,11 @@ normal-mode test counts it: bytes of token rows a rank receives — one copy per
 destination rank, its own included — over the kernel time; the slowest rank's median is reported.
 - eep: CUDA graphs of ``iters`` steps (dispatch alone, and dispatch + combine with a static
   partial-row tensor standing in for the experts), elastic and fixed kernels on the same buffer,
-  replayed alternately ``rounds`` times;
+  replayed alternately ``rounds`` times; ``--combine-variant`` adds the experimental combine paths
+  (docs/fused.md "Prefill combine: where the time goes"), each timed in the same rounds beside the
+  default ``push`` (always timed; its keys keep their names, the others get ``_<variant>``):
+  ``spread``, ``pull`` (partial rows written in the buffer's ``combine_input()``, no copy) and
+  ``pull-copy`` (the same kernels given a separate partial tensor: one local copy more);
 - NCCL: ``all_to_all_single`` of exactly those rows (per-destination splits), one direction for
   dispatch and the reverse for combine;
 - symm_mem: ``all_to_all_vdev_2d`` (NVSHMEM) of one copy per (token, choice), expert-major output,
@@ -49,36 +54,44 @@ def worker(args) -> None:
     S, T, K = num_experts // R, args.tokens, args.top_k
     buf = PrefillBuffer(rank, R, slots_per_rank=S, max_tokens_per_rank=T, hidden=hidden, top_k=K, store=store,
                         group="bench-prefill", timeout_s=5.0, device=rank)
-    kernels = {"elastic": buf.kernels,
-               "fixed": LoadedKernels.get(KernelVariant(hidden, True, buf.kernels_variant.vec_per_lane), rank)}
+    vpl = buf.kernels_variant.vec_per_lane
+    variants = combine_variants(args.combine_variant)
+    kernels = {(name, cv): LoadedKernels.get(KernelVariant(hidden, name == "fixed", vpl,
+                                                           prefill_combine=cv.replace("-copy", "")), rank)
+               for name in ("elastic", "fixed") for cv in variants}
     g = torch.Generator(device=dev).manual_seed(rank + 1)
     x = torch.randn(T, hidden, device=dev, generator=g).to(torch.bfloat16)
     ids = torch.rand(T, num_experts, device=dev, generator=g).topk(K, dim=-1).indices  # expert e on slot e
     phys = ids.contiguous()
     w = torch.softmax(torch.randn(T, K, device=dev, generator=g), -1)
     partial = torch.randn(R, T, hidden, device=dev, generator=g).to(torch.bfloat16)
+    buf.combine_input().copy_(partial)  # pull: the expert stage wrote its partial rows in place
     out = torch.empty(T, hidden, dtype=torch.bfloat16, device=dev)
 
-    def capture(mode: str):
+    def capture(mode: str, cv: str):
+        buf.combine_variant = cv.replace("-copy", "")
+        part = buf.combine_input() if cv == "pull" else partial
         dist.barrier()
         recv, handle = buf.dispatch(x, phys, w)  # warm-up step on every rank
         if mode == "both":
-            buf.combine(partial, handle, out=out)
+            buf.combine(part, handle, out=out)
         torch.cuda.synchronize()
         gr = torch.cuda.CUDAGraph()
         with torch.cuda.graph(gr):
             for _ in range(args.iters):
                 recv, handle = buf.dispatch(x, phys, w)
                 if mode == "both":
-                    buf.combine(partial, handle, out=out)
+                    buf.combine(part, handle, out=out)
         return gr
 
-    graphs = {}
+    graphs = {}  # (kernels, mode, combine variant); dispatch is the same kernel in every module
     for name in ("elastic", "fixed"):
-        buf.kernels = kernels[name]
-        for mode in ("both", "dispatch"):
-            graphs[(name, mode)] = capture(mode)
-    buf.kernels = kernels["elastic"]
+        for cv in variants:
+            buf.kernels = kernels[(name, cv)]
+            graphs[(name, "both", cv)] = capture("both", cv)
+        buf.kernels = kernels[(name, "push")]
+        graphs[(name, "dispatch", "push")] = capture("dispatch", "push")
+    buf.kernels, buf.combine_variant = kernels[("elastic", "push")], "push"
     torch.cuda.synchronize()
     recv_rows = int(buf.vis_count.sum())
 
@@ -124,14 +137,18 @@ def worker(args) -> None:
     for gr in graphs.values():
         time_graph(gr)
     time_nccl(False)
-    samples: dict[str, list[float]] = {k: [] for k in ("elastic_both", "elastic_dispatch", "fixed_both",
-                                                      "fixed_dispatch", "nccl_dispatch", "nccl_combine")}
+    samples: dict[str, list[float]] = {k: [] for k in ("elastic_dispatch", "fixed_dispatch", "nccl_dispatch",
+                                                      "nccl_combine")}
+    for name in ("elastic", "fixed"):
+        for cv in variants:
+            samples[f"{name}_both{suffix(cv)}"] = []
     if symm.get("run"):
         samples["symm_mem_dispatch"] = []
     for _ in range(args.rounds):
         for name in ("elastic", "fixed"):
-            samples[f"{name}_both"].append(time_graph(graphs[(name, "both")]))
-            samples[f"{name}_dispatch"].append(time_graph(graphs[(name, "dispatch")]))
+            for cv in variants:
+                samples[f"{name}_both{suffix(cv)}"].append(time_graph(graphs[(name, "both", cv)]))
+            samples[f"{name}_dispatch"].append(time_graph(graphs[(name, "dispatch", "push")]))
         samples["nccl_dispatch"].append(time_nccl(False))
         samples["nccl_combine"].append(time_nccl(True))
         if symm.get("run"):
@@ -143,7 +160,8 @@ def worker(args) -> None:
                      on_trace_ready=tensorboard_trace_handler(args.profile,
                                                               worker_name=f"prefill-{args.model}-R{R}-rank{rank}")):
             for name in ("elastic", "fixed"):
-                time_graph(graphs[(name, "both")])
+                for cv in variants:
+                    time_graph(graphs[(name, "both", cv)])
             time_nccl(False)
     med = {k: statistics.median(v) for k, v in samples.items()}
     med["recv_bytes"] = recv_rows * hidden * 2
@@ -154,16 +172,20 @@ def worker(args) -> None:
     if rank == 0:
         worst = {k: max(m[k] for m in gathered) for k in med}
         s = {k: worst[k] for k in samples}
-        s["elastic_combine"] = s["elastic_both"] - s["elastic_dispatch"]
-        s["fixed_combine"] = s["fixed_both"] - s["fixed_dispatch"]
+        for name in ("elastic", "fixed"):
+            for cv in variants:
+                s[f"{name}_combine{suffix(cv)}"] = s[f"{name}_both{suffix(cv)}"] - s[f"{name}_dispatch"]
         # conservative: the slowest rank's median time over the smallest per-rank byte count
         nbytes = min(m["recv_bytes"] for m in gathered)
-        gbps = {k: nbytes / v / 1e9 for k, v in s.items() if k.endswith(("dispatch", "combine")) and "symm" not in k}
+        gbps = {k: nbytes / v / 1e9 for k, v in s.items() if ("dispatch" in k or "combine" in k) and "symm" not in k}
         if "symm_mem_dispatch" in s:
             gbps["symm_mem_dispatch"] = min(m["symm_bytes"] for m in gathered) / s["symm_mem_dispatch"] / 1e9
         row = {"model": args.model, "num_ranks": R, "tokens": T, "top_k": K, "hidden": hidden,
                "gpu": torch.cuda.get_device_name(dev), "iters": args.iters, "rounds": args.rounds,
                "seconds": s, "gbps": gbps, "ratio_elastic_over_fixed": s["elastic_both"] / s["fixed_both"],
+               "combine_variants": variants,
+               "ratio_combine_over_push": {cv: s[f"elastic_combine{suffix(cv)}"] / s["elastic_combine"]
+                                           for cv in variants},
                "received_bytes_per_rank": [m["recv_bytes"] for m in gathered],
                "symm_mem": {k: v for k, v in symm.items() if k != "run"}, "misses": misses}
         print("RESULT " + json.dumps(row), flush=True)
@@ -173,6 +195,23 @@ def worker(args) -> None:
     dist.barrier()
     buf.close()
     dist.destroy_process_group()
+
+
+COMBINE_CHOICES = ("push", "spread", "pull", "pull-copy")
+
+
+def combine_variants(arg: str) -> list[str]:
+    """``--combine-variant`` as a list, ``push`` (the baseline) first and always present."""
+    names = [n.strip() for n in arg.split(",") if n.strip()]
+    bad = [n for n in names if n not in COMBINE_CHOICES]
+    if bad:
+        raise ValueError(f"--combine-variant {arg!r}: unknown {bad}; choose from {COMBINE_CHOICES}")
+    return ["push"] + [n for n in dict.fromkeys(names) if n != "push"]
+
+
+def suffix(cv: str) -> str:
+    """Result-key suffix of a combine variant (none for the default, so old keys keep their names)."""
+    return "" if cv == "push" else "_" + cv.replace("-", "_")
 
 
 def symm_mem_baseline(args, dist, torch, dev, x, ids, S, num_experts) -> dict:
@@ -235,10 +274,13 @@ def main() -> int:
     p.add_argument("--with-symm-mem", action="store_true",
                    help="also time torch.ops.symm_mem.all_to_all_vdev_2d (initializes NVSHMEM)")
     p.add_argument("--profile", default=None, help="directory for torch.profiler (TensorBoard) traces")
+    p.add_argument("--combine-variant", default="push",
+                   help=f"comma list of prefill combine paths to time beside push: {', '.join(COMBINE_CHOICES)}")
     p.add_argument("--out", default=None, help="append one JSON line per configuration here")
     p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    combine_variants(args.combine_variant)  # a bad name fails here, before any process starts
     if args.rank is not None:
         worker(args)
         return 0

@@ -344,7 +344,7 @@ def run_failure(args, shard_dir: str, out: Path, tokens_per_s: float | None,
     result = launcher.run(timeout_s=3 * span + (60 if args.dry_run else 300))
     s = result.summary
     entry: dict = {"engine": engine, "num_requests": num_requests, "wall_s": time.perf_counter() - t,
-                   "timed_out": result.is_timed_out, "answered": result.num_answered,
+                   "timed_out": result.is_timed_out, "error": result.error, "answered": result.num_answered,
                    "requests_lost": num_requests - result.num_answered, "summary": s,
                    "breakdown": bench_metrics.pause_breakdown(result.run_dir)}
     fault = (s.get("faults") or [{}])[0]

@@ -95,3 +95,149 @@ def test_fp8_variant_needs_hidden_multiple_of_16():
         fc.KernelVariant(24, use_fp8=True)
     with pytest.raises(ValueError, match="vec_per_lane"):
         fc.KernelVariant(64, vec_per_lane=3)
+
+
+# ---- experimental prefill combine paths (KernelVariant.prefill_combine) ---------------------------
+
+@pytest.mark.parametrize("hidden", [2048, 7168])
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("combine", ["spread", "pull"])
+def test_prefill_combine_variants_compile_with_their_kernels(hidden, fixed, combine):
+    variant = fc.KernelVariant(hidden, fixed, prefill_combine=combine)
+    cubin = fc.compile_cubin(variant, "sm_90a")
+    assert cubin[:4] == b"\x7fELF"
+    names = variant.kernel_names()
+    assert names[:len(fc.KERNEL_NAMES)] == fc.KERNEL_NAMES and len(names) > len(fc.KERNEL_NAMES)
+    for name in names:
+        assert name.encode() + b"\0" in cubin, f"{name} missing from the {variant.name} cubin"
+    others = {n for c, ns in fc.PREFILL_COMBINE_KERNELS.items() if c != combine for n in ns}
+    assert not any(n.encode() + b"\0" in cubin for n in others)
+
+
+def test_default_variant_compiles_no_experimental_kernel_and_keeps_its_options():
+    variant = fc.KernelVariant(2048)
+    assert variant.prefill_combine == "push" and variant.kernel_names() == fc.KERNEL_NAMES
+    assert not any("PREFILL_COMBINE" in d for d in variant.defines())
+    assert variant.name == "eep_fused_h2048_v4_bf16_elastic"
+    assert fc.KernelVariant(2048, prefill_combine="pull").name == "eep_fused_h2048_v4_bf16_elastic_pull"
+    cubin = fc.compile_cubin(variant)
+    for name in fc.PREFILL_COMBINE_KERNELS["spread"] + fc.PREFILL_COMBINE_KERNELS["pull"]:
+        assert name.encode() + b"\0" not in cubin
+
+
+@pytest.mark.parametrize("hidden", [2048, 7168])
+def test_default_cubin_is_unchanged_by_the_experimental_section(monkeypatch, tmp_path, hidden):
+    """The GPU-validated kernels stay byte-identical: the default module compiled with and without
+    the experimental section of prefill.cuh is the same cubin."""
+    with_section = fc.compile_cubin(fc.KernelVariant(hidden))
+    for name in fc.KERNEL_FILES:
+        (tmp_path / name).write_bytes((fc.CSRC_DIR / name).read_bytes())
+    text = (tmp_path / "prefill.cuh").read_text()
+    (tmp_path / "prefill.cuh").write_text(text[:text.index("// ---- experimental combine paths")])
+    monkeypatch.setattr(fc, "CSRC_DIR", tmp_path)
+    assert fc.compile_cubin(fc.KernelVariant(hidden)) == with_section
+
+
+def test_pull_and_spread_kernels_do_not_spill():
+    """ptxas report: the new kernels keep everything in registers (a spill would put local-memory
+    traffic into the loop the combine's bandwidth rests on); pull fits two 512-thread blocks per SM."""
+    from cuda.bindings import nvrtc as nv
+
+    for combine, kernels in (("pull", ("eep_prefill_combine_pull", "eep_prefill_combine_ready")),
+                             ("spread", ("eep_prefill_combine_send_spread",))):
+        variant = fc.KernelVariant(7168, prefill_combine=combine)
+        sources = fc.kernel_sources()
+        main = b'#include "dispatch.cuh"\n#include "combine.cuh"\n#include "prefill.cuh"\n'
+        err, prog = nv.nvrtcCreateProgram(main, b"check.cu", len(sources), [sources[n] for n in fc.KERNEL_FILES],
+                                          [n.encode() for n in fc.KERNEL_FILES])
+        try:
+            options = [o.encode() for o in fc.compile_options(variant, "sm_90a")] + [b"--ptxas-options=-v"]
+            (err,) = nv.nvrtcCompileProgram(prog, len(options), options)
+            assert err == nv.nvrtcResult.NVRTC_SUCCESS
+            log = fc._program_log(prog)
+        finally:
+            nv.nvrtcDestroyProgram(prog)
+        for kernel in kernels:
+            block = log[log.index(f"Function properties for {kernel}"):]
+            props = block.splitlines()[1]
+            used = block.splitlines()[2]
+            assert "0 bytes spill stores, 0 bytes spill loads" in props, f"{kernel}: {props}"
+            regs = int(used.split("Used ")[1].split(" registers")[0])
+            assert regs <= (64 if kernel == "eep_prefill_combine_pull" else 128), f"{kernel}: {used}"
+
+
+def test_variant_rejects_an_unknown_prefill_combine():
+    with pytest.raises(ValueError, match="prefill_combine"):
+        fc.KernelVariant(2048, prefill_combine="scatter")
+
+
+# ---- experimental decode path (KernelVariant.decode = "pull") --------------------------------------
+
+@pytest.mark.parametrize("hidden", [2048, 7168])
+@pytest.mark.parametrize("fixed,fp8", [(False, False), (True, True)])
+def test_decode_pull_variant_compiles_with_its_kernels(hidden, fixed, fp8):
+    variant = fc.KernelVariant(hidden, fixed, use_fp8=fp8, decode="pull")
+    cubin = fc.compile_cubin(variant, "sm_90a")
+    assert cubin[:4] == b"\x7fELF"
+    assert variant.kernel_names()[-len(fc.DECODE_KERNELS["pull"]):] == fc.DECODE_KERNELS["pull"]
+    for name in variant.kernel_names():
+        assert name.encode() + b"\0" in cubin, f"{name} missing from the {variant.name} cubin"
+
+
+def test_default_variant_has_no_decode_pull_kernel_define_or_name():
+    variant = fc.KernelVariant(7168)
+    assert variant.decode == "push" and not any("DECODE" in d for d in variant.defines())
+    assert variant.name == "eep_fused_h7168_v4_bf16_elastic"
+    assert fc.KernelVariant(7168, decode="pull").name == "eep_fused_h7168_v4_bf16_elastic_decode-pull"
+    cubin = fc.compile_cubin(variant)
+    for name in fc.DECODE_KERNELS["pull"]:
+        assert name.encode() + b"\0" not in cubin
+    with pytest.raises(ValueError, match="decode"):
+        fc.KernelVariant(2048, decode="pul")
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_default_cubin_is_unchanged_by_the_decode_pull_sections(monkeypatch, tmp_path, fp8):
+    """The GPU-validated decode kernels stay byte-identical: the default module compiled with and
+    without the experimental sections of dispatch.cuh and combine.cuh is the same cubin."""
+    with_sections = fc.compile_cubin(fc.KernelVariant(7168, use_fp8=fp8))
+    marker = "// ---- experimental decode path"
+    for name in fc.KERNEL_FILES:
+        text = (fc.CSRC_DIR / name).read_text()
+        if name in ("dispatch.cuh", "combine.cuh"):
+            assert marker in text, f"{name} lost its experimental section marker"
+            text = text[:text.index(marker)]
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(fc, "CSRC_DIR", tmp_path)
+    assert fc.compile_cubin(fc.KernelVariant(7168, use_fp8=fp8)) == with_sections
+
+
+def test_decode_pull_kernels_do_not_spill():
+    """ptxas report: the pull combine keeps its eight in-flight 16-byte loads in registers and still
+    fits one 512-thread block per SM (<= 128 registers), as the default kernels do."""
+    from cuda.bindings import nvrtc as nv
+
+    variant = fc.KernelVariant(7168, use_fp8=True, decode="pull")
+    sources = fc.kernel_sources()
+    main = b'#include "dispatch.cuh"\n#include "combine.cuh"\n#include "prefill.cuh"\n'
+    err, prog = nv.nvrtcCreateProgram(main, b"check.cu", len(sources), [sources[n] for n in fc.KERNEL_FILES],
+                                      [n.encode() for n in fc.KERNEL_FILES])
+    try:
+        options = [o.encode() for o in fc.compile_options(variant, "sm_90a")] + [b"--ptxas-options=-v"]
+        (err,) = nv.nvrtcCompileProgram(prog, len(options), options)
+        assert err == nv.nvrtcResult.NVRTC_SUCCESS
+        log = fc._program_log(prog)
+    finally:
+        nv.nvrtcDestroyProgram(prog)
+    for kernel in fc.DECODE_KERNELS["pull"]:
+        block = log[log.index(f"Function properties for {kernel}"):].splitlines()
+        assert "0 bytes spill stores, 0 bytes spill loads" in block[1], f"{kernel}: {block[1]}"
+        regs = int(block[2].split("Used ")[1].split(" registers")[0])
+        assert regs <= 128, f"{kernel}: {block[2]}"
+
+
+def test_fused_buffer_rejects_an_unknown_decode_path_before_touching_cuda():
+    from eep.fused.buffer import FusedBuffer
+
+    with pytest.raises(ValueError, match="decode"):
+        FusedBuffer(0, 2, slots_per_rank=2, max_tokens_per_rank=4, hidden=64, top_k=2, store=None, decode="scatter")

@@ -58,3 +58,10 @@ def test_sigkilled_peer_costs_at_most_the_timeout(tmp_path):
     results = _run("kill", 4, tmp_path, "--hidden", "2048", "--slots", "8", "--max-tokens", "64", "--timeout-s", "0.5")
     for r in results:
         assert r["status"]["miss_count"][3] >= 1
+
+
+@pytest.mark.parametrize("extra", [("--hidden", "2048", "--slots", "8", "--max-tokens", "128"),
+                                   ("--hidden", "7168", "--slots", "4", "--max-tokens", "64", "--fp8")])
+def test_differential_decode_pull_variant(extra, tmp_path):
+    """The experimental decode kernels (FusedBuffer(decode="pull")) against the same reference."""
+    _run("diff", 4, tmp_path, *extra, "--decode-variant", "pull")

@@ -111,24 +111,30 @@ class FusedBuffer:
         timeout_s: bound on every wait for a peer (device parameter, changeable later).
         num_blocks: grid size of the data-moving kernels (default ``EEP_FUSED_BLOCKS`` or the SM count).
         vec_per_lane: 16-byte vectors per lane per copied chunk (default ``EEP_FUSED_VEC_PER_LANE`` or 4).
+        decode: ``"push"`` (the validated kernels, default) or ``"pull"`` (experimental, not yet run on a
+            GPU: FP8 quantize spread over the grid; combine pulls each source's top-k rows from the expert
+            ranks' ``combine_input()`` regions and sums them as it reads; docs/fused.md "Decode: where
+            the time goes"). Every rank of an instance must use the same value.
     """
 
     def __init__(self, rank: int, num_ranks: int, *, slots_per_rank: int, max_tokens_per_rank: int, hidden: int,
                  top_k: int, store: Any, group: str = "default", connect: Sequence[int] | None = None,
                  fixed_membership: bool = False, timeout_s: float | None = None,
                  num_blocks: int | None = None, vec_per_lane: int | None = None, use_fp8: bool = False,
-                 device: torch.device | int | None = None) -> None:
+                 device: torch.device | int | None = None, decode: str = "push") -> None:
         from eep.fused.compile import KernelVariant
 
         if not 0 <= rank < num_ranks:
             raise ValueError(f"rank={rank} outside [0, num_ranks={num_ranks})")
         layout = BufferLayout(num_ranks, slots_per_rank, max_tokens_per_rank, hidden)
-        self.top_k, self.use_fp8 = top_k, use_fp8
-        variant = KernelVariant(hidden, fixed_membership, vec_per_lane or envs.fused_vec_per_lane(), use_fp8)
+        self.top_k, self.use_fp8, self.decode = top_k, use_fp8, decode
+        variant = KernelVariant(hidden, fixed_membership, vec_per_lane or envs.fused_vec_per_lane(), use_fp8,
+                                decode=decode)
+        smem = {"eep_dispatch": layout.dispatch_smem_bytes(), "eep_combine_send": layout.combine_send_smem_bytes()}
+        if decode == "pull":
+            smem["eep_combine_stage"] = layout.combine_send_smem_bytes()
         self._open(rank, layout, variant, store=store, group=group, connect=connect, timeout_s=timeout_s,
-                   num_blocks=num_blocks, device=device,
-                   smem={"eep_dispatch": layout.dispatch_smem_bytes(),
-                         "eep_combine_send": layout.combine_send_smem_bytes()})
+                   num_blocks=num_blocks, device=device, smem=smem)
         self.vis_count = torch.zeros(slots_per_rank, num_ranks, dtype=torch.int32, device=self.device)
         self.handle_pos = torch.full((max_tokens_per_rank, top_k), -1, dtype=torch.int32, device=self.device)
         if use_fp8:  # each token is quantized once here, then copied top_k times
@@ -215,7 +221,9 @@ class FusedBuffer:
         num_tokens = self._check_tokens(x, phys)
         stage = dict(stage=self.stage.data_ptr(), stage_scale=self.stage_scale.data_ptr()) if self.use_fp8 else {}
         params = self._params(num_tokens, x=x.data_ptr(), phys=phys.data_ptr(), **stage)
-        if self.use_fp8 and num_tokens:
+        if self.use_fp8 and num_tokens and self.decode == "pull":  # one block per token row
+            self._launch("eep_quantize_rows", params, 0, grid=num_tokens)
+        elif self.use_fp8 and num_tokens:
             self._launch("eep_quantize", params, 0, grid=(num_tokens + 15) // 16)
         self._launch("eep_dispatch", params, self.layout.dispatch_smem_bytes())
         return self.recv_views(), FusedHandle(phys=phys, position=self.handle_pos[:num_tokens])
@@ -247,12 +255,30 @@ class FusedBuffer:
         elif tuple(out.shape) != (num_tokens, lay.hidden) or out.dtype != torch.bfloat16 or not out.is_contiguous():
             raise ValueError(f"combine: out has shape {tuple(out.shape)} {out.dtype}, "
                              f"expected contiguous bf16 ({num_tokens}, {lay.hidden})")
-        send = self._params(num_tokens, x=y.data_ptr())
-        self._launch("eep_combine_send", send, self.layout.combine_send_smem_bytes())
         reduce = self._params(num_tokens, phys=handle.phys.data_ptr(), weights=topk_weights.data_ptr(),
                               out=out.data_ptr())
+        if self.decode == "pull":
+            if y.data_ptr() != self.combine_input().data_ptr():  # else the experts wrote in place
+                self._launch("eep_combine_stage", self._params(num_tokens, x=y.data_ptr()),
+                             self.layout.combine_send_smem_bytes())
+            self._launch("eep_combine_ready", self._params(num_tokens), 0, grid=1)
+            self._launch("eep_combine_pull", reduce, 0)
+            return out
+        send = self._params(num_tokens, x=y.data_ptr())
+        self._launch("eep_combine_send", send, self.layout.combine_send_smem_bytes())
         self._launch("eep_combine_reduce", reduce, 0)
         return out
+
+    def combine_input(self) -> torch.Tensor:
+        """``[slots_per_rank, num_ranks, max_tokens_per_rank, hidden]`` bf16 view of this rank's peer
+        buffer where the ``decode="pull"`` combine reads expert outputs from (the comb_x region, which
+        the pull path does not otherwise use). Experts that write their outputs here and pass this view
+        as ``combine``'s ``y`` save the staging copy; any other ``y`` is copied in (rows below each
+        count only). Write it only after this rank's dispatch of the same step returned."""
+        lay = self.layout
+        region = self._buffer[lay.off_comb_x:lay.off_comb_x + lay.num_rows * lay.row_nbytes]
+        return region.view(torch.bfloat16).view(lay.slots_per_rank, lay.num_ranks, lay.max_tokens_per_rank,
+                                                lay.hidden)
 
     # ---- membership -------------------------------------------------------------------------
 
@@ -277,18 +303,33 @@ class FusedBuffer:
 
         For a rejoin this is the whole cost on a survivor: one import, one table write (plus
         ``set_membership``); no reallocation, no collective, no graph recapture.
+
+        Raises ``OSError`` (``TimeoutError``, ``ConnectionError``) naming ``rank`` when the peer did
+        not publish its record or hand over its buffer within ``timeout_s`` each (it is dead or
+        stopped): the peer's failure, which callers report instead of dying of it. The peer table
+        is left as it was.
         """
+        import torch.distributed as dist
+
         from eep.fused.peer_memory import ImportedAllocation, fetch_fd
 
         if rank == self.rank or not 0 <= rank < self.num_ranks:
             raise ValueError(f"add_peer: rank {rank} is this rank or outside [0, {self.num_ranks})")
         key = store_key(self.group, rank)
-        self.store.wait([key], _timedelta(timeout_s))
+        try:
+            self.store.wait([key], _timedelta(timeout_s))
+        except dist.DistStoreError as exc:  # a timeout; a lost store (DistNetworkError) is not the peer's doing
+            raise TimeoutError(f"add_peer: rank {rank} published no buffer under {key!r} within {timeout_s:.3g} s: "
+                               f"{exc}") from exc
         record = json.loads(self.store.get(key))
         if record["layout"] != self.layout.signature():
             raise ValueError(f"add_peer: rank {rank} published layout {record['layout']}, "
                              f"this rank has {self.layout.signature()} (shape arguments differ)")
-        fd, header = fetch_fd(record["address"], timeout_s=timeout_s)
+        try:
+            fd, header = fetch_fd(record["address"], timeout_s=timeout_s)
+        except OSError as exc:
+            raise ConnectionError(f"add_peer: rank {rank} (pid {record.get('pid')}) did not hand over its buffer "
+                                  f"within {timeout_s:.3g} s: {exc}") from exc
         imported = ImportedAllocation(fd, int(header["nbytes"]), self.device.index)
         old = self._imports.pop(rank, None)
         self._imports[rank] = imported

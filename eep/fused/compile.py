@@ -24,6 +24,15 @@ CSRC_DIR = Path(__file__).with_name("csrc")
 KERNEL_FILES = ("common.cuh", "dispatch.cuh", "combine.cuh", "prefill.cuh")
 KERNEL_NAMES = ("eep_quantize", "eep_dispatch", "eep_combine_send", "eep_combine_reduce",
                 "eep_prefill_dispatch", "eep_prefill_combine_send", "eep_prefill_combine_reduce")
+# Experimental prefill combine paths, compiled only into the variant that selects them
+# (KernelVariant.prefill_combine; docs/fused.md "Prefill combine: where the time goes").
+PREFILL_COMBINE_KERNELS = {"push": (), "spread": ("eep_prefill_combine_send_spread",),
+                           "pull": ("eep_prefill_combine_ready", "eep_prefill_combine_pull")}
+PREFILL_COMBINE_DEFINE = {"push": 0, "spread": 1, "pull": 2}
+# Experimental decode path (KernelVariant.decode; docs/fused.md "Decode: where the time goes"):
+# "pull" adds a grid-wide FP8 quantize and a pull combine (stage, ready flag, pull-and-reduce).
+DECODE_KERNELS = {"push": (), "pull": ("eep_quantize_rows", "eep_combine_stage", "eep_combine_ready",
+                                       "eep_combine_pull")}
 DEFAULT_ARCH = "sm_90a"
 
 
@@ -39,6 +48,8 @@ class KernelVariant:
     fixed_membership: bool = False
     vec_per_lane: int = 4  # 16-byte vectors each lane keeps in flight per copied chunk
     use_fp8: bool = False  # dispatch sends e4m3 rows + a float32 scale per token row
+    prefill_combine: str = "push"  # "push" (validated default), "spread" or "pull": extra kernels
+    decode: str = "push"  # "push" (validated default) or "pull": extra decode kernels (DECODE_KERNELS)
 
     def __post_init__(self) -> None:
         if self.hidden <= 0 or self.hidden % 8:
@@ -49,15 +60,31 @@ class KernelVariant:
                              "a multiple of 16")
         if self.vec_per_lane not in (1, 2, 4, 8, 16):
             raise ValueError(f"vec_per_lane={self.vec_per_lane} must be one of 1, 2, 4, 8, 16")
+        if self.prefill_combine not in PREFILL_COMBINE_KERNELS:
+            raise ValueError(f"prefill_combine={self.prefill_combine!r} must be one of "
+                             f"{sorted(PREFILL_COMBINE_KERNELS)}")
+        if self.decode not in DECODE_KERNELS:
+            raise ValueError(f"decode={self.decode!r} must be one of {sorted(DECODE_KERNELS)}")
 
     def defines(self) -> list[str]:
-        return [f"-DEEP_HIDDEN={self.hidden}", f"-DEEP_FIXED_MEMBERSHIP={int(self.fixed_membership)}",
-                f"-DEEP_VEC_PER_LANE_CHUNK={self.vec_per_lane}", f"-DEEP_USE_FP8={int(self.use_fp8)}"]
+        defines = [f"-DEEP_HIDDEN={self.hidden}", f"-DEEP_FIXED_MEMBERSHIP={int(self.fixed_membership)}",
+                   f"-DEEP_VEC_PER_LANE_CHUNK={self.vec_per_lane}", f"-DEEP_USE_FP8={int(self.use_fp8)}"]
+        if self.prefill_combine != "push":  # the default's options (and so its cubin) stay as they were
+            defines.append(f"-DEEP_PREFILL_COMBINE={PREFILL_COMBINE_DEFINE[self.prefill_combine]}")
+        if self.decode != "push":  # likewise: the default cubin is untouched
+            defines.append("-DEEP_DECODE_PULL=1")
+        return defines
+
+    def kernel_names(self) -> tuple[str, ...]:
+        """Every kernel this variant's module holds."""
+        return KERNEL_NAMES + PREFILL_COMBINE_KERNELS[self.prefill_combine] + DECODE_KERNELS[self.decode]
 
     @property
     def name(self) -> str:
+        combine = "" if self.prefill_combine == "push" else f"_{self.prefill_combine}"
+        combine += "" if self.decode == "push" else f"_decode-{self.decode}"
         return (f"eep_fused_h{self.hidden}_v{self.vec_per_lane}_{'fp8' if self.use_fp8 else 'bf16'}_"
-                f"{'fixed' if self.fixed_membership else 'elastic'}")
+                f"{'fixed' if self.fixed_membership else 'elastic'}{combine}")
 
 
 def cache_dir() -> Path:
@@ -157,24 +184,24 @@ def device_arch(device_ordinal: int) -> str:
 
 
 class LoadedKernels:
-    """The three fused kernels of one variant, loaded as a module in the current CUDA context."""
+    """The fused kernels of one variant, loaded as a module in the current CUDA context."""
 
     _modules: dict[tuple[KernelVariant, str, int], "LoadedKernels"] = {}
 
-    def __init__(self, cubin: bytes) -> None:
+    def __init__(self, cubin: bytes, names: tuple[str, ...] = KERNEL_NAMES) -> None:
         from cuda.bindings import driver
         from eep.fused.cuda_util import check
 
         self.module = check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
         self.functions = {name: check(driver.cuModuleGetFunction(self.module, name.encode()), "cuModuleGetFunction")
-                          for name in KERNEL_NAMES}
+                          for name in names}
 
     @classmethod
     def get(cls, variant: KernelVariant, device_ordinal: int) -> "LoadedKernels":
         arch = device_arch(device_ordinal)
         key = (variant, arch, device_ordinal)
         if key not in cls._modules:
-            cls._modules[key] = cls(cached_cubin(variant, arch))
+            cls._modules[key] = cls(cached_cubin(variant, arch), variant.kernel_names())
         return cls._modules[key]
 
 

@@ -12,7 +12,12 @@ Membership, peer table, sequence numbers and the timeout behave as in ``FusedBuf
 methods: ``set_membership``, ``add_peer``, ``set_sequence``, ``status``), with a control block of
 its own, so a process can hold a decode and a prefill buffer at once.
 
-Status: compiled and CPU-checked (layout, parameters); **not yet run on a GPU**.
+Combine paths (``combine_variant``, a compile-time switch: docs/fused.md "Prefill combine: where
+the time goes"): ``"push"`` (default, the GPU-validated kernels: send partial rows home, then reduce),
+``"spread"`` (the same with the sends fanned out over all peers at once) and ``"pull"`` (each rank
+reads its tokens' partial rows from the peers' buffers and reduces them in registers; the partial
+rows must then sit in this rank's peer buffer: write them into ``combine_input()`` to skip a copy).
+``spread`` and ``pull`` are CPU-checked only (NVRTC); **not yet run on a GPU**.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from eep import envs
 from eep.fused.buffer import FusedBuffer
 from eep.fused.layout import _align, check_ranks_and_hidden
 from eep.reference.prefill import PackedHandle, PackedReceive
+
+
+COMBINE_VARIANTS = ("push", "spread", "pull")  # KernelVariant.prefill_combine; "push" is the validated default
 
 
 @dataclass(frozen=True)
@@ -128,12 +136,14 @@ def make_prefill_params(layout: PrefillLayout, *, slots_per_rank: int, my_rank: 
 class PrefillBuffer(FusedBuffer):
     """One rank's prefill peer buffer and kernels (bf16). Shape arguments as ``FusedBuffer``'s, plus
     ``top_k``; ``max_tokens_per_rank`` bounds the tokens one rank dispatches per step (4096 for the
-    issue's prefill shapes: 235 MB per region for deepseek-v3 on 4 ranks)."""
+    issue's prefill shapes: 235 MB per region for deepseek-v3 on 4 ranks). ``combine_variant``: one of
+    ``COMBINE_VARIANTS`` (module docstring); every rank of the instance must use the same one."""
 
     def __init__(self, rank: int, num_ranks: int, *, slots_per_rank: int, max_tokens_per_rank: int, hidden: int,
                  top_k: int, store: Any, group: str = "prefill", connect: Sequence[int] | None = None,
                  fixed_membership: bool = False, timeout_s: float | None = None, num_blocks: int | None = None,
-                 vec_per_lane: int | None = None, device: torch.device | int | None = None) -> None:
+                 vec_per_lane: int | None = None, device: torch.device | int | None = None,
+                 combine_variant: str = "push") -> None:
         from eep.fused.compile import KernelVariant
 
         if not 0 <= rank < num_ranks:
@@ -141,8 +151,12 @@ class PrefillBuffer(FusedBuffer):
         if slots_per_rank < 1:
             raise ValueError(f"slots_per_rank={slots_per_rank} must be positive")
         layout = PrefillLayout(num_ranks, max_tokens_per_rank, hidden, top_k)
+        if combine_variant not in COMBINE_VARIANTS:
+            raise ValueError(f"combine_variant={combine_variant!r} must be one of {COMBINE_VARIANTS}")
         self.top_k, self.use_fp8, self.slots_per_rank = top_k, False, slots_per_rank
-        variant = KernelVariant(hidden, fixed_membership, vec_per_lane or envs.fused_vec_per_lane(), False)
+        self.combine_variant = combine_variant
+        variant = KernelVariant(hidden, fixed_membership, vec_per_lane or envs.fused_vec_per_lane(), False,
+                                prefill_combine=combine_variant)
         self._open(rank, layout, variant, store=store, group=group, connect=connect, timeout_s=timeout_s,
                    num_blocks=num_blocks, device=device,
                    smem={"eep_prefill_dispatch": layout.dispatch_smem_bytes()})
@@ -163,6 +177,17 @@ class PrefillBuffer(FusedBuffer):
                              local_slot=view(lay.off_local_slot, R * M * K, torch.int32, R, M, K),
                              weight=view(lay.off_weight, R * M * K, torch.float32, R, M, K))
 
+    def combine_input(self) -> torch.Tensor:
+        """``[num_ranks(src), max_tokens_per_rank, hidden]`` bf16 view of this rank's ``comb_x``: with
+        ``combine_variant="pull"`` the peers read the partial rows from here, so an expert stage that
+        writes its partial sums into this view saves ``combine`` a copy. Write it only after this
+        step's ``dispatch`` (the peers finished reading the previous step's rows by then). Under
+        ``push``/``spread`` the peers write into this region: do not use it there."""
+        lay = self.layout
+        numel = lay.num_rows * lay.hidden
+        return self._buffer[lay.off_comb_x:lay.off_comb_x + numel * 2].view(torch.bfloat16).view(
+            lay.num_ranks, lay.max_tokens_per_rank, lay.hidden)
+
     def dispatch(self, x: torch.Tensor, phys: torch.Tensor, topk_weights: torch.Tensor  # type: ignore[override]
                  ) -> tuple[PackedReceive, PackedHandle]:
         """Send each token once to every active rank hosting one of its choices (one launch).
@@ -182,12 +207,15 @@ class PrefillBuffer(FusedBuffer):
 
     def combine(self, partial: torch.Tensor, handle: PackedHandle,  # type: ignore[override]
                 out: torch.Tensor | None = None) -> torch.Tensor:
-        """Send each received row's partial sum home and add them up per token (ascending rank
-        order, float32, rounded once).
+        """Bring each received row's partial sum home and add them up per token (ascending rank
+        order, float32, rounded once). ``push``/``spread``: two launches (send, reduce); ``pull``: a
+        copy into ``combine_input()`` unless ``partial`` is that view, a one-block ready handshake,
+        then the pulling reduce.
 
         Parameters:
             partial: ``[num_ranks, max_tokens_per_rank, hidden]`` bf16, contiguous
-                (``eep.reference.prefill.partial_combine`` of this rank's expert outputs).
+                (``eep.reference.prefill.partial_combine`` of this rank's expert outputs), or
+                ``combine_input()`` itself (pull, no copy).
             handle: from this rank's dispatch of the same step.
         Returns:
             ``[num_tokens, hidden]`` bf16; absent contributions (inactive or late ranks) add nothing.
@@ -203,9 +231,21 @@ class PrefillBuffer(FusedBuffer):
         elif tuple(out.shape) != (num_tokens, lay.hidden) or out.dtype != torch.bfloat16 or not out.is_contiguous():
             raise ValueError(f"combine: out has shape {tuple(out.shape)} {out.dtype}, "
                              f"expected contiguous bf16 ({num_tokens}, {lay.hidden})")
-        self._launch("eep_prefill_combine_send", self._prefill_params(num_tokens, x=partial.data_ptr()), 0)
+        vectors = num_tokens * lay.hidden // 8  # one thread per 16-byte vector of the output
+        if self.combine_variant == "pull":
+            staged = self.combine_input()
+            if partial.data_ptr() != staged.data_ptr():  # the peers can only read peer memory
+                staged.copy_(partial)
+            params = self._prefill_params(num_tokens, out=out.data_ptr())
+            self._launch("eep_prefill_combine_ready", params, 0, grid=1)
+            # two blocks per SM fit (launch bounds 512x2): more remote loads in flight
+            self._launch("eep_prefill_combine_pull", params, 0,
+                         grid=max(1, min(2 * self.num_blocks, (vectors + 511) // 512)))
+            return out
+        send = "eep_prefill_combine_send_spread" if self.combine_variant == "spread" else "eep_prefill_combine_send"
+        self._launch(send, self._prefill_params(num_tokens, x=partial.data_ptr()), 0)
         self._launch("eep_prefill_combine_reduce", self._prefill_params(num_tokens, out=out.data_ptr()), 0,
-                     grid=max(1, min(self.num_blocks, (num_tokens * lay.hidden // 8 + 511) // 512)))
+                     grid=max(1, min(self.num_blocks, (vectors + 511) // 512)))
         return out
 
     def _prefill_params(self, num_tokens: int, **pointers: int) -> PrefillParams:

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         problems = ["interrupted" if result.is_interrupted else "timed out"]
     else:
         problems = check_run(cfg, result)
+    if result.error is not None:
+        problems.insert(0, result.error)
     json.dump({"run_dir": str(result.run_dir), "answered": result.num_answered, "problems": problems,
                "rejected_messages": result.num_rejected, "summary": result.summary}, sys.stdout, indent=1)
     print()

@@ -62,6 +62,17 @@ class RuntimeConfig:
         return self.heartbeat_interval_s * max(1, min(self.corroborate_misses, self.suspect_misses))
 
     @property
+    def peer_connect_timeout_s(self) -> float:
+        """Bound on mapping new members' buffers at a commit (fd handshake with each peer).
+
+        A live peer answers in well under a millisecond (a local socket); only a dead or stopped one
+        uses the bound. Half the suspicion window: a rank blocked here cannot ack a prepare, and a
+        member that does not ack within the window is declared dead. At most the transport timeout:
+        a peer that cannot hand over its buffer in a step's deadline would miss the step too.
+        """
+        return min(self.transport_timeout_s, self.suspicion_window_s / 2)
+
+    @property
     def num_channels(self) -> int:
         return 2 * self.model.num_layers
 

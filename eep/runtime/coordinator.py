@@ -22,6 +22,13 @@ A member that dies between 1 and 2 is added to ``failed`` and the decision re-pr
 
 Requests are re-queued at commit time: any unanswered request whose owner is not a continuing
 member (or that was taken but never marked owned) is handed round-robin to continuing members.
+
+Joins wait until they can be committed: after every member died, the first restarted ranks may
+hold too few slots to cover every expert (``InsufficientSlotsError``). Their joins then stay
+pending and are proposed again, together, when a rank slot that was not in the uncoverable set asks
+to join (never on every poll: a set of rank slots that cannot cover the experts, or any subset of
+it, is not proposed again until a commit changes the membership). A pending joiner that dies is
+dropped from the waiting set.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ class Coordinator:
         self.num_decisions = 0
         self.incarnation: dict[int, int] = {}
         self.pending_joins: dict[int, dict] = {}  # rank -> join body, not yet committed
+        # rank slots that, with no member left, could not cover every expert (nor can any subset)
+        self.uncoverable: frozenset[int] = frozenset()
         self.used_nonces: set[str] = set()
         self.joins_seen = 0
         self.reports_seen = 0
@@ -87,11 +96,7 @@ class Coordinator:
     def poll(self) -> None:
         """Read joins, reports and heartbeats; decide if any calls for it."""
         self._read_joins()
-        if self.pending_joins:
-            joined = {r: b for r, b in self.pending_joins.items() if not self.is_dead(r)}
-            self.pending_joins.clear()
-            if joined:
-                self.propose(failed=set(), joined=joined, reason="join")
+        self._propose_joins()
         suspects = self._read_reports()
         now = time.monotonic()
         silent = []
@@ -102,6 +107,22 @@ class Coordinator:
             self.propose(failed=set(silent), joined={}, reason="heartbeat")
         elif suspects:
             self.propose(failed=set(), joined={}, reason="resync", suspects=set(suspects))
+
+    def _propose_joins(self) -> None:
+        """Propose the waiting joiners, unless they are known not to cover the experts by themselves.
+
+        A joiner stays in ``pending_joins`` until a commit names it or it dies: joins that could not
+        be committed (no member left, too few slots) are proposed again with later joiners."""
+        for r in [r for r in self.pending_joins if self.is_dead(r)]:
+            del self.pending_joins[r]
+            self.timeline.event("join_dropped", rank=r, reason="died while waiting")
+        waiting = dict(self.pending_joins)
+        if not waiting or (self.membership is None and set(waiting) <= self.uncoverable):
+            return  # nothing new: the same ranks (or fewer) could not cover the experts last time
+        if self.propose(failed=set(), joined=waiting, reason="join"):
+            for r, body in waiting.items():  # committed, or died during the proposal
+                if self.pending_joins.get(r) is body:
+                    del self.pending_joins[r]
 
     def fail(self, ranks: list[int], reason: str) -> None:
         ranks = [r for r in ranks if self.active[r]]
@@ -135,8 +156,15 @@ class Coordinator:
                 placement = next_placement(self.placement, old_active, failed, joined, self.initial, epoch) \
                     if continuing else self._placement_for(new_active, epoch)
             except InsufficientSlotsError as exc:
-                log.error("epoch %d: cannot repair coverage after losing ranks %s: %s", epoch, sorted(failed), exc)
-                self.timeline.event("unrepairable", epoch=epoch, failed=sorted(failed), error=str(exc))
+                if not continuing:  # only joiners: they wait for more joiners (``_propose_joins``)
+                    self.uncoverable = frozenset(joined)
+                    log.warning("epoch %d: joiners %s alone cannot cover every expert (%s); waiting for more",
+                                epoch, sorted(joined), exc)
+                else:
+                    log.error("epoch %d: cannot repair coverage after losing ranks %s: %s", epoch, sorted(failed),
+                              exc)
+                self.timeline.event("unrepairable", epoch=epoch, failed=sorted(failed), joined=sorted(joined),
+                                    error=str(exc))
                 self._drop_members(failed)
                 return False
             self.epoch = epoch  # consumed even if re-proposed: epochs only grow
@@ -154,6 +182,10 @@ class Coordinator:
                 continue  # a joiner died during its join: propose again without it
             start_step = max(acks.values(), default=0)
             requeue = self._requeue(set(continuing), new_active, epoch)
+            # a fault hook (launcher ``Fault(on_phase="commit_...")``): a rank killed here is committed
+            # as a member, as when it dies between the last check above and the commit reaching ranks
+            self.on_phase(f"commit_{'fail' if failed else reason}", {"epoch": epoch, "failed": sorted(failed),
+                                                                     "joined": sorted(joined)})
             self.membership = Membership(self.cfg.num_ranks, active=new_active, epoch=epoch)
             self.placement = placement
             self._commit(epoch, failed=sorted(failed), joined=joined, start_step=start_step, requeue=requeue,
@@ -202,6 +234,7 @@ class Coordinator:
 
     def _commit(self, epoch: int, *, failed: list[int], joined: dict[int, dict], start_step: int,
                 requeue: dict[int, list[int]], reason: str) -> None:
+        self.uncoverable = frozenset()  # the membership changed: any set of joiners may be tried again
         for r, body in joined.items():
             self.incarnation[r] = int(body["incarnation"])
             self.heartbeat_seen[r] = (-1, time.monotonic())

@@ -167,7 +167,7 @@ def gather_combine(home: torch.Tensor, phys: torch.Tensor, position: torch.Tenso
 _MIN_PEER_S = 0.05  # each peer's share of a connect deadline never drops below this (a live one needs < 1 ms)
 
 
-def connect_each(rank: int, peers: list[int], timeout_s: float, connect_one: Callable[[int, float], None]) -> None:
+def _connect_each(rank: int, peers: list[int], timeout_s: float, connect_one: Callable[[int, float], None]) -> None:
     """Call ``connect_one(peer, seconds)`` for every peer within one deadline of ``timeout_s``.
 
     A peer whose handshake fails (``OSError``: no server, refused, reset, timed out) is that peer's
@@ -328,7 +328,7 @@ class ShmExchange:
                                    f"(header {header})")
             self.mapped.add(r)
 
-        connect_each(self.rank, peers, self.timeout_s if timeout_s is None else timeout_s, one)
+        _connect_each(self.rank, peers, self.timeout_s if timeout_s is None else timeout_s, one)
 
     def switch(self, active: list[bool], epoch: int) -> None:
         _check_mapped(self.rank, active, self.mapped, epoch)
@@ -379,11 +379,10 @@ class FusedExchange:
             self.buf.add_peer(r, timeout_s=seconds)
             self.mapped.add(r)
 
-        connect_each(self.rank, peers, timeout_s, one)
+        _connect_each(self.rank, peers, timeout_s, one)
 
     def switch(self, active: list[bool], epoch: int) -> None:
-        if self.is_membership_aware:  # fixed membership: every peer was mapped at start or nothing runs
-            _check_mapped(self.rank, active, self.mapped, epoch)
+        _check_mapped(self.rank, active, self.mapped, epoch)
         self.buf.set_membership(active, epoch=epoch)
         # Every member restarts its step counters at the same value: flags of earlier epochs never match.
         base = (epoch + 1) << 32

@@ -10,8 +10,10 @@
 - Ctrl-C (or ``stop()``): a sealed ``shutdown`` decision, then SIGTERM, then SIGKILL after
   ``shutdown_grace_s``; the shared-memory file is removed. No process outlives ``run()``.
 - Faults can be injected for tests and the demo (``Fault``): SIGKILL / SIGSTOP / SIGCONT a rank
-  when the answered-request count reaches a value, right after a prepare of a given kind, or some
-  seconds after the previous fault.
+  when the answered-request count reaches a value, right after a prepare of a given kind, just
+  before a commit of a given kind, or some seconds after the previous fault.
+- If every rank process has exited and no restart is scheduled, nothing can ever answer again:
+  the run ends at once with ``RunResult.error`` saying so, instead of waiting for its timeout.
 """
 
 from __future__ import annotations
@@ -52,8 +54,12 @@ class Fault:
 
     Exactly one trigger: ``at_results`` (answered requests reach it), ``on_phase``
     (``"prepare_fail"`` / ``"prepare_join"`` / ``"prepare_resync"``: right after such a prepare is
-    published, i.e. during repair or rejoin), ``after_s`` (seconds after the previous fault), or
-    ``at_s`` (seconds after the first membership was committed, i.e. serving started).
+    published, i.e. during repair or rejoin; ``"commit_fail"`` / ``"commit_join"`` /
+    ``"commit_resync"``: after every ack, just before the commit is published, so a rank killed
+    there is committed as a member, e.g. a joiner the survivors then fail to map), ``after_s``
+    (seconds after the previous fault), or ``at_s`` (seconds after the first membership was
+    committed, i.e. serving started). A phase-triggered ``kill`` / ``stop`` returns only once the
+    rank has exited / stopped, so the protocol goes on with the rank already gone.
     """
 
     action: str
@@ -82,6 +88,7 @@ class RunResult:
     is_interrupted: bool
     exit_codes: dict[str, int | None]
     summary: dict
+    error: str | None = None  # why the run ended early (every rank exited, none to restart)
 
     @property
     def num_answered(self) -> int:
@@ -126,6 +133,7 @@ class Launcher:
                             store_port=self.store.port, config=cfg.to_dict())
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         is_timed_out = is_interrupted = False
+        error = None
         try:
             for r in range(cfg.num_ranks):
                 self._spawn(r)
@@ -147,6 +155,11 @@ class Launcher:
                     next_scan = time.monotonic() + 0.05
                     if self.coordinator.advance_answered() >= cfg.num_requests:
                         break
+                error = self._no_rank_left()
+                if error is not None:
+                    log.error("run %s: %s", self.run_id, error)
+                    self.timeline.event("no_rank_left", error=error)
+                    break
                 if deadline is not None and time.monotonic() > deadline:
                     is_timed_out = True
                     log.error("run %s timed out after %.1f s", self.run_id, timeout_s)
@@ -162,7 +175,7 @@ class Launcher:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return RunResult(self.run_dir, results, served_by, self.coordinator.decisions,
                          self.coordinator.sealer.num_rejected, is_timed_out, is_interrupted, dict(self.exit_codes),
-                         summary)
+                         summary, error)
 
     # ---- processes ----
     def _spawn(self, rank: int) -> None:
@@ -201,6 +214,18 @@ class Launcher:
             if self.cfg.restart_after_s is not None and self.num_restarts[rank] < self.cfg.max_restarts:
                 self.restart_at[rank] = time.monotonic() + self.cfg.restart_after_s
 
+    def _no_rank_left(self) -> str | None:
+        """Why no request can be answered any more (every rank exited, none will restart), or None."""
+        if self.restart_at or not all(self._is_dead(r) for r in self.procs):
+            return None
+        self._reap()  # every exit recorded, so the restarts it schedules are seen
+        if self.restart_at:
+            return None
+        codes = {f"{r}.{self.incarnations[r]}": p.exitcode for r, p in self.procs.items() if p is not None}
+        return (f"every rank process has exited (exit codes {codes}) and none will restart "
+                f"(restart_after_s={self.cfg.restart_after_s}, max_restarts={self.cfg.max_restarts}); "
+                f"{self.coordinator.advance_answered()} of {self.cfg.num_requests} requests answered")
+
     def _restart_due(self) -> None:
         now = time.monotonic()
         for rank, at in list(self.restart_at.items()):
@@ -236,6 +261,20 @@ class Launcher:
         for fault in self.faults:
             if fault.fired_at is None and fault.on_phase == name:
                 self._fire(fault)
+                self._wait_signal_took_effect(fault)
+
+    def _wait_signal_took_effect(self, fault: Fault, timeout_s: float = 10.0) -> None:
+        """Until a killed rank has exited or a stopped one has stopped (every thread), bounded: a
+        phase fault means "gone at this point of the protocol", not "gone some time later"."""
+        proc = self.procs[fault.rank]
+        if proc is None or proc.exitcode is not None:
+            return
+        if fault.action == "kill":
+            proc.join(timeout=timeout_s)
+        elif fault.action == "stop":
+            deadline = time.monotonic() + timeout_s
+            while not _is_stopped(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.001)
 
     def _fire(self, fault: Fault) -> None:
         fault.fired_at = self._last_fault_at = time.monotonic()
@@ -293,6 +332,19 @@ class Launcher:
     def _capacity_nbytes(self) -> int:
         from eep.runtime.engine import transport_capacity_nbytes
         return transport_capacity_nbytes(self.cfg)
+
+
+def _is_stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is stopped (state T in /proc); False where /proc cannot say."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        states = []
+        for tid in tasks:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+    except OSError:
+        return False
+    return bool(states) and all(state in ("T", "t") for state in states)
 
 
 def _signal_quietly(pid: int, sig: int) -> None:

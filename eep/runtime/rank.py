@@ -7,7 +7,8 @@ Life of a rank (``Phase``):
     JOINING wait for the commit that names this request's nonce
     SERVING one decode step per loop: claim requests, decode, publish finished answers
     PAUSED  acked a ``prepare``; waits for its ``commit`` (survivors apply it at the same step)
-    STALLED a receive missed a peer: evidence reported, no further step until a new decision
+    STALLED a receive missed a peer, or a commit's new member could not be mapped (dead or
+            stopped during the join): evidence reported, no further step until a new decision
 
 A commit that leaves this rank out (it was declared dead while stalled, e.g. SIGSTOPped) fences
 it: it drops its requests (the coordinator re-queued them) and goes back to WARMUP to rejoin.
@@ -115,6 +116,7 @@ class RankWorker:
         self.is_orphaned = False
         self._last_bad: dict[str, bytes] = {}
         self._stalled_since = 0.0
+        self._stalled_on: list[int] = []  # the peers the last report named (repeated with it)
         self._paused_since = 0.0
 
     # ---- lifecycle ----
@@ -146,7 +148,7 @@ class RankWorker:
                 else:
                     if self.phase is Phase.STALLED and time.monotonic() - self._stalled_since > 2 * cfg.transport_timeout_s:
                         self._stalled_since = time.monotonic()  # the report may have been lost: repeat it
-                        self._report([])
+                        self._report(self._stalled_on)
                     time.sleep(0.0005)
         except (dist.DistStoreError, dist.DistNetworkError, ConnectionError) as exc:
             if not self.is_orphaned:
@@ -250,11 +252,21 @@ class RankWorker:
         epoch = int(body["epoch"])
         published = ExpertPlacement.from_dict(body["placement"])
         if is_joiner:
-            s = self.cfg.slots_per_rank
-            mine = slice(self.rank * s, (self.rank + 1) * s)
-            if not bool((published.phys_to_logical[:, mine] == self.initial.phys_to_logical[:, mine]).all()):
+            active = list(body["active"])
+            if all(str(r) in body["joined"] for r, a in enumerate(active) if a):
+                # Every member is new (the start, or a restart after every member died): the rule is
+                # the coordinator's ``_placement_for``, the initial placement repaired for the absent
+                # ranks, so this rank's slots may hold orphans of theirs. Recomputed, as survivors do.
+                absent = [r for r, a in enumerate(active) if not a]
+                expected = next_placement(self.initial, [True] * self.cfg.num_ranks, absent, [], self.initial, epoch)
+                is_expected = expected.equal(published)
+            else:  # joining members: it takes back its initial row
+                s = self.cfg.slots_per_rank
+                mine = slice(self.rank * s, (self.rank + 1) * s)
+                is_expected = bool((published.phys_to_logical[:, mine] == self.initial.phys_to_logical[:, mine]).all())
+            if not is_expected:
                 raise RuntimeError(f"rank {self.rank}: commit of epoch {epoch} gives this rank slots that differ "
-                                   "from its initial placement")
+                                   "from the rule's (its initial row, or the initial placement repaired)")
             placement = published
         else:
             placement = next_placement(self.placement, self.membership.active_cpu.tolist(), body["failed"],
@@ -266,8 +278,12 @@ class RankWorker:
         t_restore = time.time()
         restored = self._load_missing(placement)
         t_switch = time.time()
-        self.engine.on_commit(active=list(body["active"]), joined=[int(r) for r in body["joined"]], epoch=epoch,
-                              start_step=int(body["start_step"]), is_joiner=is_joiner)
+        unmapped: list[int] = []
+        try:
+            self.engine.on_commit(active=list(body["active"]), joined=[int(r) for r in body["joined"]], epoch=epoch,
+                                  start_step=int(body["start_step"]), is_joiner=is_joiner)
+        except StepAborted as exc:  # a member's buffer could not be mapped: its failure, not this rank's
+            unmapped = list(exc.missed)
         t_done = time.time()
         self.membership = Membership(self.cfg.num_ranks, active=body["active"], epoch=epoch)
         self.placement = placement
@@ -281,6 +297,13 @@ class RankWorker:
                             was=was.value, paused_s=(t0 - self._paused_since) if was is Phase.PAUSED else None,
                             plan_s=t_restore - t0, restore_s=t_switch - t_restore, switch_s=t_done - t_switch,
                             restore_by_tier=getattr(self.engine, "restore_stats", None) if restored else None)
+        if unmapped:
+            # Never serve with a member unmapped (a kernel would write through a missing peer
+            # mapping): stall and report it as a deadline miss is reported; the coordinator's resync
+            # fails it if it is dead or stopped, or maps it again (next commit) if it answers.
+            self._stall(unmapped, where="connect")
+            log.warning("rank %d: epoch %d: could not map ranks %s; reported them, not serving", self.rank,
+                        epoch, unmapped)
 
     def _fence(self, epoch: int) -> None:
         dropped = [r.request_id for r in self.batch] + self.pending
@@ -289,6 +312,12 @@ class RankWorker:
         log.warning("rank %d: fenced out at epoch %d (was %d); rejoining", self.rank, epoch, self.epoch)
         self.epoch = epoch
         self._warmup_and_request_join()
+
+    def _stall(self, missed: list[int], *, where: str) -> None:
+        """Stop serving and report ``missed`` (peers that missed a deadline or could not be mapped)."""
+        self.phase, self._stalled_since, self._stalled_on = Phase.STALLED, time.monotonic(), list(missed)
+        self._report(missed)
+        self.timeline.event("stalled", step=self.step, epoch=self.epoch, missed=missed, where=where)
 
     def _report(self, missed: list[int]) -> None:
         index = self.store.add(store_key(self.run_id, Key.REPORT, "count"), 1)
@@ -307,10 +336,7 @@ class RankWorker:
                                              should_abort=self._has_new_decision)
         except StepAborted as exc:
             if not exc.is_aborted:
-                self.phase, self._stalled_since = Phase.STALLED, time.monotonic()
-                self._report(exc.missed)
-                self.timeline.event("stalled", step=self.step, epoch=self.epoch, missed=exc.missed,
-                                    where=f"layer {exc.layer} {exc.phase}")
+                self._stall(exc.missed, where=f"layer {exc.layer} {exc.phase}")
             return
         finished = []
         for req, token in zip(self.batch, next_tokens):

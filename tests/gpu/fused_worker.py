@@ -9,6 +9,10 @@ Scenarios (``--scenario``):
   join   the new process of the graph scenario.
   prefill the packed (prefill) mode against eep.reference.prefill: random, skewed, zero-token
          ranks, a masked rank with stale routes into it, unmasked again (timings: perf/bench_prefill.py).
+         ``--combine-variant push|spread|pull`` picks the combine kernels; with pull, cases alternate
+         between passing a separate partial tensor (copied) and writing into combine_input().
+         ``--decode-variant pull`` (diff/graph/join/kill) runs the experimental decode kernels;
+         its diff cases alternate between experts writing into combine_input() and a staged y.
   kill   steps in a loop; the launcher SIGKILLs the last rank; survivors must finish the step
          within the timeout, see it in status(), still access the dead rank's mapped buffer,
          mask it and compute correct results.
@@ -62,6 +66,8 @@ def poison_outputs(buf: FusedBuffer, x: torch.Tensor) -> torch.Tensor:
     recv.src_token.fill_(-77)
     recv.count.fill_(-5)
     buf.handle_pos.fill_(-99)
+    if getattr(buf, "decode", "push") == "pull":  # what the pull combine reads
+        buf.combine_input().fill_(float("nan"))
     out = torch.full((x.shape[0], x.shape[1]), float("nan"), dtype=torch.bfloat16, device=x.device)
     torch.cuda.synchronize()
     return out
@@ -72,6 +78,10 @@ def finish_step(buf, x, phys, weights, scale, out):
     recv, handle = buf.dispatch(x, phys)
     xq = recv.dequantized()  # recv.x itself for bf16
     y = fake_experts(xq, scale)
+    if getattr(buf, "decode", "push") == "pull":  # alternate: experts write in place / combine stages y
+        buf.pull_steps = getattr(buf, "pull_steps", 0) + 1
+        if buf.pull_steps % 2:
+            y = buf.combine_input().copy_(y)
     buf.combine(y, handle, weights, out=out)
     torch.cuda.synchronize()
     return (xq.cpu(), recv.count.cpu(), recv.src_token.cpu(), handle.position.cpu(), out.cpu())
@@ -80,7 +90,8 @@ def finish_step(buf, x, phys, weights, scale, out):
 def make_buffer(args, store, *, connect=None, fixed=False) -> FusedBuffer:
     return FusedBuffer(args.rank, args.num_ranks, slots_per_rank=args.slots, max_tokens_per_rank=args.max_tokens,
                        hidden=args.hidden, top_k=args.top_k, store=store, group=args.group, connect=connect,
-                       fixed_membership=fixed, timeout_s=args.timeout_s, device=args.rank, use_fp8=args.fp8)
+                       fixed_membership=fixed, timeout_s=args.timeout_s, device=args.rank, use_fp8=args.fp8,
+                       decode=args.decode_variant)
 
 
 def shape_kwargs(args):
@@ -329,15 +340,21 @@ def make_prefill_buffer(args, store, *, fixed=False):
     from eep.fused.prefill import PrefillBuffer
     return PrefillBuffer(args.rank, args.num_ranks, slots_per_rank=args.slots, max_tokens_per_rank=args.max_tokens,
                          hidden=args.hidden, top_k=args.top_k, store=store, group=args.group + "-p",
-                         fixed_membership=fixed, timeout_s=args.timeout_s, device=args.rank)
+                         fixed_membership=fixed, timeout_s=args.timeout_s, device=args.rank,
+                         combine_variant=args.combine_variant)
 
 
-def prefill_step(buf, x, phys, w, scale, out):
-    """Dispatch, fake experts per entry, local partial sums, combine (what a prefill step does)."""
+def prefill_step(buf, x, phys, w, scale, out, *, via_view=False):
+    """Dispatch, fake experts per entry, local partial sums, combine (what a prefill step does).
+    ``via_view``: the partial sums go straight into the buffer's combine_input() (pull variant)."""
     from eep.reference.prefill import partial_combine
     recv, handle = buf.dispatch(x, phys, w)
-    partial = partial_combine(recv, prefill_fake_experts(recv, scale), scale.shape[0])
-    buf.combine(partial.contiguous(), handle, out=out)
+    partial = partial_combine(recv, prefill_fake_experts(recv, scale), scale.shape[0]).contiguous()
+    if via_view:
+        staged = buf.combine_input()
+        staged.copy_(partial)
+        partial = staged
+    buf.combine(partial, handle, out=out)
     return recv, handle
 
 
@@ -349,6 +366,8 @@ def poison_prefill(buf, num_tokens):
     recv.weight.fill_(float("nan"))
     recv.count.fill_(-5)
     buf.dst_row.fill_(-99)
+    if buf.combine_variant == "pull":  # the rows peers pull: NaN wherever a step fails to write them
+        buf.combine_input().fill_(float("nan"))
     out = torch.full((num_tokens, buf.layout.hidden), float("nan"), dtype=torch.bfloat16, device=buf.device)
     torch.cuda.synchronize()
     return out
@@ -364,7 +383,8 @@ def prefill_case(args, buf, barrier, participants, seed, errors, label, *, stale
     scale = expert_scale(args.slots).to(dev)
     out = poison_prefill(buf, x.shape[0])
     barrier.wait(participants)
-    recv, handle = prefill_step(buf, x, phys, w, scale, out)
+    via_view = buf.combine_variant == "pull" and seed % 2 == 1  # both pull entry paths, alternately
+    recv, handle = prefill_step(buf, x, phys, w, scale, out, via_view=via_view)
     torch.cuda.synchronize()
     got = (recv.count.cpu(), recv.src_token.cpu(), recv.x.cpu(), recv.local_slot.cpu(), recv.weight.cpu(),
            handle.dst_row.cpu(), out.cpu())
@@ -430,6 +450,11 @@ def main() -> None:
     p.add_argument("--fixed", action="store_true")
     p.add_argument("--kill-steps", type=int, default=60)
     p.add_argument("--fp8", action="store_true", help="FP8 dispatch (diff scenario)")
+    p.add_argument("--decode-variant", default="push", choices=("push", "pull"),
+                   help="decode kernels (diff/graph/join/kill scenarios): FusedBuffer(decode=...)")
+    from eep.fused.prefill import COMBINE_VARIANTS
+    p.add_argument("--combine-variant", default="push", choices=COMBINE_VARIANTS,
+                   help="prefill combine kernels (prefill scenario; eep.fused.prefill.COMBINE_VARIANTS)")
     args = p.parse_args()
     from torch.distributed import TCPStore
     store = TCPStore("127.0.0.1", args.port, is_master=False, timeout=_td(300))

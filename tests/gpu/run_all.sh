@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Everything the fused data plane needs a GPU for, in one device call: compile, differential
 # tests (2 and 4 GPUs), CUDA-graph mask/rejoin, SIGKILL, benchmarks. Logs under $OUT.
-#   bash tests/gpu/run_all.sh [quick|bench]   quick: correctness only; bench: benchmarks only
+#   bash tests/gpu/run_all.sh [quick|bench|combine]   quick: correctness only; bench: benchmarks only;
+#   combine: the experimental prefill combine paths (spread, pull): differential tests, then timings
+#   decode: the experimental decode path (FusedBuffer(decode="pull")): differential tests, graph,
+#   SIGKILL, then timings beside the default kernels (docs/fused.md "Decode: where the time goes")
 # (a full run needs more than one 10-minute call: run quick, then bench)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -24,14 +27,14 @@ for h in (2048, 7168):
 print('compiled')"
 L=tests/gpu/launch.py
 MODE=${1:-all}
-if [ "$MODE" != bench ]; then
+if [ "$MODE" = all ] || [ "$MODE" = quick ]; then
 step diff4 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128
 step diff4-fp8 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 64 --fp8
 step diff2-fp8 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $L --scenario diff --num-ranks 2 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128 --fp8
 step prefill4 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256
 step prefill4-ds 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 128
 step prefill2 120 env CUDA_VISIBLE_DEVICES=0,1 $PY $L --scenario prefill --num-ranks 2 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256
-step diff2-fp8-h7168 60 env CUDA_VISIBLE_DEVICES=0,1 $PY $L --scenario diff --num-ranks 2 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 64 --fp8
+step diff2-fp8-h7168 60 env CUDA_VISIBLE_DEVICES=0,1 $PY $L --scenario diff --num-ranks 2 --out $OUT/res --hidden 7168 --slots 8 --max-tokens 64 --fp8
 if $PY -c "import pytest" 2>/dev/null; then
   # the GPU-marked pytest tests that no step above already runs (tests/test_fused_gpu.py wraps the
   # same launch.py scenarios); the CUTLASS check skips unless build/cutlass is carried
@@ -40,7 +43,7 @@ else echo "=== pytest-gpu rc=SKIPPED (no pytest on this machine)" | tee -a "$LOG
 step graph4 120 $PY $L --scenario graph --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64
 step kill4 120 $PY $L --scenario kill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5
 fi
-if [ "$MODE" != quick ]; then
+if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
   B=perf/bench_dispatch.py
   step bench-ds-4 120 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench.jsonl --profile $OUT/prof --rounds 11
   step bench-qw-4 90 $PY $B --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench.jsonl --rounds 11
@@ -54,12 +57,58 @@ if [ "$MODE" != quick ]; then
   step bench-ds-2 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $B --num-ranks 2 --model deepseek-v3 --out $OUT/bench.jsonl
   step bench-qw-2 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $B --num-ranks 2 --model qwen3-30b-a3b --out $OUT/bench.jsonl
 fi
-if [ "$MODE" != bench ]; then
+if [ "$MODE" = combine ]; then  # docs/fused.md "Prefill combine: where the time goes"
+  step compile-combine 90 $PY -c "
+from eep.fused.compile import *
+arch = device_arch(0)
+for h in (2048, 7168):
+    for f in (False, True):
+        for c in ('spread', 'pull'):
+            cached_cubin(KernelVariant(h, f, prefill_combine=c), arch)
+print('compiled combine variants')"
+  step prefill4-pull 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --combine-variant pull
+  step prefill4-ds-pull 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 128 --combine-variant pull
+  step prefill4-spread 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --combine-variant spread
+  step prefill4-pull-fixed 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --combine-variant pull --fixed
+  step prefill2-pull 120 env CUDA_VISIBLE_DEVICES=0,1 $PY $L --scenario prefill --num-ranks 2 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --combine-variant pull
+  P=perf/bench_prefill.py
+  step bench-prefill-ds-4-combine 150 $PY $P --num-ranks 4 --model deepseek-v3 --out $OUT/bench_prefill.jsonl --combine-variant spread,pull,pull-copy
+  step bench-prefill-qw-4-combine 120 $PY $P --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench_prefill.jsonl --combine-variant spread,pull,pull-copy
+fi
+if [ "$MODE" = decode ]; then  # docs/fused.md "Decode: where the time goes"
+  STEP_STOP_ON_FAIL=diff4-pull
+  step compile-decode 90 $PY -c "
+from eep.fused.compile import *
+arch = device_arch(0)
+for h in (2048, 7168):
+    for f in (False, True):
+        for fp8 in (False, True):
+            cached_cubin(KernelVariant(h, f, use_fp8=fp8, decode='pull'), arch)
+print('compiled decode variants')"
+  D="--decode-variant pull"
+  step diff4-pull 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128 $D
+  step diff4-pull-h7168 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 64 $D
+  step diff4-pull-fp8 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 64 --fp8 $D
+  step diff4-pull-fixed 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128 --fixed $D
+  step diff2-pull-fp8 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $L --scenario diff --num-ranks 2 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128 --fp8 $D
+  step graph4-pull 120 $PY $L --scenario graph --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 $D
+  step kill4-pull 120 $PY $L --scenario kill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $D
+  B=perf/bench_dispatch.py
+  step bench-ds-4-pull 150 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench.jsonl --rounds 11 $D --profile $OUT/prof
+  step bench-ds-4-pull-fp8 120 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench.jsonl --rounds 11 --fp8 $D
+  step bench-qw-4-pull 120 $PY $B --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench.jsonl --rounds 11 $D
+  step bench-ds-2-pull 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $B --num-ranks 2 --model deepseek-v3 --out $OUT/bench.jsonl $D
+  # the one-copy-per-destination-rank protocol with expert-side partial sums (prefill mode) at decode size
+  step bench-prefill-ds-4-t128 120 $PY perf/bench_prefill.py --num-ranks 4 --model deepseek-v3 --tokens 128 --iters 50 --rounds 11 --out $OUT/bench_prefill.jsonl
+  step bench-prefill-ds-4-t128-pull 120 $PY perf/bench_prefill.py --num-ranks 4 --model deepseek-v3 --tokens 128 --iters 50 --rounds 11 --combine-variant push,pull --out $OUT/bench_prefill.jsonl
+  [ -d $OUT/prof ] && tar czf $OUT/prof.tgz -C $OUT prof && rm -rf $OUT/prof
+fi
+if [ "$MODE" = all ] || [ "$MODE" = quick ]; then
 step diff2 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $L --scenario diff --num-ranks 2 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128
 step diff4-fixed 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128 --fixed
 step diff4-h7168 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 64
 fi
-if [ "$MODE" != quick ]; then
+if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
   [ -d $OUT/prof ] && tar czf $OUT/prof.tgz -C $OUT prof && rm -rf $OUT/prof
 fi
 tar czf $OUT/res.tgz -C $OUT res 2>/dev/null && rm -rf $OUT/res

@@ -158,3 +158,57 @@ extern "C" __global__ void __launch_bounds__(512) eep_quantize(const EepParams p
   }
 #endif
 }
+
+// ---- experimental decode path "pull" (KernelVariant.decode; docs/fused.md "Decode: where the time goes")
+#ifndef EEP_DECODE_PULL
+#define EEP_DECODE_PULL 0
+#endif
+#if EEP_DECODE_PULL
+// FP8 dispatch, step 0, spread over the grid: one block per token row (eep_quantize gives each row
+// one warp, so 128 tokens keep 8 SMs busy dividing 7168 elements per warp). Same arithmetic as
+// eep_quantize (max is order-free, every element is divided by the same scale): bit-identical.
+extern "C" __global__ void __launch_bounds__(512) eep_quantize_rows(const EepParams p) {
+#if EEP_USE_FP8
+  __shared__ float s_amax[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+  const EepVec* x = (const EepVec*)p.x;
+  for (int token = blockIdx.x; token < (int)p.num_tokens; token += gridDim.x) {
+    const EepVec* row = x + (u64)token * EEP_VEC_PER_ROW;
+    float amax = 0.f;
+    for (int v = threadIdx.x; v < EEP_VEC_PER_ROW; v += blockDim.x) {
+      const EepVec val = row[v];
+      const u32 words[4] = {val.a, val.b, val.c, val.d};
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        amax = fmaxf(amax, fmaxf(fabsf(eep_bf16_lo(words[i])), fabsf(eep_bf16_hi(words[i]))));
+    }
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+    if (lane == 0) s_amax[warp] = amax;
+    __syncthreads();
+    amax = 0.f;
+    for (int w = 0; w < num_warps; ++w) amax = fmaxf(amax, s_amax[w]);
+    const float scale = amax > 0.f ? __fdiv_rn(amax, 448.f) : 1.f;
+    if (threadIdx.x == 0) ((float*)p.stage_scale)[token] = scale;
+    u32* out = (u32*)((unsigned char*)p.stage + (u64)token * EEP_HIDDEN);
+    for (int v = threadIdx.x; v < EEP_VEC_PER_ROW; v += blockDim.x) {  // 8 bf16 in -> 8 e4m3 out
+      const EepVec val = row[v];
+      const u32 words[4] = {val.a, val.b, val.c, val.d};
+      u32 packed[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        unsigned short lo, hi;  // cvt packs its first operand into the upper byte
+        asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo)
+            : "f"(__fdiv_rn(eep_bf16_hi(words[2 * h]), scale)), "f"(__fdiv_rn(eep_bf16_lo(words[2 * h]), scale)));
+        asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi)
+            : "f"(__fdiv_rn(eep_bf16_hi(words[2 * h + 1]), scale)), "f"(__fdiv_rn(eep_bf16_lo(words[2 * h + 1]), scale)));
+        packed[h] = (u32)lo | ((u32)hi << 16);
+      }
+      out[2 * v] = packed[0];
+      out[2 * v + 1] = packed[1];
+    }
+    __syncthreads();  // s_amax is reused by the next token of this block
+  }
+#endif
+}
+#endif  // EEP_DECODE_PULL

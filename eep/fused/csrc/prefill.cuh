@@ -204,3 +204,147 @@ extern "C" __global__ void __launch_bounds__(512) eep_prefill_combine_reduce(con
     out[item] = eep_pack_bf16x8(acc);
   }
 }
+
+// ---- experimental combine paths (docs/fused.md "Prefill combine: where the time goes") -------------
+// Selected at compile time by EEP_PREFILL_COMBINE (KernelVariant.prefill_combine); the default, 0,
+// compiles none of this, so the validated push kernels above are the whole default module.
+//   1 "spread": eep_prefill_combine_send's copy with the items ordered row-major over rotated
+//     sources, so every moment's writes fan out over all peers instead of all ranks writing into the
+//     same source's comb_x at once (the current order is source-major: a rolling ingress hot spot);
+//     the reduce is the default eep_prefill_combine_reduce.
+//   2 "pull": each destination leaves its partial rows in its own comb_x (indexed by source, the
+//     caller's `partial` layout) and raises a ready flag (eep_prefill_combine_ready, one block,
+//     bounded wait); then every source reads its tokens' partial rows straight from the peers over
+//     NVLink and sums them in registers (eep_prefill_combine_pull): each byte crosses NVLink once
+//     and is never written to HBM and read back.
+#ifndef EEP_PREFILL_COMBINE
+#define EEP_PREFILL_COMBINE 0
+#endif
+
+#if EEP_PREFILL_COMBINE == 1
+// A copy of eep_prefill_combine_send with another item order (the validated kernel stays untouched).
+extern "C" __global__ void __launch_bounds__(512) eep_prefill_combine_send_spread(const EepPrefillParams p) {
+  __shared__ int s_active[EEP_MAX_RANKS];
+  __shared__ int s_rows[EEP_MAX_RANKS];
+  __shared__ int s_last;
+
+  const int R = (int)p.num_ranks, M = (int)p.max_tokens, me = (int)p.my_rank;
+  EepCtrl* ctrl = (EepCtrl*)p.ctrl;
+  const u64* peer = (const u64*)p.peer_base;
+  const u64 seq = *(volatile u64*)&ctrl->combine_seq + 1;
+  eep_load_active((const int*)p.active, s_active, R);
+  __syncthreads();
+  const int* vis_count = (const int*)p.vis_count;
+  for (int r = threadIdx.x; r < R; r += blockDim.x)
+    s_rows[r] = eep_rank_active(s_active, r) ? min(max(vis_count[r], 0), M) : 0;
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31, warps_per_block = blockDim.x >> 5;
+  const EepVec* partial = (const EepVec*)p.x;
+  for (int item = blockIdx.x * warps_per_block + (threadIdx.x >> 5); item < R * M * EEP_CHUNKS_PER_ROW;
+       item += gridDim.x * warps_per_block) {
+    const int chunk = item % EEP_CHUNKS_PER_ROW, q = item / EEP_CHUNKS_PER_ROW;
+    // consecutive rows go to consecutive sources, and rank `me` starts at source me + 1: the warps
+    // of one wave write into every peer at once, never all into one
+    const int src = (q + me + 1) % R, row = q / R;
+    if (row >= s_rows[src]) continue;
+    EepVec* to = (EepVec*)(peer[src] + p.off_comb_x) + ((u64)me * M + row) * EEP_VEC_PER_ROW;
+    eep_copy_chunk<EEP_VEC_PER_ROW>(to, partial + ((u64)src * M + row) * EEP_VEC_PER_ROW, chunk, lane);
+  }
+
+  if (!eep_arrive_last(&ctrl->combine_arrived, &s_last)) return;
+  eep_signal_and_wait(ctrl, peer, me, R, s_active, p.off_combine_flag, seq, ctrl->combine_ok, nullptr);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    *(volatile u64*)&ctrl->combine_seq = seq;
+  }
+}
+#endif  // EEP_PREFILL_COMBINE == 1
+
+#if EEP_PREFILL_COMBINE == 2
+#ifndef EEP_PULL_GROUP
+#define EEP_PULL_GROUP 4  // peers whose vectors one thread has in flight at once (R = 4: all of them)
+#endif
+
+// A 16-byte load that the compiler would otherwise emit as a generic LD (the address comes from the
+// peer table): global space stated, and no L1 line kept (every byte is read once).
+__device__ __forceinline__ EepVec eep_ld_stream_v4(const EepVec* ptr) {
+  EepVec v;
+  asm("ld.global.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.a), "=r"(v.b), "=r"(v.c), "=r"(v.d) : "l"(ptr));
+  return v;
+}
+
+// One block: this rank's partial rows of step `seq` are complete in its own comb_x (written by
+// earlier kernels on this stream); say so to every active peer and wait, bounded, for theirs.
+// combine_ok[r] then says whether rank r's rows may be read. The same flags, sequence counter and
+// miss accounting as the push path, so the variants can alternate between steps.
+extern "C" __global__ void __launch_bounds__(512) eep_prefill_combine_ready(const EepPrefillParams p) {
+  __shared__ int s_active[EEP_MAX_RANKS];
+  const int R = (int)p.num_ranks, me = (int)p.my_rank;
+  EepCtrl* ctrl = (EepCtrl*)p.ctrl;
+  const u64* peer = (const u64*)p.peer_base;
+  const u64 seq = *(volatile u64*)&ctrl->combine_seq + 1;
+  eep_load_active((const int*)p.active, s_active, R);
+  __syncthreads();
+  if (blockIdx.x != 0) return;  // launched with one block; a larger grid must not signal twice
+  eep_signal_and_wait(ctrl, peer, me, R, s_active, p.off_combine_flag, seq, ctrl->combine_ok, nullptr);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    *(volatile u64*)&ctrl->combine_seq = seq;
+  }
+}
+
+// Every source reads, for each of its tokens, the partial row of every destination it went to from
+// that destination's comb_x [me, dst_row] (NVLink loads; its own from local memory), sums them in
+// ascending rank order in float32 and rounds once: bit-identical to eep_prefill_combine_reduce.
+// One thread per 16-byte vector of the output; the loads of up to EEP_PULL_GROUP peers are issued
+// before any is used, so a thread keeps that many remote reads in flight.
+extern "C" __global__ void __launch_bounds__(512, 2) eep_prefill_combine_pull(const EepPrefillParams p) {
+  __shared__ int s_use[EEP_MAX_RANKS];    // rank active and its ready flag arrived
+  __shared__ u64 s_from[EEP_MAX_RANKS];   // this source's region of rank r's comb_x
+  const int R = (int)p.num_ranks, M = (int)p.max_tokens, T = (int)p.num_tokens, me = (int)p.my_rank;
+  const EepCtrl* ctrl = (const EepCtrl*)p.ctrl;
+  const u64* peer = (const u64*)p.peer_base;
+  eep_load_arrived(ctrl, (const int*)p.active, s_use, R);
+  __syncthreads();
+  const u64* flags = (const u64*)(peer[me] + p.off_combine_flag);
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    // this block's own acquire of the flag the ready kernel saw, so the rows it guards are visible here
+    if (s_use[r]) (void)eep_ld_acquire_sys(flags + r);
+    s_from[r] = peer[r] + p.off_comb_x + (u64)me * M * EEP_VEC_PER_ROW * sizeof(EepVec);
+  }
+  __syncthreads();
+  const int* dst_row = (const int*)p.dst_row;
+  EepVec* out = (EepVec*)p.out;
+  for (int item = blockIdx.x * blockDim.x + threadIdx.x; item < T * EEP_VEC_PER_ROW;
+       item += gridDim.x * blockDim.x) {
+    const int t = item / EEP_VEC_PER_ROW, v = item % EEP_VEC_PER_ROW;
+    const int* rows = dst_row + (u64)t * R;
+    float acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+    for (int d0 = 0; d0 < R; d0 += EEP_PULL_GROUP) {
+      EepVec val[EEP_PULL_GROUP];
+      int row[EEP_PULL_GROUP];
+      bool has[EEP_PULL_GROUP];
+#pragma unroll
+      for (int j = 0; j < EEP_PULL_GROUP; ++j)  // every index first (no branch), then every row load
+        row[j] = rows[min(d0 + j, R - 1)];
+#pragma unroll
+      for (int j = 0; j < EEP_PULL_GROUP; ++j) {
+        const int d = min(d0 + j, R - 1);
+        has[j] = d0 + j < R && s_use[d] && row[j] >= 0 && row[j] < M;
+        val[j] = EepVec{0u, 0u, 0u, 0u};
+        if (has[j]) val[j] = eep_ld_stream_v4((const EepVec*)s_from[d] + (u64)row[j] * EEP_VEC_PER_ROW + v);
+      }
+#pragma unroll
+      for (int j = 0; j < EEP_PULL_GROUP; ++j)  // ascending destination order, as the reference sums
+        if (has[j]) eep_accumulate(acc, 1.f, val[j]);
+    }
+    out[item] = eep_pack_bf16x8(acc);
+  }
+}
+#endif  // EEP_PREFILL_COMBINE == 2
