@@ -65,3 +65,8 @@ def test_sigkilled_peer_costs_at_most_the_timeout(tmp_path):
 def test_differential_decode_pull_variant(extra, tmp_path):
     """The experimental decode kernels (FusedBuffer(decode="pull")) against the same reference."""
     _run("diff", 4, tmp_path, *extra, "--decode-variant", "pull")
+
+
+@pytest.mark.parametrize("scenario,max_tokens", [("late", "64"), ("late_prefill", "256")])
+def test_a_late_source_gets_zeros_not_stale_rows(scenario, max_tokens, tmp_path):
+    _run(scenario, 4, tmp_path, "--hidden", "2048", "--slots", "8", "--max-tokens", max_tokens, "--timeout-s", "0.5")

@@ -110,6 +110,22 @@ def oracle(case: Case, placement: ExpertPlacement, max_tokens: int, *, fp8: bool
     return Oracle(recv, handles, out)
 
 
+def oracle_dropped_out(case: Case, placement: ExpertPlacement, max_tokens: int, dropped_by: dict[int, list[int]],
+                       *, fp8: bool = False) -> list[torch.Tensor | None]:
+    """Combine outputs when expert ranks gave up on sources at dispatch: rank d in ``dropped_by[s]``
+    contributes nothing to source s's tokens (the fused kernels' "missed peer": its rows are absent)."""
+    S = placement.slots_per_rank
+    phys = [case_phys(case, placement, r) if case.active[r] else None for r in range(len(case.active))]
+    xs = [(fp8_roundtrip(x) if fp8 else x) if a else None for x, a in zip(case.x, case.active)]
+    recv, handles = ref_dispatch(xs, phys, case.active, S, max_tokens)
+    scale = expert_scale(S)
+    ys = [fake_experts(r.x, scale) if r is not None else None for r in recv]
+    for src, dsts in dropped_by.items():
+        for d in dsts:
+            ys[d][:, src] = 0
+    return ref_combine(ys, handles, [w if a else None for w, a in zip(case.weights, case.active)], S)
+
+
 def compare_rank(rank: int, orc: Oracle, recv_x: torch.Tensor, count: torch.Tensor, src_token: torch.Tensor,
                  position: torch.Tensor, out: torch.Tensor) -> list[str]:
     """Differences between one rank's fused results (CPU copies) and the oracle; [] when equal."""
@@ -172,6 +188,19 @@ def prefill_oracle(case: Case, placement: ExpertPlacement, max_tokens: int, *, s
     scale = expert_scale(S)
     partial = [None if r is None else partial_combine(r, prefill_fake_experts(r, scale), S) for r in recv]
     return PrefillOracle(recv, handles, partial, combine_packed(partial, handles))
+
+
+def prefill_oracle_dropped_out(case: Case, placement: ExpertPlacement, max_tokens: int,
+                               dropped_by: dict[int, list[int]]) -> list:
+    """``prefill_oracle``'s outputs when rank d in ``dropped_by[s]`` gave up on source s at dispatch."""
+    from eep.reference.prefill import combine_packed
+
+    orc = prefill_oracle(case, placement, max_tokens)
+    partial = [None if p is None else p.clone() for p in orc.partial]
+    for src, dsts in dropped_by.items():
+        for d in dsts:
+            partial[d][src] = 0
+    return combine_packed(partial, orc.handles)
 
 
 def compare_prefill_rank(rank: int, orc: PrefillOracle, count: torch.Tensor, src_token: torch.Tensor,

@@ -13,6 +13,10 @@ Scenarios (``--scenario``):
          between passing a separate partial tensor (copied) and writing into combine_input().
          ``--decode-variant pull`` (diff/graph/join/kill) runs the experimental decode kernels;
          its diff cases alternate between experts writing into combine_input() and a staged y.
+  late   (and late_prefill) the last rank starts one step's dispatch later than the deadline (a GPU
+         sleep): the others give up on it, drop its tokens and must send back zeros for it, not the
+         rows of an earlier step (comb_x is poisoned with NaN first); its combine output then lacks
+         exactly their contributions, theirs are whole; every step is bounded; the next step is whole.
   kill   steps in a loop; the launcher SIGKILLs the last rank; survivors must finish the step
          within the timeout, see it in status(), still access the dead rank's mapped buffer,
          mask it and compute correct results.
@@ -35,7 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from eep.fused.buffer import FusedBuffer  # noqa: E402
 from fused_cases import (case_phys, compare_prefill_rank, compare_rank, expert_scale, fake_experts,  # noqa: E402
-                         make_case, oracle, prefill_fake_experts, prefill_oracle, two_replica_placement)
+                         make_case, oracle, oracle_dropped_out, prefill_fake_experts, prefill_oracle,
+                         prefill_oracle_dropped_out, two_replica_placement)
 
 
 class Barrier:
@@ -428,6 +433,71 @@ def scenario_prefill(args, store, result) -> None:
     buf.close()
 
 
+def _late_step(args, store, buf, barrier, seed, errors, *, prefill: bool) -> dict:
+    """One step in which the last rank's dispatch starts ~1.3 deadlines late (see the module doc)."""
+    R, late, dev = args.num_ranks, args.num_ranks - 1, torch.device("cuda", args.rank)
+    placement = two_replica_placement(R, args.slots)
+    case = make_case(seed, **shape_kwargs(args))
+    x, w = case.x[args.rank].to(dev), case.weights[args.rank].to(dev)
+    phys = case_phys(case, placement, args.rank, device=dev)
+    scale = expert_scale(args.slots).to(dev)
+    out = poison_prefill(buf, x.shape[0]) if prefill else poison_outputs(buf, x)
+    buf.combine_input().fill_(float("nan"))  # comb_x: what a dropped source would read if nobody wrote it
+    before = buf.status().miss_count
+    torch.cuda.synchronize()
+    barrier.wait(R)
+    if args.rank == late:  # ~2 GHz SM clock: 1.3 deadlines (1.6 at 1.6 GHz), less than the others' two
+        torch.cuda._sleep(int(1.3 * args.timeout_s * 2.0e9))
+    t0 = time.perf_counter()
+    if prefill:
+        recv, handle = prefill_step(buf, x, phys, w, scale, out)
+    else:
+        finish = finish_step(buf, x, phys, w, scale, out)
+    torch.cuda.synchronize()
+    took = time.perf_counter() - t0
+    dropped = {late: [r for r in range(R) if r != late]}
+    if prefill:
+        want = prefill_oracle_dropped_out(case, placement, args.max_tokens, dropped)[args.rank] if args.rank == late \
+            else prefill_oracle(case, placement, args.max_tokens).out[args.rank]
+        got, count, src_token = out.cpu(), recv.count.cpu(), recv.src_token.cpu()
+        dropped_rows = None if args.rank == late else (count[late].item() == 0)
+    else:
+        want = oracle_dropped_out(case, placement, args.max_tokens, dropped, fp8=args.fp8)[args.rank] \
+            if args.rank == late else oracle(case, placement, args.max_tokens, fp8=args.fp8).out[args.rank]
+        got, count, src_token = finish[4], finish[1], finish[2]
+        dropped_rows = None if args.rank == late else bool((count[:, late] == 0).all() and (src_token[:, late] == -1).all())
+    if not torch.equal(got, want):
+        diff = (got.float() - want.float()).abs()
+        errors.append(f"late step, rank {args.rank}: combine output differs in {int((diff != 0).sum())} elements "
+                      f"(nan {int(diff.isnan().sum())}), max {float(diff.nan_to_num(1e9).max())}")
+    after = buf.status().miss_count
+    if args.rank != late:
+        if dropped_rows is False:
+            errors.append(f"late step, rank {args.rank}: the late rank's tokens were not dropped")
+        if after[late] <= before[late]:
+            errors.append(f"late step, rank {args.rank}: the late rank's miss was not recorded: {before} -> {after}")
+    if took > 2 * args.timeout_s + 0.5:
+        errors.append(f"late step, rank {args.rank}: took {took:.3f} s, more than two deadlines + 0.5 s")
+    barrier.wait(R)
+    return {"late_step_s": round(took, 3), "miss_count": after}
+
+
+def scenario_late(args, store, result, *, prefill: bool = False) -> None:
+    errors = result["errors"]
+    R = args.num_ranks
+    if (prefill and args.combine_variant == "pull") or (not prefill and args.decode_variant != "push"):
+        # the pull paths read the expert rank's own rows: they need their own dropped-source handling
+        errors.append("the late scenario covers the push combine kernels only")
+        return
+    buf = make_prefill_buffer(args, store) if prefill else make_buffer(args, store)
+    barrier = Barrier(store, f"{args.group}/late")
+    run_case = prefill_case if prefill else one_case
+    run_case(args, buf, barrier, R, args.seed + 1, errors, "before-late")  # real rows everywhere first
+    result.update(_late_step(args, store, buf, barrier, args.seed + 2, errors, prefill=prefill))
+    run_case(args, buf, barrier, R, args.seed + 3, errors, "after-late")
+    buf.close()
+
+
 def _td(seconds):
     import datetime
     return datetime.timedelta(seconds=seconds)
@@ -462,7 +532,8 @@ def main() -> None:
     path = os.path.join(args.out, f"{args.scenario}.{args.group}.rank{args.rank}.json")
     try:
         {"diff": scenario_diff, "graph": scenario_graph, "join": scenario_join, "kill": scenario_kill,
-         "prefill": scenario_prefill}[args.scenario](
+         "prefill": scenario_prefill, "late": scenario_late,
+         "late_prefill": lambda a, s, r: scenario_late(a, s, r, prefill=True)}[args.scenario](
             args, store, result)
     except Exception:
         result["errors"].append(f"rank {args.rank} raised:\n{traceback.format_exc()}")

@@ -41,6 +41,8 @@ if $PY -c "import pytest" 2>/dev/null; then
   step pytest-gpu 150 $PY -m pytest -q -rfs --tb=short -m gpu tests/test_fused_gemm_gpu.py tests/test_weights_roundtrip.py -p no:cacheprovider
 else echo "=== pytest-gpu rc=SKIPPED (no pytest on this machine)" | tee -a "$LOG"; fi
 step graph4 120 $PY $L --scenario graph --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64
+step late4 60 $PY $L --scenario late --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5
+step late4-prefill 60 $PY $L --scenario late_prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --timeout-s 0.5
 step kill4 120 $PY $L --scenario kill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then

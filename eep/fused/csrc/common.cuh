@@ -130,6 +130,23 @@ __device__ __forceinline__ void eep_load_arrived(const EepCtrl* ctrl, const int*
   }
 }
 
+// Combine send, for an active source this rank gave up on at dispatch (its dispatch_ok is 0): that
+// source still reads this rank's rows of its comb_x (it cannot know it was dropped), so they are
+// overwritten with zeros — a zero row adds exactly nothing to its float32 sum, the "contribution
+// absent" of a missed peer — instead of leaving rows of an earlier step there. `region` is this
+// rank's region in the source's comb_x, `num_vecs` its size in 16-byte vectors. Runs only after a
+// missed deadline: the common step pays one ctrl read per source.
+__device__ __forceinline__ void eep_zero_dropped_sources(const EepCtrl* ctrl, const u64* peer, const int* s_active,
+                                                         int R, u64 off_region, u64 num_vecs) {
+  for (int src = 0; src < R; ++src) {
+    if (!eep_rank_active(s_active, src) || ctrl->dispatch_ok[src]) continue;
+    EepVec* to = (EepVec*)(peer[src] + off_region);
+    const EepVec zero = {0u, 0u, 0u, 0u};
+    for (u64 v = (u64)blockIdx.x * blockDim.x + threadIdx.x; v < num_vecs; v += (u64)gridDim.x * blockDim.x)
+      to[v] = zero;
+  }
+}
+
 // Physical slot of entry e if it is to be sent, else -1 (NO_EXPERT, garbage, or inactive host).
 __device__ __forceinline__ int eep_valid_slot(i64 phys, int num_slots, int slots_per_rank,
                                               const int* s_active) {

@@ -171,6 +171,8 @@ extern "C" __global__ void __launch_bounds__(512) eep_prefill_combine_send(const
     EepVec* to = (EepVec*)(peer[src] + p.off_comb_x) + ((u64)me * M + row) * EEP_VEC_PER_ROW;
     eep_copy_chunk<EEP_VEC_PER_ROW>(to, partial + ((u64)src * M + row) * EEP_VEC_PER_ROW, chunk, lane);
   }
+  eep_zero_dropped_sources(ctrl, peer, s_active, R, p.off_comb_x + (u64)me * M * EEP_VEC_PER_ROW * sizeof(EepVec),
+                           (u64)M * EEP_VEC_PER_ROW);
 
   if (!eep_arrive_last(&ctrl->combine_arrived, &s_last)) return;
   eep_signal_and_wait(ctrl, peer, me, R, s_active, p.off_combine_flag, seq, ctrl->combine_ok, nullptr);
@@ -251,6 +253,8 @@ extern "C" __global__ void __launch_bounds__(512) eep_prefill_combine_send_sprea
     EepVec* to = (EepVec*)(peer[src] + p.off_comb_x) + ((u64)me * M + row) * EEP_VEC_PER_ROW;
     eep_copy_chunk<EEP_VEC_PER_ROW>(to, partial + ((u64)src * M + row) * EEP_VEC_PER_ROW, chunk, lane);
   }
+  eep_zero_dropped_sources(ctrl, peer, s_active, R, p.off_comb_x + (u64)me * M * EEP_VEC_PER_ROW * sizeof(EepVec),
+                           (u64)M * EEP_VEC_PER_ROW);
 
   if (!eep_arrive_last(&ctrl->combine_arrived, &s_last)) return;
   eep_signal_and_wait(ctrl, peer, me, R, s_active, p.off_combine_flag, seq, ctrl->combine_ok, nullptr);
