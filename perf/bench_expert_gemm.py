@@ -108,25 +108,33 @@ def check(name: str, y: torch.Tensor, x, counts, w13, w2, inter: int, gen: torch
     return worst
 
 
-def bench_case(model: str, batch: str, device, gen, *, reps: int, configs: list) -> list[dict]:
-    from eep.fused.gemm.build import DEFAULT_CONFIGS
-    from eep.fused.gemm.cutlass_stage import CutlassExpertStage
-
+def random_stage_inputs(model: str, batch: str, device, gen):
+    """One rank's expert stage at a model shape and batch, with fresh random routing, tokens and weights:
+    ``(shape, counts, x, w13, w2)`` in the receive layout (``ExpertStageShape``)."""
     hidden, inter, num_experts = MODELS[model]
     tokens = BATCHES[batch]
     slots = num_experts // NUM_RANKS
     shape = ExpertStageShape(slots, NUM_RANKS, tokens, hidden, inter, TOP_K)
     counts = random_counts(num_experts, slots, tokens, gen, device)
-    rows = int(counts.sum())
-    rows_per_group = rows / shape.num_groups
     x = torch.randn(slots, NUM_RANKS, tokens, hidden, dtype=torch.bfloat16, device=device)
     w13 = (torch.randn(slots, 2 * inter, hidden, device=device) / hidden ** 0.5).bfloat16()
     w2 = (torch.randn(slots, hidden, inter, device=device) / inter ** 0.5).bfloat16()
+    return shape, counts, x, w13, w2
+
+
+def bench_case(model: str, batch: str, device, gen, *, reps: int, configs: list) -> list[dict]:
+    from eep.fused.gemm.build import DEFAULT_CONFIGS
+    from eep.fused.gemm.cutlass_stage import CutlassExpertStage
+
+    shape, counts, x, w13, w2 = random_stage_inputs(model, batch, device, gen)
+    hidden, inter, tokens = shape.hidden, shape.inter, shape.max_tokens_per_rank
+    rows = int(counts.sum())
+    rows_per_group = rows / shape.num_groups
     flops = 2 * rows * (2 * inter * hidden + hidden * inter)
     weight_bytes = 2 * (w13.numel() + w2.numel())
     act_bytes = 2 * rows * hidden * 2  # read x rows, write out rows
     base = {"model": model, "batch": batch, "tokens_per_rank": tokens, "rows": rows,
-            "rows_per_expert": rows / slots, "rows_per_block": rows_per_group, "gpu": torch.cuda.get_device_name()}
+            "rows_per_expert": rows / shape.slots_per_rank, "rows_per_block": rows_per_group, "gpu": torch.cuda.get_device_name()}
     results = []
 
     for exact in (False, True):
@@ -199,13 +207,19 @@ def bench_case(model: str, batch: str, device, gen, *, reps: int, configs: list)
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def shape_arguments(description: str, *, reps: int) -> argparse.ArgumentParser:
+    """The options every expert-stage benchmark takes: model shapes, batches, repetitions, JSONL out."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--batches", nargs="*", default=list(BATCHES))
-    parser.add_argument("--configs", nargs="*", default=[], help="CUTLASS config names to sweep (default: all)")
-    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--reps", type=int, default=reps)
     parser.add_argument("--out", type=Path)
+    return parser
+
+
+def main() -> None:
+    parser = shape_arguments(__doc__.splitlines()[0], reps=30)
+    parser.add_argument("--configs", nargs="*", default=[], help="CUTLASS config names to sweep (default: all)")
     args = parser.parse_args()
     device = torch.device("cuda")
     gen = torch.Generator().manual_seed(int(time.time()))  # fresh inputs every run

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from eep.fused.gemm import ExpertStageShape, TorchExpertStage  # noqa: E402
-from eep.fused.gemm.build import DEFAULT_CONFIGS  # noqa: E402
+from eep.fused.gemm.build import DEFAULT_CONFIGS, SWIGLU_CONFIGS, GemmConfig  # noqa: E402
 from eep.fused.gemm.cutlass_stage import (ERROR_COUNT_OVER_CAPACITY, ERROR_ROWS_OVER_CAPACITY,  # noqa: E402
                                           CutlassExpertStage, pick_config)
 from eep.reference.dispatch import RankReceive, expert_mlp  # noqa: E402
@@ -139,18 +139,25 @@ def _graph(grouping: str) -> str:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             stage(x, c, w13, w2)
-        errs = []
-        for case in ("decode_like", "empty_experts", "random"):
-            x2, c2, w13b, w2b = make_inputs(SMALL, count_cases(SMALL)[case])
-            x.copy_(x2)
-            c.copy_(c2)
-            w13.copy_(w13b)  # a repair writing slots in place
-            w2.copy_(w2b)
-            stage.out_buffer.fill_(float("nan"))
-            graph.replay()
-            torch.cuda.synchronize()
-            errs.append(compare(stage.out_buffer, x, c, w13, w2, SMALL.inter))
-        return f"replays rel_err {max(errs):.2e}"
+        err = _replay_with_new_inputs(graph, stage, x, c, w2, w13.copy_, ("decode_like", "empty_experts", "random"))
+        return f"replays rel_err {err:.2e}"
+
+
+def _replay_with_new_inputs(graph, stage, x, c, w2, write_w13, cases) -> float:
+    """Replay a captured stage after writing fresh tokens, counts and weights into its inputs in place
+    (weights as a repair writes a slot: ``write_w13(w13)``); the largest relative error over ``cases``."""
+    errs = []
+    for case in cases:
+        x2, c2, w13b, w2b = make_inputs(SMALL, count_cases(SMALL)[case])
+        x.copy_(x2)
+        c.copy_(c2)
+        write_w13(w13b)
+        w2.copy_(w2b)
+        stage.out_buffer.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        errs.append(compare(stage.out_buffer, x, c, w13b, w2, SMALL.inter))
+    return max(errs)
 
 
 def check_moe_layer() -> None:
@@ -236,9 +243,98 @@ def check_qwen3_block() -> None:
     report("transformers Qwen3-MoE block (qwen3-30b-a3b shape) vs MoELayer(auto backend)", run)
 
 
+# ---- SwiGLU fused into GEMM1's epilogue (CutlassExpertStage(fused_swiglu=True), opt-in) ----
+# A second shape whose 2*inter (400) is not a multiple of the 256-wide N tile nor of 32, and whose
+# hidden is not a multiple of 256: partial tiles on every side of GEMM1's output.
+ODD = ExpertStageShape(slots_per_rank=6, num_ranks=3, max_tokens_per_rank=40, hidden=384, inter=200, top_k=2)
+
+
+def _plain(config: GemmConfig) -> GemmConfig:
+    return GemmConfig(config.tile_m, config.tile_n, config.tile_k, config.schedule, config.swap,
+                      config.cluster_m, config.cluster_n)
+
+
+def _fused_vs_unfused(shape: ExpertStageShape, fused_cfg: GemmConfig, grouping: str, counts: torch.Tensor) -> str:
+    """Fused stage (interleaved w13, h and out poisoned) against the reference, and its h against the
+    unfused stage's h (same GEMM1 tile, same rounding points: expected equal up to accumulation order)."""
+    gemm2 = pick_config(4 if fused_cfg.swap else 512)
+    configs = DEFAULT_CONFIGS + SWIGLU_CONFIGS
+    fused = CutlassExpertStage(shape, device=DEV, gemm1=fused_cfg, gemm2=gemm2, grouping=grouping,
+                               configs=configs, fused_swiglu=True)
+    plain = CutlassExpertStage(shape, device=DEV, gemm1=_plain(fused_cfg), gemm2=gemm2, grouping=grouping,
+                               configs=configs)
+    x, c, w13, w2 = make_inputs(shape, counts)
+    w13i = fused.prepare_w13(w13)
+    assert not torch.equal(w13i, w13) or shape.inter == 1
+    fused.out_buffer.fill_(float("nan"))
+    fused.h.fill_(float("nan"))
+    y = fused(x, c, w13i, w2)
+    torch.cuda.synchronize()
+    assert fused.error_flags() == 0, fused.error_flags()
+    rows = fused.total_rows()
+    assert rows == int(c.sum()), (rows, int(c.sum()))
+    err = compare(y, x, c, w13, w2, shape.inter)
+    y_plain = plain(x, c, w13, w2).clone()
+    torch.cuda.synchronize()
+    h_fused, h_plain = fused.h[:rows], plain.h[:rows]
+    assert not h_fused.isnan().any(), f"{int(h_fused.isnan().any(-1).sum())} of {rows} h rows unwritten"
+    mismatched = int((h_fused != h_plain).sum())
+    h_err = rel_err(h_fused, h_plain) if rows else 0.0
+    assert h_err < 1e-2, f"h differs from the unfused path: rel_err {h_err:.3e}"
+    if rows:  # rows past the live ones stay poisoned: the epilogue wrote nothing out of bounds of h
+        assert fused.h[rows:].isnan().all(), "fused GEMM1 wrote h rows past the live rows"
+    valid = torch.arange(shape.max_tokens_per_rank, device=DEV) < c.unsqueeze(-1)
+    y_err = rel_err(y[valid], y_plain[valid]) if rows else 0.0
+    return f"rel_err {err:.2e}, h vs unfused {h_err:.1e} ({mismatched} of {h_fused.numel()} differ), y vs unfused {y_err:.1e}"
+
+
+def check_swiglu_fused() -> None:
+    for shape_name, shape in (("small", SMALL), ("odd", ODD)):
+        for grouping, config in [(g, c) for g in ("block", "slot") for c in SWIGLU_CONFIGS]:
+            for case, counts in count_cases(shape).items():
+                report(f"swiglu {shape_name} {grouping} {config.name} {case}",
+                       lambda s=shape, c=config, g=grouping, k=counts: _fused_vs_unfused(s, c, g, k))
+    report("swiglu stage picks a swiglu GEMM1 and rejects a mismatched one", _swiglu_options)
+    for grouping in ("block", "slot"):
+        report(f"swiglu {grouping} CUDA graph replay with new counts and weights", lambda g=grouping: _swiglu_graph(g))
+
+
+def _swiglu_options() -> str:
+    for rows, swap in ((4, True), (512, False)):
+        stage = CutlassExpertStage(SMALL, device=DEV, expected_rows_per_group=rows, grouping="block", fused_swiglu=True)
+        assert stage.gemm1.swiglu and stage.gemm1.swap == swap and not stage.gemm2.swiglu, stage.describe()
+        assert stage.pair_rows == (8 if swap else 1)
+    for bad in (dict(gemm1=DEFAULT_CONFIGS[0], fused_swiglu=True), dict(gemm1=SWIGLU_CONFIGS[0])):
+        try:
+            CutlassExpertStage(SMALL, device=DEV, configs=DEFAULT_CONFIGS + SWIGLU_CONFIGS, **bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"accepted {bad}")
+    return "ok"
+
+
+def _swiglu_graph(grouping: str) -> str:
+    stage = CutlassExpertStage(SMALL, device=DEV, expected_rows_per_group=16, grouping=grouping, fused_swiglu=True)
+    x, c, w13, w2 = make_inputs(SMALL, count_cases(SMALL)["random"])
+    w13i = stage.prepare_w13(w13)
+    stage(x, c, w13i, w2)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        stage(x, c, w13i, w2)
+    # a repair writes the interleaved rows in place
+    err = _replay_with_new_inputs(graph, stage, x, c, w2, lambda w13b: w13i.copy_(stage.prepare_w13(w13b)),
+                                  ("decode_like", "empty_experts", "random", "one_hot_expert"))
+    return f"replays rel_err {err:.2e} ({stage.describe()})"
+
+
 def main() -> int:
     t0 = time.time()
     print(f"GPU {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    if "--swiglu" in sys.argv[1:]:  # only the fused-SwiGLU checks (run_gemm.sh swiglu): a separate library
+        check_swiglu_fused()
+        print(f"SUMMARY {len(FAILURES)} failed: {FAILURES} ({time.time() - t0:.0f} s)", flush=True)
+        return len(FAILURES)
     check_configs()
     check_torch_stage()
     check_bad_counts()

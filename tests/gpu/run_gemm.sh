@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Expert-stage GPU work in one device call: build (or reuse the carried build), differential checks,
-# benchmark. Logs and JSON under $OUT.   bash tests/gpu/run_gemm.sh [quick]
+# benchmark. Logs and JSON under $OUT.   bash tests/gpu/run_gemm.sh [quick|bench|swiglu]
+#   swiglu: only the opt-in SwiGLU-epilogue GEMM1 (build DEFAULT_CONFIGS + SWIGLU_CONFIGS, its checks,
+#   and perf/bench_swiglu_epilogue.py fused vs unfused) -- nothing else.
 # Carry build/cutlass (CUTLASS headers) and build/gemm-cache (the library built on the CPU machine).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -13,6 +15,18 @@ STEP_MIN_LEFT=15
 source tests/gpu/steps.sh
 nvidia-smi -L | tee -a "$LOG"
 $PY -c "import torch, transformers; print(torch.__version__, torch.cuda.get_device_name(), transformers.__version__)" 2>&1 | tee -a "$LOG"
+if [ "${1:-}" = swiglu ]; then
+  step build_swiglu 300 $PY -c "
+import time; t = time.time()
+from eep.fused.gemm.build import build_library, DEFAULT_CONFIGS, SWIGLU_CONFIGS
+print(build_library(DEFAULT_CONFIGS + SWIGLU_CONFIGS), f'{time.time() - t:.1f} s')"
+  step check_swiglu 150 $PY tests/gpu/gemm_check.py --swiglu
+  step bench_swiglu 200 $PY perf/bench_swiglu_epilogue.py --out $OUT/swiglu_bench.jsonl
+  echo "=== SUMMARY"
+  grep -E "^(=== .* rc=|CHECK .*FAIL|SUMMARY|GPU|  *(qwen3|deepseek|shape))" "$LOG" | tail -60
+  grep -c "^CHECK .* ok" "$LOG" | sed 's/^/checks ok: /'
+  exit 0
+fi
 step build 240 $PY -c "
 import time; t = time.time()
 from eep.fused.gemm.build import build_library

@@ -30,8 +30,12 @@ from eep import envs
 from eep.errors import EEPError
 
 CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc" / "gemm"
-HEADER_FILES = ("expert_gemm.cuh", "grouped_gemm.cuh")
+HEADER_FILES = ("expert_gemm.cuh", "grouped_gemm_base.cuh", "grouped_gemm.cuh")
 SOURCE_FILES = (*HEADER_FILES, "stage.cu")
+# Opt-in SwiGLU-epilogue GEMM1 (GemmConfig.swiglu): hashed and compiled only into libraries that hold
+# such a config, so the default library's cache key and objects stay what they were.
+SWIGLU_HEADER_FILES = ("swiglu_gemm.cuh",)
+SWIGLU_SOURCE_FILES = (*SWIGLU_HEADER_FILES, "swiglu_stage.cu")
 ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a",)  # wgmma/setmaxnreg need the "a" target
 NVCC_FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-lineinfo")
 
@@ -47,6 +51,8 @@ class GemmConfig:
     swap: compute ``D^T = W @ X^T`` (weight rows on the M tile, tokens on the N tile), for blocks
     of a few tokens. schedule: ``"coop"`` (two consumer warpgroups split an M=128 tile) or
     ``"ping"`` (each consumer warpgroup owns a tile; the other's epilogue overlaps its math).
+    swiglu: GEMM1 with ``silu(gate) * up`` in its epilogue (``swiglu_gemm.cuh``), writing h at half
+    the accumulator width; it expects w13 interleaved (``cutlass_stage.interleave_gate_up``).
     """
 
     tile_m: int
@@ -56,18 +62,27 @@ class GemmConfig:
     swap: bool = False
     cluster_m: int = 1
     cluster_n: int = 1
+    swiglu: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in ("coop", "ping"):
             raise ValueError(f"GemmConfig.schedule={self.schedule!r}, expected 'coop' or 'ping'")
         if self.schedule == "coop" and self.tile_m % 128:
             raise ValueError(f"cooperative tiles need tile_m a multiple of 128, got {self.tile_m}")
+        if self.swiglu and (self.tile_m % 16 or self.tile_n % 16):
+            raise ValueError(f"swiglu tiles must hold whole gate/up pairs (multiples of 16), got "
+                             f"{self.tile_m}x{self.tile_n}")
 
     @property
     def name(self) -> str:
         swap = "swap_" if self.swap else ""
-        return (f"eep_gemm_{swap}{self.schedule}_{self.tile_m}x{self.tile_n}x{self.tile_k}"
+        swiglu = "swiglu_" if self.swiglu else ""
+        return (f"eep_gemm_{swiglu}{swap}{self.schedule}_{self.tile_m}x{self.tile_n}x{self.tile_k}"
                 f"_c{self.cluster_m}x{self.cluster_n}")
+
+    @property
+    def header(self) -> str:
+        return "swiglu_gemm.cuh" if self.swiglu else "grouped_gemm.cuh"
 
     def source(self) -> str:
         """The generated translation unit."""
@@ -78,7 +93,7 @@ class GemmConfig:
             f"#define EEP_CLUSTER_M {self.cluster_m}", f"#define EEP_CLUSTER_N {self.cluster_n}",
             f"#define EEP_SCHEDULE {0 if self.schedule == 'coop' else 1}",
             f"#define EEP_SWAP {1 if self.swap else 0}",
-            '#include "grouped_gemm.cuh"', ""])
+            f'#include "{self.header}"', ""])
 
 
 # Kept small: every config costs one to two minutes of nvcc. Chosen per problem in cutlass_stage.pick_config.
@@ -89,6 +104,21 @@ DEFAULT_CONFIGS = (
     GemmConfig(128, 32, 128, "coop", swap=True),    # decode: <=32 tokens per group on the N tile
     GemmConfig(128, 128, 64, "coop"),               # kept for the sweep: 128x256 beat it everywhere so far
 )
+# GEMM1 with SwiGLU in the epilogue, for CutlassExpertStage(fused_swiglu=True) only: the two default
+# GEMM1 tiles. Not in DEFAULT_CONFIGS, so the default library is unchanged.
+SWIGLU_CONFIGS = (
+    GemmConfig(128, 256, 64, "coop", swiglu=True),
+    GemmConfig(128, 32, 128, "coop", swap=True, swiglu=True),
+)
+
+
+def has_swiglu(configs: tuple[GemmConfig, ...]) -> bool:
+    return any(c.swiglu for c in configs)
+
+
+def source_files(configs: tuple[GemmConfig, ...]) -> tuple[str, ...]:
+    """The fixed kernel files a library of ``configs`` is built from."""
+    return (*SOURCE_FILES, *SWIGLU_SOURCE_FILES) if has_swiglu(configs) else SOURCE_FILES
 
 
 def cutlass_root() -> Path:
@@ -143,7 +173,7 @@ def generated_sources(configs: tuple[GemmConfig, ...] = DEFAULT_CONFIGS) -> dict
 
 def cache_key(configs: tuple[GemmConfig, ...], *, cutlass: str, nvcc: str) -> str:
     h = hashlib.sha256()
-    for name in SOURCE_FILES:
+    for name in source_files(configs):
         h.update(name.encode() + b"\0" + (CSRC_DIR / name).read_bytes() + b"\0")
     for name, text in sorted(generated_sources(configs).items()):
         h.update(name.encode() + b"\0" + text.encode() + b"\0")
@@ -169,6 +199,9 @@ def build_library(configs: tuple[GemmConfig, ...] = DEFAULT_CONFIGS, *, director
     objects_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="eep_gemm_") as tmp:
         units = [CSRC_DIR / "stage.cu"]
+        if has_swiglu(configs):
+            units.append(CSRC_DIR / "swiglu_stage.cu")
+        swiglu_units = {"swiglu_stage.cu", *(f"{c.name}.cu" for c in configs if c.swiglu)}
         for name, text in generated_sources(configs).items():
             (Path(tmp) / name).write_text(text)
             units.append(Path(tmp) / name)
@@ -176,7 +209,9 @@ def build_library(configs: tuple[GemmConfig, ...] = DEFAULT_CONFIGS, *, director
 
         def compile_unit(unit: Path) -> Path:
             h = hashlib.sha256(unit.read_bytes() + "\0".join((*base[1:], *versions)).encode())
-            for name in HEADER_FILES:  # a unit's own text is hashed above
+            # A unit's own text is hashed above; default units hash exactly the headers they always did.
+            headers = (*HEADER_FILES, *SWIGLU_HEADER_FILES) if unit.name in swiglu_units else HEADER_FILES
+            for name in headers:
                 h.update((CSRC_DIR / name).read_bytes())
             obj = objects_dir / f"{unit.stem}.{h.hexdigest()[:16]}.o"
             if obj.exists():

@@ -13,16 +13,23 @@ into the receive layout after GEMM2 pay for it (cheap at decode, where weights d
 
 Weights are read through per-slot pointers computed at launch from the base pointer of the
 caller's tensors, so a repair that copies new weights into a slot in place needs no change here.
+
+``fused_swiglu=True`` (opt-in, off by default) replaces steps 2-3 with one GEMM1 whose epilogue
+computes ``silu(gate) * up`` and writes h directly (``csrc/gemm/swiglu_gemm.cuh``), after a tiny
+launch that points GEMM1's plan at h. That GEMM expects w13 with gate and up rows interleaved
+(``interleave_gate_up``, period ``stage.pair_rows``): the caller passes the interleaved weights, and a
+repair writing a slot must write that slot's interleaved rows (``interleave_gate_up(w13[slot:slot+1])``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 
 import torch
 
 from eep.errors import EEPError
-from eep.fused.gemm.build import DEFAULT_CONFIGS, GemmConfig, load_library
+from eep.fused.gemm.build import DEFAULT_CONFIGS, SWIGLU_CONFIGS, GemmConfig, load_library
 from eep.fused.gemm.shape import ExpertStageShape
 
 _ERR_LEN = 512
@@ -59,17 +66,59 @@ def pick_config(rows_per_group: float) -> GemmConfig:
     return GemmConfig(128, 256, 64, "coop")  # beat 128x128 at every prefill shape measured
 
 
+def swiglu_twin(config: GemmConfig) -> GemmConfig:
+    """The same GEMM1 kernel with SwiGLU in its epilogue (what ``fused_swiglu`` stages pick)."""
+    return dataclasses.replace(config, swiglu=True)
+
+
+def swiglu_pair_rows(config: GemmConfig) -> int:
+    """Interleave period of w13 for a SwiGLU GEMM1: the wgmma accumulator gives one thread the column
+    pair (n, n+1) (not swapped: weight rows on N -> period 1) or the rows (r, r+8) (swapped: weight rows
+    on M -> period 8) -- see swiglu_gemm.cuh."""
+    return 8 if config.swap else 1
+
+
+def interleave_gate_up(w13: torch.Tensor, pair_rows: int) -> torch.Tensor:
+    """w13 ``[slots, 2*inter, hidden]`` (gate rows then up rows) -> a new tensor of the same shape whose
+    rows alternate ``pair_rows`` gate rows and ``pair_rows`` up rows: row ``2*p*b + t`` is gate
+    ``p*b + t`` and row ``2*p*b + p + t`` is up ``p*b + t`` (``t < p``).
+
+    With ``pair_rows == 1`` the gate and up halves of the result are strided views
+    (``result.view(slots, inter, 2, hidden)[:, :, 0]``), so a repair can still copy into them in place.
+    """
+    slots, two_i, hidden = w13.shape
+    inter = two_i // 2
+    if two_i % 2 or inter % pair_rows:
+        raise ValueError(f"interleave_gate_up: w13 {tuple(w13.shape)} has 2*inter rows not divisible into "
+                         f"pairs of {pair_rows}")
+    return (w13.reshape(slots, 2, inter // pair_rows, pair_rows, hidden).transpose(1, 2)
+            .reshape(slots, two_i, hidden).contiguous())
+
+
+def deinterleave_gate_up(w13i: torch.Tensor, pair_rows: int) -> torch.Tensor:
+    """Inverse of ``interleave_gate_up``."""
+    slots, two_i, hidden = w13i.shape
+    inter = two_i // 2
+    return (w13i.reshape(slots, inter // pair_rows, 2, pair_rows, hidden).transpose(1, 2)
+            .reshape(slots, two_i, hidden).contiguous())
+
+
 class CutlassExpertStage:
     """SwiGLU experts over one rank's receive layout with CUTLASS grouped GEMMs (same call as
     ``TorchExpertStage``; CUDA, bf16 only).
 
     ``gemm1``/``gemm2`` choose the kernels (``pick_config`` from ``expected_rows_per_group`` when
     None); they must be among ``configs``, the set compiled into the library.
+
+    ``fused_swiglu=True``: GEMM1 is a ``swiglu`` config (the SwiGLU twin of ``pick_config``'s choice
+    when ``gemm1`` is None), ``configs`` defaults to ``DEFAULT_CONFIGS + SWIGLU_CONFIGS`` (a separate
+    cached library), and the call expects ``w13`` interleaved: ``stage.prepare_w13(w13)``.
     """
 
     def __init__(self, shape: ExpertStageShape, *, device: torch.device | str, gemm1: GemmConfig | None = None,
                  gemm2: GemmConfig | None = None, expected_rows_per_group: float | None = None,
-                 grouping: str | None = None, configs: tuple[GemmConfig, ...] = DEFAULT_CONFIGS):
+                 grouping: str | None = None, configs: tuple[GemmConfig, ...] | None = None,
+                 fused_swiglu: bool = False):
         self.shape = shape
         self.device = torch.device(device)
         if self.device.type != "cuda":
@@ -81,8 +130,20 @@ class CutlassExpertStage:
         if self.grouping not in ("block", "slot"):
             raise ValueError(f"grouping={self.grouping!r}, expected 'block' or 'slot'")
         rows_per_gemm_group = rows * shape.num_ranks if self.grouping == "slot" else rows
-        self.gemm1 = gemm1 or pick_config(rows_per_gemm_group)
+        self.fused_swiglu = fused_swiglu
+        if configs is None:
+            configs = DEFAULT_CONFIGS + SWIGLU_CONFIGS if fused_swiglu else DEFAULT_CONFIGS
+        if gemm1 is None:
+            gemm1 = pick_config(rows_per_gemm_group)
+            if fused_swiglu:
+                gemm1 = swiglu_twin(gemm1)
+        if gemm1.swiglu != fused_swiglu:
+            raise ValueError(f"gemm1={gemm1.name}: a swiglu GEMM1 goes with fused_swiglu=True and only then")
+        if gemm2 is not None and gemm2.swiglu:
+            raise ValueError(f"gemm2={gemm2.name} cannot be a swiglu config")
+        self.gemm1 = gemm1
         self.gemm2 = gemm2 or pick_config(rows_per_gemm_group)
+        self.pair_rows = swiglu_pair_rows(self.gemm1) if fused_swiglu else 0
         for which, config in (("gemm1", self.gemm1), ("gemm2", self.gemm2)):
             if config not in configs:
                 raise ValueError(f"{which}={config.name} is not among the compiled configs {[c.name for c in configs]}")
@@ -94,7 +155,11 @@ class CutlassExpertStage:
         self._sm_count = torch.cuda.get_device_properties(index).multi_processor_count
         groups = shape.num_groups
         dtype = torch.bfloat16
-        self.h13 = torch.empty(shape.capacity_rows, 2 * shape.inter, dtype=dtype, device=self.device)
+        # Fused SwiGLU never writes h13, but the setup kernel still derives GEMM1's D pointers from it
+        # (the patch launch maps them onto h): a zero-size placeholder would alias, so keep the base
+        # pointer of a real allocation of one row.
+        h13_rows = 1 if fused_swiglu else shape.capacity_rows
+        self.h13 = torch.empty(h13_rows, 2 * shape.inter, dtype=dtype, device=self.device)
         self.h = torch.empty(shape.capacity_rows, shape.inter, dtype=dtype, device=self.device)
         self.out_buffer = torch.empty(shape.slots_per_rank, shape.num_ranks, shape.max_tokens_per_rank, shape.hidden,
                                       dtype=dtype, device=self.device)
@@ -126,6 +191,9 @@ class CutlassExpertStage:
         lib.eep_copy_rows.argtypes = [p, p, p, ctypes.POINTER(_StageShapeC), i, p, p, sz]
         lib.eep_swiglu.restype = i
         lib.eep_swiglu.argtypes = [p, p, p, i, i, i, i, p, p, sz]
+        if any(c.swiglu for c in configs):
+            lib.eep_swiglu_plan_patch.restype = i
+            lib.eep_swiglu_plan_patch.argtypes = [p, i, p, p, p, p, sz]
         for c in configs:
             ws = getattr(lib, f"{c.name}_workspace")
             ws.restype, ws.argtypes = sz, [i, i, i]
@@ -161,6 +229,15 @@ class CutlassExpertStage:
                                        int(self.grouping == "slot"), _ptr(self.xc), _ptr(self.yc),
                                        self._stream(), self._err, _ERR_LEN)
         self._check(rc, "eep_stage_setup")
+        if self.fused_swiglu:  # GEMM1 writes h [rows, I], not h13 [rows, 2I]
+            rc = self._lib.eep_swiglu_plan_patch(self.plan.data_ptr(), self._gemm_groups, self.h13.data_ptr(),
+                                                 self.h.data_ptr(), self._stream(), self._err, _ERR_LEN)
+            self._check(rc, "eep_swiglu_plan_patch")
+
+    def prepare_w13(self, w13: torch.Tensor) -> torch.Tensor:
+        """The w13 this stage's call expects: ``w13`` itself, or with ``fused_swiglu`` a new interleaved
+        copy (``interleave_gate_up(w13, self.pair_rows)``; keep it, and repair slots into it)."""
+        return interleave_gate_up(w13, self.pair_rows) if self.fused_swiglu else w13
 
     def copy_rows(self, layout: torch.Tensor, *, to_compact: bool) -> None:
         """Per-slot grouping: gather ``layout``'s kept rows into ``xc`` / scatter ``yc`` into ``layout``."""
@@ -188,7 +265,8 @@ class CutlassExpertStage:
         if self.grouping == "slot":
             self.copy_rows(x, to_compact=True)
         self.run_gemm(1)
-        self.swiglu()
+        if not self.fused_swiglu:
+            self.swiglu()
         self.run_gemm(2)
         if self.grouping == "slot":
             self.copy_rows(self.out_buffer, to_compact=False)
@@ -204,7 +282,7 @@ class CutlassExpertStage:
         return int(word.view(torch.int32).item())
 
     def describe(self) -> str:
-        return f"{self.grouping}:{self.gemm1.name}|{self.gemm2.name}"
+        return f"{self.grouping}:{self.gemm1.name}|{self.gemm2.name}"  # gemm1 name says "swiglu" when fused
 
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream
