@@ -485,9 +485,9 @@ def _late_step(args, store, buf, barrier, seed, errors, *, prefill: bool) -> dic
 def scenario_late(args, store, result, *, prefill: bool = False) -> None:
     errors = result["errors"]
     R = args.num_ranks
-    if (prefill and args.combine_variant == "pull") or (not prefill and args.decode_variant != "push"):
-        # the pull paths read the expert rank's own rows: they need their own dropped-source handling
-        errors.append("the late scenario covers the push combine kernels only")
+    if prefill and args.combine_variant == "pull":
+        # prefill pull reads the expert rank's partial rows as its caller left them: not covered here
+        errors.append("the late_prefill scenario covers the push and spread combine kernels only")
         return
     buf = make_prefill_buffer(args, store) if prefill else make_buffer(args, store)
     barrier = Barrier(store, f"{args.group}/late")

@@ -95,6 +95,7 @@ print('compiled decode variants')"
   step diff2-pull-fp8 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $L --scenario diff --num-ranks 2 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128 --fp8 $D
   step graph4-pull 120 $PY $L --scenario graph --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 $D
   step kill4-pull 120 $PY $L --scenario kill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $D
+  step late4-pull 60 $PY $L --scenario late --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $D
   B=perf/bench_dispatch.py
   step bench-ds-4-pull 150 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench.jsonl --rounds 11 $D --profile $OUT/prof
   step bench-ds-4-pull-fp8 120 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench.jsonl --rounds 11 --fp8 $D

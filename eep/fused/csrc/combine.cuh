@@ -169,10 +169,22 @@ extern "C" __global__ void __launch_bounds__(512) eep_combine_stage(const EepPar
 // record combine_ok, advance combine_seq.
 extern "C" __global__ void __launch_bounds__(512) eep_combine_ready(const EepParams p) {
   __shared__ int s_active[EEP_MAX_RANKS];
-  const int R = (int)p.num_ranks;
+  const int R = (int)p.num_ranks, S = (int)p.slots_per_rank, M = (int)p.max_tokens;
   EepCtrl* ctrl = (EepCtrl*)p.ctrl;
   const u64 seq = *(volatile u64*)&ctrl->combine_seq + 1;
   eep_load_active((const int*)p.active, s_active, R);
+  __syncthreads();
+  // A source this rank gave up on at dispatch still pulls its rows from here (it cannot know): zeros,
+  // which add exactly nothing to its sum, instead of an earlier step's rows. Only after a missed deadline.
+  EepVec* region = (EepVec*)(((const u64*)p.peer_base)[p.my_rank] + p.off_comb_x);  // [S, R, M] rows
+  const EepVec zero = {0u, 0u, 0u, 0u};
+  for (int src = 0; src < R; ++src) {
+    if (!eep_rank_active(s_active, src) || ctrl->dispatch_ok[src]) continue;
+    for (int local = 0; local < S; ++local) {
+      EepVec* rows = region + ((u64)local * R + src) * M * EEP_VEC_PER_ROW;
+      for (u64 v = threadIdx.x; v < (u64)M * EEP_VEC_PER_ROW; v += blockDim.x) rows[v] = zero;
+    }
+  }
   __syncthreads();
   eep_signal_and_wait(ctrl, (const u64*)p.peer_base, (int)p.my_rank, R, s_active, p.off_combine_flag, seq,
                       ctrl->combine_ok, nullptr);
