@@ -22,17 +22,15 @@ each direction's fixed cost (launch, layout, fences, flag round trip, count publ
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
 import statistics
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ep_bench import MODELS, ROOT, ep_arguments, rank_setup, run  # noqa: E402
 
-MODELS = {"deepseek-v3": (7168, 256), "qwen3-30b-a3b": (2048, 128), "tiny": (64, 16)}  # hidden, experts
+sys.path.insert(0, ROOT)
 
 
 def worker(args) -> None:
@@ -44,10 +42,7 @@ def worker(args) -> None:
     from eep.routing.route import route_to_phys
 
     rank, R = args.rank, args.num_ranks
-    torch.cuda.set_device(rank)
-    dev = torch.device("cuda", rank)
-    store = dist.TCPStore("127.0.0.1", args.port, is_master=False, timeout=datetime.timedelta(seconds=300))
-    dist.init_process_group("nccl", store=store, rank=rank, world_size=R, device_id=dev)
+    dev, store = rank_setup(args)
     hidden, num_experts = MODELS[args.model]
     S, T, K = num_experts // R, args.tokens, args.top_k
     M = max(T, args.max_tokens or T)  # receive capacity per (slot, source); > T spreads rows out
@@ -212,31 +207,13 @@ def worker(args) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-ranks", type=int, default=4)
-    p.add_argument("--model", choices=sorted(MODELS), default="deepseek-v3")
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--top-k", type=int, default=8)
+    p = ep_arguments(__doc__, tokens=128, iters=50, rounds=7)
     p.add_argument("--max-tokens", type=int, default=None, help="receive capacity per rank (default: --tokens)")
-    p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--fp8", action="store_true", help="FP8 dispatch (per-token scales); combine stays bf16")
     p.add_argument("--sweep", action="store_true", help="also time other grid sizes and vectors per lane")
     p.add_argument("--decode-variant", default="push", choices=("push", "pull"),
                    help="also time this experimental decode path (FusedBuffer(decode=...)) beside the default")
-    p.add_argument("--profile", default=None, help="directory for torch.profiler (TensorBoard) traces")
-    p.add_argument("--with-symm-mem", action="store_true",
-                   help="also time torch.ops.symm_mem.all_to_all_vdev_2d (initializes NVSHMEM)")
-    p.add_argument("--out", default=None, help="append one JSON line per configuration here")
-    p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.rank is not None:
-        worker(args)
-        return 0
-    sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
-    from launch import run_rank_script
-    return run_rank_script(__file__, sys.argv[1:], args.num_ranks)
+    return run(__file__, p.parse_args(), worker)
 
 
 if __name__ == "__main__":

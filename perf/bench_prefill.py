@@ -25,17 +25,15 @@ destination rank, its own included — over the kernel time; the slowest rank's 
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
 import statistics
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ep_bench import MODELS, ROOT, ep_arguments, rank_setup, run  # noqa: E402
 
-MODELS = {"deepseek-v3": (7168, 256), "qwen3-30b-a3b": (2048, 128), "tiny": (64, 16)}  # hidden, experts
+sys.path.insert(0, ROOT)
 
 
 def worker(args) -> None:
@@ -46,10 +44,7 @@ def worker(args) -> None:
     from eep.fused.prefill import PrefillBuffer
 
     rank, R = args.rank, args.num_ranks
-    torch.cuda.set_device(rank)
-    dev = torch.device("cuda", rank)
-    store = dist.TCPStore("127.0.0.1", args.port, is_master=False, timeout=datetime.timedelta(seconds=300))
-    dist.init_process_group("nccl", store=store, rank=rank, world_size=R, device_id=dev)
+    dev, store = rank_setup(args)
     hidden, num_experts = MODELS[args.model]
     S, T, K = num_experts // R, args.tokens, args.top_k
     buf = PrefillBuffer(rank, R, slots_per_rank=S, max_tokens_per_rank=T, hidden=hidden, top_k=K, store=store,
@@ -264,29 +259,12 @@ def symm_mem_baseline(args, dist, torch, dev, x, ids, S, num_experts) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-ranks", type=int, default=4)
-    p.add_argument("--model", choices=sorted(MODELS), default="deepseek-v3")
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--with-symm-mem", action="store_true",
-                   help="also time torch.ops.symm_mem.all_to_all_vdev_2d (initializes NVSHMEM)")
-    p.add_argument("--profile", default=None, help="directory for torch.profiler (TensorBoard) traces")
+    p = ep_arguments(__doc__, tokens=4096, iters=10, rounds=5)
     p.add_argument("--combine-variant", default="push",
                    help=f"comma list of prefill combine paths to time beside push: {', '.join(COMBINE_CHOICES)}")
-    p.add_argument("--out", default=None, help="append one JSON line per configuration here")
-    p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     combine_variants(args.combine_variant)  # a bad name fails here, before any process starts
-    if args.rank is not None:
-        worker(args)
-        return 0
-    sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
-    from launch import run_rank_script
-    return run_rank_script(__file__, sys.argv[1:], args.num_ranks)
+    return run(__file__, args, worker)
 
 
 if __name__ == "__main__":

@@ -55,19 +55,18 @@ def test_fp8_oracle_quantizes_per_row():
 def test_dropped_source_oracle_removes_exactly_the_dropping_ranks_contributions():
     """The late-source scenario's expectation: rank 3's tokens lose the contributions of ranks 0-2
     (who gave up on it at dispatch) and keep their own rank's; other sources are untouched."""
-    from fused_cases import oracle_dropped_out, prefill_oracle, prefill_oracle_dropped_out
+    from fused_cases import prefill_oracle
 
     placement = two_replica_placement(4, 4)
     case = make_case(9, **SHAPE)
     full = oracle(case, placement, 16).out
-    assert all(torch.equal(a, b) for a, b in zip(oracle_dropped_out(case, placement, 16, {}), full))
-    dropped = oracle_dropped_out(case, placement, 16, {3: [0, 1, 2]})
+    assert all(torch.equal(a, b) for a, b in zip(oracle(case, placement, 16, dropped_by={}).out, full))
+    dropped = oracle(case, placement, 16, dropped_by={3: [0, 1, 2]}).out
     assert all(torch.equal(dropped[r], full[r]) for r in range(3))
     assert not torch.equal(dropped[3], full[3])
     # what remains is exactly the sum over rank 3's own slots: none of its tokens' copies elsewhere
-    only_self = oracle_dropped_out(case, placement, 16, {3: [0, 1, 2]})[3]
-    none = oracle_dropped_out(case, placement, 16, {3: [0, 1, 2, 3]})[3]
-    assert torch.equal(none, torch.zeros_like(none)) and not torch.equal(only_self, none)
+    none = oracle(case, placement, 16, dropped_by={3: [0, 1, 2, 3]}).out[3]
+    assert torch.equal(none, torch.zeros_like(none)) and not torch.equal(dropped[3], none)
     pf = prefill_oracle(case, placement, 64).out
-    pd = prefill_oracle_dropped_out(case, placement, 64, {3: [0, 1, 2]})
+    pd = prefill_oracle(case, placement, 64, dropped_by={3: [0, 1, 2]}).out
     assert all(torch.equal(pd[r], pf[r]) for r in range(3)) and not torch.equal(pd[3], pf[3])

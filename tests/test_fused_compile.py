@@ -138,25 +138,29 @@ def test_default_cubin_is_unchanged_by_the_experimental_section(monkeypatch, tmp
     assert fc.compile_cubin(fc.KernelVariant(hidden)) == with_section
 
 
+def _ptxas_report(variant) -> str:
+    """NVRTC's log of compiling ``variant`` for sm_90a with ``ptxas -v``: per-kernel spills and registers."""
+    from cuda.bindings import nvrtc as nv
+
+    sources = fc.kernel_sources()
+    main = b'#include "dispatch.cuh"\n#include "combine.cuh"\n#include "prefill.cuh"\n'
+    err, prog = nv.nvrtcCreateProgram(main, b"check.cu", len(sources), [sources[n] for n in fc.KERNEL_FILES],
+                                      [n.encode() for n in fc.KERNEL_FILES])
+    try:
+        options = [o.encode() for o in fc.compile_options(variant, "sm_90a")] + [b"--ptxas-options=-v"]
+        (err,) = nv.nvrtcCompileProgram(prog, len(options), options)
+        assert err == nv.nvrtcResult.NVRTC_SUCCESS
+        return fc._program_log(prog)
+    finally:
+        nv.nvrtcDestroyProgram(prog)
+
+
 def test_pull_and_spread_kernels_do_not_spill():
     """ptxas report: the new kernels keep everything in registers (a spill would put local-memory
     traffic into the loop the combine's bandwidth rests on); pull fits two 512-thread blocks per SM."""
-    from cuda.bindings import nvrtc as nv
-
     for combine, kernels in (("pull", ("eep_prefill_combine_pull", "eep_prefill_combine_ready")),
                              ("spread", ("eep_prefill_combine_send_spread",))):
-        variant = fc.KernelVariant(7168, prefill_combine=combine)
-        sources = fc.kernel_sources()
-        main = b'#include "dispatch.cuh"\n#include "combine.cuh"\n#include "prefill.cuh"\n'
-        err, prog = nv.nvrtcCreateProgram(main, b"check.cu", len(sources), [sources[n] for n in fc.KERNEL_FILES],
-                                          [n.encode() for n in fc.KERNEL_FILES])
-        try:
-            options = [o.encode() for o in fc.compile_options(variant, "sm_90a")] + [b"--ptxas-options=-v"]
-            (err,) = nv.nvrtcCompileProgram(prog, len(options), options)
-            assert err == nv.nvrtcResult.NVRTC_SUCCESS
-            log = fc._program_log(prog)
-        finally:
-            nv.nvrtcDestroyProgram(prog)
+        log = _ptxas_report(fc.KernelVariant(7168, prefill_combine=combine))
         for kernel in kernels:
             block = log[log.index(f"Function properties for {kernel}"):]
             props = block.splitlines()[1]
@@ -215,20 +219,7 @@ def test_default_cubin_is_unchanged_by_the_decode_pull_sections(monkeypatch, tmp
 def test_decode_pull_kernels_do_not_spill():
     """ptxas report: the pull combine keeps its eight in-flight 16-byte loads in registers and still
     fits one 512-thread block per SM (<= 128 registers), as the default kernels do."""
-    from cuda.bindings import nvrtc as nv
-
-    variant = fc.KernelVariant(7168, use_fp8=True, decode="pull")
-    sources = fc.kernel_sources()
-    main = b'#include "dispatch.cuh"\n#include "combine.cuh"\n#include "prefill.cuh"\n'
-    err, prog = nv.nvrtcCreateProgram(main, b"check.cu", len(sources), [sources[n] for n in fc.KERNEL_FILES],
-                                      [n.encode() for n in fc.KERNEL_FILES])
-    try:
-        options = [o.encode() for o in fc.compile_options(variant, "sm_90a")] + [b"--ptxas-options=-v"]
-        (err,) = nv.nvrtcCompileProgram(prog, len(options), options)
-        assert err == nv.nvrtcResult.NVRTC_SUCCESS
-        log = fc._program_log(prog)
-    finally:
-        nv.nvrtcDestroyProgram(prog)
+    log = _ptxas_report(fc.KernelVariant(7168, use_fp8=True, decode="pull"))
     for kernel in fc.DECODE_KERNELS["pull"]:
         block = log[log.index(f"Function properties for {kernel}"):].splitlines()
         assert "0 bytes spill stores, 0 bytes spill loads" in block[1], f"{kernel}: {block[1]}"

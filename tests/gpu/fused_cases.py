@@ -97,33 +97,23 @@ class Oracle:
     out: list[torch.Tensor | None]
 
 
-def oracle(case: Case, placement: ExpertPlacement, max_tokens: int, *, fp8: bool = False) -> Oracle:
+def oracle(case: Case, placement: ExpertPlacement, max_tokens: int, *, fp8: bool = False,
+           dropped_by: dict[int, list[int]] | None = None) -> Oracle:
     """The reference dispatch -> fake experts -> combine for every rank (CPU); with ``fp8`` the
-    tokens arrive as their FP8 round trip, as the FP8 dispatch delivers them."""
+    tokens arrive as their FP8 round trip, as the FP8 dispatch delivers them. ``dropped_by``: expert
+    ranks that gave up on sources at dispatch — rank d in ``dropped_by[s]`` contributes nothing to
+    source s's tokens (the fused kernels' "missed peer": its rows are absent from ``out``)."""
     S = placement.slots_per_rank
     phys = [case_phys(case, placement, r) if case.active[r] else None for r in range(len(case.active))]
     xs = [(fp8_roundtrip(x) if fp8 else x) if a else None for x, a in zip(case.x, case.active)]
     recv, handles = ref_dispatch(xs, phys, case.active, S, max_tokens)
     scale = expert_scale(S)
     ys = [fake_experts(r.x, scale) if r is not None else None for r in recv]
-    out = ref_combine(ys, handles, [w if a else None for w, a in zip(case.weights, case.active)], S)
-    return Oracle(recv, handles, out)
-
-
-def oracle_dropped_out(case: Case, placement: ExpertPlacement, max_tokens: int, dropped_by: dict[int, list[int]],
-                       *, fp8: bool = False) -> list[torch.Tensor | None]:
-    """Combine outputs when expert ranks gave up on sources at dispatch: rank d in ``dropped_by[s]``
-    contributes nothing to source s's tokens (the fused kernels' "missed peer": its rows are absent)."""
-    S = placement.slots_per_rank
-    phys = [case_phys(case, placement, r) if case.active[r] else None for r in range(len(case.active))]
-    xs = [(fp8_roundtrip(x) if fp8 else x) if a else None for x, a in zip(case.x, case.active)]
-    recv, handles = ref_dispatch(xs, phys, case.active, S, max_tokens)
-    scale = expert_scale(S)
-    ys = [fake_experts(r.x, scale) if r is not None else None for r in recv]
-    for src, dsts in dropped_by.items():
+    for src, dsts in (dropped_by or {}).items():
         for d in dsts:
             ys[d][:, src] = 0
-    return ref_combine(ys, handles, [w if a else None for w, a in zip(case.weights, case.active)], S)
+    out = ref_combine(ys, handles, [w if a else None for w, a in zip(case.weights, case.active)], S)
+    return Oracle(recv, handles, out)
 
 
 def compare_rank(rank: int, orc: Oracle, recv_x: torch.Tensor, count: torch.Tensor, src_token: torch.Tensor,
@@ -174,9 +164,12 @@ def prefill_fake_experts(recv, scale: torch.Tensor) -> torch.Tensor:
     return (rows[entry_row].float() * scale.to(rows.device)[slot_of].unsqueeze(-1)).to(rows.dtype)
 
 
-def prefill_oracle(case: Case, placement: ExpertPlacement, max_tokens: int, *, stale: bool = False) -> PrefillOracle:
+def prefill_oracle(case: Case, placement: ExpertPlacement, max_tokens: int, *, stale: bool = False,
+                   dropped_by: dict[int, list[int]] | None = None) -> PrefillOracle:
     """``eep.reference.prefill`` for every rank (CPU). ``stale``: routes computed as if every rank
-    were active (tables not yet repaired), while ``case.active`` decides who takes part."""
+    were active (tables not yet repaired), while ``case.active`` decides who takes part.
+    ``dropped_by``: as for ``oracle`` — rank d in ``dropped_by[s]`` gave up on source s at dispatch,
+    so its partial rows for s are zero."""
     from eep.reference.prefill import combine_packed, dispatch_packed, partial_combine
 
     S, R = placement.slots_per_rank, len(case.active)
@@ -187,20 +180,10 @@ def prefill_oracle(case: Case, placement: ExpertPlacement, max_tokens: int, *, s
     recv, handles = dispatch_packed(xs, phys, ws, case.active, S, max_tokens)
     scale = expert_scale(S)
     partial = [None if r is None else partial_combine(r, prefill_fake_experts(r, scale), S) for r in recv]
-    return PrefillOracle(recv, handles, partial, combine_packed(partial, handles))
-
-
-def prefill_oracle_dropped_out(case: Case, placement: ExpertPlacement, max_tokens: int,
-                               dropped_by: dict[int, list[int]]) -> list:
-    """``prefill_oracle``'s outputs when rank d in ``dropped_by[s]`` gave up on source s at dispatch."""
-    from eep.reference.prefill import combine_packed
-
-    orc = prefill_oracle(case, placement, max_tokens)
-    partial = [None if p is None else p.clone() for p in orc.partial]
-    for src, dsts in dropped_by.items():
+    for src, dsts in (dropped_by or {}).items():
         for d in dsts:
             partial[d][src] = 0
-    return combine_packed(partial, orc.handles)
+    return PrefillOracle(recv, handles, partial, combine_packed(partial, handles))
 
 
 def compare_prefill_rank(rank: int, orc: PrefillOracle, count: torch.Tensor, src_token: torch.Tensor,

@@ -39,8 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from eep.fused.buffer import FusedBuffer  # noqa: E402
 from fused_cases import (case_phys, compare_prefill_rank, compare_rank, expert_scale, fake_experts,  # noqa: E402
-                         make_case, oracle, oracle_dropped_out, prefill_fake_experts, prefill_oracle,
-                         prefill_oracle_dropped_out, two_replica_placement)
+                         make_case, oracle, prefill_fake_experts, prefill_oracle, two_replica_placement)
 
 
 class Barrier:
@@ -123,6 +122,28 @@ def one_case(args, buf, barrier, participants, case_seed, errors, label, **case_
     return not errs
 
 
+def mask_last_then_unmask(args, store, buf, barrier, run_case, seed, errors, label, **masked_kw) -> None:
+    """Mask the last rank for one case (it sits out, the others exclude it everywhere), then take it
+    back with aligned sequence numbers, as a rejoining rank does, and run one more case with everyone.
+    ``run_case``: ``one_case`` or ``prefill_case`` (same arguments); ``masked_kw`` goes to the masked case."""
+    R, last = args.num_ranks, args.num_ranks - 1
+    mask = [True] * R
+    mask[last] = False
+    if args.rank != last:
+        buf.set_membership(mask, epoch=1)
+        run_case(args, buf, barrier, R - 1, seed + 1, errors, label, active=mask, **masked_kw)
+        if args.rank == 0:
+            st = buf.status()
+            store.set(f"{args.group}/{label}/seq", json.dumps([st.dispatch_seq, st.combine_seq]))
+        barrier.wait(R)
+    else:
+        barrier.n += 2  # skip the two barriers of the masked case
+        barrier.wait(R)
+        buf.set_sequence(*json.loads(store.get(f"{args.group}/{label}/seq")))
+    buf.set_membership([True] * R, epoch=2)
+    run_case(args, buf, barrier, R, seed + 2, errors, "after-unmask")
+
+
 def scenario_diff(args, store, result) -> None:
     errors = result["errors"]
     buf = make_buffer(args, store, fixed=args.fixed)
@@ -136,25 +157,7 @@ def scenario_diff(args, store, result) -> None:
         one_case(args, buf, barrier, R, seed, errors, label, **kw)
     result["cases"] = [c[0] for c in cases]
     if not args.fixed and R > 2:
-        # mask the last rank for one step: it sits out, the others exclude it everywhere
-        mask = [True] * R
-        mask[last] = False
-        seed += 1
-        if args.rank != last:
-            buf.set_membership(mask, epoch=1)
-            one_case(args, buf, barrier, R - 1, seed, errors, "masked", active=mask)
-            if args.rank == 0:
-                st = buf.status()
-                store.set(f"{args.group}/seq", json.dumps([st.dispatch_seq, st.combine_seq]))
-            barrier.wait(R)
-        else:
-            barrier.n += 2  # skip the two barriers of the masked case
-            barrier.wait(R)
-            dseq, cseq = json.loads(store.get(f"{args.group}/seq"))
-            buf.set_sequence(dseq, cseq)  # what a rejoining rank does
-        buf.set_membership([True] * R, epoch=2)
-        seed += 1
-        one_case(args, buf, barrier, R, seed, errors, "after-unmask")
+        mask_last_then_unmask(args, store, buf, barrier, one_case, seed, errors, "masked")
         result["cases"] += ["masked", "after-unmask"]
     st = buf.status()
     result["status"] = st.__dict__
@@ -409,23 +412,7 @@ def scenario_prefill(args, store, result) -> None:
         seed += 1
         prefill_case(args, buf, barrier, R, seed, errors, label, **kw)
     if not args.fixed and R > 2:
-        mask = [True] * R
-        mask[last] = False
-        seed += 1
-        if args.rank != last:
-            buf.set_membership(mask, epoch=1)
-            prefill_case(args, buf, barrier, R - 1, seed, errors, "masked-stale-routes", stale=True, active=mask)
-            if args.rank == 0:
-                st = buf.status()
-                store.set(f"{args.group}/pseq", json.dumps([st.dispatch_seq, st.combine_seq]))
-            barrier.wait(R)
-        else:
-            barrier.n += 2
-            barrier.wait(R)
-            buf.set_sequence(*json.loads(store.get(f"{args.group}/pseq")))
-        buf.set_membership([True] * R, epoch=2)
-        seed += 1
-        prefill_case(args, buf, barrier, R, seed, errors, "after-unmask")
+        mask_last_then_unmask(args, store, buf, barrier, prefill_case, seed, errors, "masked-stale-routes", stale=True)
     st = buf.status()
     result["status"] = st.__dict__
     if any(st.miss_count):
@@ -455,15 +442,14 @@ def _late_step(args, store, buf, barrier, seed, errors, *, prefill: bool) -> dic
         finish = finish_step(buf, x, phys, w, scale, out)
     torch.cuda.synchronize()
     took = time.perf_counter() - t0
-    dropped = {late: [r for r in range(R) if r != late]}
+    # the late rank's tokens lose the others' contributions; the others' outputs are whole
+    dropped = {late: [r for r in range(R) if r != late]} if args.rank == late else {}
     if prefill:
-        want = prefill_oracle_dropped_out(case, placement, args.max_tokens, dropped)[args.rank] if args.rank == late \
-            else prefill_oracle(case, placement, args.max_tokens).out[args.rank]
+        want = prefill_oracle(case, placement, args.max_tokens, dropped_by=dropped).out[args.rank]
         got, count, src_token = out.cpu(), recv.count.cpu(), recv.src_token.cpu()
         dropped_rows = None if args.rank == late else (count[late].item() == 0)
     else:
-        want = oracle_dropped_out(case, placement, args.max_tokens, dropped, fp8=args.fp8)[args.rank] \
-            if args.rank == late else oracle(case, placement, args.max_tokens, fp8=args.fp8).out[args.rank]
+        want = oracle(case, placement, args.max_tokens, fp8=args.fp8, dropped_by=dropped).out[args.rank]
         got, count, src_token = finish[4], finish[1], finish[2]
         dropped_rows = None if args.rank == late else bool((count[:, late] == 0).all() and (src_token[:, late] == -1).all())
     if not torch.equal(got, want):

@@ -8,6 +8,29 @@
 #pragma once
 #include "common.cuh"
 
+// The rows a combine moves: s_rows[pair] = rows of (slot, source) block `pair` (its dispatch count,
+// 0 for inactive sources), s_start = their exclusive prefix sum; returns the total. Whole block.
+__device__ __forceinline__ int eep_sent_rows_table(const EepParams& p, const int* s_active, int* s_rows,
+                                                   int* s_start, int* s_warp) {
+  const int R = (int)p.num_ranks, M = (int)p.max_tokens, num_pairs = (int)p.slots_per_rank * R;
+  const int* vis_count = (const int*)p.vis_count;
+  for (int pair = threadIdx.x; pair < num_pairs; pair += blockDim.x)
+    s_rows[pair] = eep_rank_active(s_active, pair % R) ? min(max(vis_count[pair], 0), M) : 0;
+  __syncthreads();
+  eep_block_exclusive_scan(s_rows, s_start, num_pairs, s_warp);
+  return s_start[num_pairs];
+}
+
+// The block of compact row r: the last pair whose start <= r (binary search over s_start).
+__device__ __forceinline__ int eep_pair_of_row(const int* s_start, int num_pairs, int r) {
+  int lo = 0, hi = num_pairs - 1;
+  while (lo < hi) {
+    int mid = (lo + hi + 1) >> 1;
+    if (s_start[mid] <= r) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
 extern "C" __global__ void __launch_bounds__(512) eep_combine_send(const EepParams p) {
   extern __shared__ int s_dyn[];  // s_rows[S*R], s_start[S*R + 1]
   __shared__ int s_active[EEP_MAX_RANKS];
@@ -24,24 +47,14 @@ extern "C" __global__ void __launch_bounds__(512) eep_combine_send(const EepPara
 
   eep_load_active((const int*)p.active, s_active, R);
   __syncthreads();
-  const int* vis_count = (const int*)p.vis_count;
-  for (int pair = threadIdx.x; pair < num_pairs; pair += blockDim.x)
-    s_rows[pair] = eep_rank_active(s_active, pair % R) ? min(max(vis_count[pair], 0), M) : 0;
-  __syncthreads();
-  eep_block_exclusive_scan(s_rows, s_start, num_pairs, s_warp);
-  const int num_rows = s_start[num_pairs];
+  const int num_rows = eep_sent_rows_table(p, s_active, s_rows, s_start, s_warp);
 
   const int lane = threadIdx.x & 31, warps_per_block = blockDim.x >> 5;
   const EepVec* y = (const EepVec*)p.x;
   for (int item = blockIdx.x * warps_per_block + (threadIdx.x >> 5); item < num_rows * EEP_CHUNKS_PER_ROW;
        item += gridDim.x * warps_per_block) {
     const int r = item / EEP_CHUNKS_PER_ROW, chunk = item % EEP_CHUNKS_PER_ROW;
-    int lo = 0, hi = num_pairs - 1;  // last pair whose start <= r
-    while (lo < hi) {
-      int mid = (lo + hi + 1) >> 1;
-      if (s_start[mid] <= r) lo = mid; else hi = mid - 1;
-    }
-    const int pair = lo, row = r - s_start[pair];
+    const int pair = eep_pair_of_row(s_start, num_pairs, r), row = r - s_start[pair];
     const int local = pair / R, src = pair % R;
     const EepVec* from = y + ((u64)pair * M + row) * EEP_VEC_PER_ROW;
     EepVec* to = (EepVec*)(peer[src] + p.off_comb_x) + (((u64)me * S + local) * M + row) * EEP_VEC_PER_ROW;
@@ -51,12 +64,7 @@ extern "C" __global__ void __launch_bounds__(512) eep_combine_send(const EepPara
                            (u64)S * M * EEP_VEC_PER_ROW);
 
   if (!eep_arrive_last(&ctrl->combine_arrived, &s_last)) return;
-  eep_signal_and_wait(ctrl, peer, me, R, s_active, p.off_combine_flag, seq, ctrl->combine_ok, nullptr);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    *(volatile u64*)&ctrl->combine_seq = seq;
-  }
+  eep_combine_handshake(ctrl, peer, me, R, s_active, p.off_combine_flag, seq);
 }
 
 extern "C" __global__ void __launch_bounds__(512) eep_combine_reduce(const EepParams p) {
@@ -141,12 +149,7 @@ extern "C" __global__ void __launch_bounds__(512) eep_combine_stage(const EepPar
   int* s_start = s_dyn + num_pairs;
   eep_load_active((const int*)p.active, s_active, R);
   __syncthreads();
-  const int* vis_count = (const int*)p.vis_count;
-  for (int pair = threadIdx.x; pair < num_pairs; pair += blockDim.x)
-    s_rows[pair] = eep_rank_active(s_active, pair % R) ? min(max(vis_count[pair], 0), M) : 0;
-  __syncthreads();
-  eep_block_exclusive_scan(s_rows, s_start, num_pairs, s_warp);
-  const int num_rows = s_start[num_pairs];
+  const int num_rows = eep_sent_rows_table(p, s_active, s_rows, s_start, s_warp);
 
   const int lane = threadIdx.x & 31, warps_per_block = blockDim.x >> 5;
   const EepVec* y = (const EepVec*)p.x;
@@ -154,12 +157,8 @@ extern "C" __global__ void __launch_bounds__(512) eep_combine_stage(const EepPar
   for (int item = blockIdx.x * warps_per_block + (threadIdx.x >> 5); item < num_rows * EEP_CHUNKS_PER_ROW;
        item += gridDim.x * warps_per_block) {
     const int r = item / EEP_CHUNKS_PER_ROW, chunk = item % EEP_CHUNKS_PER_ROW;
-    int lo = 0, hi = num_pairs - 1;  // last pair whose start <= r
-    while (lo < hi) {
-      int mid = (lo + hi + 1) >> 1;
-      if (s_start[mid] <= r) lo = mid; else hi = mid - 1;
-    }
-    const u64 at = ((u64)lo * M + (r - s_start[lo])) * EEP_VEC_PER_ROW;
+    const int pair = eep_pair_of_row(s_start, num_pairs, r);
+    const u64 at = ((u64)pair * M + (r - s_start[pair])) * EEP_VEC_PER_ROW;
     eep_copy_chunk<EEP_VEC_PER_ROW>(region + at, y + at, chunk, lane);
   }
 }
@@ -186,13 +185,7 @@ extern "C" __global__ void __launch_bounds__(512) eep_combine_ready(const EepPar
     }
   }
   __syncthreads();
-  eep_signal_and_wait(ctrl, (const u64*)p.peer_base, (int)p.my_rank, R, s_active, p.off_combine_flag, seq,
-                      ctrl->combine_ok, nullptr);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    *(volatile u64*)&ctrl->combine_seq = seq;
-  }
+  eep_combine_handshake(ctrl, (const u64*)p.peer_base, (int)p.my_rank, R, s_active, p.off_combine_flag, seq);
 }
 
 // The reduce of eep_combine_reduce (same float32 mul-then-add in k order, so bit-identical to

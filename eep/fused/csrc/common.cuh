@@ -234,6 +234,19 @@ __device__ __forceinline__ void eep_signal_and_wait(EepCtrl* ctrl, const u64* pe
   }
 }
 
+// The end of every combine launch (one block): raise this rank's flag `seq` on every active peer,
+// wait a bounded time for theirs (combine_ok), then advance this rank's combine_seq, the value the
+// next launch derives its `seq` from.
+__device__ __forceinline__ void eep_combine_handshake(EepCtrl* ctrl, const u64* peer, int me, int R,
+                                                      const int* s_active, u64 off_flag, u64 seq) {
+  eep_signal_and_wait(ctrl, peer, me, R, s_active, off_flag, seq, ctrl->combine_ok, nullptr);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    *(volatile u64*)&ctrl->combine_seq = seq;
+  }
+}
+
 // Every block calls this after its sends; returns true in exactly one block (the last), after
 // all other blocks' writes are ordered before anything that block does next.
 __device__ __forceinline__ bool eep_arrive_last(u64* counter, int* s_flag) {

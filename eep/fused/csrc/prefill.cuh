@@ -145,7 +145,12 @@ extern "C" __global__ void __launch_bounds__(512) eep_prefill_dispatch(const Eep
   if (threadIdx.x == 0) *(volatile u64*)&ctrl->dispatch_seq = seq;
 }
 
-extern "C" __global__ void __launch_bounds__(512) eep_prefill_combine_send(const EepPrefillParams p) {
+// The combine send: each partial row home to its source's comb_x, zeros for sources dropped at
+// dispatch, then the last block's flags and bounded wait. kSpread picks the item order: source-major
+// (default: all ranks write into one source at a time) or rows spread over rotated sources (the
+// experimental `spread` path, docs/fused.md "Prefill combine: where the time goes").
+template <bool kSpread>
+__device__ __forceinline__ void eep_prefill_combine_send_impl(const EepPrefillParams& p) {
   __shared__ int s_active[EEP_MAX_RANKS];
   __shared__ int s_rows[EEP_MAX_RANKS];
   __shared__ int s_last;
@@ -166,7 +171,9 @@ extern "C" __global__ void __launch_bounds__(512) eep_prefill_combine_send(const
   for (int item = blockIdx.x * warps_per_block + (threadIdx.x >> 5); item < R * M * EEP_CHUNKS_PER_ROW;
        item += gridDim.x * warps_per_block) {
     const int chunk = item % EEP_CHUNKS_PER_ROW, q = item / EEP_CHUNKS_PER_ROW;
-    const int src = q / M, row = q % M;
+    // spread: consecutive rows go to consecutive sources, and rank `me` starts at source me + 1, so
+    // the warps of one wave write into every peer at once, never all into one
+    const int src = kSpread ? (q + me + 1) % R : q / M, row = kSpread ? q / R : q % M;
     if (row >= s_rows[src]) continue;
     EepVec* to = (EepVec*)(peer[src] + p.off_comb_x) + ((u64)me * M + row) * EEP_VEC_PER_ROW;
     eep_copy_chunk<EEP_VEC_PER_ROW>(to, partial + ((u64)src * M + row) * EEP_VEC_PER_ROW, chunk, lane);
@@ -175,12 +182,11 @@ extern "C" __global__ void __launch_bounds__(512) eep_prefill_combine_send(const
                            (u64)M * EEP_VEC_PER_ROW);
 
   if (!eep_arrive_last(&ctrl->combine_arrived, &s_last)) return;
-  eep_signal_and_wait(ctrl, peer, me, R, s_active, p.off_combine_flag, seq, ctrl->combine_ok, nullptr);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    *(volatile u64*)&ctrl->combine_seq = seq;
-  }
+  eep_combine_handshake(ctrl, peer, me, R, s_active, p.off_combine_flag, seq);
+}
+
+extern "C" __global__ void __launch_bounds__(512) eep_prefill_combine_send(const EepPrefillParams p) {
+  eep_prefill_combine_send_impl<false>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(512) eep_prefill_combine_reduce(const EepPrefillParams p) {
@@ -224,45 +230,9 @@ extern "C" __global__ void __launch_bounds__(512) eep_prefill_combine_reduce(con
 #endif
 
 #if EEP_PREFILL_COMBINE == 1
-// A copy of eep_prefill_combine_send with another item order (the validated kernel stays untouched).
+// eep_prefill_combine_send with the spread item order (eep_prefill_combine_send_impl<true>).
 extern "C" __global__ void __launch_bounds__(512) eep_prefill_combine_send_spread(const EepPrefillParams p) {
-  __shared__ int s_active[EEP_MAX_RANKS];
-  __shared__ int s_rows[EEP_MAX_RANKS];
-  __shared__ int s_last;
-
-  const int R = (int)p.num_ranks, M = (int)p.max_tokens, me = (int)p.my_rank;
-  EepCtrl* ctrl = (EepCtrl*)p.ctrl;
-  const u64* peer = (const u64*)p.peer_base;
-  const u64 seq = *(volatile u64*)&ctrl->combine_seq + 1;
-  eep_load_active((const int*)p.active, s_active, R);
-  __syncthreads();
-  const int* vis_count = (const int*)p.vis_count;
-  for (int r = threadIdx.x; r < R; r += blockDim.x)
-    s_rows[r] = eep_rank_active(s_active, r) ? min(max(vis_count[r], 0), M) : 0;
-  __syncthreads();
-
-  const int lane = threadIdx.x & 31, warps_per_block = blockDim.x >> 5;
-  const EepVec* partial = (const EepVec*)p.x;
-  for (int item = blockIdx.x * warps_per_block + (threadIdx.x >> 5); item < R * M * EEP_CHUNKS_PER_ROW;
-       item += gridDim.x * warps_per_block) {
-    const int chunk = item % EEP_CHUNKS_PER_ROW, q = item / EEP_CHUNKS_PER_ROW;
-    // consecutive rows go to consecutive sources, and rank `me` starts at source me + 1: the warps
-    // of one wave write into every peer at once, never all into one
-    const int src = (q + me + 1) % R, row = q / R;
-    if (row >= s_rows[src]) continue;
-    EepVec* to = (EepVec*)(peer[src] + p.off_comb_x) + ((u64)me * M + row) * EEP_VEC_PER_ROW;
-    eep_copy_chunk<EEP_VEC_PER_ROW>(to, partial + ((u64)src * M + row) * EEP_VEC_PER_ROW, chunk, lane);
-  }
-  eep_zero_dropped_sources(ctrl, peer, s_active, R, p.off_comb_x + (u64)me * M * EEP_VEC_PER_ROW * sizeof(EepVec),
-                           (u64)M * EEP_VEC_PER_ROW);
-
-  if (!eep_arrive_last(&ctrl->combine_arrived, &s_last)) return;
-  eep_signal_and_wait(ctrl, peer, me, R, s_active, p.off_combine_flag, seq, ctrl->combine_ok, nullptr);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    *(volatile u64*)&ctrl->combine_seq = seq;
-  }
+  eep_prefill_combine_send_impl<true>(p);
 }
 #endif  // EEP_PREFILL_COMBINE == 1
 
@@ -293,12 +263,7 @@ extern "C" __global__ void __launch_bounds__(512) eep_prefill_combine_ready(cons
   eep_load_active((const int*)p.active, s_active, R);
   __syncthreads();
   if (blockIdx.x != 0) return;  // launched with one block; a larger grid must not signal twice
-  eep_signal_and_wait(ctrl, peer, me, R, s_active, p.off_combine_flag, seq, ctrl->combine_ok, nullptr);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    *(volatile u64*)&ctrl->combine_seq = seq;
-  }
+  eep_combine_handshake(ctrl, peer, me, R, s_active, p.off_combine_flag, seq);
 }
 
 // Every source reads, for each of its tokens, the partial row of every destination it went to from

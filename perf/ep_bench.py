@@ -1,0 +1,54 @@
+"""What the EP communication benchmarks (bench_dispatch.py, bench_prefill.py) share: the model
+shapes, the common command line, one rank process's set-up (its GPU, the control store, an NCCL
+group for the baselines) and the launch (this script once per rank, never torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MODELS = {"deepseek-v3": (7168, 256), "qwen3-30b-a3b": (2048, 128), "tiny": (64, 16)}  # hidden, experts
+
+
+def ep_arguments(description: str, *, tokens: int, iters: int, rounds: int) -> argparse.ArgumentParser:
+    """The options both benchmarks take; each adds its own."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-ranks", type=int, default=4)
+    p.add_argument("--model", choices=sorted(MODELS), default="deepseek-v3")
+    p.add_argument("--tokens", type=int, default=tokens)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--iters", type=int, default=iters)
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--with-symm-mem", action="store_true",
+                   help="also time torch.ops.symm_mem.all_to_all_vdev_2d (initializes NVSHMEM)")
+    p.add_argument("--profile", default=None, help="directory for torch.profiler (TensorBoard) traces")
+    p.add_argument("--out", default=None, help="append one JSON line per configuration here")
+    p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def rank_setup(args):
+    """Bind this rank's GPU, connect to the launcher's store, join the NCCL group; ``(device, store)``."""
+    import torch
+    import torch.distributed as dist
+
+    torch.cuda.set_device(args.rank)
+    dev = torch.device("cuda", args.rank)
+    store = dist.TCPStore("127.0.0.1", args.port, is_master=False, timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group("nccl", store=store, rank=args.rank, world_size=args.num_ranks, device_id=dev)
+    return dev, store
+
+
+def run(script: str, args: argparse.Namespace, worker) -> int:
+    """In a rank process (``--rank`` given) run ``worker(args)``; otherwise start one process per rank."""
+    if args.rank is not None:
+        worker(args)
+        return 0
+    sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
+    from launch import run_rank_script
+    return run_rank_script(script, sys.argv[1:], args.num_ranks)
