@@ -267,17 +267,24 @@ def test_host_tier_is_shared_across_processes(built, tmp_path):
 @pytest.mark.gpu
 def test_pinned_host_tier_copies_to_gpu_on_a_stream(built, tmp_path):
     model, _, shards = built["qwen3_moe"]
-    host = HostTier(shards, path=str(tmp_path / "host.safetensors"))
-    assert host.is_pinned
-    store = ExpertStore(shards, tiers=[host, "disk"])
-    stream = torch.cuda.Stream()
-    dst = [torch.empty(s, device="cuda") for s in store.expert_shapes()]
-    record = store.load_expert_into(1, 2, *dst, stream=stream)
-    stream.synchronize()
-    assert record.tier == "host"
-    for d, w in zip(dst, model_expert(model, 1, 2)):
-        assert torch.equal(d.cpu(), w)
-    host.close()
+    # The host tier lives in tmpfs in production (/dev/shm): pages of a file on some disk filesystems
+    # cannot be page-locked (cudaHostRegister returned 1 for /tmp on an H200 machine; the tier then
+    # falls back to pageable copies, which this test is not about).
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else str(tmp_path)
+    host = HostTier(shards, path=os.path.join(shm, f"eep-test-host-{os.getpid()}.safetensors"))
+    try:
+        assert host.is_pinned
+        store = ExpertStore(shards, tiers=[host, "disk"])
+        stream = torch.cuda.Stream()
+        dst = [torch.empty(s, device="cuda") for s in store.expert_shapes()]
+        record = store.load_expert_into(1, 2, *dst, stream=stream)
+        stream.synchronize()
+        assert record.tier == "host"
+        for d, w in zip(dst, model_expert(model, 1, 2)):
+            assert torch.equal(d.cpu(), w)
+    finally:
+        host.close()
+        host.unlink()
 
 
 def test_crash_mid_prepare_leaves_no_manifest_and_no_temp_files(built, tmp_path, monkeypatch):

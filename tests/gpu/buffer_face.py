@@ -73,7 +73,7 @@ def worker(args) -> None:
     from eep.integrations.buffer import Buffer
     from eep.reference import swiglu
 
-    torch.cuda.set_device(args.rank)
+    torch.cuda.set_device(args.rank % torch.cuda.device_count())  # ranks share GPUs on a smaller machine
     torch.backends.cuda.matmul.allow_tf32 = False
     store = TCPStore("127.0.0.1", args.port, is_master=False, timeout=datetime.timedelta(seconds=120))
     R, rank = args.num_ranks, args.rank

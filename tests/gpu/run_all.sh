@@ -5,6 +5,9 @@
 #   combine: the experimental prefill combine paths (spread, pull): differential tests, then timings
 #   decode: the experimental decode path (FusedBuffer(decode="pull")): differential tests, graph,
 #   SIGKILL, then timings beside the default kernels (docs/fused.md "Decode: where the time goes")
+#   onegpu: correctness of the default and experimental kernels with 4 (and 2) rank processes sharing
+#   GPU 0 (for a one-GPU machine: waits progress by time-slicing between the processes; no timings)
+#   late: only the three `late` scenarios (decode push, prefill push, decode pull); any GPU count
 # (a full run needs more than one 10-minute call: run quick, then bench)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -44,6 +47,37 @@ step graph4 120 $PY $L --scenario graph --num-ranks 4 --out $OUT/res --hidden 20
 step late4 60 $PY $L --scenario late --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5
 step late4-prefill 60 $PY $L --scenario late_prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --timeout-s 0.5
 step kill4 120 $PY $L --scenario kill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5
+fi
+if [ "$MODE" = late ]; then
+  step late4 90 $PY $L --scenario late --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5
+  step late4-prefill 90 $PY $L --scenario late_prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --timeout-s 0.5
+  step late4-pull 90 $PY $L --scenario late --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 --decode-variant pull
+fi
+if [ "$MODE" = onegpu ]; then
+  export CUDA_VISIBLE_DEVICES=0
+  step compile-variants 120 $PY -c "
+from eep.fused.compile import *
+arch = device_arch(0)
+for h in (2048, 7168):
+    for f in (False, True):
+        for c in ('spread', 'pull'):
+            cached_cubin(KernelVariant(h, f, prefill_combine=c), arch)
+        for fp8 in (False, True):
+            cached_cubin(KernelVariant(h, f, use_fp8=fp8, decode='pull'), arch)
+print('compiled variants')"
+  D="--decode-variant pull"
+  step diff4 120 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128
+  step late4 90 $PY $L --scenario late --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5
+  step late4-prefill 90 $PY $L --scenario late_prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --timeout-s 0.5
+  step diff4-pull 120 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128 $D
+  step late4-pull 90 $PY $L --scenario late --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $D
+  step prefill4-pull 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --combine-variant pull
+  step prefill4-spread 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --combine-variant spread
+  step diff4-pull-fp8 120 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 64 --fp8 $D
+  step prefill4 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256
+  step graph4-pull 120 $PY $L --scenario graph --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 $D
+  step kill4-pull 120 $PY $L --scenario kill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $D
+  step diff4-fp8 120 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 64 --fp8
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
   B=perf/bench_dispatch.py
