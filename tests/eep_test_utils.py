@@ -28,3 +28,26 @@ def prefill_partials(recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_w: torch
                 y = swiglu(recv_x[row:row + 1], weights[0][e], weights[1][e], weights[2][e])[0]
                 acc[row] = acc[row] + recv_w[row, k] * y.float()
     return acc.to(recv_x.dtype)
+
+
+def run_ranks_one_sigkilled(target, path: str, num_ranks: int, seed: int, dead: int,
+                            timeout_s: float = 120.0) -> dict[int, tuple[torch.Tensor, list[int]]]:
+    """Start ``target(path, rank, seed, queue, dead, ready)`` in one spawned process per rank; rank
+    ``dead`` SIGKILLs itself, the others meet at ``ready`` and put ``(rank, out as numpy, active list)``
+    on ``queue``. Returns the survivors' ``{rank: (out, active)}`` once the dead one is seen killed."""
+    import multiprocessing as mp
+    import signal
+
+    ctx = mp.get_context("spawn")
+    queue, ready = ctx.Queue(), ctx.Barrier(num_ranks - 1)
+    procs = [ctx.Process(target=target, args=(path, r, seed, queue, dead, ready)) for r in range(num_ranks)]
+    for p in procs:
+        p.start()
+    got = {}
+    for _ in range(num_ranks - 1):
+        rank, out, active = queue.get(timeout=timeout_s)
+        got[rank] = (torch.from_numpy(out), active)
+    for p in procs:
+        p.join(timeout=30)
+    assert procs[dead].exitcode == -signal.SIGKILL
+    return got

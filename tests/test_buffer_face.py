@@ -1,6 +1,5 @@
 """eep.Buffer (the DeepEP/Mooncake face) over the shared-memory transport, against the reference."""
 
-import multiprocessing as mp
 import os
 import signal
 import threading
@@ -8,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from eep_test_utils import random_experts
+from eep_test_utils import random_experts, run_ranks_one_sigkilled
 from eep.integrations.buffer import Buffer, dequantize_fp8
 from eep.reference import combine as ref_combine
 from eep.reference import dispatch as ref_dispatch
@@ -115,20 +114,8 @@ def _process_rank(path, rank, seed, queue, dead_rank, ready):
 def test_sigkilled_rank_is_cleared_in_place_and_survivors_match_the_reference(tmp_path):
     path = str(tmp_path / "ep.shm")
     create_shm_file(path, NUM_RANKS, 2, Buffer.get_ep_buffer_size_hint(M, HIDDEN, NUM_RANKS, NUM_EXPERTS))
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
     dead = 2
-    ready = ctx.Barrier(NUM_RANKS - 1)
-    procs = [ctx.Process(target=_process_rank, args=(path, r, 7, queue, dead, ready)) for r in range(NUM_RANKS)]
-    for p in procs:
-        p.start()
-    got = {}
-    for _ in range(NUM_RANKS - 1):
-        rank, out, active = queue.get(timeout=120)
-        got[rank] = (torch.from_numpy(out), active)
-    for p in procs:
-        p.join(timeout=30)
-    assert procs[dead].exitcode == -signal.SIGKILL
+    got = run_ranks_one_sigkilled(_process_rank, path, NUM_RANKS, 7, dead)
     xs, ids, ws, weights = _inputs(7)
     survivors = [r != dead for r in range(NUM_RANKS)]
     _, outs = _reference(xs, ids, ws, weights, survivors)

@@ -1,7 +1,6 @@
 """eep.Buffer prefill_dispatch / prefill_combine (DeepEP's normal mode) over the shared-memory
 transport, against eep.reference.prefill; a SIGKILLed peer is cleared in place."""
 
-import multiprocessing as mp
 import os
 import signal
 import threading
@@ -9,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from eep_test_utils import prefill_partials, random_experts
+from eep_test_utils import prefill_partials, random_experts, run_ranks_one_sigkilled
 from eep.errors import RoutingError
 from eep.integrations.buffer import Buffer
 from eep.reference.prefill import combine_packed, dispatch_packed
@@ -102,19 +101,8 @@ def _process_rank(path, rank, seed, queue, dead_rank, ready):
 def test_sigkilled_rank_is_cleared_in_place_and_survivors_match_the_reference(tmp_path):
     path = str(tmp_path / "ep.shm")
     create_shm_file(path, NUM_RANKS, 2, Buffer.get_prefill_buffer_size_hint(M, HIDDEN, TOP_K))
-    ctx = mp.get_context("spawn")
-    queue, dead = ctx.Queue(), 2
-    ready = ctx.Barrier(NUM_RANKS - 1)
-    procs = [ctx.Process(target=_process_rank, args=(path, r, 5, queue, dead, ready)) for r in range(NUM_RANKS)]
-    for p in procs:
-        p.start()
-    got = {}
-    for _ in range(NUM_RANKS - 1):
-        rank, out, active = queue.get(timeout=120)
-        got[rank] = (torch.from_numpy(out), active)
-    for p in procs:
-        p.join(timeout=30)
-    assert procs[dead].exitcode == -signal.SIGKILL
+    dead = 2
+    got = run_ranks_one_sigkilled(_process_rank, path, NUM_RANKS, 5, dead)
     xs, ids, ws, weights = _inputs(5)
     survivors = [r != dead for r in range(NUM_RANKS)]
     _, outs = _reference(xs, ids, ws, weights, survivors)

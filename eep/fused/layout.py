@@ -40,6 +40,42 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def packed_offsets(regions: list[tuple[str, int]]) -> tuple[dict[str, int], int]:
+    """Regions laid out one after another, each starting on an ALIGN boundary: their byte offsets by
+    name, and the total size (aligned)."""
+    offsets, end = {}, 0
+    for name, nbytes in regions:
+        offsets[name] = _align(end)
+        end = offsets[name] + nbytes
+    return offsets, _align(end)
+
+
+class PackedRegions:
+    """Base of a buffer layout: ``regions()`` lists (name, bytes) in buffer order, laid out by
+    ``packed_offsets``; ``off_<name>`` is that region's byte offset and ``nbytes`` the whole buffer."""
+
+    def regions(self) -> list[tuple[str, int]]:
+        raise NotImplementedError
+
+    def _packed(self) -> tuple[dict[str, int], int]:
+        # computed once per (frozen) layout, since every launch reads the offsets
+        cached = self.__dict__.get("_packed_cache")
+        if cached is None:
+            cached = self.__dict__["_packed_cache"] = packed_offsets(self.regions())
+        return cached
+
+    def __getattr__(self, attr: str) -> int:  # only for names not found the normal way
+        if attr.startswith("off_"):
+            offsets = self._packed()[0]
+            if attr[4:] in offsets:
+                return offsets[attr[4:]]
+        raise AttributeError(f"{type(self).__name__} has no attribute {attr!r}")
+
+    @property
+    def nbytes(self) -> int:
+        return self._packed()[1]
+
+
 def check_ranks_and_hidden(num_ranks: int, hidden: int) -> None:
     """What every buffer layout asks of its shape: rank slots the kernels support, 16-byte rows."""
     if not 1 <= num_ranks <= MAX_RANKS:
@@ -49,7 +85,7 @@ def check_ranks_and_hidden(num_ranks: int, hidden: int) -> None:
 
 
 @dataclass(frozen=True)
-class BufferLayout:
+class BufferLayout(PackedRegions):
     """Offsets (bytes) of each region in a rank's peer buffer; identical on every rank."""
 
     num_ranks: int
@@ -73,37 +109,12 @@ class BufferLayout:
     def row_nbytes(self) -> int:
         return self.hidden * self.elem_bytes
 
-    @property
-    def off_recv_x(self) -> int:
-        return 0
-
-    @property
-    def off_comb_x(self) -> int:
-        return _align(self.off_recv_x + self.num_rows * self.row_nbytes)
-
-    @property
-    def off_src_token(self) -> int:
-        return _align(self.off_comb_x + self.num_rows * self.row_nbytes)
-
-    @property
-    def off_recv_scale(self) -> int:
-        return _align(self.off_src_token + self.num_rows * 4)
-
-    @property
-    def off_raw_count(self) -> int:
-        return _align(self.off_recv_scale + self.num_rows * 4)
-
-    @property
-    def off_dispatch_flag(self) -> int:
-        return _align(self.off_raw_count + self.slots_per_rank * self.num_ranks * 4)
-
-    @property
-    def off_combine_flag(self) -> int:
-        return _align(self.off_dispatch_flag + self.num_ranks * 8)
-
-    @property
-    def nbytes(self) -> int:
-        return _align(self.off_combine_flag + self.num_ranks * 8)
+    def regions(self) -> list[tuple[str, int]]:
+        """(name, bytes) of every region, in buffer order."""
+        rows, pairs = self.num_rows, self.slots_per_rank * self.num_ranks
+        return [("recv_x", rows * self.row_nbytes), ("comb_x", rows * self.row_nbytes), ("src_token", rows * 4),
+                ("recv_scale", rows * 4), ("raw_count", pairs * 4), ("dispatch_flag", self.num_ranks * 8),
+                ("combine_flag", self.num_ranks * 8)]
 
     def dispatch_smem_bytes(self) -> int:
         """Dynamic shared memory of eep_dispatch: one bit per (slot, token)."""

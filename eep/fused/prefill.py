@@ -30,7 +30,7 @@ import torch
 
 from eep import envs
 from eep.fused.buffer import FusedBuffer
-from eep.fused.layout import _align, check_ranks_and_hidden
+from eep.fused.layout import PackedRegions, check_ranks_and_hidden
 from eep.reference.prefill import PackedHandle, PackedReceive
 
 
@@ -38,7 +38,7 @@ COMBINE_VARIANTS = ("push", "spread", "pull")  # KernelVariant.prefill_combine; 
 
 
 @dataclass(frozen=True)
-class PrefillLayout:
+class PrefillLayout(PackedRegions):
     """Offsets (bytes) of each region of a rank's prefill peer buffer; identical on every rank.
 
         recv_x      [num_ranks(src), max_tokens_per_rank, hidden] bf16
@@ -64,41 +64,12 @@ class PrefillLayout:
     def num_rows(self) -> int:
         return self.num_ranks * self.max_tokens_per_rank
 
-    @property
-    def off_recv_x(self) -> int:
-        return 0
-
-    @property
-    def off_comb_x(self) -> int:
-        return _align(self.off_recv_x + self.num_rows * self.hidden * 2)
-
-    @property
-    def off_src_token(self) -> int:
-        return _align(self.off_comb_x + self.num_rows * self.hidden * 2)
-
-    @property
-    def off_local_slot(self) -> int:
-        return _align(self.off_src_token + self.num_rows * 4)
-
-    @property
-    def off_weight(self) -> int:
-        return _align(self.off_local_slot + self.num_rows * self.top_k * 4)
-
-    @property
-    def off_raw_count(self) -> int:
-        return _align(self.off_weight + self.num_rows * self.top_k * 4)
-
-    @property
-    def off_dispatch_flag(self) -> int:
-        return _align(self.off_raw_count + self.num_ranks * 4)
-
-    @property
-    def off_combine_flag(self) -> int:
-        return _align(self.off_dispatch_flag + self.num_ranks * 8)
-
-    @property
-    def nbytes(self) -> int:
-        return _align(self.off_combine_flag + self.num_ranks * 8)
+    def regions(self) -> list[tuple[str, int]]:
+        """(name, bytes) of every region, in buffer order."""
+        rows, R = self.num_rows, self.num_ranks
+        return [("recv_x", rows * self.hidden * 2), ("comb_x", rows * self.hidden * 2), ("src_token", rows * 4),
+                ("local_slot", rows * self.top_k * 4), ("weight", rows * self.top_k * 4), ("raw_count", R * 4),
+                ("dispatch_flag", R * 8), ("combine_flag", R * 8)]
 
     def dispatch_smem_bytes(self) -> int:
         """Dynamic shared memory of eep_prefill_dispatch: a bit per (destination, token) and the

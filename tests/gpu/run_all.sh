@@ -18,16 +18,23 @@ PY=python3
 START=$(date +%s); BUDGET=${EEP_GPU_BUDGET_S:-550}
 STEP_STOP_ON_FAIL=diff4
 source tests/gpu/steps.sh
-nvidia-smi -L | tee -a "$LOG"
-$PY -c "import torch, cuda.bindings, cuda.core; print(torch.__version__, cuda.bindings.__version__, cuda.core.__version__)" 2>&1 | tee -a "$LOG"
-step compile 60 $PY -c "
-from eep.fused.compile import *
-import torch
+# compile_step NAME SECONDS "KWARGS, ...": NVRTC-compile (and cache) KernelVariant(hidden, fixed, **kw)
+# for hidden 2048 and 7168, elastic and fixed, each kw dict given (a Python expression list)
+compile_step() {
+  step "$1" "$2" $PY -c "
+from eep.fused.compile import KernelVariant, cached_cubin, device_arch
 arch = device_arch(0); print('arch', arch)
 for h in (2048, 7168):
     for f in (False, True):
-        cached_cubin(KernelVariant(h, f), arch)
-print('compiled')"
+        for kw in [$3]:
+            cached_cubin(KernelVariant(h, f, **kw), arch)
+print('compiled', '$1')"
+}
+COMBINE_VARIANTS="dict(prefill_combine='spread'), dict(prefill_combine='pull')"
+DECODE_VARIANTS="dict(decode='pull'), dict(decode='pull', use_fp8=True)"
+nvidia-smi -L | tee -a "$LOG"
+$PY -c "import torch, cuda.bindings, cuda.core; print(torch.__version__, cuda.bindings.__version__, cuda.core.__version__)" 2>&1 | tee -a "$LOG"
+compile_step compile 60 "{}"
 L=tests/gpu/launch.py
 MODE=${1:-all}
 if [ "$MODE" = all ] || [ "$MODE" = quick ]; then
@@ -55,16 +62,7 @@ if [ "$MODE" = late ]; then
 fi
 if [ "$MODE" = onegpu ]; then
   export CUDA_VISIBLE_DEVICES=0
-  step compile-variants 120 $PY -c "
-from eep.fused.compile import *
-arch = device_arch(0)
-for h in (2048, 7168):
-    for f in (False, True):
-        for c in ('spread', 'pull'):
-            cached_cubin(KernelVariant(h, f, prefill_combine=c), arch)
-        for fp8 in (False, True):
-            cached_cubin(KernelVariant(h, f, use_fp8=fp8, decode='pull'), arch)
-print('compiled variants')"
+  compile_step compile-variants 120 "$COMBINE_VARIANTS, $DECODE_VARIANTS"
   D="--decode-variant pull"
   step diff4 120 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128
   step late4 90 $PY $L --scenario late --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5
@@ -94,14 +92,7 @@ if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
   step bench-qw-2 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $B --num-ranks 2 --model qwen3-30b-a3b --out $OUT/bench.jsonl
 fi
 if [ "$MODE" = combine ]; then  # docs/fused.md "Prefill combine: where the time goes"
-  step compile-combine 90 $PY -c "
-from eep.fused.compile import *
-arch = device_arch(0)
-for h in (2048, 7168):
-    for f in (False, True):
-        for c in ('spread', 'pull'):
-            cached_cubin(KernelVariant(h, f, prefill_combine=c), arch)
-print('compiled combine variants')"
+  compile_step compile-combine 90 "$COMBINE_VARIANTS"
   step prefill4-pull 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --combine-variant pull
   step prefill4-ds-pull 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 128 --combine-variant pull
   step prefill4-spread 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --combine-variant spread
@@ -113,14 +104,7 @@ print('compiled combine variants')"
 fi
 if [ "$MODE" = decode ]; then  # docs/fused.md "Decode: where the time goes"
   STEP_STOP_ON_FAIL=diff4-pull
-  step compile-decode 90 $PY -c "
-from eep.fused.compile import *
-arch = device_arch(0)
-for h in (2048, 7168):
-    for f in (False, True):
-        for fp8 in (False, True):
-            cached_cubin(KernelVariant(h, f, use_fp8=fp8, decode='pull'), arch)
-print('compiled decode variants')"
+  compile_step compile-decode 90 "$DECODE_VARIANTS"
   D="--decode-variant pull"
   step diff4-pull 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128 $D
   step diff4-pull-h7168 90 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 64 $D
