@@ -122,8 +122,9 @@ def random_stage_inputs(model: str, batch: str, device, gen):
     return shape, counts, x, w13, w2
 
 
-def bench_case(model: str, batch: str, device, gen, *, reps: int, configs: list) -> list[dict]:
-    from eep.fused.gemm.build import DEFAULT_CONFIGS
+def bench_case(model: str, batch: str, device, gen, *, reps: int, configs: list,
+               fused_swiglu: bool = False) -> list[dict]:
+    from eep.fused.gemm.build import DEFAULT_CONFIGS, SWIGLU_CONFIGS
     from eep.fused.gemm.cutlass_stage import CutlassExpertStage
 
     shape, counts, x, w13, w2 = random_stage_inputs(model, batch, device, gen)
@@ -178,6 +179,19 @@ def bench_case(model: str, batch: str, device, gen, *, reps: int, configs: list)
                             "spread_ms": spread})
         default = None
         torch.cuda.empty_cache()
+    if fused_swiglu:  # the default choice with SwiGLU in GEMM1's epilogue (opt-in), same inputs
+        fused = CutlassExpertStage(shape, device=device, expected_rows_per_group=rows_per_group,
+                                   configs=DEFAULT_CONFIGS + SWIGLU_CONFIGS, fused_swiglu=True)
+        w13i = fused.prepare_w13(w13)
+        fused.out_buffer.fill_(float("nan"))
+        err = check("cutlass fused swiglu", fused(x, counts, w13i, w2), x, counts, w13, w2, inter, gen)
+        impl = f"cutlass-fused-swiglu[{fused.describe()}]"
+        ms, spread = time_ms(lambda: fused(x, counts, w13i, w2), reps=reps)
+        results.append({**base, "what": "stage", "impl": impl, "ms": ms, "spread_ms": spread, "rel_err": err})
+        ms, spread = graph_ms(lambda: fused(x, counts, w13i, w2), reps=reps)
+        results.append({**base, "what": "stage_graph", "impl": impl, "ms": ms, "spread_ms": spread})
+        fused = w13i = None
+        torch.cuda.empty_cache()
     for grouping, config in [(g, c) for g in ("block", "slot") for c in DEFAULT_CONFIGS
                              if c.name in configs or not configs]:
         try:
@@ -220,6 +234,8 @@ def shape_arguments(description: str, *, reps: int) -> argparse.ArgumentParser:
 def main() -> None:
     parser = shape_arguments(__doc__.splitlines()[0], reps=30)
     parser.add_argument("--configs", nargs="*", default=[], help="CUTLASS config names to sweep (default: all)")
+    parser.add_argument("--fused-swiglu", action="store_true",
+                        help="also time the stage with SwiGLU in GEMM1's epilogue (builds DEFAULT + SWIGLU configs)")
     args = parser.parse_args()
     device = torch.device("cuda")
     gen = torch.Generator().manual_seed(int(time.time()))  # fresh inputs every run
@@ -230,7 +246,8 @@ def main() -> None:
     for model in args.models:
         for batch in args.batches:
             t0 = time.time()
-            res = bench_case(model, batch, device, gen, reps=args.reps, configs=args.configs)
+            res = bench_case(model, batch, device, gen, reps=args.reps, configs=args.configs,
+                             fused_swiglu=args.fused_swiglu)
             rows.extend(res)
             for r in res:
                 extra = f" {r.get('tflops', 0):6.1f} TFLOP/s {r.get('gbps', 0):6.0f} GB/s" if "tflops" in r else ""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Expert-stage GPU work in one device call: build (or reuse the carried build), differential checks,
 # benchmark. Logs and JSON under $OUT.   bash tests/gpu/run_gemm.sh [quick|bench|swiglu]
+#   EEP_GEMM_BENCH_ARGS adds arguments to perf/bench_expert_gemm.py (e.g. "--fused-swiglu --configs X").
 #   swiglu: only the opt-in SwiGLU-epilogue GEMM1 (build DEFAULT_CONFIGS + SWIGLU_CONFIGS, its checks,
 #   and perf/bench_swiglu_epilogue.py fused vs unfused) -- nothing else.
 # Carry build/cutlass (CUTLASS headers) and build/gemm-cache (the library built on the CPU machine).
@@ -33,7 +34,7 @@ from eep.fused.gemm.build import build_library
 print(build_library(), f'{time.time() - t:.1f} s')"
 [ "${1:-}" != bench ] && step check 150 $PY tests/gpu/gemm_check.py
 if [ "${1:-}" != quick ]; then
-  step bench 300 $PY perf/bench_expert_gemm.py --out $OUT/gemm_bench.jsonl --reps 20
+  step bench 300 $PY perf/bench_expert_gemm.py --out $OUT/gemm_bench.jsonl --reps 20 ${EEP_GEMM_BENCH_ARGS:-}
 fi
 echo "=== SUMMARY"
 grep -E "^(=== .* rc=|CHECK .*(FAIL|ok)|SUMMARY|GPU|qwen3|deepseek|  \()" "$LOG" | grep -v "^CHECK .* ok" | grep -v -E " (gemm[12]|gather|swiglu) +cutlass" | tail -80
