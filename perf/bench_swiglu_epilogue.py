@@ -25,7 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_expert_gemm import check, graph_ms, random_stage_inputs, shape_arguments, time_ms  # noqa: E402
 
 
-def bench_case(model: str, batch: str, device, gen, *, reps: int) -> list[dict]:
+def parse_gemm1(spec: str):
+    """``64x256x64:ping`` -> the SwiGLU GEMM1 config of that tile and schedule (plain form)."""
+    from eep.fused.gemm.build import GemmConfig
+
+    tile, _, schedule = spec.partition(":")
+    m, n, k = (int(v) for v in tile.split("x"))
+    return GemmConfig(m, n, k, schedule or "coop", swiglu=True)
+
+
+def bench_case(model: str, batch: str, device, gen, *, reps: int, extra_gemm1: tuple = ()) -> list[dict]:
     from eep.fused.gemm.build import DEFAULT_CONFIGS, SWIGLU_CONFIGS
     from eep.fused.gemm.cutlass_stage import CutlassExpertStage
 
@@ -34,15 +43,19 @@ def bench_case(model: str, batch: str, device, gen, *, reps: int) -> list[dict]:
     rows = int(counts.sum())
     base = {"model": model, "batch": batch, "rows": rows, "rows_per_block": rows / shape.num_groups,
             "gpu": torch.cuda.get_device_name()}
-    configs = DEFAULT_CONFIGS + SWIGLU_CONFIGS
+    configs = DEFAULT_CONFIGS + SWIGLU_CONFIGS + tuple(extra_gemm1)
     results = []
-    for fused in (False, True):
+    default_swap = None
+    for fused, gemm1 in [(False, None), (True, None)] + [(True, g) for g in extra_gemm1]:
+        if gemm1 is not None and default_swap:
+            continue  # the extra tiles are plain-form GEMM1s: prefill-sized groups only
         stage = CutlassExpertStage(shape, device=device, expected_rows_per_group=rows / shape.num_groups,
-                                   configs=configs, fused_swiglu=fused)
+                                   configs=configs, fused_swiglu=fused, gemm1=gemm1)
+        default_swap = stage.gemm1.swap if default_swap is None else default_swap
         w = stage.prepare_w13(w13)
         stage.out_buffer.fill_(float("nan"))
         err = check(f"fused={fused}", stage(x, counts, w, w2), x, counts, w13, w2, inter, gen)
-        impl = f"{'fused' if fused else 'unfused'}[{stage.describe()}]"
+        impl = f"{'fused' if fused else 'unfused'}{'' if gemm1 is None else '-' + gemm1.name}[{stage.describe()}]"
         ms, spread = time_ms(lambda: stage(x, counts, w, w2), reps=reps)
         results.append({**base, "what": "stage", "impl": impl, "ms": ms, "spread_ms": spread, "rel_err": err})
         ms, spread = graph_ms(lambda: stage(x, counts, w, w2), reps=reps)
@@ -61,14 +74,18 @@ def bench_case(model: str, batch: str, device, gen, *, reps: int) -> list[dict]:
 
 
 def main() -> None:
-    args = shape_arguments(__doc__.splitlines()[0], reps=20).parse_args()
+    parser = shape_arguments(__doc__.splitlines()[0], reps=20)
+    parser.add_argument("--extra-gemm1", nargs="*", default=[], type=parse_gemm1,
+                        help="more SwiGLU GEMM1 tiles to time at prefill, e.g. 64x256x64:ping (must be in the "
+                             "library: build DEFAULT_CONFIGS + SWIGLU_CONFIGS + these)")
+    args = parser.parse_args()
     device = torch.device("cuda")
     gen = torch.Generator().manual_seed(int(time.time()))
     print(f"GPU {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     for model in args.models:
         for batch in args.batches:
             try:
-                results = bench_case(model, batch, device, gen, reps=args.reps)
+                results = bench_case(model, batch, device, gen, reps=args.reps, extra_gemm1=tuple(args.extra_gemm1))
             except Exception as exc:  # one shape must not hide the others
                 print(f"  {model} {batch} ERROR {exc!r}"[:400], flush=True)
                 continue
@@ -77,6 +94,12 @@ def main() -> None:
                 unf, fus = by[(what, "unfused")], by[(what, "fused")]
                 print(f"  {model} {batch} {what:13s} unfused {unf * 1e3:8.1f} us  fused {fus * 1e3:8.1f} us  "
                       f"speedup {unf / fus:.2f}x", flush=True)
+            for what in ("stage", "stage_graph", "gemm1+swiglu"):
+                for r in results:
+                    if r["what"] == what and r["impl"].startswith("fused-"):
+                        print(f"  {model} {batch} {what:13s} unfused {by[(what, 'unfused')] * 1e3:8.1f} us  "
+                              f"{r['impl'].split('[')[0]} {r['ms'] * 1e3:8.1f} us  "
+                              f"speedup {by[(what, 'unfused')] / r['ms']:.2f}x", flush=True)
             for r in results:
                 print(f"    {r['what']:13s} {r['impl']:80s} {r['ms'] * 1e3:9.1f} us", flush=True)
             if args.out:

@@ -8,6 +8,9 @@ Targets (issue 3): prepare <= 1.5x copy time; disk restore >= 70% of raw read ra
 >= 50% of memcpy rate. Warm page cache unless --cold (posix_fadvise DONTNEED before each read run).
 
     .venv/bin/python perf/bench_weights.py [--hidden 1024 --inter 256 --experts 32 --layers 4] [--repeats 5]
+
+``--gpu`` adds host tier -> GPU: what a restarted rank pays to fill its slots (attach + cudaHostRegister
+of the whole mapping + pinned copies, vs attach + pageable copies of the same experts).
 """
 
 from __future__ import annotations
@@ -77,6 +80,49 @@ def drop_cache(paths: list[str]) -> None:
         os.close(fd)
 
 
+def host_to_gpu(shards: str, host_path: str, pairs: list, one: int, fraction: float, repeats: int) -> dict:
+    """What a restarted rank pays to fill its slots from the host tier: attach + cudaHostRegister of the
+    whole mapping, then asynchronous copies of its share of the experts — against attaching without
+    pinning and copying the same experts from pageable memory. Same file, same process, interleaved."""
+    device = torch.device("cuda")
+    share = pairs[::max(1, round(1 / fraction))] if fraction < 1 else pairs
+    nbytes = one * len(share)
+    shapes = ExpertStore(shards).expert_shapes()
+    dst = [[torch.empty(s, dtype=torch.bfloat16, device=device) for s in shapes] for _ in range(len(share))]
+    stream = torch.cuda.Stream()
+    attach, load = {}, {}
+
+    def run(pin: bool) -> None:
+        start = time.perf_counter()
+        tier = HostTier(shards, path=host_path, pin=pin)
+        attached = time.perf_counter()
+        if pin and not tier.is_pinned:
+            raise RuntimeError(f"cudaHostRegister failed for {host_path}: the pinned case cannot be timed")
+        for (layer, expert), d in zip(share, dst):
+            tier.copy_expert_into(layer, expert, *d, stream=stream)
+        stream.synchronize()
+        done = time.perf_counter()
+        attach.setdefault(pin, []).append(attached - start)
+        load.setdefault(pin, []).append(done - attached)
+        tier.close()
+
+    run(False)  # warm: pages faulted in, CUDA context made
+    for _ in range(max(2, repeats)):
+        run(True)
+        run(False)
+    a_pin, a_pg = min(attach[True]), min(attach[False])
+    l_pin, l_pg = min(load[True]), min(load[False])
+    tier_bytes = os.path.getsize(host_path)
+    print(f"host tier -> {torch.cuda.get_device_name()}: tier {tier_bytes / 1e9:.2f} GB, load {len(share)} experts "
+          f"({nbytes / 1e9:.2f} GB): pinned attach {a_pin:.3f} s ({tier_bytes / a_pin / 1e9:.1f} GB/s registered) + "
+          f"load {l_pin:.3f} s ({nbytes / l_pin / 1e9:.1f} GB/s) = {a_pin + l_pin:.3f} s; pageable attach "
+          f"{a_pg:.3f} s + load {l_pg:.3f} s ({nbytes / l_pg / 1e9:.1f} GB/s) = {a_pg + l_pg:.3f} s: "
+          f"pageable/pinned {(a_pg + l_pg) / (a_pin + l_pin):.2f}x the time", flush=True)
+    return {"gpu_pin_register_gbps": tier_bytes / a_pin / 1e9, "gpu_pinned_load_gbps": nbytes / l_pin / 1e9,
+            "gpu_pageable_load_gbps": nbytes / l_pg / 1e9,
+            "gpu_restart_fill_pageable_over_pinned": (a_pg + l_pg) / (a_pin + l_pin)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=1024)
@@ -86,6 +132,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cold", action="store_true", help="evict the files from the page cache before read runs")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--gpu", action="store_true", help="also time host tier -> GPU: pinning vs pageable loads")
+    ap.add_argument("--gpu-load-fraction", type=float, default=0.375,
+                    help="share of the experts a restarted rank loads (48 slots of 128 experts: 0.375)")
     args = ap.parse_args()
 
     work = args.workdir or tempfile.mkdtemp(prefix="eep-bench-weights-")
@@ -192,6 +241,8 @@ def main() -> None:
     print(f"host restore {total / t_host / 1e9:.2f} GB/s (through ExpertStore {total / t_store / 1e9:.2f} GB/s) vs "
           f"memcpy {total / t_mem / 1e9:.2f} GB/s, {one / 1e6:.2f} MB per expert: {t_mem / t_host:.0%} "
           f"({t_mem / t_store:.0%} through the store) (target >= 50%)")
+    if args.gpu:
+        results.update(host_to_gpu(out, host.path, pairs, one, args.gpu_load_fraction, args.repeats))
     host.close()
     host.unlink()
     print(json.dumps({k: round(v, 3) for k, v in results.items()}))

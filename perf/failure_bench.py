@@ -43,6 +43,8 @@ from eep.runtime import Fault, Launcher, RuntimeConfig, TinyConfig  # noqa: E402
 from eep.runtime import bench_metrics  # noqa: E402
 
 GPU_ENGINES = ("fused", "fused_fixed", "nccl")
+# --pin -> GpuEngine's pin_host_tier option
+PIN_POLICIES = {"always": None, "first-start": "first_start", "never": False}
 # --dry-run: the CPU engine; GpuEngine's code on CPU over gloo (fixed) or the shm transport (elastic)
 CPU_ENGINES = ("shm", "gloo", "cpu_elastic")
 
@@ -71,7 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--attn-width", type=int, default=None, help="attention stand-in columns (9216; dry 0 = off)")
     ap.add_argument("--expert-backend", default="grouped_mm",
                     help="expert stage: grouped_mm (torch._grouped_mm), cutlass, loop or auto (EEP_EXPERT_BACKEND)")
-    ap.add_argument("--no-pin", action="store_true", help="ranks map the host tier without cudaHostRegister")
+    ap.add_argument("--pin", default="always", choices=PIN_POLICIES,
+                    help="cudaHostRegister of the host-tier mapping: always, first-start (not in a restarted "
+                         "rank, whose start-up is on the path back to 95%%), never")
     ap.add_argument("--degraded-tokens", type=int, default=0,
                     help="tokens per rank while a rank is missing (survivors absorb its share through a "
                          "second captured graph); 0 = off, -1 = the missing rank's share: "
@@ -172,7 +176,7 @@ def runtime_config(args, engine: str, shard_dir: str, *, num_requests: int, rest
     opts = {}
     if engine != "shm":
         opts = {"attn_width": args.attn_width, "tiers": tiers or ["host", "disk"],
-                "expert_backend": args.expert_backend, "pin_host_tier": False if args.no_pin else None}
+                "expert_backend": args.expert_backend, "pin_host_tier": PIN_POLICIES[args.pin]}
     if engine in ("gloo", "cpu_elastic"):  # GpuEngine on CPU (tests)
         opts.update(device="cpu", expert_backend="loop")
     return RuntimeConfig(num_ranks=args.gpus, slots_per_rank=slots, num_redundant=num_redundant,
@@ -517,7 +521,7 @@ def run_restart(args, shard_dir: str, out: Path) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--restart-child", str(run_dir), "--gpus", str(args.gpus),
            "--layers", str(args.layers), "--max-tokens", str(args.max_tokens), "--attn-width", str(args.attn_width),
            "--expert-backend", args.expert_backend, "--fused-timeout-s", str(args.fused_timeout_s),
-           *(["--no-pin"] if args.no_pin else []),
+           "--pin", args.pin,
            "--workdir", str(Path(shard_dir).parent), "--out", str(out)] + (["--dry-run"] if args.dry_run else [])
     t_launch = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120 if args.dry_run else 400)

@@ -239,6 +239,20 @@ def test_arguments_are_checked_and_defaulted():
             failure_bench.parse_args(bad)
 
 
+def test_pin_policy_spares_a_restarted_rank_the_registration():
+    from eep.runtime.gpu_dataplane import host_tier_pin
+
+    assert [host_tier_pin("first_start", inc) for inc in (0, 1, 5)] == [None, False, False]
+    assert [host_tier_pin(p, 3) for p in (None, True, False)] == [None, True, False]
+    with pytest.raises(ValueError, match="pin_host_tier='sometimes'"):
+        host_tier_pin("sometimes", 0)
+    args = failure_bench.parse_args(["--dry-run", "--pin", "first-start"])
+    opts = failure_bench.runtime_config(args, "fused", "/nonexistent", num_requests=1).engine_options
+    assert opts["pin_host_tier"] == "first_start"
+    with pytest.raises(SystemExit):
+        failure_bench.parse_args(["--pin", "sometimes"])
+
+
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])
 def test_redundancy_leaves_room_for_any_single_failure(num_ranks):
     from eep.state import repair_coverage

@@ -451,7 +451,9 @@ class GpuEngine:
 
     attn_width (int, default 0): columns of the attention stand-in; expert_backend (default "auto");
     tiers (default ["host", "disk"]); pin_host_tier (None: weights_tools decides, i.e. pin on CUDA at
-    construction; False: map without pinning);
+    construction; False: map without pinning; "first_start": pin in a rank's first incarnation only — a
+    restarted rank's start-up is on the path back to full throughput, and registering the whole
+    mapping is most of it, while it loads only its own slots' share, pageable);
     max_replicas (default 8): width of the device replica table; device ("cuda" or "cpu"; default cuda);
     use_graph (default True on CUDA).
     """
@@ -486,7 +488,8 @@ class GpuEngine:
         self.sizes = sorted({cfg.max_tokens_per_rank, M})
         if cfg.shard_dir is None:
             raise ValueError("GpuEngine needs RuntimeConfig.shard_dir (experts come from eep-shards output)")
-        tiers = expert_tiers(cfg.shard_dir, opts.get("tiers", ["host", "disk"]), opts.get("pin_host_tier"))
+        tiers = expert_tiers(cfg.shard_dir, opts.get("tiers", ["host", "disk"]),
+                             host_tier_pin(opts.get("pin_host_tier"), incarnation))
         self.store = ExpertStore(cfg.shard_dir, tiers=tiers)
         mark("expert_store")  # host tier attach (and pinning, on CUDA)
         self.moe_layers = self.store.moe_layers
@@ -707,6 +710,15 @@ class _PhaseClock:
         now = time.perf_counter()
         self.phases[name] = now - self.t
         self.t = now
+
+
+def host_tier_pin(policy: bool | str | None, incarnation: int) -> bool | None:
+    """HostTier's ``pin`` for a rank process from the engine's ``pin_host_tier`` option."""
+    if policy == "first_start":
+        return None if incarnation == 0 else False
+    if policy not in (None, True, False):
+        raise ValueError(f"pin_host_tier={policy!r}: expected None, True, False or 'first_start'")
+    return policy
 
 
 def expert_tiers(shard_dir: str, names: list[str], pin: bool | None) -> list:
