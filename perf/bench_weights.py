@@ -134,7 +134,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--gpu", action="store_true", help="also time host tier -> GPU: pinning vs pageable loads")
     ap.add_argument("--gpu-load-fraction", type=float, default=0.375,
-                    help="share of the experts a restarted rank loads (48 slots of 128 experts: 0.375)")
+                    help="share of the experts a restarted rank loads (48 slots of 128 experts: 0.375); "
+                         "every round(1/F)-th (layer, expert) is loaded, so 0.375 loads every 3rd")
     args = ap.parse_args()
 
     work = args.workdir or tempfile.mkdtemp(prefix="eep-bench-weights-")

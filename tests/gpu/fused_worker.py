@@ -22,7 +22,8 @@ Scenarios (``--scenario``):
          within the timeout, see it in status(), still access the dead rank's mapped buffer,
          mask it and compute correct results.
 Rank r runs on GPU r modulo the visible GPUs, so every scenario also runs (slowly) with several
-ranks on one GPU. Each rank writes ``<out>/<scenario>.rank<r>.json`` with ``errors`` (empty when everything matched).
+ranks on one GPU. Each rank writes ``<out>/<scenario>.rank<r>.json`` with ``errors`` (empty when
+everything matched).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 #   combine: the experimental prefill combine paths (spread, pull): differential tests, then timings
 #   decode: the experimental decode path (FusedBuffer(decode="pull")): differential tests, graph,
 #   SIGKILL, then timings beside the default kernels (docs/fused.md "Decode: where the time goes")
-#   onegpu: correctness of the default and experimental kernels with 4 (and 2) rank processes sharing
+#   onegpu: correctness of the default and experimental kernels with 4 rank processes sharing
 #   GPU 0 (for a one-GPU machine: waits progress by time-slicing between the processes; no timings)
 #   late: only the three `late` scenarios (decode push, prefill push, decode pull); any GPU count
 # (a full run needs more than one 10-minute call: run quick, then bench)
@@ -29,6 +29,12 @@ for h in (2048, 7168):
         for kw in [$3]:
             cached_cubin(KernelVariant(h, f, **kw), arch)
 print('compiled', '$1')"
+}
+# the three late-rank scenarios (decode push, prefill push, decode pull), for the late and onegpu modes
+late_steps() {
+  step late4 90 $PY $L --scenario late --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5
+  step late4-prefill 90 $PY $L --scenario late_prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --timeout-s 0.5
+  step late4-pull 90 $PY $L --scenario late --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 --decode-variant pull
 }
 COMBINE_VARIANTS="dict(prefill_combine='spread'), dict(prefill_combine='pull')"
 DECODE_VARIANTS="dict(decode='pull'), dict(decode='pull', use_fp8=True)"
@@ -56,19 +62,15 @@ step late4-prefill 60 $PY $L --scenario late_prefill --num-ranks 4 --out $OUT/re
 step kill4 120 $PY $L --scenario kill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5
 fi
 if [ "$MODE" = late ]; then
-  step late4 90 $PY $L --scenario late --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5
-  step late4-prefill 90 $PY $L --scenario late_prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --timeout-s 0.5
-  step late4-pull 90 $PY $L --scenario late --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 --decode-variant pull
+  late_steps
 fi
 if [ "$MODE" = onegpu ]; then
   export CUDA_VISIBLE_DEVICES=0
   compile_step compile-variants 120 "$COMBINE_VARIANTS, $DECODE_VARIANTS"
   D="--decode-variant pull"
   step diff4 120 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128
-  step late4 90 $PY $L --scenario late --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5
-  step late4-prefill 90 $PY $L --scenario late_prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --timeout-s 0.5
+  late_steps
   step diff4-pull 120 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128 $D
-  step late4-pull 90 $PY $L --scenario late --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $D
   step prefill4-pull 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --combine-variant pull
   step prefill4-spread 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --combine-variant spread
   step diff4-pull-fp8 120 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 64 --fp8 $D
