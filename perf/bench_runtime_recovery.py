@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from eep.runtime import Fault, Launcher, RuntimeConfig, check_run
-from eep.runtime.metrics import load_run
+from eep.cli.answers import check_run
+from eep.runtime import Fault, Launcher, RuntimeConfig
+from eep.runtime.control.metrics import load_run
 
 
 def one_trial(num_requests: int) -> dict:

@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eep.runtime import Fault, Launcher, RuntimeConfig, TinyConfig  # noqa: E402
-from eep.runtime import bench_metrics  # noqa: E402
+import bench_metrics  # noqa: E402
 
 GPU_ENGINES = ("fused", "fused_fixed", "nccl")
 # --pin -> GpuEngine's pin_host_tier option
@@ -422,13 +422,15 @@ def check_answers(args, cfg: RuntimeConfig, result, golden: dict[int, set[int]] 
     decides. That comparison is decisive at shallow depth only: a random 48-layer model is chaotic,
     and the oracle's own answer changed with its accumulation order for 6 of 16 tokens on 4xH100."""
     if cfg.engine == "shm":
-        from eep.runtime import check_run
+        from eep.cli.answers import check_run
         problems = check_run(cfg, result)
         wrong = [p for p in problems if "differ" in p]
         return {"mismatched": 0 if not wrong else int(wrong[0].split()[0]), "check": "every answer, token by token",
                 "problems": problems}
     from weights_tools import ExpertStore
-    from eep.runtime.gpu_dataplane import bench_weights, expert_tiers, reference_next_tokens
+    from eep.runtime.engines.gpu import expert_tiers
+    from eep.runtime.model import bench_weights
+    from failure_oracle import reference_next_tokens
 
     transitions, owners = transitions_of(cfg, result.results)
     if not transitions:
@@ -474,7 +476,7 @@ def check_answers(args, cfg: RuntimeConfig, result, golden: dict[int, set[int]] 
 def predict(cfg: RuntimeConfig, rank: int) -> dict:
     """The planner's repair and reintegration predictions for this failure (default bandwidths)."""
     from eep.repair import Bandwidth, plan_reintegration, plan_repair
-    from eep.runtime.rules import initial_placement
+    from eep.runtime.control.rules import initial_placement
     from eep.state import Membership
 
     m = cfg.model
@@ -709,7 +711,7 @@ def main(argv: list[str] | None = None) -> dict:
         if got is not None:
             results["failure"], run_dir, _ = got
             save()
-            from eep.runtime.png import plot_timeline
+            from eep.cli.plot import plot_timeline
             series, markers = bench_metrics.throughput_markers(run_dir, 0.1 if args.dry_run else 0.25)
             if series:
                 plot_timeline(out / "timeline.png", series, markers)

@@ -13,16 +13,18 @@ import torch
 from eep.reference import dispatch as ref_dispatch
 from eep.routing import route_to_phys
 from eep.runtime import RuntimeConfig, TinyConfig
-from eep.runtime import bench_metrics
-from eep.runtime.engine import ENGINES, ShmEngine, make_engine
-from eep.runtime.metrics import summarize
-from eep.runtime.gpu_dataplane import (GpuEngine, bench_weights, gather_combine, pack_receive_layout,
-                                       reference_next_tokens)
-from eep.runtime.rules import initial_placement
+from eep.runtime.engines.base import ENGINES, make_engine
+from eep.runtime.engines.shm import ShmEngine
+from eep.runtime.control.metrics import summarize
+from eep.runtime.engines.gpu import GpuEngine, gather_combine, pack_receive_layout
+from eep.runtime.model import bench_weights
+from eep.runtime.control.rules import initial_placement
 from eep.state import ExpertPlacement, Membership
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf"))
+import bench_metrics  # noqa: E402
 import failure_bench  # noqa: E402
+from failure_oracle import reference_next_tokens  # noqa: E402
 
 pytest.importorskip("safetensors")
 
@@ -240,7 +242,7 @@ def test_arguments_are_checked_and_defaulted():
 
 
 def test_pin_policy_spares_a_restarted_rank_the_registration():
-    from eep.runtime.gpu_dataplane import host_tier_pin
+    from eep.runtime.engines.gpu import host_tier_pin
 
     assert [host_tier_pin("first_start", inc) for inc in (0, 1, 5)] == [None, False, False]
     assert [host_tier_pin(p, 3) for p in (None, True, False)] == [None, True, False]
@@ -346,7 +348,7 @@ def test_survivors_absorb_the_missing_ranks_batch_then_give_it_back(tmp_path):
     """degraded_tokens_per_rank: while a rank is out, survivors take more tokens per step (the
     engine's second batch size), then drain back to max_tokens_per_rank after the rejoin."""
     from eep.runtime import RuntimeConfig
-    from eep.runtime.metrics import load_run
+    from eep.runtime.control.metrics import load_run
 
     cfg = RuntimeConfig(num_ranks=3, max_tokens_per_rank=8, degraded_tokens_per_rank=12)
     assert cfg.token_capacity == 12 and cfg.batch_limit([True] * 3) == 8 and cfg.batch_limit([True, False, True]) == 12

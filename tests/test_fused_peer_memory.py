@@ -70,7 +70,8 @@ def test_store_keys_are_per_group_and_rank():
 def test_status_and_fp8_receive_helpers_need_no_gpu():
     import torch
 
-    from eep.fused.buffer import FusedReceive, FusedStatus
+    from eep.exchange.layout import RankReceive
+    from eep.fused.buffer import FusedStatus
 
     st = FusedStatus(epoch=1, dispatch_seq=5, combine_seq=5, timeout_s=0.5, active=[True] * 3,
                      dispatch_ok=[True, True, False], combine_ok=[True] * 3, suspect=[False, False, True],
@@ -79,9 +80,9 @@ def test_status_and_fp8_receive_helpers_need_no_gpu():
     x = torch.randn(2, 3, 4, 16)
     scale = torch.rand(2, 3, 4) + 0.5
     q = (x / scale.unsqueeze(-1)).to(torch.float8_e4m3fn)
-    recv = FusedReceive(x=q, count=torch.zeros(2, 3, dtype=torch.int32), src_token=torch.zeros(2, 3, 4), scale=scale)
+    recv = RankReceive(x=q, count=torch.zeros(2, 3, dtype=torch.int32), src_token=torch.zeros(2, 3, 4), scale=scale)
     deq = recv.dequantized()
     assert deq.dtype == torch.bfloat16
     assert torch.equal(deq, (q.float() * scale.unsqueeze(-1)).to(torch.bfloat16))
-    plain = FusedReceive(x=x.bfloat16(), count=recv.count, src_token=recv.src_token)
+    plain = RankReceive(x=x.bfloat16(), count=recv.count, src_token=recv.src_token)
     assert plain.dequantized() is plain.x

@@ -188,16 +188,16 @@ def test_second_failure_before_the_first_plan_ran_forces_a_replan():
     gen = torch.Generator().manual_seed(5)
     w = random_experts(16, 8, 16, generator=gen)
     moe = ExpertParallelMoE(*w, num_ranks=4, slots_per_rank=8, top_k=2, num_redundant=4)
-    from eep.reference.executor import ReferenceExecutor
+    from eep.repair import SlotExecutor
     first = moe.membership.after_failure(1)
     stale_plan = plan_repair(moe.placement, moe.membership, first, moe.tiers)
     second = moe.membership.after_failure([1, 2])
     second.epoch = first.epoch + 1  # the coordinator decided again before the first plan ran
     with pytest.raises(RepairError, match="re-plan"):
-        stale_plan.execute(ReferenceExecutor(moe, second, moe.tiers))
+        stale_plan.execute(SlotExecutor(moe, second, moe.tiers))
     assert moe.membership.epoch == 0
     plan = plan_repair(moe.placement, moe.membership, second, moe.tiers)
-    plan.execute(ReferenceExecutor(moe, second, moe.tiers))
+    plan.execute(SlotExecutor(moe, second, moe.tiers))
     assert moe.validity().ok and moe.membership.active_ranks() == [0, 3]
     x, logits = torch.randn(16, 16, generator=gen), torch.randn(16, 16, generator=gen)
     torch.testing.assert_close(moe(x, logits), dense_moe(x, *w, router_logits=logits, top_k=2))

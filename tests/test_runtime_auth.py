@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from eep.runtime.auth import Sealer
-from eep.runtime.keys import Key, store_key
+from eep.runtime.control.auth import Sealer
+from eep.runtime.control.keys import Key, store_key
 
 
 def test_seal_open_round_trip_and_rejections():

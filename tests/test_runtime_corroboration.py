@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from eep.runtime import Fault, Launcher, RuntimeConfig, check_run
-from eep.runtime.auth import Sealer
-from eep.runtime.coordinator import Coordinator
-from eep.runtime.keys import Key, store_key
-from eep.runtime.timeline import Timeline, read_jsonl
+from eep.cli.answers import check_run
+from eep.runtime import Fault, Launcher, RuntimeConfig
+from eep.runtime.control.auth import Sealer
+from eep.runtime.control.coordinator import Coordinator
+from eep.runtime.control.keys import Key, store_key
+from eep.runtime.control.timeline import Timeline, read_jsonl
 
 RUN_TIMEOUT_S = 40
 

@@ -5,7 +5,7 @@ import torch
 
 from eep import ExpertPlacement, Membership, repair_coverage, route_to_phys, select_experts
 from eep.reference import combine, dense_moe, dispatch, expert_mlp
-from eep.runtime.dataplane import combine_replies, expert_compute, pack_dispatch
+from eep.runtime.engines.shm import combine_replies, expert_compute, pack_dispatch
 from eep.runtime.model import (TinyConfig, decode_step, dense_moe_fn, generate_weights, next_token_table,
                                reference_generate)
 

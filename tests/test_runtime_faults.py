@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from eep.runtime import Fault, Launcher, RuntimeConfig, check_run
-from eep.runtime.keys import Key, store_key
-from eep.runtime.timeline import read_jsonl
+from eep.cli.answers import check_run
+from eep.runtime import Fault, Launcher, RuntimeConfig
+from eep.runtime.control.keys import Key, store_key
+from eep.runtime.control.timeline import read_jsonl
 
 RUN_TIMEOUT_S = 40
 
@@ -122,7 +123,7 @@ def test_forged_and_malformed_messages_are_ignored(tmp_path):
     def inject():
         import datetime
         import torch.distributed as dist
-        from eep.runtime.auth import Sealer
+        from eep.runtime.control.auth import Sealer
         while not stop.is_set() and not (hasattr(launcher, "coordinator") and launcher.coordinator.num_decisions):
             time.sleep(0.01)
         if stop.is_set():

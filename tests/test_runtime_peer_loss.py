@@ -26,12 +26,13 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from eep.runtime import Fault, Launcher, RuntimeConfig, check_run
-from eep.runtime.auth import Sealer
-from eep.runtime.coordinator import Coordinator
-from eep.runtime.dataplane import StepAborted
-from eep.runtime.keys import Key, store_key
-from eep.runtime.timeline import Timeline, read_jsonl
+from eep.cli.answers import check_run
+from eep.runtime import Fault, Launcher, RuntimeConfig
+from eep.runtime.control.auth import Sealer
+from eep.runtime.control.coordinator import Coordinator
+from eep.runtime.engines.shm import StepAborted
+from eep.runtime.control.keys import Key, store_key
+from eep.runtime.control.timeline import Timeline, read_jsonl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf"))
 import failure_bench  # noqa: E402
@@ -44,7 +45,7 @@ RUN_TIMEOUT_S = 60
 # ---- the exchange handshake, in one process ----------------------------------------------------
 
 def test_shm_exchange_connect_names_dead_and_stopped_peers_within_its_bound(tmp_path):
-    from eep.runtime.gpu_dataplane import ShmExchange
+    from eep.runtime.engines.gpu import ShmExchange
     from eep.transport import create_shm_file
 
     path = str(tmp_path / f"peer-loss-{secrets.token_hex(4)}.shm")

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from eep.runtime import Fault, Launcher, RuntimeConfig, TinyConfig, check_run
+from eep.cli.answers import check_run
+from eep.runtime import Fault, Launcher, RuntimeConfig, TinyConfig
 from eep.runtime.model import expert_source, generate_weights
 
 pytest.importorskip("transformers")

@@ -3,7 +3,7 @@
 Construct once per rank process; every rank of the instance builds one with the same shape
 arguments. It allocates this rank's peer buffer (layout in ``eep/fused/layout.py``), publishes
 it through the control store, maps every peer's buffer, and launches the NVRTC kernels on the
-caller's torch stream. Calls mirror ``eep.reference.dispatch`` / ``combine`` for one rank:
+caller's torch stream. Calls produce the receive layout of ``eep.exchange.layout`` for one rank:
 
     recv, handle = buf.dispatch(x, phys)            # x [num_tokens, hidden] bf16, phys [num_tokens, top_k]
     y = experts(recv.x, recv.count)                 # [slots_per_rank, num_ranks, max_tokens, hidden]
@@ -35,7 +35,7 @@ from eep import envs
 from eep.fused.layout import (CTRL_COMBINE_OK, CTRL_COMBINE_SEQ, CTRL_DISPATCH_OK, CTRL_DISPATCH_SEQ,
                               CTRL_EPOCH, CTRL_LAST_MISS_SEQ, CTRL_MISS_COUNT, CTRL_NUMEL, CTRL_SUSPECT,
                               CTRL_TIMEOUT_NS, THREADS_PER_BLOCK, BufferLayout, make_params)
-from eep.reference.dispatch import RankReceive
+from eep.exchange.layout import DispatchHandle, RankReceive
 
 DEFAULT_TIMEOUT_S = 1.0  # EEP_FUSED_TIMEOUT_S overrides it
 STORE_PREFIX = "eep/fused"
@@ -44,38 +44,6 @@ STORE_PREFIX = "eep/fused"
 def store_key(group: str, rank: int) -> str:
     """Store key under which ``rank`` of ``group`` publishes its peer-buffer record."""
     return f"{STORE_PREFIX}/{group}/rank{rank}"
-
-
-@dataclass
-class FusedReceive(RankReceive):
-    """``RankReceive`` plus, for FP8 dispatch, ``x`` in e4m3 and its per-row scale.
-
-    x:     ``[slots_per_rank, num_ranks, max_tokens_per_rank, hidden]`` bf16, or float8_e4m3fn with FP8.
-    scale: ``[slots_per_rank, num_ranks, max_tokens_per_rank]`` float32 (FP8 only, else None):
-           the row is ``x.float() * scale[..., None]``.
-    """
-
-    scale: torch.Tensor | None = None
-
-    def dequantized(self) -> torch.Tensor:
-        """``x`` as bf16 (a new tensor for FP8, ``x`` itself for bf16)."""
-        if self.scale is None:
-            return self.x
-        return (self.x.float() * self.scale.unsqueeze(-1)).to(torch.bfloat16)
-
-
-@dataclass
-class FusedHandle:
-    """What combine needs from dispatch, on the source rank.
-
-    phys:     ``[num_tokens, top_k]`` int64, the physical slots given to dispatch.
-    position: ``[num_tokens, top_k]`` int32 row in the destination's (slot, source) block, -1 when
-              the copy was not sent (NO_EXPERT or an inactive host): the reference's
-              ``DispatchHandle.position`` with its ``phys`` recoverable as ``where(position >= 0, phys, -1)``.
-    """
-
-    phys: torch.Tensor
-    position: torch.Tensor
 
 
 @dataclass
@@ -194,7 +162,7 @@ class FusedBuffer:
 
     # ---- views ----------------------------------------------------------------------------
 
-    def recv_views(self) -> FusedReceive:
+    def recv_views(self) -> RankReceive:
         """This rank's receive layout (views of the peer buffer; see the module docstring)."""
         lay, buf = self.layout, self._buffer
         S, R, M, H = lay.slots_per_rank, lay.num_ranks, lay.max_tokens_per_rank, lay.hidden
@@ -202,13 +170,13 @@ class FusedBuffer:
         if self.use_fp8:
             x = buf[lay.off_recv_x:lay.off_recv_x + lay.num_rows * H].view(torch.float8_e4m3fn).view(S, R, M, H)
             scale = buf[lay.off_recv_scale:lay.off_recv_scale + lay.num_rows * 4].view(torch.float32).view(S, R, M)
-            return FusedReceive(x=x, count=self.vis_count, src_token=src, scale=scale)
+            return RankReceive(x=x, count=self.vis_count, src_token=src, scale=scale)
         x = buf[lay.off_recv_x:lay.off_recv_x + lay.num_rows * lay.row_nbytes].view(torch.bfloat16).view(S, R, M, H)
-        return FusedReceive(x=x, count=self.vis_count, src_token=src)
+        return RankReceive(x=x, count=self.vis_count, src_token=src)
 
     # ---- data plane -------------------------------------------------------------------------
 
-    def dispatch(self, x: torch.Tensor, phys: torch.Tensor) -> tuple[FusedReceive, FusedHandle]:
+    def dispatch(self, x: torch.Tensor, phys: torch.Tensor) -> tuple[RankReceive, DispatchHandle]:
         """Send every token copy to the rank hosting its physical slot (one kernel launch; two
         with FP8, the first quantizing each token once).
 
@@ -226,9 +194,9 @@ class FusedBuffer:
         elif self.use_fp8 and num_tokens:
             self._launch("eep_quantize", params, 0, grid=(num_tokens + 15) // 16)
         self._launch("eep_dispatch", params, self.layout.dispatch_smem_bytes())
-        return self.recv_views(), FusedHandle(phys=phys, position=self.handle_pos[:num_tokens])
+        return self.recv_views(), DispatchHandle(phys=phys, position=self.handle_pos[:num_tokens])
 
-    def combine(self, y: torch.Tensor, handle: FusedHandle, topk_weights: torch.Tensor,
+    def combine(self, y: torch.Tensor, handle: DispatchHandle, topk_weights: torch.Tensor,
                 out: torch.Tensor | None = None) -> torch.Tensor:
         """Bring expert outputs home and sum them with the top-k weights (float32 accumulation).
 

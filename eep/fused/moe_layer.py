@@ -1,7 +1,8 @@
 """``MoELayer``: the EP MoE layer with the fused expert stage, for ranks simulated in one process.
 
-Same constructor, ``forward``, ``fail`` and ``join`` as ``eep.reference.ExpertParallelMoE`` (it is
-a subclass: placement, repair planning and the repair executor are shared), with three changes:
+Same constructor, ``forward``, ``fail`` and ``join`` as ``eep.reference.ExpertParallelMoE`` (both
+subclass ``eep.repair.ExpertSlots``: placement, repair planning and the repair executor are shared),
+with three changes:
 
 - expert weights live on ``device`` per physical slot as ``slot_w13 [num_phys_slots, 2*inter, hidden]``
   (gate rows, then up rows) and ``slot_w_down [num_phys_slots, hidden, inter]``; ``slot_w_gate`` and
@@ -23,8 +24,8 @@ import torch
 
 from eep.errors import RoutingError
 from eep.fused.gemm import ExpertStageShape, make_expert_stage
-from eep.reference.moe import ExpertParallelMoE, _resolve_routing
-from eep.routing import route_to_phys
+from eep.repair.slots import ExpertSlots
+from eep.routing import resolve_routing, route_to_phys
 from eep.state import NO_EXPERT
 
 
@@ -42,7 +43,7 @@ class RankExperts:
         return self.stage(recv_x, recv_count, self.w13, self.w2)
 
 
-class MoELayer(ExpertParallelMoE):
+class MoELayer(ExpertSlots):
     """EP MoE layer (see the module docstring); extra keyword arguments:
 
     device: where weights and activations live (default: ``w_gate``'s device).
@@ -108,7 +109,7 @@ class MoELayer(ExpertParallelMoE):
         hidden = hidden.to(self.device)
         if router_logits is not None:
             router_logits = router_logits.to(self.device)
-        topk_weights, topk_ids = _resolve_routing(hidden, self.num_experts, router_logits, self.top_k,
+        topk_weights, topk_ids = resolve_routing(hidden, self.num_experts, router_logits, self.top_k,
                                                   self.renormalize,
                                                   None if topk_ids is None else topk_ids.to(self.device),
                                                   None if topk_weights is None else topk_weights.to(self.device))

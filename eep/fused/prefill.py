@@ -31,7 +31,7 @@ import torch
 from eep import envs
 from eep.fused.buffer import FusedBuffer
 from eep.fused.layout import PackedRegions, check_ranks_and_hidden
-from eep.reference.prefill import PackedHandle, PackedReceive
+from eep.exchange.layout import PackedHandle, PackedReceive
 
 
 COMBINE_VARIANTS = ("push", "spread", "pull")  # KernelVariant.prefill_combine; "push" is the validated default

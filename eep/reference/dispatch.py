@@ -21,33 +21,11 @@ which is exactly what a fused kernel does when a peer misses its deadline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 
+from eep.exchange.layout import DispatchHandle, RankReceive
+from eep.mlp import swiglu
 from eep.state.placement import NO_EXPERT
-
-
-@dataclass
-class RankReceive:
-    """What one destination rank holds after dispatch (shapes in the module docstring)."""
-
-    x: torch.Tensor
-    count: torch.Tensor
-    src_token: torch.Tensor
-
-
-@dataclass
-class DispatchHandle:
-    """What a source rank needs to combine: where each of its (token, k) copies went.
-
-    phys:     ``[num_tokens, top_k]`` int64 physical slot, ``NO_EXPERT`` when not sent.
-    position: ``[num_tokens, top_k]`` int64 row inside the destination's (slot, source) block.
-    """
-
-    phys: torch.Tensor
-    position: torch.Tensor
 
 
 def dispatch(x_by_rank: list[torch.Tensor | None], phys_by_rank: list[torch.Tensor | None],
@@ -141,38 +119,6 @@ def combine(y_by_rank: list[torch.Tensor | None], handles: list[DispatchHandle |
                 acc[token] += weights[token, k] * y[local, src, int(handle.position[token, k])].float()
         outs[src] = acc.to(ref.dtype)
     return outs
-
-
-def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """One expert: ``[n, hidden] -> [n, hidden]``, float32 inside, activation dtype out."""
-    xf = x.float()
-    h = F.silu(xf @ w_gate.float().T) * (xf @ w_up.float().T)
-    return (h @ w_down.float().T).to(x.dtype)
-
-
-def swiglu_rounded(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
-                   split_k: int = 1) -> torch.Tensor:
-    """One expert rounded where a bf16 expert stage rounds (``eep.fused.gemm``): each GEMM
-    accumulates in float32 and writes bf16, silu and the product run on bf16 tensors. Oracles of
-    deep models use it: float32 inside (``swiglu``) drifts from any bf16 engine by enough, over
-    tens of layers, to flip router near-ties.
-
-    ``split_k > 1`` sums each GEMM as that many float32 partial products over slices of the
-    reduction dimension: another accumulation order, as valid as any engine's. Answers that change
-    with it are decided by rounding alone (how the failure benchmark finds undecidable tokens)."""
-    xf = x.float()
-    gate = _matmul_f32(xf, w_gate.float().T, split_k).to(torch.bfloat16)
-    up = _matmul_f32(xf, w_up.float().T, split_k).to(torch.bfloat16)
-    return _matmul_f32((F.silu(gate) * up).float(), w_down.float().T, split_k).to(torch.bfloat16)
-
-
-def _matmul_f32(a: torch.Tensor, b: torch.Tensor, split_k: int) -> torch.Tensor:
-    if split_k <= 1:
-        return a @ b
-    out = None
-    for a_part, b_part in zip(a.tensor_split(split_k, dim=1), b.tensor_split(split_k, dim=0)):
-        out = a_part @ b_part if out is None else out + a_part @ b_part
-    return out
 
 
 def _first_shape(x_by_rank: list[torch.Tensor | None]) -> tuple[int, torch.dtype, torch.device]:

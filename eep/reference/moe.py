@@ -1,107 +1,25 @@
-"""The reference MoE layers: a dense single-device oracle and an EP layer over simulated ranks.
+"""The reference EP MoE layer: ``ExpertParallelMoE`` over simulated ranks, the oracle of every EP path.
 
-``dense_moe`` is what Mixtral / Qwen3-MoE compute (softmax -> top-k -> optional renormalisation,
-SwiGLU experts). ``ExpertParallelMoE`` computes the same function by routing through a placement
-to per-slot weights on ``num_ranks`` simulated ranks, and keeps computing it after ranks fail
-and rejoin: only the hosts of the experts move.
+``ExpertParallelMoE`` computes ``eep.mlp.dense_moe`` by routing through a placement to per-slot
+weights on ``num_ranks`` simulated ranks (``eep.repair.ExpertSlots``), dispatching, running the
+experts and combining with the readable loops of ``eep.reference.dispatch``; it keeps computing it
+after ranks fail and rejoin: only the hosts of the experts move.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 
 from eep.errors import RoutingError
-from eep.reference.dispatch import combine, dispatch, expert_mlp, swiglu
-from eep.reference.executor import ReferenceExecutor
-from eep.repair import (Bandwidth, ExecutionReport, ExpertSource, ReintegrationPlan, RepairPlan, TensorTier,
-                        plan_reintegration, plan_repair)
-from eep.routing import check_topk, route_to_phys, select_experts
-from eep.state import NO_EXPERT, ExpertPlacement, Membership, ValidityReport, check_validity
+from eep.reference.dispatch import combine, dispatch, expert_mlp
+from eep.repair.slots import ExpertSlots
+from eep.routing import resolve_routing, route_to_phys
 
 
-def dense_moe(hidden: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
-              router_logits: torch.Tensor | None = None, top_k: int | None = None, renormalize: bool = True,
-              topk_ids: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Single-device MoE over all experts: the oracle every EP path must match.
-
-    Parameters:
-        hidden: ``[num_tokens, hidden]``; w_gate, w_up: ``[num_experts, intermediate, hidden]``;
-        w_down: ``[num_experts, hidden, intermediate]``. Either ``router_logits`` ``[num_tokens,
-        num_experts]`` with ``top_k``, or precomputed ``topk_ids``/``topk_weights`` ``[num_tokens, top_k]``.
-    """
-    topk_weights, topk_ids = _resolve_routing(hidden, w_gate.shape[0], router_logits, top_k, renormalize,
-                                              topk_ids, topk_weights)
-    acc = torch.zeros(hidden.shape[0], hidden.shape[1], dtype=torch.float32, device=hidden.device)
-    for expert in topk_ids.unique().tolist():
-        token, k = (topk_ids == expert).nonzero(as_tuple=True)
-        y = swiglu(hidden[token], w_gate[expert], w_up[expert], w_down[expert])
-        acc.index_add_(0, token, topk_weights[token, k].float().unsqueeze(1) * y.float())
-    return acc.to(hidden.dtype)
-
-
-class ExpertParallelMoE:
-    """One MoE layer spread over ``num_ranks`` simulated EP ranks, with failure and rejoin.
-
-    Weights are held per physical slot (``slot_w_gate[phys_slot]`` ...), as a real rank holds
-    them. A failed rank's slots are poisoned with NaN, so any path that still read them would
-    show in the output. Tokens are split evenly over the *active* ranks (a dead rank's requests
-    are re-queued on survivors by the serving layer).
-
-    Coverage repair on ``fail`` follows ``eep.plan_repair``: experts that keep a live replica
-    are re-routed (no copy); an expert that lost every replica is restored into a spare or donor
-    slot from the fastest of ``tiers`` that holds it (default: a host tier over the weights this
-    object was built from; pass ``weights_tools`` Host/Disk tiers for the real thing, with
-    ``layer_id`` naming this layer in them). A corrupt tier falls back to the next one; if none
-    can serve, nothing changes. ``join`` follows ``eep.plan_reintegration``.
-    """
-
-    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, num_ranks: int,
-                 slots_per_rank: int, top_k: int, renormalize: bool = True, *,
-                 placement: ExpertPlacement | None = None, load: torch.Tensor | None = None,
-                 num_redundant: int | None = None, max_tokens_per_rank: int | None = None,
-                 tiers: list[ExpertSource] | None = None, layer_id: int = 0, bandwidth: Bandwidth | None = None):
-        _check_weights(w_gate, w_up, w_down)
-        num_experts = w_gate.shape[0]
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-        self.num_experts = num_experts
-        self.hidden_size = w_gate.shape[2]
-        self.top_k = top_k
-        self.renormalize = renormalize
-        self.max_tokens_per_rank = max_tokens_per_rank
-        self.membership = Membership(num_ranks)
-        if placement is None:
-            placement = ExpertPlacement.build(1, num_experts, num_ranks, slots_per_rank, load,
-                                              num_redundant=num_redundant)
-        elif (placement.num_layers, placement.num_experts, placement.num_ranks, placement.slots_per_rank) != \
-                (1, num_experts, num_ranks, slots_per_rank):
-            raise ValueError(f"{placement} does not match 1 layer, {num_experts} experts, {num_ranks} ranks x "
-                             f"{slots_per_rank} slots")
-        self.placement = placement.clone()
-        self.layer_id = layer_id
-        self.tiers = list(tiers) if tiers is not None else [TensorTier({layer_id: (w_gate, w_up, w_down)})]
-        self.bandwidth = bandwidth
-        self.last_report: ExecutionReport | None = None
-        num_phys = num_ranks * slots_per_rank
-        inter = w_gate.shape[1]
-        self.slot_w_gate = torch.full((num_phys, inter, self.hidden_size), float("nan"), dtype=w_gate.dtype)
-        self.slot_w_up = torch.full_like(self.slot_w_gate, float("nan"))
-        self.slot_w_down = torch.full((num_phys, self.hidden_size, inter), float("nan"), dtype=w_down.dtype)
-        for phys, expert in enumerate(self.placement.phys_to_logical[0].tolist()):
-            if expert != NO_EXPERT:
-                self.slot_w_gate[phys].copy_(w_gate[expert])
-                self.slot_w_up[phys].copy_(w_up[expert])
-                self.slot_w_down[phys].copy_(w_down[expert])
-
-    @property
-    def num_ranks(self) -> int:
-        return self.membership.num_ranks
-
-    @property
-    def slots_per_rank(self) -> int:
-        return self.placement.slots_per_rank
+class ExpertParallelMoE(ExpertSlots):
+    """One MoE layer spread over ``num_ranks`` simulated EP ranks, with failure and rejoin
+    (``ExpertSlots``). Tokens are split evenly over the *active* ranks (a dead rank's requests are
+    re-queued on survivors by the serving layer)."""
 
     # ---- forward ----
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor | None = None, *,
@@ -111,7 +29,7 @@ class ExpertParallelMoE:
             raise RoutingError(f"hidden has shape {tuple(hidden.shape)}, expected [num_tokens, {self.hidden_size}]")
         if hidden.dtype != self.slot_w_gate.dtype:
             raise RoutingError(f"hidden has dtype {hidden.dtype}, the expert weights {self.slot_w_gate.dtype}")
-        topk_weights, topk_ids = _resolve_routing(hidden, self.num_experts, router_logits, self.top_k,
+        topk_weights, topk_ids = resolve_routing(hidden, self.num_experts, router_logits, self.top_k,
                                                   self.renormalize, topk_ids, topk_weights)
         active = self.membership.active_cpu.tolist()
         active_ranks = self.membership.active_ranks()
@@ -135,74 +53,3 @@ class ExpertParallelMoE:
         return torch.cat([outs[r] for r in active_ranks], dim=0)
 
     __call__ = forward
-
-    # ---- membership transitions ----
-    def fail(self, ranks: int | Iterable[int], *, rereplicate: bool = False) -> RepairPlan:
-        """Ranks die: drop their slots, restore orphans from the tiers. All-or-nothing.
-
-        ``rereplicate=True`` also runs the background phase (spare slots take extra replicas);
-        by default spare slots stay free for the next failure's orphans.
-        """
-        after = self.membership.after_failure(ranks)  # validates; raises before any change
-        plan = plan_repair(self.placement, self.membership, after, self.tiers, self.bandwidth,
-                           layer_ids=[self.layer_id], rereplicate=rereplicate, expert_nbytes=self._expert_nbytes)
-        self.last_report = plan.execute(ReferenceExecutor(self, after, self.tiers))
-        if rereplicate:
-            plan.execute_rereplication(ReferenceExecutor(self, after, self.tiers))
-        return plan
-
-    def join(self, rank: int, *, load: torch.Tensor | None = None) -> ReintegrationPlan:
-        """A repaired ``rank`` comes back; survivors keep their slots and only serve as copy sources."""
-        after = self.membership.after_join(rank)
-        plan = plan_reintegration(self.placement, self.membership, rank, load, tiers=self.tiers,
-                                  bandwidth=self.bandwidth, layer_ids=[self.layer_id],
-                                  expert_nbytes=self._expert_nbytes)
-        self.last_report = plan.execute(ReferenceExecutor(self, after, self.tiers))
-        return plan
-
-    def validity(self) -> ValidityReport:
-        return check_validity(self.membership, self.placement)
-
-    # ---- weights ----
-    @property
-    def _expert_nbytes(self) -> int:
-        return sum(w[0].numel() * w.element_size() for w in (self.slot_w_gate, self.slot_w_up, self.slot_w_down))
-
-    def poison_slots(self, phys_slots: Iterable[int]) -> None:
-        """Fill slots with NaN: what a dead rank held must never be read again."""
-        for phys in phys_slots:
-            for w in (self.slot_w_gate, self.slot_w_up, self.slot_w_down):
-                w[phys].fill_(float("nan"))
-
-
-def _check_weights(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> None:
-    if w_gate.dim() != 3:
-        raise ValueError(f"w_gate has shape {tuple(w_gate.shape)}, expected [num_experts, intermediate, hidden]")
-    num_experts, inter, hidden = w_gate.shape
-    if tuple(w_up.shape) != (num_experts, inter, hidden):
-        raise ValueError(f"w_up has shape {tuple(w_up.shape)}, expected {(num_experts, inter, hidden)} like w_gate")
-    if tuple(w_down.shape) != (num_experts, hidden, inter):
-        raise ValueError(f"w_down has shape {tuple(w_down.shape)}, expected {(num_experts, hidden, inter)}")
-    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-        if not w.is_floating_point():
-            raise ValueError(f"{name} has dtype {w.dtype}, expected a floating type")
-        if w.dtype != w_gate.dtype:
-            raise ValueError(f"{name} has dtype {w.dtype} but w_gate has {w_gate.dtype}")
-
-
-def _resolve_routing(hidden: torch.Tensor, num_experts: int, router_logits: torch.Tensor | None, top_k: int | None,
-                     renormalize: bool, topk_ids: torch.Tensor | None, topk_weights: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    if router_logits is not None:
-        if topk_ids is not None or topk_weights is not None:
-            raise RoutingError("pass either router_logits or topk_ids/topk_weights, not both")
-        if tuple(router_logits.shape) != (hidden.shape[0], num_experts):
-            raise RoutingError(f"router_logits has shape {tuple(router_logits.shape)}, "
-                               f"expected [{hidden.shape[0]}, {num_experts}]")
-        if top_k is None:
-            raise RoutingError("router_logits needs top_k")
-        return select_experts(router_logits, top_k, renormalize=renormalize)
-    if topk_ids is None or topk_weights is None:
-        raise RoutingError("pass router_logits, or both topk_ids and topk_weights")
-    check_topk(topk_ids, num_experts, hidden.shape[0], topk_weights=topk_weights)
-    return topk_weights, topk_ids.long()

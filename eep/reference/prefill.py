@@ -27,53 +27,12 @@ inactive rank (or is ``NO_EXPERT``) contributes nothing — the contract of the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from eep.reference.dispatch import _first_shape, swiglu
+from eep.exchange.layout import PackedHandle, PackedReceive
+from eep.mlp import swiglu
+from eep.reference.dispatch import _first_shape
 from eep.state.placement import NO_EXPERT
-
-
-@dataclass
-class PackedReceive:
-    """What one destination rank holds after a packed dispatch (shapes in the module docstring)."""
-
-    x: torch.Tensor
-    count: torch.Tensor
-    src_token: torch.Tensor
-    local_slot: torch.Tensor
-    weight: torch.Tensor
-
-    @property
-    def num_recv(self) -> int:
-        """Token rows received (one per source token that has a choice here)."""
-        return int(self.count.sum())
-
-    def expert_order(self, slots_per_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(row, k) entries grouped by local slot; inside a slot by source, then row.
-
-        Returns ``(entry_row [E] int64, entry_k [E] int64, slot_offset [slots_per_rank + 1] int64)``,
-        ``entry_row`` indexing the flattened ``[num_ranks * max_tokens_per_rank]`` rows; the entries
-        of slot ``i`` are ``slot_offset[i]:slot_offset[i+1]``.
-        """
-        flat = self.local_slot.reshape(-1, self.local_slot.shape[-1])
-        rows, ks, offsets = [], [], [0]
-        for slot in range(slots_per_rank):
-            hit = (flat == slot).nonzero()  # row-major: ascending flat row, then k
-            rows.append(hit[:, 0])
-            ks.append(hit[:, 1])
-            offsets.append(offsets[-1] + hit.shape[0])
-        return (torch.cat(rows).long(), torch.cat(ks).long(),
-                torch.tensor(offsets, dtype=torch.long, device=self.x.device))
-
-
-@dataclass
-class PackedHandle:
-    """What a source rank needs to combine: ``dst_row[token, dst]`` is the token's row in this
-    source's region of rank ``dst``'s receive buffer, -1 when it was not sent there."""
-
-    dst_row: torch.Tensor
 
 
 def dispatch_packed(x_by_rank: list[torch.Tensor | None], phys_by_rank: list[torch.Tensor | None],

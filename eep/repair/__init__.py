@@ -4,8 +4,9 @@ from eep.repair.bandwidth import Bandwidth
 from eep.repair.plan import (ExecutionReport, RepairError, RepairExecutor, RepairPlan, StepKind, Transfer,
                              plan_repair, run_transfers)
 from eep.repair.reintegration import ReintegrationPlan, plan_reintegration
+from eep.repair.slots import ExpertSlots, SlotExecutor
 from eep.repair.tiers import DISK, HOST, PEER, ExpertSource, TensorTier, tier_order
 
-__all__ = ["Bandwidth", "DISK", "ExecutionReport", "ExpertSource", "HOST", "PEER", "ReintegrationPlan",
-           "RepairError", "RepairExecutor", "RepairPlan", "StepKind", "TensorTier", "Transfer", "plan_reintegration",
-           "plan_repair", "run_transfers", "tier_order"]
+__all__ = ["Bandwidth", "DISK", "ExecutionReport", "ExpertSlots", "ExpertSource", "HOST", "PEER",
+           "ReintegrationPlan", "RepairError", "RepairExecutor", "RepairPlan", "SlotExecutor", "StepKind",
+           "TensorTier", "Transfer", "plan_reintegration", "plan_repair", "run_transfers", "tier_order"]

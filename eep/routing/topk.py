@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from eep.errors import RoutingError
+from eep.routing.route import check_topk
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True
@@ -28,3 +29,23 @@ def select_experts(router_logits: torch.Tensor, top_k: int, *, renormalize: bool
     if renormalize:
         topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
     return topk_weights, topk_ids
+
+
+def resolve_routing(hidden: torch.Tensor, num_experts: int, router_logits: torch.Tensor | None, top_k: int | None,
+                     renormalize: bool, topk_ids: torch.Tensor | None, topk_weights: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(topk_weights, topk_ids)`` from router logits (``select_experts``) or from a precomputed,
+    validated top-k: the two ways a MoE layer is told where tokens go (exactly one must be given)."""
+    if router_logits is not None:
+        if topk_ids is not None or topk_weights is not None:
+            raise RoutingError("pass either router_logits or topk_ids/topk_weights, not both")
+        if tuple(router_logits.shape) != (hidden.shape[0], num_experts):
+            raise RoutingError(f"router_logits has shape {tuple(router_logits.shape)}, "
+                               f"expected [{hidden.shape[0]}, {num_experts}]")
+        if top_k is None:
+            raise RoutingError("router_logits needs top_k")
+        return select_experts(router_logits, top_k, renormalize=renormalize)
+    if topk_ids is None or topk_weights is None:
+        raise RoutingError("pass router_logits, or both topk_ids and topk_weights")
+    check_topk(topk_ids, num_experts, hidden.shape[0], topk_weights=topk_weights)
+    return topk_weights, topk_ids.long()

@@ -21,7 +21,7 @@ class RuntimeConfig:
     max_new_tokens: int = 12
     model: TinyConfig = field(default_factory=TinyConfig)
     shard_dir: str | None = None  # restore experts from eep-shards output instead of the generated copy
-    # data plane (eep/runtime/engine.py): "shm" (CPU), "fused" / "fused_fixed" (GPU, eep/runtime/gpu_dataplane.py)
+    # data plane (eep/runtime/engines/base.py): "shm" (CPU), "fused" / "fused_fixed" (GPU, eep/runtime/engines/gpu.py)
     engine: str = "shm"
     engine_options: dict = field(default_factory=dict)  # engine-specific knobs (GpuEngine documents its own)
 

@@ -10,7 +10,7 @@ plus a small vocabulary. One decode step maps each request's last token to its n
         h = h + moe(layer, x, topk_weights, topk_ids)      # the only part that crosses ranks
     next_token = argmax(rms_norm(h) @ lm_head.T)
 
-``moe`` is ``eep.reference.dense_moe`` in the oracle and dispatch/expert/combine over the
+``moe`` is ``eep.mlp.dense_moe`` in the oracle and dispatch/expert/combine over the
 transport in the engine; everything else is ``decode_step`` here, shared by both. There is no
 attention, so the next token depends only on the last one: a request can be re-run from its
 prompt on any rank and yields the same tokens, which is how a dead rank's requests are re-queued.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eep.reference import dense_moe
+from eep.mlp import dense_moe
 from eep.routing import select_experts
 
 MoEFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -124,7 +124,7 @@ def decode_step(weights: TinyWeights, tokens: torch.Tensor, moe: MoEFn) -> torch
 
 
 def dense_moe_fn(weights: TinyWeights) -> MoEFn:
-    """The oracle's MoE: ``eep.reference.dense_moe`` over all experts of the layer."""
+    """The oracle's MoE: ``eep.mlp.dense_moe`` over all experts of the layer."""
     def moe(layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return dense_moe(x, weights.w_gate[layer], weights.w_up[layer], weights.w_down[layer],
                          topk_ids=topk_ids, topk_weights=topk_weights)
@@ -206,3 +206,29 @@ def _min_margin(weights: TinyWeights) -> float:
     logits = (rms_norm(h) @ weights.lm_head.T).topk(2, -1).values
     margins.append((logits[:, 0] - logits[:, 1]).min())
     return float(min(margins))
+
+
+# ---- the bench model: the same decode model at a real MoE shape, served by the GPU engine ----
+
+QWEN3_30B_A3B = TinyConfig(hidden=2048, intermediate=768, num_experts=128, top_k=8, num_layers=48, vocab_size=1024)
+QWEN3_ATTN_WIDTH = 4096 + 512 + 512 + 4096  # q, k, v, o projection columns at hidden 2048
+
+
+@dataclass
+class BenchWeights:
+    """Non-expert weights (float32, CPU): embed, lm_head ``[vocab, hidden]``; router ``[layers, experts,
+    hidden]``. (The attention stand-in's weights are drawn on the device by ``GpuEngine``: they never
+    change a token, so the oracle does not need them.)"""
+
+    embed: torch.Tensor
+    router: torch.Tensor
+    lm_head: torch.Tensor
+
+
+def bench_weights(config: TinyConfig) -> BenchWeights:
+    """The seeded non-expert weights; identical on every rank and in the oracle."""
+    gen = torch.Generator().manual_seed(config.seed * 7919 + 1)
+    h, n, e, v = config.hidden, config.num_layers, config.num_experts, config.vocab_size
+    return BenchWeights(embed=torch.randn(v, h, generator=gen),
+                        router=torch.randn(n, e, h, generator=gen) / h ** 0.5 * 2.0,
+                        lm_head=torch.randn(v, h, generator=gen) / h ** 0.5 * 4.0)

@@ -26,23 +26,7 @@ from typing import Protocol
 
 import torch
 
-EPOCH_SHIFT = 40  # a tag is ((epoch + 1) << 40) | step: 2^40 steps, 2^23 - 1 epochs
-
-
-def make_tag(epoch: int, step: int) -> int:
-    """The flag value a send at ``(epoch, step)`` publishes; one int64, written with one store.
-
-    The epoch is offset by one so that no tag is 0: a freshly zeroed flag never looks like a
-    completed send of epoch 0, step 0.
-    """
-    if not 0 <= step < (1 << EPOCH_SHIFT) or not 0 <= epoch < (1 << (63 - EPOCH_SHIFT)) - 1:
-        raise ValueError(f"(epoch={epoch}, step={step}) does not fit a transport tag")
-    return ((epoch + 1) << EPOCH_SHIFT) | step
-
-
-def split_tag(tag: int) -> tuple[int, int]:
-    """``(epoch, step)`` of a tag; epoch -1 for a flag never written."""
-    return (tag >> EPOCH_SHIFT) - 1, tag & ((1 << EPOCH_SHIFT) - 1)
+from eep.exchange.tags import make_tag, split_tag  # noqa: F401  (re-exported: the transport's flag values)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eep.runtime.timeline import read_jsonl
+from eep.runtime.control.timeline import read_jsonl
 
 
 def load_run(run_dir: str | Path) -> tuple[list[dict], list[dict]]:

@@ -36,17 +36,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from eep.runtime.auth import Sealer
+from eep.runtime.control.auth import Sealer
 from eep.runtime.config import RuntimeConfig
-from eep.runtime.dataplane import StepAborted
-from eep.runtime.engine import make_engine
-from eep.runtime.keys import Key, store_key
+from eep.runtime.engines.shm import StepAborted
+from eep.runtime.engines.base import make_engine
+from eep.runtime.control.keys import Key, store_key
 from eep.runtime.model import make_request
-from eep.runtime.rules import initial_placement, next_placement
-from eep.runtime.timeline import Timeline
+from eep.runtime.control.rules import initial_placement, next_placement
+from eep.runtime.control.timeline import Timeline
 from eep.state import ExpertPlacement, Membership
 
-log = logging.getLogger("eep.runtime.rank")
+log = logging.getLogger("eep.runtime.control.rank")
 
 EXIT_ORPHANED = 3
 

@@ -8,9 +8,9 @@ import logging
 import sys
 
 from eep import envs
-from eep.runtime.checks import check_run
+from eep.cli.answers import check_run
 from eep.runtime.config import RuntimeConfig
-from eep.runtime.launcher import Fault, Launcher
+from eep.runtime.control.launcher import Fault, Launcher
 
 
 def _fault(spec: str, action: str) -> Fault:

@@ -14,7 +14,7 @@ import hmac
 import json
 import logging
 
-log = logging.getLogger("eep.runtime.auth")
+log = logging.getLogger("eep.runtime.control.auth")
 
 
 class Sealer:

@@ -35,15 +35,15 @@ from pathlib import Path
 import torch.distributed as dist
 
 from eep import envs
-from eep.runtime.auth import Sealer
+from eep.runtime.control.auth import Sealer
 from eep.runtime.config import RuntimeConfig
-from eep.runtime.coordinator import Coordinator
-from eep.runtime.keys import Key, store_key
-from eep.runtime.rank import RankSpec, rank_main
-from eep.runtime.timeline import Timeline
+from eep.runtime.control.coordinator import Coordinator
+from eep.runtime.control.keys import Key, store_key
+from eep.runtime.control.rank import RankSpec, rank_main
+from eep.runtime.control.timeline import Timeline
 from eep.transport import create_shm_file
 
-log = logging.getLogger("eep.runtime.launcher")
+log = logging.getLogger("eep.runtime.control.launcher")
 
 _SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "cont": signal.SIGCONT, "term": signal.SIGTERM}
 
@@ -168,7 +168,7 @@ class Launcher:
             is_interrupted = True
         finally:
             self._shutdown()
-        from eep.runtime.metrics import summarize
+        from eep.runtime.control.metrics import summarize
         results, served_by = self._collect_results()
         self.store = self.coordinator.store = None  # closes the store server: the run is over
         summary = summarize(self.run_dir)
@@ -180,7 +180,7 @@ class Launcher:
     # ---- processes ----
     def _spawn(self, rank: int) -> None:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["eep.runtime.rank"])
+        ctx.set_forkserver_preload(["eep.runtime.control.rank"])
         self.incarnations[rank] += 1
         spec = RankSpec(config=self.cfg.to_dict(), rank=rank, incarnation=self.incarnations[rank], run_id=self.run_id,
                         secret_hex=self.secret.hex(), shm_path=self.shm_path, run_dir=str(self.run_dir),
@@ -330,7 +330,7 @@ class Launcher:
         return results, served_by
 
     def _capacity_nbytes(self) -> int:
-        from eep.runtime.engine import transport_capacity_nbytes
+        from eep.runtime.engines.base import transport_capacity_nbytes
         return transport_capacity_nbytes(self.cfg)
 
 

@@ -1,6 +1,6 @@
 """GPU data plane of a rank: the bench decode model in bf16, one CUDA graph per decode step.
 
-``GpuEngine`` implements the engine seam of ``eep/runtime/engine.py`` (``RuntimeConfig.engine``
+``GpuEngine`` implements the engine seam of ``eep/runtime/engines/base.py`` (``RuntimeConfig.engine``
 ``"fused"``, ``"fused_fixed"`` or ``"nccl"``). The model is the runtime's tiny decode model
 (``eep/runtime/model.py``: a Markov chain over tokens, so a re-queued request re-runs from its
 prompt) at a real MoE shape, plus a fixed-cost stand-in for attention:
@@ -49,79 +49,9 @@ import torch
 
 from eep.routing import route_to_phys, select_experts
 from eep.runtime.config import RuntimeConfig
-from eep.runtime.dataplane import StepAborted
-from eep.runtime.model import TinyConfig, rms_norm
+from eep.runtime.engines.base import StepAborted
+from eep.runtime.model import bench_weights, rms_norm
 from eep.state import NO_EXPERT, ExpertPlacement
-
-QWEN3_30B_A3B = TinyConfig(hidden=2048, intermediate=768, num_experts=128, top_k=8, num_layers=48, vocab_size=1024)
-QWEN3_ATTN_WIDTH = 4096 + 512 + 512 + 4096  # q, k, v, o projection columns at hidden 2048
-
-
-@dataclass
-class BenchWeights:
-    """Non-expert weights (float32, CPU): embed, lm_head ``[vocab, hidden]``; router ``[layers, experts,
-    hidden]``. (The attention stand-in's weights are drawn on the device by ``GpuEngine``: they never
-    change a token, so the oracle does not need them.)"""
-
-    embed: torch.Tensor
-    router: torch.Tensor
-    lm_head: torch.Tensor
-
-
-def bench_weights(config: TinyConfig) -> BenchWeights:
-    """The seeded non-expert weights; identical on every rank and in the oracle."""
-    gen = torch.Generator().manual_seed(config.seed * 7919 + 1)
-    h, n, e, v = config.hidden, config.num_layers, config.num_experts, config.vocab_size
-    return BenchWeights(embed=torch.randn(v, h, generator=gen),
-                        router=torch.randn(n, e, h, generator=gen) / h ** 0.5 * 2.0,
-                        lm_head=torch.randn(v, h, generator=gen) / h ** 0.5 * 4.0)
-
-
-def reference_next_tokens(config: TinyConfig, weights: BenchWeights, load_expert: Callable, tokens: list[int], *,
-                          combine_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                          split_k: int = 1) -> tuple[list[int], list[float], list[float]]:
-    """The oracle: next token of each given token, in readable PyTorch (a per-expert loop, no EP).
-
-    It rounds where the engine rounds, so that a correct engine agrees with it token for token on
-    all but numerically undecidable tokens: expert GEMM outputs and SwiGLU in bf16 (as
-    ``TorchExpertStage``), top-k contributions summed in float32 in k order (mul then add, as the
-    combine kernel and ``gather_combine``) and rounded to ``combine_dtype`` (bf16 for the fused
-    combine, float32 for ``gather_combine``). Only the order inside each GEMM's float32
-    accumulation differs. In a 32-layer random model an unrounded float32 oracle disagreed with
-    the engine on 1 of 6 sampled tokens (a router top-k near-tie flipped one layer, perf/RESULTS.md).
-
-    Returns ``(next_tokens, margins, router_gaps)``: margin is the top-1 minus top-2 logit, router
-    gap the smallest k-th minus (k+1)-th router logit over all layers; a token with a tiny gap or
-    margin is one where float32 accumulation order alone can change the answer.
-    ``load_expert(layer, expert) -> (w_gate, w_up, w_down)`` (any dtype, any device). ``split_k``:
-    another float32 accumulation order for the expert GEMMs (``eep.reference.swiglu_rounded``).
-    """
-    from eep.reference import swiglu_rounded
-
-    dev = torch.device(device)
-    h = weights.embed[torch.tensor(tokens)].to(dev)
-    k = config.top_k
-    gaps = torch.full((len(tokens),), float("inf"), device=dev)
-    for layer in range(config.num_layers):
-        x = rms_norm(h).to(torch.bfloat16)  # the engine dispatches bf16 activations
-        logits = x.float() @ weights.router[layer].to(dev).T
-        if k < config.num_experts:
-            top = logits.topk(k + 1, -1).values
-            gaps = torch.minimum(gaps, top[:, k - 1] - top[:, k])
-        topk_weights, topk_ids = select_experts(logits, k)
-        ys = torch.zeros(len(tokens), k, config.hidden, dtype=torch.bfloat16, device=dev)
-        for expert in sorted(set(topk_ids.flatten().tolist())):
-            w_gate, w_up, w_down = (t.to(dev, torch.bfloat16) for t in load_expert(layer, expert))
-            rows, slots = (topk_ids == expert).nonzero(as_tuple=True)
-            ys[rows, slots] = swiglu_rounded(x[rows], w_gate, w_up, w_down, split_k=split_k)
-        acc = torch.zeros(len(tokens), config.hidden, dtype=torch.float32, device=dev)
-        for j in range(k):
-            acc = acc + topk_weights[:, j:j + 1] * ys[:, j].float()
-        h = h + acc.to(combine_dtype).float()
-    logits = rms_norm(h) @ weights.lm_head.to(dev).T
-    top2 = logits.topk(2, -1).values
-    return logits.argmax(-1).tolist(), (top2[:, 0] - top2[:, 1]).tolist(), gaps.tolist()
-
 
 # ---- exchanges --------------------------------------------------------------------------------
 
@@ -187,7 +117,7 @@ def _connect_each(rank: int, peers: list[int], timeout_s: float, connect_one: Ca
         try:
             connect_one(r, max(deadline - time.monotonic(), _MIN_PEER_S))
         except OSError as exc:
-            logging.getLogger("eep.runtime.gpu_dataplane").warning(
+            logging.getLogger("eep.runtime.engines.gpu").warning(
                 "rank %d: could not map the buffer of rank %d: %s", rank, r, exc)
             failed.append(r)
     if failed:

@@ -13,11 +13,11 @@ import logging
 import tempfile
 from pathlib import Path
 
-from eep.runtime.checks import check_run
+from eep.cli.answers import check_run
 from eep.runtime.config import RuntimeConfig
-from eep.runtime.launcher import Fault, Launcher
-from eep.runtime.metrics import load_run, throughput_series
-from eep.runtime.png import plot_timeline
+from eep.runtime.control.launcher import Fault, Launcher
+from eep.runtime.control.metrics import load_run, throughput_series
+from eep.cli.plot import plot_timeline
 
 
 def run_runtime_demo(*, num_ranks: int = 4, kill_rank: int = 1, num_requests: int = 1200,
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(name)s %(levelname)s %(message)s")
     ok = True
     if not args.skip_reference:
-        from eep.demo import run_demo
+        from eep.cli.simulated_demo import run_demo
         ok = run_demo(failed_rank=args.kill_rank)
         if args.reference_only:
             return 0 if ok else 1

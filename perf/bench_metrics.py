@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eep.runtime.metrics import load_run
+from eep.runtime.control.metrics import load_run
 
 
 def _steps(ranks: list[dict]) -> list[dict]:
@@ -164,8 +164,8 @@ def startup(run_dir: str | Path, t_launch: float) -> dict:
 
 
 def throughput_markers(run_dir: str | Path, bin_s: float) -> tuple[list[tuple[float, float]], list[tuple[float, str]]]:
-    """Series and markers for ``eep.runtime.png.plot_timeline`` (red fault, orange repair, green rejoin)."""
-    from eep.runtime.metrics import throughput_series
+    """Series and markers for ``eep.cli.plot.plot_timeline`` (red fault, orange repair, green rejoin)."""
+    from eep.runtime.control.metrics import throughput_series
 
     launcher, ranks = load_run(run_dir)
     steps = _steps(ranks)

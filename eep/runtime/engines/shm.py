@@ -21,25 +21,21 @@ expert rows do.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from eep.reference import DispatchHandle, swiglu
+from eep.mlp import swiglu
+from eep.exchange.layout import DispatchHandle
 from eep.routing import route_to_phys
+from eep.runtime.config import RuntimeConfig
+from eep.runtime.engines.base import StepAborted
+from eep.runtime.model import decode_step, expert_source, generate_weights
 from eep.state import NO_EXPERT, ExpertPlacement
 from eep.transport import Transport
-
-
-class StepAborted(Exception):
-    """A receive of this step did not complete: peers missed the deadline, or a new decision came."""
-
-    def __init__(self, layer: int, phase: str, missed: list[int], *, is_aborted: bool):
-        self.layer, self.phase, self.missed, self.is_aborted = layer, phase, missed, is_aborted
-        why = "a new membership decision arrived" if is_aborted else f"ranks {missed} missed the deadline"
-        super().__init__(f"layer {layer} {phase}: {why}")
 
 
 @dataclass
@@ -226,3 +222,58 @@ class RankMoE:
             raise StepAborted(layer, "combine", got.missed, is_aborted=got.is_aborted)
         replies_home = {d: self.codec.decode_reply(region) for d, region in got.buffers.items()}
         return combine_replies(replies_home, plan, topk_ids, topk_weights, s).to(x.dtype)
+
+
+class ShmEngine:
+    """The CPU data plane: float32 tiny model, ``RankMoE`` over the shared-memory transport."""
+
+    def __init__(self, cfg: RuntimeConfig, rank: int, *, shm_path: str):
+        from eep.transport import SharedMemoryTransport
+
+        self.cfg, self.rank = cfg, rank
+        self.transport = SharedMemoryTransport(shm_path, rank)
+        self.weights = generate_weights(cfg.model, shard_dir=cfg.shard_dir)
+        self.source = expert_source(self.weights, cfg.shard_dir)
+        self.moe = RankMoE(rank, cfg.num_ranks, cfg.model.num_layers, cfg.slots_per_rank, cfg.token_capacity,
+                           cfg.model.hidden, cfg.model.intermediate, self.transport)
+        self.restore_stats: dict = {}
+
+    def load_missing(self, placement: ExpertPlacement) -> int:
+        missing = self.moe.missing_slots(placement)
+        t0 = time.perf_counter()
+        for layer, local, expert in missing:
+            self.moe.load_slot(layer, local, expert, self.source.load(layer, expert))
+        tier = "shards" if self.cfg.shard_dir else "host"  # weights_tools tiers, or the generated host copy
+        nbytes = len(missing) * 3 * self.cfg.model.hidden * self.cfg.model.intermediate * 4
+        seconds = time.perf_counter() - t0
+        self.restore_stats = {"by_tier": {tier: {"experts": len(missing), "nbytes": nbytes, "seconds": seconds}},
+                              "seconds": seconds, "experts": len(missing)}
+        return len(missing)
+
+    def warmup(self) -> None:
+        """Run every local expert on random rows, alone: no transport, no peer sees it."""
+        gen = torch.Generator().manual_seed(self.rank)
+        s, t, h = self.cfg.slots_per_rank, self.cfg.token_capacity, self.cfg.model.hidden
+        for _ in range(self.cfg.warmup_steps):
+            for layer in range(self.cfg.model.num_layers):
+                count = torch.where(self.moe.loaded[layer] >= 0, t, 0).to(torch.int32)  # empty slots stay idle
+                block = Block(count=count, src_token=torch.zeros(s, t, dtype=torch.int32),
+                              x=torch.randn(s, t, h, generator=gen))
+                y = expert_compute({self.rank: block}, self.moe.w_gate[layer], self.moe.w_up[layer],
+                                   self.moe.w_down[layer])[self.rank]
+                if not bool(torch.isfinite(y).all()):
+                    raise RuntimeError(f"rank {self.rank}: warm-up of layer {layer} gave non-finite outputs")
+
+    def on_commit(self, *, active: list[bool], joined: list[int], epoch: int, start_step: int,
+                  is_joiner: bool) -> None:
+        """Nothing to switch: the shm transport reads membership per call and tags carry the epoch."""
+
+    def decode(self, tokens: torch.Tensor, *, active: list[bool], placement: ExpertPlacement, epoch: int, step: int,
+               timeout_s: float, should_abort: Callable[[], bool] | None = None) -> list[int]:
+        def moe(layer, x, topk_weights, topk_ids):
+            return self.moe.forward_layer(layer, x, topk_weights, topk_ids, active=active, placement=placement,
+                                          epoch=epoch, step=step, timeout_s=timeout_s, should_abort=should_abort)
+        return decode_step(self.weights, tokens, moe).tolist()
+
+    def close(self) -> None:
+        self.transport.close()

@@ -38,14 +38,14 @@ import time
 from collections.abc import Callable
 
 from eep.errors import InsufficientSlotsError
-from eep.runtime.auth import Sealer
+from eep.runtime.control.auth import Sealer
 from eep.runtime.config import RuntimeConfig
-from eep.runtime.keys import Key, store_key
-from eep.runtime.rules import initial_placement, next_placement
-from eep.runtime.timeline import Timeline
+from eep.runtime.control.keys import Key, store_key
+from eep.runtime.control.rules import initial_placement, next_placement
+from eep.runtime.control.timeline import Timeline
 from eep.state import ExpertPlacement, Membership
 
-log = logging.getLogger("eep.runtime.coordinator")
+log = logging.getLogger("eep.runtime.control.coordinator")
 
 
 class Coordinator:

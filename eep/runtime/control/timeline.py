@@ -2,7 +2,7 @@
 
 Step record: ``{"t": wall_s, "rank", "incarnation", "step", "epoch", "tokens", "phase"}``.
 Event record: ``{"t", "rank", "incarnation", "event": name, ...details}``. The launcher writes
-``launcher.jsonl`` with ``"rank": null``. ``eep.runtime.metrics`` reads them back.
+``launcher.jsonl`` with ``"rank": null``. ``eep.runtime.control.metrics`` reads them back.
 """
 
 from __future__ import annotations
