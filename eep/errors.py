@@ -32,6 +32,17 @@ class RoutingError(EEPError, ValueError):
     """Bad routing input: out-of-range expert ids, wrong shapes or dtypes."""
 
 
+class PeerUnreachableError(EEPError, ConnectionError):
+    """Peers whose buffers could not be mapped in time (dead or stopped): their failure, not the caller's.
+
+    ``ranks`` lists them; the others were connected. Callers report them as evidence, as they report
+    a missed deadline."""
+
+    def __init__(self, ranks: list[int], detail: str = ""):
+        self.ranks = sorted(ranks)
+        super().__init__(f"ranks {self.ranks} could not be connected" + (f": {detail}" if detail else ""))
+
+
 def _short_list(items: list[int], limit: int = 8) -> str:
     shown = ", ".join(str(i) for i in items[:limit])
     return f"experts [{shown}{', ...' if len(items) > limit else ''}]"

@@ -1,6 +1,28 @@
 """Helpers shared by the test modules (kept out of conftest.py, which other test folders shadow)."""
 
+import threading
+
 import torch
+
+
+def on_every_rank(step, ranks) -> dict:
+    """``step(rank)`` on one thread per rank of ``ranks``; returns ``{rank: result}``, raising any
+    rank's error (with its rank) once every thread has ended (each joined within 60 s)."""
+    results, errors = {}, []
+
+    def one(rank):
+        try:
+            results[rank] = step(rank)
+        except Exception as exc:  # noqa: BLE001 - surfaced below with the rank
+            errors.append((rank, exc))
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in ranks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    return results
 
 
 def random_experts(num_experts: int, inter: int, hidden: int, *, generator: torch.Generator,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from eep_test_utils import random_experts, run_ranks_one_sigkilled
-from eep.integrations.buffer import Buffer, dequantize_fp8
+from eep.exchange.fp8 import dequantize_fp8
+from eep.integrations.buffer import Buffer
 from eep.reference import combine as ref_combine
 from eep.reference import dispatch as ref_dispatch
 from eep.reference import swiglu
@@ -70,7 +71,7 @@ def _reference(xs, ids, ws, weights, active):
 @pytest.mark.parametrize("use_fp8, hook", [(False, False), (False, True), (True, False)])
 def test_four_ranks_match_the_reference(tmp_path, use_fp8, hook):
     path = str(tmp_path / "ep.shm")
-    create_shm_file(path, NUM_RANKS, 2, Buffer.get_ep_buffer_size_hint(M, HIDDEN, NUM_RANKS, NUM_EXPERTS, use_fp8=use_fp8))
+    create_shm_file(path, NUM_RANKS, 4, Buffer.get_ep_buffer_size_hint(M, HIDDEN, NUM_RANKS, NUM_EXPERTS, use_fp8=use_fp8))
     xs, ids, ws, weights = _inputs(1 + use_fp8 + 2 * hook)
     results = {}
     threads = [threading.Thread(target=_run_rank, args=(path, r, xs[r], ids[r], ws[r], weights,
@@ -113,7 +114,7 @@ def _process_rank(path, rank, seed, queue, dead_rank, ready):
 
 def test_sigkilled_rank_is_cleared_in_place_and_survivors_match_the_reference(tmp_path):
     path = str(tmp_path / "ep.shm")
-    create_shm_file(path, NUM_RANKS, 2, Buffer.get_ep_buffer_size_hint(M, HIDDEN, NUM_RANKS, NUM_EXPERTS))
+    create_shm_file(path, NUM_RANKS, 4, Buffer.get_ep_buffer_size_hint(M, HIDDEN, NUM_RANKS, NUM_EXPERTS))
     dead = 2
     got = run_ranks_one_sigkilled(_process_rank, path, NUM_RANKS, 7, dead)
     xs, ids, ws, weights = _inputs(7)
@@ -126,7 +127,7 @@ def test_sigkilled_rank_is_cleared_in_place_and_survivors_match_the_reference(tm
 
 def test_bad_input_names_the_problem(tmp_path):
     path = str(tmp_path / "ep.shm")
-    create_shm_file(path, NUM_RANKS, 2, 4096)
+    create_shm_file(path, NUM_RANKS, 4, 4096)
     buf = Buffer(0, NUM_RANKS, transport=SharedMemoryTransport(path, 0))
     active = torch.ones(NUM_RANKS, dtype=torch.int32)
     x = torch.randn(4, HIDDEN)

@@ -61,7 +61,7 @@ def _reference(xs, ids, ws, weights, active):
 
 def test_four_ranks_match_the_packed_reference(tmp_path):
     path = str(tmp_path / "ep.shm")
-    create_shm_file(path, NUM_RANKS, 2, Buffer.get_prefill_buffer_size_hint(M, HIDDEN, TOP_K))
+    create_shm_file(path, NUM_RANKS, 4, Buffer.get_prefill_buffer_size_hint(M, HIDDEN, TOP_K))
     xs, ids, ws, weights = _inputs(3)
     results = {}
     threads = [threading.Thread(target=_run_rank, args=(path, r, xs[r], ids[r], ws[r], weights,
@@ -100,7 +100,7 @@ def _process_rank(path, rank, seed, queue, dead_rank, ready):
 
 def test_sigkilled_rank_is_cleared_in_place_and_survivors_match_the_reference(tmp_path):
     path = str(tmp_path / "ep.shm")
-    create_shm_file(path, NUM_RANKS, 2, Buffer.get_prefill_buffer_size_hint(M, HIDDEN, TOP_K))
+    create_shm_file(path, NUM_RANKS, 4, Buffer.get_prefill_buffer_size_hint(M, HIDDEN, TOP_K))
     dead = 2
     got = run_ranks_one_sigkilled(_process_rank, path, NUM_RANKS, 5, dead)
     xs, ids, ws, weights = _inputs(5)
@@ -113,7 +113,7 @@ def test_sigkilled_rank_is_cleared_in_place_and_survivors_match_the_reference(tm
 
 def test_bad_input_names_the_problem(tmp_path):
     path = str(tmp_path / "ep.shm")
-    create_shm_file(path, 2, 2, Buffer.get_prefill_buffer_size_hint(4, 8, 2))
+    create_shm_file(path, 2, 4, Buffer.get_prefill_buffer_size_hint(4, 8, 2))
     buf = Buffer(0, 2, transport=SharedMemoryTransport(path, 0))
     x, ids, w, active = torch.randn(3, 8), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2), torch.ones(2)
     with pytest.raises(RoutingError, match="topk_weights has shape"):

@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from eep_test_utils import random_experts
 from eep.fused.gemm import ExpertStageShape, TorchExpertStage, grouped_mm_loop, make_expert_stage
-from eep.fused.moe_layer import MoELayer, simulate_dispatch
+from eep.fused.moe_layer import MoELayer
 from eep.reference import ExpertParallelMoE, dense_moe
-from eep.reference.dispatch import RankReceive, dispatch, expert_mlp
+from eep.exchange.layout import RankReceive
+from eep.reference.dispatch import expert_mlp
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -92,29 +93,6 @@ def test_stage_rejects_wrong_shapes_and_clamps_bad_counts():
     bad = torch.tensor([[99, 1], [-5, 4]], dtype=torch.int32)
     y = stage(x, bad, torch.cat([w_gate, w_up], 1), w_down)
     assert not y[0, 0].isnan().any()
-
-
-def test_simulate_dispatch_matches_reference_dispatch():
-    gen = torch.Generator().manual_seed(11)
-    num_ranks, slots, top_k, hidden, per_rank = 3, 4, 3, 8, 5
-    active = [True, False, True]
-    x = torch.randn(2 * per_rank, hidden, generator=gen)
-    phys = torch.stack([torch.randperm(num_ranks * slots, generator=gen)[:top_k] for _ in range(2 * per_rank)])
-    phys[0, 1] = -1
-    src = torch.tensor([0] * per_rank + [2] * per_rank)
-    rx, rc, pos, sent = simulate_dispatch(x, phys, src, torch.tensor(active), num_ranks, slots, per_rank)
-    x_by_rank = [x[:per_rank], None, x[per_rank:]]
-    phys_by_rank = [phys[:per_rank], None, phys[per_rank:]]
-    recvs, handles = dispatch(x_by_rank, phys_by_rank, active, slots, per_rank)
-    for rank, recv in enumerate(recvs):
-        if recv is None:
-            assert rc[rank].sum() == 0
-            continue
-        assert torch.equal(rc[rank], recv.count)
-        assert torch.equal(rx[rank], recv.x)
-    for rank, sl in ((0, slice(0, per_rank)), (2, slice(per_rank, None))):
-        assert torch.equal(pos[sl], handles[rank].position)
-        assert torch.equal(sent[sl], handles[rank].phys >= 0)
 
 
 @pytest.mark.parametrize("backend, dtype, tol", [("loop", torch.float32, 1e-5), ("grouped_mm", torch.bfloat16, 2e-2)])

@@ -8,7 +8,7 @@ import tempfile
 import pytest
 
 from eep.fused.buffer import store_key
-from eep.fused.peer_memory import FdServer, fetch_fd
+from eep.transport.fd_passing import FdServer, fetch_fd
 
 
 def test_fd_reaches_another_process_and_reads_the_same_file():
@@ -20,7 +20,7 @@ def test_fd_reaches_another_process_and_reads_the_same_file():
         try:
             code = (
                 "import os, sys\n"
-                "from eep.fused.peer_memory import fetch_fd\n"
+                "from eep.transport.fd_passing import fetch_fd\n"
                 f"fd, header = fetch_fd({server.public_address!r})\n"
                 "data = os.pread(fd, header['nbytes'], 0)\n"
                 "sys.stdout.write(data.hex() + ' ' + str(header['rank']))\n")
@@ -73,7 +73,7 @@ def test_status_and_fp8_receive_helpers_need_no_gpu():
     from eep.exchange.layout import RankReceive
     from eep.fused.buffer import FusedStatus
 
-    st = FusedStatus(epoch=1, dispatch_seq=5, combine_seq=5, timeout_s=0.5, active=[True] * 3,
+    st = FusedStatus(epoch=1, step=2, dispatch_seq=5, combine_seq=5, timeout_s=0.5, active=[True] * 3,
                      dispatch_ok=[True, True, False], combine_ok=[True] * 3, suspect=[False, False, True],
                      miss_count=[0, 0, 2], last_miss_seq=[0, 0, 5])
     assert st.missed_ranks == [2]

@@ -8,7 +8,7 @@ Decode (low-latency) mode — a ``max_tokens_per_rank``-row block per (local slo
     RankReceive.x          [slots_per_rank, num_ranks, max_tokens_per_rank, hidden]
     RankReceive.count      [slots_per_rank, num_ranks]                      int32
     RankReceive.src_token  [slots_per_rank, num_ranks, max_tokens_per_rank] int32, -1 past count
-    RankReceive.scale      [slots_per_rank, num_ranks, max_tokens_per_rank] float32, FP8 only
+    RankReceive.scale      [slots_per_rank, num_ranks, max_tokens_per_rank(, hidden // 128)] float32, FP8 only
 
 Row ``x[i, s, j]`` is the ``j``-th token that source rank ``s`` sent to local slot ``i``, in ascending
 source-token order. A token reaches a physical slot at most once (its top-k experts are distinct and
@@ -35,8 +35,8 @@ import torch
 class RankReceive:
     """What one destination rank holds after a decode dispatch (shapes in the module docstring).
 
-    With FP8 dispatch ``x`` is float8_e4m3fn and ``scale`` holds one float32 per row: the row is
-    ``x.float() * scale[..., None]``; otherwise ``scale`` is None.
+    With FP8 dispatch ``x`` is float8_e4m3fn and ``scale`` holds one float32 per 128 channels of a
+    row (``eep.exchange.fp8``), or one per row; otherwise ``scale`` is None.
     """
 
     x: torch.Tensor
@@ -48,7 +48,8 @@ class RankReceive:
         """``x`` as bf16 (a new tensor for FP8, ``x`` itself otherwise)."""
         if self.scale is None:
             return self.x
-        return (self.x.float() * self.scale.unsqueeze(-1)).to(torch.bfloat16)
+        from eep.exchange.fp8 import dequantize_fp8
+        return dequantize_fp8(self.x, self.scale).to(torch.bfloat16)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import ctypes
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -36,6 +36,9 @@ from eep.fused.layout import (CTRL_COMBINE_OK, CTRL_COMBINE_SEQ, CTRL_DISPATCH_O
                               CTRL_EPOCH, CTRL_LAST_MISS_SEQ, CTRL_MISS_COUNT, CTRL_NUMEL, CTRL_SUSPECT,
                               CTRL_TIMEOUT_NS, THREADS_PER_BLOCK, BufferLayout, make_params)
 from eep.exchange.layout import DispatchHandle, RankReceive
+from eep.exchange.protocol import ExchangeStatus, adopt, connect_each
+from eep.exchange.tags import first_tag
+from eep.state import Membership
 
 DEFAULT_TIMEOUT_S = 1.0  # EEP_FUSED_TIMEOUT_S overrides it
 STORE_PREFIX = "eep/fused"
@@ -47,23 +50,15 @@ def store_key(group: str, rank: int) -> str:
 
 
 @dataclass
-class FusedStatus:
-    """Host copy of the device status arrays (reading it synchronises the stream)."""
+class FusedStatus(ExchangeStatus):
+    """``ExchangeStatus`` plus the fused kernels' own counters (reading it synchronises the stream)."""
 
-    epoch: int
-    dispatch_seq: int
-    combine_seq: int
-    timeout_s: float
-    active: list[bool]
-    dispatch_ok: list[bool]   # last dispatch: that source's tokens arrived
-    combine_ok: list[bool]    # last combine: that expert rank's outputs arrived
-    suspect: list[bool]       # missed a deadline since the last set_membership / add_peer
-    miss_count: list[int]     # deadlines missed, ever
-    last_miss_seq: list[int]  # step of the latest miss (0 = never)
-
-    @property
-    def missed_ranks(self) -> list[int]:
-        return [r for r, n in enumerate(self.miss_count) if n]
+    dispatch_seq: int = 0
+    combine_seq: int = 0
+    timeout_s: float = 0.0
+    dispatch_ok: list[bool] = field(default_factory=list)   # last dispatch: that source's tokens arrived
+    combine_ok: list[bool] = field(default_factory=list)    # last combine: that expert rank's outputs arrived
+    last_miss_seq: list[int] = field(default_factory=list)  # step of the latest miss (0 = never)
 
 
 class FusedBuffer:
@@ -79,17 +74,24 @@ class FusedBuffer:
         timeout_s: bound on every wait for a peer (device parameter, changeable later).
         num_blocks: grid size of the data-moving kernels (default ``EEP_FUSED_BLOCKS`` or the SM count).
         vec_per_lane: 16-byte vectors per lane per copied chunk (default ``EEP_FUSED_VEC_PER_LANE`` or 4).
-        decode: ``"push"`` (the validated kernels, default) or ``"pull"`` (experimental, not yet run on a
-            GPU: FP8 quantize spread over the grid; combine pulls each source's top-k rows from the expert
-            ranks' ``combine_input()`` regions and sums them as it reads; docs/fused.md "Decode: where
-            the time goes"). Every rank of an instance must use the same value.
+        decode: ``"push"`` (the default kernels) or ``"pull"`` (experimental, off by default: FP8 quantize
+            spread over the grid; combine pulls each source's top-k rows from the expert ranks'
+            ``combine_input()`` regions and sums them as it reads; docs/fused.md "Decode: where the time
+            goes"). Every rank of an instance must use the same value.
+        membership: the process's ``Membership`` with its device mirror on this buffer's device (default:
+            a new one, all active); the kernels read its ``active_device`` at every launch.
+
+    It is the fused decode backend of the exchange seam (``eep.exchange.protocol.DecodeExchange``).
     """
+
+    is_graph_safe = True
 
     def __init__(self, rank: int, num_ranks: int, *, slots_per_rank: int, max_tokens_per_rank: int, hidden: int,
                  top_k: int, store: Any, group: str = "default", connect: Sequence[int] | None = None,
                  fixed_membership: bool = False, timeout_s: float | None = None,
                  num_blocks: int | None = None, vec_per_lane: int | None = None, use_fp8: bool = False,
-                 device: torch.device | int | None = None, decode: str = "push") -> None:
+                 device: torch.device | int | None = None, decode: str = "push",
+                 membership: Membership | None = None) -> None:
         from eep.fused.compile import KernelVariant
 
         if not 0 <= rank < num_ranks:
@@ -102,7 +104,7 @@ class FusedBuffer:
         if decode == "pull":
             smem["eep_combine_stage"] = layout.combine_send_smem_bytes()
         self._open(rank, layout, variant, store=store, group=group, connect=connect, timeout_s=timeout_s,
-                   num_blocks=num_blocks, device=device, smem=smem)
+                   num_blocks=num_blocks, device=device, smem=smem, membership=membership)
         self.vis_count = torch.zeros(slots_per_rank, num_ranks, dtype=torch.int32, device=self.device)
         self.handle_pos = torch.full((max_tokens_per_rank, top_k), -1, dtype=torch.int32, device=self.device)
         if use_fp8:  # each token is quantized once here, then copied top_k times
@@ -112,12 +114,13 @@ class FusedBuffer:
 
     def _open(self, rank: int, layout: Any, variant: Any, *, store: Any, group: str, connect: Sequence[int] | None,
               timeout_s: float | None, num_blocks: int | None, device: torch.device | int | None,
-              smem: dict[str, int]) -> None:
+              smem: dict[str, int], membership: Membership | None) -> None:
         """What every mode's buffer does once: context, kernels, the VMM peer buffer (``layout.nbytes``,
         zeroed), its fd server, the control block, mask and peer table, the store record, the peers."""
         from eep.fused.compile import LoadedKernels
         from eep.fused.cuda_util import ensure_context
-        from eep.fused.peer_memory import FdServer, VmmAllocation
+        from eep.fused.peer_memory import VmmAllocation
+        from eep.transport.fd_passing import FdServer
 
         num_ranks = layout.num_ranks
         self.layout = layout
@@ -147,10 +150,19 @@ class FusedBuffer:
         if timeout_s is None:
             timeout_s = envs.fused_timeout_s(DEFAULT_TIMEOUT_S)
         self.ctrl[CTRL_TIMEOUT_NS] = int(timeout_s * 1e9)
-        self.active_mask = torch.ones(num_ranks, dtype=torch.int32, device=self.device)
+        self.is_membership_aware = not variant.fixed_membership
+        self.membership = membership if membership is not None else Membership(num_ranks, device=self.device)
+        if self.membership.active_device.device != self.device or self.membership.num_ranks != num_ranks:
+            raise ValueError(f"rank {rank}: {self.membership} mirrors its mask on {self.membership.active_device.device}; "
+                             f"the buffer needs {num_ranks} rank slots on {self.device}")
+        self.miss_count = self.ctrl[CTRL_MISS_COUNT:CTRL_MISS_COUNT + num_ranks]
+        self.suspect = self.ctrl[CTRL_SUSPECT:CTRL_SUSPECT + num_ranks]
+        self.ctrl[CTRL_EPOCH] = self.membership.epoch
+        self.set_sequence(first_tag(self.membership.epoch), first_tag(self.membership.epoch))
         self.peer_base = torch.zeros(num_ranks, dtype=torch.int64, device=self.device)
         self.peer_base[rank] = self.alloc.ptr
         self._imports: dict[int, Any] = {}
+        self.connected: set[int] = {rank}  # peers whose current buffer is mapped (add_peer)
 
         store.set(store_key(group, rank), json.dumps({
             "address": self.server.public_address, "nbytes": self.alloc.nbytes,
@@ -250,21 +262,25 @@ class FusedBuffer:
 
     # ---- membership -------------------------------------------------------------------------
 
-    def set_membership(self, active: Sequence[bool] | torch.Tensor, *, epoch: int | None = None) -> None:
-        """Write the mask (in place, on the current stream) and forget earlier suspicions.
+    @property
+    def active_mask(self) -> torch.Tensor:
+        """int32 ``[num_ranks]`` on the device: the membership's mirror, the mask every launch reads."""
+        return self.membership.active_device
 
-        Every active rank must apply the same mask between the same two steps.
-        """
-        mask = torch.as_tensor([bool(a) for a in (active.tolist() if torch.is_tensor(active) else active)],
-                               dtype=torch.int32)
-        if mask.numel() != self.num_ranks:
-            raise ValueError(f"set_membership: mask has {mask.numel()} entries, expected num_ranks={self.num_ranks}")
-        if not bool(mask[self.rank]):
-            raise ValueError(f"set_membership: rank {self.rank} masks itself out; stop calling dispatch instead")
-        self.active_mask.copy_(mask.to(self.device))
-        self.ctrl[CTRL_SUSPECT:CTRL_SUSPECT + self.num_ranks] = 0
-        if epoch is not None:
-            self.ctrl[CTRL_EPOCH] = int(epoch)
+    def set_membership(self, membership: Membership) -> None:
+        """Adopt ``membership`` (mask written in place on the current stream), forget earlier
+        suspicions, restart both step counters at ``first_tag(epoch)``. Every member calls it with the
+        same membership between the same two steps; a process that joins calls it before its first step."""
+        adopt(self, membership)
+        self.suspect.zero_()
+        self.ctrl[CTRL_EPOCH] = self.membership.epoch
+        self.set_sequence(first_tag(self.membership.epoch), first_tag(self.membership.epoch))
+
+    def connect(self, ranks: Sequence[int], *, timeout_s: float = 60.0) -> None:
+        """Map each peer's current buffer (``add_peer``) within one deadline; raises
+        ``eep.errors.PeerUnreachableError`` naming the peers that did not hand theirs over (dead or
+        stopped), after mapping the others. Mapping does not activate: ``set_membership`` does."""
+        connect_each(self.rank, list(ranks), timeout_s, lambda peer, seconds: self.add_peer(peer, timeout_s=seconds))
 
     def add_peer(self, rank: int, *, timeout_s: float = 60.0) -> None:
         """Map ``rank``'s current buffer (read from the store) and write it into the peer table.
@@ -279,10 +295,12 @@ class FusedBuffer:
         """
         import torch.distributed as dist
 
-        from eep.fused.peer_memory import ImportedAllocation, fetch_fd
+        from eep.fused.peer_memory import ImportedAllocation
+        from eep.transport.fd_passing import fetch_fd
 
         if rank == self.rank or not 0 <= rank < self.num_ranks:
             raise ValueError(f"add_peer: rank {rank} is this rank or outside [0, {self.num_ranks})")
+        self.connected.discard(rank)  # until this incarnation's buffer is mapped
         key = store_key(self.group, rank)
         try:
             self.store.wait([key], _timedelta(timeout_s))
@@ -302,18 +320,21 @@ class FusedBuffer:
         old = self._imports.pop(rank, None)
         self._imports[rank] = imported
         self.peer_base[rank] = imported.ptr
+        self.connected.add(rank)
         self.ctrl[CTRL_SUSPECT + rank] = 0
         if old is not None:  # the dead incarnation's mapping: no kernel in flight reads it any more
             torch.cuda.current_stream(self.device).synchronize()
             old.close()
 
     def set_sequence(self, dispatch_seq: int, combine_seq: int) -> None:
-        """Align this rank's step counters with the survivors' (a joining process calls this)."""
+        """Set the step counters (``set_membership`` restarts them at the epoch's first tag)."""
         self.ctrl[CTRL_DISPATCH_SEQ] = int(dispatch_seq)
         self.ctrl[CTRL_COMBINE_SEQ] = int(combine_seq)
 
     def set_timeout(self, timeout_s: float) -> None:
-        self.ctrl[CTRL_TIMEOUT_NS] = int(timeout_s * 1e9)
+        """Bound on every wait for a peer, from the next launch on. A ``fill_`` with a Python scalar is
+        a kernel argument, not a host-to-device copy, so a CUDA graph can capture it."""
+        self.ctrl[CTRL_TIMEOUT_NS:CTRL_TIMEOUT_NS + 1].fill_(int(timeout_s * 1e9))
 
     def status(self) -> FusedStatus:
         ctrl = self.ctrl.cpu().tolist()
@@ -322,12 +343,14 @@ class FusedBuffer:
         def span(start: int) -> list[int]:
             return ctrl[start:start + R]
 
+        epoch = ctrl[CTRL_EPOCH]
         return FusedStatus(
-            epoch=ctrl[CTRL_EPOCH], dispatch_seq=ctrl[CTRL_DISPATCH_SEQ], combine_seq=ctrl[CTRL_COMBINE_SEQ],
-            timeout_s=ctrl[CTRL_TIMEOUT_NS] / 1e9, active=[bool(a) for a in self.active_mask.cpu().tolist()],
-            dispatch_ok=[bool(v) for v in span(CTRL_DISPATCH_OK)], combine_ok=[bool(v) for v in span(CTRL_COMBINE_OK)],
+            epoch=epoch, step=ctrl[CTRL_DISPATCH_SEQ] + ctrl[CTRL_COMBINE_SEQ] - 2 * first_tag(epoch),
+            active=[bool(a) for a in self.active_mask.cpu().tolist()],
             suspect=[bool(v) for v in span(CTRL_SUSPECT)], miss_count=span(CTRL_MISS_COUNT),
-            last_miss_seq=span(CTRL_LAST_MISS_SEQ))
+            dispatch_seq=ctrl[CTRL_DISPATCH_SEQ], combine_seq=ctrl[CTRL_COMBINE_SEQ],
+            timeout_s=ctrl[CTRL_TIMEOUT_NS] / 1e9, dispatch_ok=[bool(v) for v in span(CTRL_DISPATCH_OK)],
+            combine_ok=[bool(v) for v in span(CTRL_COMBINE_OK)], last_miss_seq=span(CTRL_LAST_MISS_SEQ))
 
     def close(self) -> None:
         torch.cuda.synchronize(self.device)

@@ -8,8 +8,8 @@ with three changes:
   (gate rows, then up rows) and ``slot_w_down [num_phys_slots, hidden, inter]``; ``slot_w_gate`` and
   ``slot_w_up`` are views into ``slot_w13``, so the repair executor, which copies into
   ``slot_w_gate[phys]`` / ``slot_w_up[phys]``, writes the fused weight in place;
-- dispatch and combine are vectorised tensor ops over the same receive layout and the same row order
-  as the reference (ascending source token inside each (slot, source) block);
+- dispatch and combine are the exchange seam's packer (``eep.exchange.packing``) over the same receive
+  layout and row order as the reference (ascending source token inside each (slot, source) block);
 - each rank's expert compute is an expert stage from ``eep.fused.gemm`` (CUTLASS grouped GEMM or
   ``torch._grouped_mm``).
 
@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 
 from eep.errors import RoutingError
+from eep.exchange.packing import gather_combine, pack_by_destination
 from eep.fused.gemm import ExpertStageShape, make_expert_stage
 from eep.repair.slots import ExpertSlots
 from eep.routing import resolve_routing, route_to_phys
-from eep.state import NO_EXPERT
 
 
 class RankExperts:
@@ -119,20 +119,23 @@ class MoELayer(ExpertSlots):
         s, num_ranks = self.slots_per_rank, self.num_ranks
         logical_to_phys, active = self.logical_to_phys_dev, self.active_dev
 
-        # route every token of every active source rank, then dispatch in one pass
-        phys = torch.full_like(topk_ids, NO_EXPERT)
-        src_of_token = torch.full((hidden.shape[0],), -1, dtype=torch.long, device=self.device)
+        # every active source rank packs its tokens by destination (the exchange seam's one packer);
+        # each destination's receive layout is the sources' blocks side by side
+        recv_x = torch.zeros(num_ranks, s, num_ranks, max_tokens, self.hidden_size, dtype=hidden.dtype,
+                             device=self.device)
+        recv_count = torch.zeros(num_ranks, s, num_ranks, dtype=torch.int32, device=self.device)
+        sources = []
         for rank, tokens in zip(active_ranks, chunks):
             if len(tokens) > max_tokens:
                 raise RoutingError(f"rank {rank} has {len(tokens)} tokens, more than max_tokens_per_rank={max_tokens}")
             if len(tokens) == 0:
                 continue
-            offset = int(tokens[0])
-            sl = slice(offset, offset + len(tokens))
-            phys[sl] = route_to_phys(topk_ids[sl], logical_to_phys, active, s, token_offset=offset)
-            src_of_token[sl] = rank
-        recv_x, recv_count, position, sent = simulate_dispatch(hidden, phys, src_of_token, active, num_ranks, s,
-                                                               max_tokens)
+            sl = slice(int(tokens[0]), int(tokens[0]) + len(tokens))
+            phys = route_to_phys(topk_ids[sl], logical_to_phys, active, s, token_offset=sl.start)
+            packed = pack_by_destination(hidden[sl], phys, num_ranks, s, max_tokens)
+            recv_x[:, :, rank] = packed.send
+            recv_count[:, :, rank] = packed.count
+            sources.append((rank, sl, phys, packed.position))
         expected_rows = hidden.shape[0] * self.top_k / max(1, self.num_experts * len(active_ranks))
         stage = self._stage(max_tokens, expected_rows)
         ys = torch.zeros_like(recv_x)
@@ -140,61 +143,9 @@ class MoELayer(ExpertSlots):
             w13 = self.slot_w13[rank * s:(rank + 1) * s]
             w2 = self.slot_w_down[rank * s:(rank + 1) * s]
             ys[rank] = stage(recv_x[rank], recv_count[rank], w13, w2)
-        return simulate_combine(ys, phys, src_of_token, position, sent, topk_weights, s).to(hidden.dtype)
+        out = torch.zeros(hidden.shape[0], self.hidden_size, dtype=torch.float32, device=self.device)
+        for rank, sl, phys, position in sources:
+            out[sl] = gather_combine(ys[:, :, rank], phys, position, topk_weights[sl])
+        return out.to(hidden.dtype)
 
     __call__ = forward
-
-
-def simulate_dispatch(hidden: torch.Tensor, phys: torch.Tensor, src_of_token: torch.Tensor,
-                      active: torch.Tensor, num_ranks: int, slots_per_rank: int, max_tokens: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``eep.reference.dispatch`` for every rank at once, as tensor ops.
-
-    Parameters:
-        hidden: ``[num_tokens, hidden]`` all ranks' tokens, each source rank's tokens contiguous and
-        in order; phys: ``[num_tokens, top_k]`` physical slots; src_of_token: ``[num_tokens]`` source rank.
-    Returns:
-        recv_x ``[num_ranks, slots_per_rank, num_ranks, max_tokens, hidden]`` (zero past counts),
-        recv_count ``[num_ranks, slots_per_rank, num_ranks]`` int32, position ``[num_tokens, top_k]``
-        (row in the block) and sent ``[num_tokens, top_k]`` bool.
-    """
-    num_tokens, top_k = phys.shape
-    dst = torch.where(phys >= 0, phys // slots_per_rank, 0)
-    sent = (phys >= 0) & active[dst] & (src_of_token >= 0).unsqueeze(1)
-    # block id of each copy; a (token, k) pair reaches a block at most once, and flattening
-    # [num_tokens, top_k] keeps ascending source-token order inside each block, as the reference does
-    block = (phys * num_ranks + src_of_token.unsqueeze(1)).flatten()        # [num_tokens * top_k]
-    block = torch.where(sent.flatten(), block, -1)
-    order = torch.argsort(block, stable=True)
-    sorted_block = block[order]
-    first = torch.searchsorted(sorted_block, sorted_block, side="left")
-    pos_sorted = torch.arange(block.numel(), device=block.device) - first
-    position = torch.empty_like(block)
-    position[order] = pos_sorted
-    position = torch.where(sent.flatten(), position, -1).view(num_tokens, top_k)
-
-    # no boolean indexing or nonzero below: nothing waits for the host (CUDA-graph capturable);
-    # copies that are not sent go to one spare bin / spare row past the end
-    num_blocks = num_ranks * slots_per_rank * num_ranks
-    bins = torch.where(block >= 0, block, num_blocks)
-    counts = torch.zeros(num_blocks + 1, dtype=torch.long, device=block.device).scatter_add_(
-        0, bins, torch.ones_like(bins))[:num_blocks]  # not bincount: on CUDA it syncs to size its output
-    recv_count = counts.view(num_ranks, slots_per_rank, num_ranks).to(torch.int32)
-    recv_x = torch.zeros(num_blocks * max_tokens + 1, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
-    rows = (phys.clamp(min=0) * num_ranks + src_of_token.clamp(min=0).unsqueeze(1)) * max_tokens + position
-    rows = torch.where(sent, rows, num_blocks * max_tokens)                    # [num_tokens, top_k]
-    recv_x.index_copy_(0, rows.flatten(), hidden.unsqueeze(1).expand(-1, top_k, -1).reshape(-1, hidden.shape[1]))
-    recv_x = recv_x[:num_blocks * max_tokens]
-    return recv_x.view(num_ranks, slots_per_rank, num_ranks, max_tokens, hidden.shape[1]), recv_count, position, sent
-
-
-def simulate_combine(ys: torch.Tensor, phys: torch.Tensor, src_of_token: torch.Tensor, position: torch.Tensor,
-                     sent: torch.Tensor, topk_weights: torch.Tensor, slots_per_rank: int) -> torch.Tensor:
-    """``eep.reference.combine`` for every rank at once: ``[num_tokens, hidden]`` float32."""
-    num_ranks, _, _, max_tokens, hidden = ys.shape
-    flat = ys.reshape(-1, hidden)
-    rows = (phys.clamp(min=0) * num_ranks + src_of_token.clamp(min=0).unsqueeze(1)) * max_tokens + position.clamp(min=0)
-    gathered = flat[rows].float()                                           # [num_tokens, top_k, hidden]
-    weights = torch.where(sent, topk_weights.float(), 0.0).unsqueeze(-1)
-    # where(), not weights * gathered: a copy that was not sent reads an arbitrary row, maybe NaN
-    return (torch.where(sent.unsqueeze(-1), gathered, 0.0) * weights).sum(dim=1)

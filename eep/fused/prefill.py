@@ -17,7 +17,8 @@ the time goes"): ``"push"`` (default, the GPU-validated kernels: send partial ro
 ``"spread"`` (the same with the sends fanned out over all peers at once) and ``"pull"`` (each rank
 reads its tokens' partial rows from the peers' buffers and reduces them in registers; the partial
 rows must then sit in this rank's peer buffer: write them into ``combine_input()`` to skip a copy).
-``spread`` and ``pull`` are CPU-checked only (NVRTC); **not yet run on a GPU**.
+``spread`` and ``pull`` are off by default; their differential tests pass on one H200 with 4 rank
+processes sharing it (perf/RESULTS.md), their speed on several GPUs is still to be measured.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from eep import envs
 from eep.fused.buffer import FusedBuffer
 from eep.fused.layout import PackedRegions, check_ranks_and_hidden
+from eep.state import Membership
 from eep.exchange.layout import PackedHandle, PackedReceive
 
 
@@ -114,7 +116,7 @@ class PrefillBuffer(FusedBuffer):
                  top_k: int, store: Any, group: str = "prefill", connect: Sequence[int] | None = None,
                  fixed_membership: bool = False, timeout_s: float | None = None, num_blocks: int | None = None,
                  vec_per_lane: int | None = None, device: torch.device | int | None = None,
-                 combine_variant: str = "push") -> None:
+                 combine_variant: str = "push", membership: Membership | None = None) -> None:
         from eep.fused.compile import KernelVariant
 
         if not 0 <= rank < num_ranks:
@@ -130,7 +132,7 @@ class PrefillBuffer(FusedBuffer):
                                 prefill_combine=combine_variant)
         self._open(rank, layout, variant, store=store, group=group, connect=connect, timeout_s=timeout_s,
                    num_blocks=num_blocks, device=device,
-                   smem={"eep_prefill_dispatch": layout.dispatch_smem_bytes()})
+                   smem={"eep_prefill_dispatch": layout.dispatch_smem_bytes()}, membership=membership)
         self.vis_count = torch.zeros(num_ranks, dtype=torch.int32, device=self.device)
         self.dst_row = torch.full((max_tokens_per_rank, num_ranks), -1, dtype=torch.int32, device=self.device)
         torch.cuda.synchronize(self.device)

@@ -19,36 +19,41 @@ Anyone who has called ``deep_ep.Buffer.low_latency_dispatch`` or Mooncake EP's
 - ``return_recv_hook=True`` sends only and returns a hook that receives (the tensors returned are
   filled when it runs); ``async_finish`` returns an ``EventOverlap`` (a no-op on the CPU).
 
-Backends: a ``Transport`` (``eep.transport.SharedMemoryTransport`` on the CPU: the same calls run
-in CI across real processes), or on the GPU the fused buffer (``eep.fused.buffer.FusedBuffer``,
-``Buffer(rank, num_ranks, fused=...)``). The GPU path does only device work per call (the mask
-copied in, the evidence copied out, the layout viewed), so it can be captured in a CUDA graph;
-there a send and its wait are one kernel, so ``return_recv_hook`` returns a no-op hook. The fused
-FP8 format has one scale per row; the face repeats it per 128 channels to keep Mooncake's shape.
+The face is a thin adapter over the exchange seam (``eep.exchange.protocol``): it holds one
+``DecodeExchange`` and one ``PrefillExchange`` and never asks which backend they are. Give them as
+``decode=`` / ``prefill=`` (on the GPU: ``eep.fused.FusedBuffer`` / ``PrefillBuffer``; ``fused=`` is
+``decode=``), or give ``transport=`` (an ``eep.transport.SharedMemoryTransport`` with 4 channels) and
+the face builds the host shared-memory backends (``eep.exchange.shm``) from the first call's shapes.
+Per call it does only what the seam cannot: the mask in (``active_ranks`` is written into the
+exchange's membership mirror unless it is that tensor), the evidence out (suspects cleared in
+``active_ranks``), and the views Mooncake's shapes need — device work only on the GPU, so a CUDA
+graph can capture it. A send and its wait are one call of the seam, so ``return_recv_hook`` returns a
+hook with nothing left to do. FP8 scales come per 128 channels (a backend with one scale per row
+has it repeated to keep Mooncake's shape).
 
-Each dispatch/combine pair is one step, tagged ``(epoch, step)`` on the wire; ``update_ep_member``
-starts a new epoch (step 0) on every member, which is how a rejoining rank and the survivors agree
-on the next tag without a collective.
+Each dispatch/combine pair is one step tagged ``(epoch, step)`` by the backend; ``update_ep_member``
+moves every member to a new epoch (step 0), which is how a rejoining rank and the survivors agree on
+the next tag without a collective.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from eep.errors import RoutingError
+from eep.exchange.fp8 import FP8_BLOCK
+from eep.exchange.layout import DispatchHandle, PackedHandle
+from eep.exchange.protocol import DecodeExchange, PrefillExchange
+from eep.state import Membership
 from eep.transport.base import Transport
 
-DISPATCH_CHANNEL, COMBINE_CHANNEL = 0, 1
-FP8_BLOCK = 128
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+DECODE_CHANNELS, PREFILL_CHANNELS = (0, 1), (2, 3)
 
 
 class EventOverlap:
-    """DeepEP's event wrapper; on the CPU there is nothing to wait for."""
+    """DeepEP's event wrapper; the seam's calls return when their work is enqueued (GPU) or done (CPU)."""
 
     def __init__(self, event=None, extra_tensors: tuple | None = None):
         self.event = event
@@ -67,96 +72,100 @@ class EventOverlap:
 
 @dataclass
 class EPHandle:
-    """What combine needs from dispatch (opaque to callers, like DeepEP's handle tuple).
-
-    sent: per destination rank, per local expert, the ``(token, k)`` pairs sent, in wire order.
-    recv_count: ``[num_local_experts, num_ranks]`` rows received from each source.
-    """
+    """What ``combine`` needs from ``dispatch`` (opaque to callers, like DeepEP's handle tuple)."""
 
     num_max_dispatch_tokens_per_rank: int
     hidden: int
     num_experts: int
-    epoch: int
-    step: int
-    sent: dict[int, list[list[tuple[int, int]]]] = field(default_factory=dict)
-    recv_count: torch.Tensor | None = None
+    inner: DispatchHandle
 
 
 @dataclass
 class PrefillHandle:
-    """What ``prefill_combine`` needs from ``prefill_dispatch`` (opaque to callers).
+    """What ``prefill_combine`` needs from ``prefill_dispatch`` (opaque to callers)."""
 
-    sent: per destination rank, the tokens sent there (ascending); received: rows per source rank.
-    """
-
-    epoch: int
-    step: int
-    hidden: int
     num_tokens: int
-    sent: dict[int, torch.Tensor] = field(default_factory=dict)
-    received: dict[int, int] = field(default_factory=dict)
-    fused: tuple | None = None
+    hidden: int
+    index: torch.Tensor  # [num_recv] row of each returned row in the packed receive layout
+    inner: PackedHandle
 
 
 class Buffer:
-    """One rank's end of the low-latency dispatch/combine (see the module docstring)."""
+    """One rank's end of dispatch/combine over the exchange seam (see the module docstring).
 
-    def __init__(self, rank: int, num_ranks: int, *, transport: Transport | None = None, fused=None,
-                 prefill=None, epoch: int = 0, max_wait_s: float = 300.0):
-        if (transport is None) == (fused is None and prefill is None):
-            raise ValueError("eep.Buffer needs exactly one backend: transport= (CPU) or fused= / prefill= (GPU)")
-        self.prefill = prefill  # eep.fused.prefill.PrefillBuffer: the GPU backend of prefill_dispatch/combine
-        if prefill is not None and (prefill.rank, prefill.num_ranks) != (rank, num_ranks):
-            raise ValueError(f"prefill buffer is for rank {prefill.rank} of {prefill.num_ranks}, "
-                             f"not rank {rank} of {num_ranks}")
-        self.rank = rank
-        self.num_ranks = num_ranks
-        self.epoch = epoch
-        self.step = 0
-        self.max_wait_s = max_wait_s
-        self.missed_peers: list[tuple[int, int, int]] = []  # (epoch, step, rank): evidence for the runtime
-        self.fused = fused
-        self.transport = transport
-        if transport is None:
-            if fused is None:
-                return
-            if (fused.rank, fused.num_ranks) != (rank, num_ranks):
-                raise ValueError(f"fused buffer is for rank {fused.rank} of {fused.num_ranks}, "
+    Parameters:
+        rank, num_ranks: this rank slot and the number of rank slots.
+        decode / fused: the ``DecodeExchange`` (``fused`` is the same argument under its GPU name).
+        prefill: the ``PrefillExchange``.
+        transport: instead of exchanges, a 4-channel host transport (decode on channels 0-1, prefill on 2-3).
+        membership: the process's ``Membership`` for backends the face builds (default: the given
+            exchanges', else a new one).
+        max_wait_s: bound on every wait, also for ``timeout_us=-1`` ("no deadline" in Mooncake EP):
+            no eep path waits forever on a peer.
+    """
+
+    def __init__(self, rank: int, num_ranks: int, *, decode: DecodeExchange | None = None, fused=None,
+                 prefill: PrefillExchange | None = None, transport: Transport | None = None,
+                 membership: Membership | None = None, max_wait_s: float = 300.0):
+        decode = decode if decode is not None else fused
+        if (transport is None) == (decode is None and prefill is None):
+            raise ValueError("eep.Buffer needs exactly one backend: exchanges (decode= / fused= / prefill=) or a transport=")
+        for name, ex in (("decode", decode), ("prefill", prefill), ("transport", transport)):
+            if ex is not None and (ex.rank, ex.num_ranks) != (rank, num_ranks):
+                raise ValueError(f"{name} is for rank {ex.rank} of {ex.num_ranks}, "
                                  f"not rank {rank} of {num_ranks}")
-            return
-        if transport.rank != rank or transport.num_ranks != num_ranks:
-            raise ValueError(f"transport is for rank {transport.rank} of {transport.num_ranks}, "
-                             f"not rank {rank} of {num_ranks}")
-        if transport.num_channels < 2:
-            raise ValueError("eep.Buffer needs a transport with 2 channels (dispatch, combine)")
+        self.rank, self.num_ranks = rank, num_ranks
+        self.decode, self.prefill, self.transport = decode, prefill, transport
+        given = decode if decode is not None else prefill
+        self.membership = membership or (given.membership if given is not None else Membership(num_ranks))
+        self.max_wait_s = max_wait_s
+        self.missed_peers: list[tuple[int, int]] = []  # (epoch, rank): evidence the face saw, for the runtime
 
     # ---- sizing ----
     @staticmethod
     def get_ep_buffer_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                 num_experts: int, *, use_fp8: bool = False, elem_nbytes: int = 2) -> int:
-        """Bytes one (source, destination) region needs: the largest message either direction."""
-        local = num_experts // num_ranks
-        rows = local * num_max_dispatch_tokens_per_rank
-        data = rows * hidden * (1 if use_fp8 else elem_nbytes) + (rows * (hidden // FP8_BLOCK) * 4 if use_fp8 else 0)
-        dispatch = 4 * local + 4 * rows + data
-        combine = rows * hidden * max(elem_nbytes, 4)
-        return -(-max(dispatch, combine) // 8) * 8
+        """Bytes one region of the host transport needs for decode messages."""
+        from eep.exchange.shm import ShmExchange
+        return ShmExchange.capacity_nbytes(num_experts // num_ranks, num_max_dispatch_tokens_per_rank, hidden,
+                                           elem_nbytes=elem_nbytes, use_fp8=use_fp8)
+
+    @staticmethod
+    def get_prefill_buffer_size_hint(num_max_tokens_per_rank: int, hidden: int, top_k: int, *,
+                                     elem_nbytes: int = 2) -> int:
+        """Bytes one region of the host transport needs for ``prefill_dispatch``/``prefill_combine``."""
+        from eep.exchange.shm import ShmPrefillExchange
+        return ShmPrefillExchange.capacity_nbytes(num_max_tokens_per_rank, hidden, top_k, elem_nbytes=elem_nbytes)
 
     # ---- membership ----
+    @property
+    def epoch(self) -> int:
+        return self.membership.epoch
+
+    @property
+    def step(self) -> int:
+        """Messages exchanged in this epoch by the decode backend (0 before the first dispatch)."""
+        return 0 if self.decode is None else self.decode.status().step
+
     def update_ep_member(self, *, epoch: int | None = None, joined: list[int] = ()) -> None:
-        """A membership change (a rank rejoined): every member moves to ``epoch`` at step 0.
+        """A membership change (ranks rejoined): every member moves to ``epoch`` at step 0.
 
-        On the GPU, ``joined`` ranks' new buffers are mapped into the peer table (one table write
-        each) and earlier suspicions are forgotten; the caller then marks them in ``active_ranks``.
+        ``joined`` ranks are connected first (on the GPU: their new buffers mapped into the peer
+        table, one table write each), then every backend adopts the mask it waits by (the current
+        one, evidence included) plus ``joined``, and forgets earlier suspicions.
         """
-        self.epoch = self.epoch + 1 if epoch is None else int(epoch)
-        self.step = 0
-        if self.fused is not None:
-            for rank in joined:
-                self.fused.add_peer(rank)
-            self.fused.set_membership(self.fused.active_mask.cpu() | _one_hot(joined, self.num_ranks), epoch=self.epoch)
+        new_epoch = self.membership.epoch + 1 if epoch is None else int(epoch)
+        mask = self.membership.active_device.cpu().bool()
+        mask[list(joined)] = True
+        new = Membership(self.num_ranks, active=mask.tolist(), epoch=new_epoch)
+        for exchange in self._exchanges():
+            if joined:
+                exchange.connect([r for r in joined if r != self.rank], timeout_s=self.max_wait_s)
+            exchange.set_membership(new)
+        if not self._exchanges():
+            self.membership.copy_from(new)
 
-    # ---- dispatch ----
+    # ---- decode ----
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, active_ranks: torch.Tensor,
                  num_max_dispatch_tokens_per_rank: int, num_experts: int, timeout_us: int,
                  use_fp8: bool = True, async_finish: bool = False, return_recv_hook: bool = False):
@@ -164,55 +173,25 @@ class Buffer:
 
         Returns ``(recv_x, recv_count, handle, event, hook)`` with ``recv_x`` either
         ``[num_local_experts, num_ranks * M, hidden]`` in ``x.dtype`` or, with ``use_fp8``,
-        ``(x_fp8, scales)``; ``recv_count`` int32 ``[num_local_experts]``.
+        ``(x_fp8, scales [num_local_experts, num_ranks * M, hidden // 128])``; ``recv_count`` int32
+        ``[num_local_experts]``.
         """
         m = num_max_dispatch_tokens_per_rank
         local = self._check_dispatch(x, topk_idx, active_ranks, m, num_experts, use_fp8)
-        if self.fused is not None:
-            return self._fused_dispatch(x, topk_idx, active_ranks, m, num_experts, timeout_us, use_fp8, local)
-        hidden = x.shape[1]
-        handle = EPHandle(m, hidden, num_experts, self.epoch, self.step)
-        peers = self._active(active_ranks)
+        exchange = self._decode_exchange(m, local, x.shape[1], x.dtype, use_fp8)
+        self._mask_in(exchange, active_ranks, timeout_us)
+        recv, inner = exchange.dispatch(x.contiguous(), topk_idx.to(torch.int64).contiguous())
+        self._evidence_out(exchange, active_ranks)
+        rows = self.num_ranks * m
+        flat = recv.x.reshape(local, rows, x.shape[1])
+        if use_fp8:
+            blocks = x.shape[1] // FP8_BLOCK
+            scale = recv.scale.reshape(local, rows, -1)
+            flat = (flat, scale.expand(-1, -1, blocks).contiguous() if scale.shape[-1] == 1 else scale)
+        recv_count = recv.count.sum(1, dtype=torch.int32)
+        handle = EPHandle(m, x.shape[1], num_experts, inner)
+        return flat, recv_count, handle, EventOverlap(), _done
 
-        # Send: one message per active destination, experts in order, tokens ascending.
-        pairs_by_dst: dict[int, list[list[tuple[int, int]]]] = {d: [[] for _ in range(local)] for d in peers}
-        for token, k in zip(*(topk_idx >= 0).nonzero(as_tuple=True)):
-            expert = int(topk_idx[token, k])
-            dst = expert // local
-            if dst in pairs_by_dst:
-                pairs_by_dst[dst][expert % local].append((int(token), int(k)))
-        values, scales = _quantize_fp8(x) if use_fp8 else (x, None)
-        for dst, per_expert in pairs_by_dst.items():
-            self.transport.send(DISPATCH_CHANNEL, dst, _pack_dispatch(per_expert, values, scales),
-                                epoch=self.epoch, step=self.step)
-        handle.sent = pairs_by_dst
-
-        recv_x = torch.zeros(local, self.num_ranks * m, hidden, dtype=values.dtype)
-        recv_scales = torch.zeros(local, self.num_ranks * m, hidden // FP8_BLOCK) if use_fp8 else None
-        recv_count = torch.zeros(local, dtype=torch.int32)
-        handle.recv_count = torch.zeros(local, self.num_ranks, dtype=torch.int32)
-
-        def receive() -> None:
-            result = self._recv(DISPATCH_CHANNEL, peers, active_ranks, timeout_us)
-            for src, raw in result.items():
-                counts, src_rows, data, data_scales = _unpack_dispatch(raw, local, hidden, values.dtype, use_fp8)
-                offset = 0
-                for i in range(local):
-                    n = int(counts[i])
-                    recv_x[i, src * m:src * m + n] = data[offset:offset + n]
-                    if use_fp8:
-                        recv_scales[i, src * m:src * m + n] = data_scales[offset:offset + n]
-                    handle.recv_count[i, src] = n
-                    offset += n
-            recv_count.copy_(handle.recv_count.sum(1))
-
-        hook = receive if return_recv_hook else (lambda: None)
-        if not return_recv_hook:
-            receive()
-        out_x = (recv_x, recv_scales) if use_fp8 else recv_x
-        return out_x, recv_count, handle, EventOverlap(), hook
-
-    # ---- combine ----
     def combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                 active_ranks: torch.Tensor, timeout_us: int, handle: EPHandle, zero_copy: bool = False,
                 async_finish: bool = False, return_recv_hook: bool = False, out: torch.Tensor | None = None):
@@ -223,53 +202,19 @@ class Buffer:
         deadline are absent (and cleared in ``active_ranks``).
         """
         m, local = handle.num_max_dispatch_tokens_per_rank, handle.num_experts // self.num_ranks
-        if self.fused is not None:
-            return self._fused_combine(x, topk_weights, active_ranks, timeout_us, handle, out)
         if tuple(x.shape) != (local, self.num_ranks * m, handle.hidden):
             raise RoutingError(f"combine x has shape {tuple(x.shape)}, expected "
                                f"{(local, self.num_ranks * m, handle.hidden)} (the dispatch receive layout)")
         if tuple(topk_weights.shape) != tuple(topk_idx.shape):
             raise RoutingError(f"topk_weights has shape {tuple(topk_weights.shape)}, topk_idx {tuple(topk_idx.shape)}")
-        if (handle.epoch, handle.step) != (self.epoch, self.step):
-            raise RoutingError(f"handle is from epoch {handle.epoch} step {handle.step}, the buffer is at "
-                               f"epoch {self.epoch} step {self.step}: combine each dispatch once, in order")
-        peers = self._active(active_ranks)
-        for src in peers:
-            rows = [x[i, src * m:src * m + int(handle.recv_count[i, src])] for i in range(local)]
-            payload = torch.cat(rows) if rows else x.new_zeros(0, handle.hidden)
-            self.transport.send(COMBINE_CHANNEL, src, payload, epoch=self.epoch, step=self.step)
-
-        combined = out if out is not None else torch.empty(topk_idx.shape[0], handle.hidden, dtype=x.dtype)
-        weights = topk_weights.float()
-
-        def receive() -> None:
-            result = self._recv(COMBINE_CHANNEL, [p for p in peers if p in handle.sent], active_ranks, timeout_us)
-            acc = torch.zeros(topk_idx.shape[0], handle.hidden, dtype=torch.float32)
-            for dst, raw in result.items():
-                pairs = [pair for per_expert in handle.sent[dst] for pair in per_expert]
-                if not pairs:
-                    continue
-                rows = raw[:len(pairs) * handle.hidden * x.element_size()].view(x.dtype).view(len(pairs), handle.hidden)
-                tokens = torch.tensor([t for t, _ in pairs])
-                ks = torch.tensor([k for _, k in pairs])
-                acc.index_add_(0, tokens, weights[tokens, ks].unsqueeze(1) * rows.float())
-            combined.copy_(acc)
-            self.step += 1
-
-        hook = receive if return_recv_hook else (lambda: None)
-        if not return_recv_hook:
-            receive()
-        return combined, EventOverlap(), hook
+        exchange = self.decode
+        self._mask_in(exchange, active_ranks, timeout_us)
+        y = x.reshape(local, self.num_ranks, m, handle.hidden).contiguous()
+        combined = exchange.combine(y, handle.inner, topk_weights.float().contiguous(), out=out)
+        self._evidence_out(exchange, active_ranks)
+        return combined, EventOverlap(), _done
 
     # ---- prefill (DeepEP's "normal" mode): one copy of a token per destination rank ----
-    @staticmethod
-    def get_prefill_buffer_size_hint(num_max_tokens_per_rank: int, hidden: int, top_k: int, *,
-                                     elem_nbytes: int = 2) -> int:
-        """Bytes one (source, destination) region needs for ``prefill_dispatch``/``prefill_combine``."""
-        rows = num_max_tokens_per_rank
-        dispatch = 8 + rows * (4 + 8 * top_k) + rows * hidden * elem_nbytes
-        return -(-max(dispatch, rows * hidden * elem_nbytes) // 8) * 8
-
     def prefill_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                          active_ranks: torch.Tensor, num_experts: int, timeout_us: int):
         """Send each token once to every rank hosting one of its experts (``eep.reference.prefill``).
@@ -283,40 +228,22 @@ class Buffer:
         deadline is cleared in ``active_ranks`` and sends nothing.
         """
         local = self._check_prefill(x, topk_idx, topk_weights, active_ranks, num_experts)
-        if self.prefill is not None:
-            return self._fused_prefill_dispatch(x, topk_idx, topk_weights, active_ranks, local, timeout_us)
-        peers = self._active(active_ranks)
-        top_k = topk_idx.shape[1]
-        dst_of = torch.where(topk_idx >= 0, topk_idx // local, -1)
-        handle = PrefillHandle(self.epoch, self.step, x.shape[1], x.shape[0])
-        for dst in peers:
-            here = dst_of == dst
-            tokens = here.any(-1).nonzero().squeeze(1)  # ascending
-            idx = torch.where(here[tokens], topk_idx[tokens] % local, -1).to(torch.int32)
-            w = torch.where(here[tokens], topk_weights[tokens].float(), 0.0)
-            payload = torch.cat([torch.tensor([tokens.numel(), top_k], dtype=torch.int32).view(torch.uint8),
-                                 tokens.to(torch.int32).view(torch.uint8), idx.contiguous().view(-1).view(torch.uint8),
-                                 w.contiguous().view(-1).view(torch.uint8),
-                                 x[tokens].contiguous().view(-1).view(torch.uint8)])
-            self.transport.send(DISPATCH_CHANNEL, dst, payload, epoch=self.epoch, step=self.step)
-            handle.sent[dst] = tokens
-        rows, idxs, ws = [], [], []
-        for src, raw in sorted(self._recv(DISPATCH_CHANNEL, peers, active_ranks, timeout_us).items()):
-            n, k = (int(v) for v in raw[:8].view(torch.int32))
-            off = 8 + 4 * n
-            idxs.append(raw[off:off + 4 * n * k].view(torch.int32).view(n, k).long())
-            off += 4 * n * k
-            ws.append(raw[off:off + 4 * n * k].view(torch.float32).view(n, k).clone())
-            off += 4 * n * k
-            rows.append(raw[off:off + n * x.shape[1] * x.element_size()].view(x.dtype).view(n, x.shape[1]).clone())
-            handle.received[src] = n
-        recv_x = torch.cat(rows) if rows else x.new_zeros(0, x.shape[1])
-        recv_idx = torch.cat(idxs) if idxs else torch.zeros(0, top_k, dtype=torch.int64)
-        recv_w = torch.cat(ws) if ws else torch.zeros(0, top_k)
-        per_expert = [int((recv_idx == i).sum()) for i in range(local)]
+        exchange = self._prefill_exchange(local, x, topk_idx.shape[1])
+        self._mask_in(exchange, active_ranks, timeout_us)
+        recv, inner = exchange.dispatch(x.contiguous(), topk_idx.to(torch.int64).contiguous(),
+                                        topk_weights.float().contiguous())
+        self._evidence_out(exchange, active_ranks)
+        R, M, K = recv.local_slot.shape
+        counts = recv.count.tolist()  # the packed view needs the counts on the host, as DeepEP's does
+        index = torch.cat([torch.arange(n, device=x.device) + s * M for s, n in enumerate(counts)])
+        recv_x = recv.x.reshape(R * M, -1)[index]
+        recv_idx = recv.local_slot.reshape(R * M, K)[index].long()
+        recv_w = torch.where(recv_idx >= 0, recv.weight.reshape(R * M, K)[index], 0.0)
+        per_expert = torch.bincount(recv_idx[recv_idx >= 0], minlength=local).tolist()
+        handle = PrefillHandle(x.shape[0], x.shape[1], index, inner)
         return recv_x, recv_idx, recv_w, per_expert, handle, EventOverlap()
 
-    def prefill_combine(self, x: torch.Tensor, handle: "PrefillHandle", active_ranks: torch.Tensor,
+    def prefill_combine(self, x: torch.Tensor, handle: PrefillHandle, active_ranks: torch.Tensor,
                         timeout_us: int, out: torch.Tensor | None = None):
         """Send each received row's partial sum home and add them per token.
 
@@ -326,72 +253,72 @@ class Buffer:
         event)``: partials summed in ascending rank order in float32, rounded once; ranks that missed
         the deadline add nothing (and are cleared in ``active_ranks``).
         """
-        if (handle.epoch, handle.step) != (self.epoch, self.step):
-            raise RoutingError(f"handle is from epoch {handle.epoch} step {handle.step}, the buffer is at "
-                               f"epoch {self.epoch} step {self.step}: combine each dispatch once, in order")
-        if self.prefill is not None:
-            return self._fused_prefill_combine(x, handle, active_ranks, timeout_us, out)
-        expected = sum(handle.received.values())
-        if tuple(x.shape) != (expected, handle.hidden):
-            raise RoutingError(f"prefill_combine x has shape {tuple(x.shape)}, expected ({expected}, {handle.hidden}): "
-                               "one partial row per row prefill_dispatch returned")
-        peers = self._active(active_ranks)
-        start = 0
-        for src, n in sorted(handle.received.items()):
-            if src in peers:
-                self.transport.send(COMBINE_CHANNEL, src, x[start:start + n].contiguous().view(-1).view(torch.uint8),
-                                    epoch=self.epoch, step=self.step)
-            start += n
-        acc = torch.zeros(handle.num_tokens, handle.hidden, dtype=torch.float32)
-        result = self._recv(COMBINE_CHANNEL, [p for p in peers if p in handle.sent], active_ranks, timeout_us)
-        for dst, raw in sorted(result.items()):
-            tokens = handle.sent[dst]
-            rows = raw[:tokens.numel() * handle.hidden * x.element_size()].view(x.dtype).view(-1, handle.hidden)
-            acc[tokens] = acc[tokens] + rows.float()
-        combined = acc.to(x.dtype)
-        if out is not None:
-            out.copy_(combined)
-            combined = out
-        self.step += 1
+        if tuple(x.shape) != (handle.index.numel(), handle.hidden):
+            raise RoutingError(f"prefill_combine x has shape {tuple(x.shape)}, expected "
+                               f"({handle.index.numel()}, {handle.hidden}): one partial row per row prefill_dispatch returned")
+        exchange = self.prefill
+        R, M = self.num_ranks, exchange.max_tokens_per_rank
+        partial = torch.zeros(R * M, handle.hidden, dtype=x.dtype, device=x.device)
+        partial[handle.index] = x
+        self._mask_in(exchange, active_ranks, timeout_us)
+        combined = exchange.combine(partial.view(R, M, handle.hidden), handle.inner, out=out)
+        self._evidence_out(exchange, active_ranks)
         return combined, EventOverlap()
 
-    def _fused_prefill_dispatch(self, x, topk_idx, topk_weights, active_ranks, local, timeout_us):
-        pb = self.prefill
-        if (local, x.shape[1]) != (pb.slots_per_rank, pb.layout.hidden):
-            raise RoutingError(f"the prefill buffer was built for (local experts, hidden) = "
-                               f"{(pb.slots_per_rank, pb.layout.hidden)}; got {(local, x.shape[1])}")
-        self._set_deadline(timeout_us, pb)
-        pb.active_mask.copy_(active_ranks)
-        recv, fused_handle = pb.dispatch(x.contiguous(), topk_idx.to(torch.int64).contiguous(),
-                                         topk_weights.float().contiguous())
-        self._write_evidence(active_ranks, pb)
-        M, K = pb.layout.max_tokens_per_rank, pb.layout.top_k
-        counts = recv.count.tolist()  # the packed view needs the counts on the host, as DeepEP's does
-        index = torch.cat([torch.arange(n, device=x.device) + s * M for s, n in enumerate(counts)])
-        recv_x = recv.x.reshape(-1, x.shape[1])[index]
-        recv_idx = recv.local_slot.reshape(-1, K)[index].long()
-        recv_w = recv.weight.reshape(-1, K)[index]
-        recv_w = torch.where(recv_idx >= 0, recv_w, 0.0)
-        handle = PrefillHandle(self.epoch, self.step, x.shape[1], x.shape[0])
-        handle.received = {s: n for s, n in enumerate(counts) if n}
-        handle.fused = (fused_handle, index)
-        per_expert = torch.bincount(recv_idx[recv_idx >= 0], minlength=local).tolist()
-        return recv_x, recv_idx, recv_w, per_expert, handle, EventOverlap()
+    # ---- the backends ----
+    def _exchanges(self) -> list:
+        return [e for e in (self.decode, self.prefill) if e is not None]
 
-    def _fused_prefill_combine(self, x, handle, active_ranks, timeout_us, out):
-        pb = self.prefill
-        fused_handle, index = handle.fused
-        lay = pb.layout
-        partial = torch.zeros(lay.num_ranks * lay.max_tokens_per_rank, lay.hidden, dtype=torch.bfloat16,
-                              device=x.device)
-        partial[index] = x.to(torch.bfloat16)
-        self._set_deadline(timeout_us, pb)
-        pb.active_mask.copy_(active_ranks)
-        combined = pb.combine(partial.view(lay.num_ranks, lay.max_tokens_per_rank, lay.hidden), fused_handle, out=out)
-        self._write_evidence(active_ranks, pb)
-        self.step += 1
-        return combined, EventOverlap()
+    def _decode_exchange(self, m: int, local: int, hidden: int, dtype: torch.dtype, use_fp8: bool) -> DecodeExchange:
+        if self.decode is None:
+            if self.transport is None:
+                raise RoutingError("this eep.Buffer has no decode backend (it was built with prefill= only)")
+            from eep.exchange.shm import ShmExchange
+            self.decode = ShmExchange(self.transport, slots_per_rank=local, max_tokens_per_rank=m, hidden=hidden,
+                                      dtype=dtype, use_fp8=use_fp8, membership=self.membership,
+                                      channels=DECODE_CHANNELS)
+        ex = self.decode
+        built = (ex.max_tokens_per_rank, ex.slots_per_rank, ex.hidden, ex.use_fp8)
+        if (m, local, hidden, use_fp8) != built:
+            raise RoutingError(f"the decode backend was built for (max_tokens, local experts, hidden, fp8) = {built}; "
+                               f"got {(m, local, hidden, use_fp8)}")
+        return ex
 
+    def _prefill_exchange(self, local: int, x: torch.Tensor, top_k: int) -> PrefillExchange:
+        if self.prefill is None:
+            if self.transport is None:
+                raise RoutingError("this eep.Buffer has no prefill backend (build it with prefill= or transport=)")
+            from eep.exchange.shm import ShmPrefillExchange
+            per_row = 4 + 8 * top_k + x.shape[1] * x.element_size()
+            self.prefill = ShmPrefillExchange(self.transport, slots_per_rank=local,
+                                              max_tokens_per_rank=(self.transport.capacity_nbytes - 8) // per_row,
+                                              hidden=x.shape[1], top_k=top_k, dtype=x.dtype,
+                                              membership=self.membership, channels=PREFILL_CHANNELS)
+        ex = self.prefill
+        if (local, x.shape[1]) != (ex.slots_per_rank, ex.hidden) or x.shape[0] > ex.max_tokens_per_rank:
+            raise RoutingError(f"the prefill backend was built for (local experts, hidden) = "
+                               f"{(ex.slots_per_rank, ex.hidden)} and at most {ex.max_tokens_per_rank} tokens; "
+                               f"got {(local, x.shape[1])} and {x.shape[0]} tokens")
+        return ex
+
+    def _mask_in(self, exchange, active_ranks: torch.Tensor, timeout_us: int) -> None:
+        timeout_s = self.max_wait_s if timeout_us < 0 else min(timeout_us / 1e6, self.max_wait_s)
+        exchange.set_timeout(timeout_s)
+        mirror = exchange.membership.active_device
+        if active_ranks.data_ptr() != mirror.data_ptr():  # the caller's mask is the one to wait by
+            mirror.copy_(active_ranks)
+
+    def _evidence_out(self, exchange, active_ranks: torch.Tensor) -> None:
+        """Clear suspects in the caller's mask, in place (on the device for a GPU backend)."""
+        if active_ranks.is_cuda:
+            active_ranks.mul_((exchange.suspect == 0).to(active_ranks.dtype))
+            return
+        for rank in exchange.suspect.nonzero().flatten().tolist():
+            if active_ranks[rank]:
+                active_ranks[rank] = 0
+                self.missed_peers.append((exchange.membership.epoch, rank))
+
+    # ---- argument checks ----
     def _check_prefill(self, x, topk_idx, topk_weights, active_ranks, num_experts) -> int:
         if x.dim() != 2:
             raise RoutingError(f"x has shape {tuple(x.shape)}, expected [num_tokens, hidden]")
@@ -399,71 +326,7 @@ class Buffer:
             raise RoutingError(f"topk_idx has shape {tuple(topk_idx.shape)}, expected [{x.shape[0]}, top_k]")
         if tuple(topk_weights.shape) != tuple(topk_idx.shape):
             raise RoutingError(f"topk_weights has shape {tuple(topk_weights.shape)}, topk_idx {tuple(topk_idx.shape)}")
-        if num_experts % self.num_ranks:
-            raise RoutingError(f"num_experts={num_experts} is not a multiple of num_ranks={self.num_ranks}")
-        if topk_idx.numel() and (int(topk_idx.max()) >= num_experts or int(topk_idx.min()) < -1):
-            raise RoutingError(f"topk_idx holds ids outside [-1, {num_experts}): "
-                               f"{int(topk_idx.min())}..{int(topk_idx.max())}")
-        if tuple(active_ranks.shape) != (self.num_ranks,):
-            raise RoutingError(f"active_ranks has shape {tuple(active_ranks.shape)}, expected [{self.num_ranks}]")
-        return num_experts // self.num_ranks
-
-    # ---- the GPU backend: device work only, so a CUDA graph can hold it ----
-    def _fused_dispatch(self, x, topk_idx, active_ranks, m, num_experts, timeout_us, use_fp8, local):
-        fused = self.fused
-        lay = fused.layout
-        built = (lay.max_tokens_per_rank, lay.slots_per_rank, lay.hidden, fused.use_fp8)
-        if (m, local, x.shape[1], use_fp8) != built:
-            raise RoutingError(f"the fused buffer was built for (max_tokens, local experts, hidden, fp8) = {built}; "
-                               f"got {(m, local, x.shape[1], use_fp8)}")
-        self._set_deadline(timeout_us)
-        fused.active_mask.copy_(active_ranks)
-        recv, fused_handle = fused.dispatch(x.contiguous(), topk_idx.to(torch.int64).contiguous())
-        self._write_evidence(active_ranks)
-        handle = EPHandle(m, x.shape[1], num_experts, self.epoch, self.step)
-        handle.recv_count = recv.count  # [local, num_ranks] on the device
-        handle.sent = {"fused": fused_handle}
-        flat = recv.x.view(local, self.num_ranks * m, x.shape[1])
-        recv_count = recv.count.sum(1, dtype=torch.int32)
-        if use_fp8:
-            blocks = x.shape[1] // FP8_BLOCK
-            scales = recv.scale.reshape(local, self.num_ranks * m, 1).expand(-1, -1, blocks).contiguous()
-            flat = (flat, scales)
-        return flat, recv_count, handle, EventOverlap(), (lambda: None)
-
-    def _fused_combine(self, x, topk_weights, active_ranks, timeout_us, handle, out):
-        fused = self.fused
-        m, hidden = handle.num_max_dispatch_tokens_per_rank, handle.hidden
-        y = x.view(fused.layout.slots_per_rank, self.num_ranks, m, hidden).contiguous()
-        self._set_deadline(timeout_us)
-        fused.active_mask.copy_(active_ranks)
-        combined = fused.combine(y, handle.sent["fused"], topk_weights.float().contiguous(), out=out)
-        self._write_evidence(active_ranks)
-        self.step += 1
-        return combined, EventOverlap(), (lambda: None)
-
-    def _set_deadline(self, timeout_us: int, buf=None) -> None:
-        from eep.fused.layout import CTRL_TIMEOUT_NS
-        timeout_s = self.max_wait_s if timeout_us < 0 else min(timeout_us / 1e6, self.max_wait_s)
-        # fill_ with a Python scalar is a kernel argument, not a host-to-device copy: capturable
-        (buf or self.fused).ctrl[CTRL_TIMEOUT_NS:CTRL_TIMEOUT_NS + 1].fill_(int(timeout_s * 1e9))
-
-    def _write_evidence(self, active_ranks: torch.Tensor, buf=None) -> None:
-        from eep.fused.layout import CTRL_SUSPECT
-        suspect = (buf or self.fused).ctrl[CTRL_SUSPECT:CTRL_SUSPECT + self.num_ranks]
-        active_ranks.mul_((suspect == 0).to(active_ranks.dtype))  # in place, on the device
-
-    # ---- internals ----
-    def _active(self, active_ranks: torch.Tensor) -> list[int]:
-        return [r for r, a in enumerate(active_ranks.tolist()) if a]
-
-    def _recv(self, channel: int, peers: list[int], active_ranks: torch.Tensor, timeout_us: int) -> dict:
-        timeout_s = self.max_wait_s if timeout_us < 0 else min(timeout_us / 1e6, self.max_wait_s)
-        result = self.transport.recv(channel, peers, epoch=self.epoch, step=self.step, timeout_s=timeout_s)
-        for rank in result.missed:
-            active_ranks[rank] = 0  # in place: the caller's tensor (e.g. SGLang's) carries the evidence
-            self.missed_peers.append((self.epoch, self.step, rank))
-        return result.buffers
+        return self._check_common(x, topk_idx, active_ranks, num_experts)
 
     def _check_dispatch(self, x, topk_idx, active_ranks, m, num_experts, use_fp8) -> int:
         if x.dim() != 2:
@@ -473,6 +336,11 @@ class Buffer:
                                f"num_max_dispatch_tokens_per_rank={m}")
         if topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]:
             raise RoutingError(f"topk_idx has shape {tuple(topk_idx.shape)}, expected [{x.shape[0]}, top_k]")
+        if use_fp8 and x.shape[1] % FP8_BLOCK:
+            raise RoutingError(f"FP8 dispatch needs hidden % {FP8_BLOCK} == 0, got hidden={x.shape[1]}")
+        return self._check_common(x, topk_idx, active_ranks, num_experts)
+
+    def _check_common(self, x, topk_idx, active_ranks, num_experts) -> int:
         if num_experts % self.num_ranks:
             raise RoutingError(f"num_experts={num_experts} is not a multiple of num_ranks={self.num_ranks}")
         # Value checks synchronise with the device: skipped while a CUDA graph is being captured.
@@ -482,56 +350,8 @@ class Buffer:
                                f"{int(topk_idx.min())}..{int(topk_idx.max())}")
         if tuple(active_ranks.shape) != (self.num_ranks,):
             raise RoutingError(f"active_ranks has shape {tuple(active_ranks.shape)}, expected [{self.num_ranks}]")
-        if use_fp8 and x.shape[1] % FP8_BLOCK:
-            raise RoutingError(f"FP8 dispatch needs hidden % {FP8_BLOCK} == 0, got hidden={x.shape[1]}")
         return num_experts // self.num_ranks
 
 
-def _one_hot(ranks, num_ranks: int) -> torch.Tensor:
-    mask = torch.zeros(num_ranks, dtype=torch.int32)
-    mask[list(ranks)] = 1
-    return mask
-
-
-def _quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token, per-128-channel e4m3 quantisation: ``x ~= values * scales``."""
-    blocks = x.float().view(x.shape[0], x.shape[1] // FP8_BLOCK, FP8_BLOCK)
-    scales = (blocks.abs().amax(-1) / FP8_MAX).clamp(min=1e-12)
-    values = (blocks / scales.unsqueeze(-1)).to(torch.float8_e4m3fn).view(x.shape[0], x.shape[1])
-    return values, scales
-
-
-def dequantize_fp8(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Inverse of the FP8 dispatch format: ``[..., hidden]`` float32."""
-    shape = values.shape
-    blocks = values.float().view(*shape[:-1], shape[-1] // FP8_BLOCK, FP8_BLOCK) * scales.unsqueeze(-1)
-    return blocks.view(shape)
-
-
-def _pack_dispatch(per_expert: list[list[tuple[int, int]]], values: torch.Tensor,
-                   scales: torch.Tensor | None) -> torch.Tensor:
-    """Wire format: counts int32 [local] | src token int32 [rows] | data [rows, hidden] | scales f32."""
-    tokens = [t for pairs in per_expert for t, _ in pairs]
-    counts = torch.tensor([len(p) for p in per_expert], dtype=torch.int32)
-    index = torch.tensor(tokens, dtype=torch.int64)
-    parts = [counts.view(torch.uint8), index.to(torch.int32).view(torch.uint8),
-             values[index].contiguous().view(-1).view(torch.uint8)]
-    if scales is not None:
-        parts.append(scales[index].contiguous().view(-1).view(torch.uint8))
-    return torch.cat(parts)
-
-
-def _unpack_dispatch(raw: torch.Tensor, local: int, hidden: int, dtype: torch.dtype, use_fp8: bool):
-    counts = raw[:4 * local].view(torch.int32).clone()
-    rows = int(counts.sum())
-    offset = 4 * local
-    src_rows = raw[offset:offset + 4 * rows].view(torch.int32)
-    offset += 4 * rows
-    elem = torch.empty(0, dtype=dtype).element_size()
-    data = raw[offset:offset + rows * hidden * elem].view(dtype).view(rows, hidden)
-    offset += rows * hidden * elem
-    data_scales = None
-    if use_fp8:
-        nblocks = hidden // FP8_BLOCK
-        data_scales = raw[offset:offset + rows * nblocks * 4].view(torch.float32).view(rows, nblocks)
-    return counts, src_rows, data, data_scales
+def _done() -> None:
+    """The receive hook: the seam's call already received (see the module docstring)."""

@@ -74,7 +74,9 @@ class RuntimeConfig:
 
     @property
     def num_channels(self) -> int:
-        return 2 * self.model.num_layers
+        """Channels of the shared-memory transport file: one (dispatch, combine) pair serves every layer
+        (eep/exchange/shm.py says why)."""
+        return 2
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,6 +11,12 @@ Two copies of the mask exist:
 - ``active_device`` int32 ``[num_ranks]``  the mirror kernels read at every launch. It is
   allocated once and written in place, never reallocated, so a CUDA graph captured against it
   sees each new membership without recapture. ``epoch_device`` (int64 ``[1]``) likewise.
+
+One ``Membership`` per process is the source every exchange backend and kernel reads (docs/design.md
+"Exchange seam"). A serving stack that already owns a device mask (SGLang's ``active_ranks``) passes
+it as ``active_device``: it becomes the mirror, so the stack's tensor and eep's are one tensor.
+The data plane may clear entries of the mirror as evidence (a peer that missed a deadline, Mooncake
+EP's convention); the host mask changes only through the transitions.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ class Membership:
     """Fixed-capacity rank slots with an epoch-versioned active mask."""
 
     def __init__(self, num_ranks: int, *, device: torch.device | str = "cpu",
-                 active: Iterable[bool] | None = None, epoch: int = 0):
+                 active: Iterable[bool] | None = None, epoch: int = 0, active_device: torch.Tensor | None = None):
         if not isinstance(num_ranks, int) or num_ranks < 1:
             raise MembershipError(f"num_ranks must be a positive int, got {num_ranks!r}")
+        if active is None and active_device is not None:
+            active = active_device.tolist()  # adopt the caller's mask as it stands
         mask = [True] * num_ranks if active is None else [bool(a) for a in active]
         if len(mask) != num_ranks:
             raise MembershipError(f"active mask has {len(mask)} entries, expected num_ranks={num_ranks}")
@@ -37,8 +45,15 @@ class Membership:
         self.num_ranks = num_ranks
         self.epoch = int(epoch)
         self.active_cpu = torch.tensor(mask, dtype=torch.bool)
-        self.active_device = torch.tensor(mask, dtype=torch.int32, device=device)
-        self.epoch_device = torch.tensor([self.epoch], dtype=torch.int64, device=device)
+        if active_device is None:
+            self.active_device = torch.tensor(mask, dtype=torch.int32, device=device)
+        else:
+            if tuple(active_device.shape) != (num_ranks,) or active_device.dtype != torch.int32:
+                raise MembershipError(f"active_device has shape {tuple(active_device.shape)} {active_device.dtype}, "
+                                      f"expected int32 [{num_ranks}]")
+            self.active_device = active_device
+            self.active_device.copy_(self.active_cpu.to(torch.int32))
+        self.epoch_device = torch.tensor([self.epoch], dtype=torch.int64, device=self.active_device.device)
 
     # ---- queries ----
     @property

@@ -8,7 +8,7 @@ has the same shape:
   one channel per (layer, phase)); each (channel, dst, src) pair owns one receive region of
   ``capacity_nbytes`` bytes in the destination's memory and one flag;
 - ``send`` writes the payload into the destination's region for this source, *then* sets the flag
-  to the tag of ``(epoch, step)``;
+  to the tag of ``(epoch, step)`` (``eep.exchange.tags``, the one encoding);
 - ``recv`` waits only for the peers it is given (the active ones), polling their flags until each
   equals the expected tag or the bounded wait expires; the peers that missed it are returned (they
   are evidence for the control plane, never waited on again in this step).
@@ -25,9 +25,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-
-from eep.exchange.tags import make_tag, split_tag  # noqa: F401  (re-exported: the transport's flag values)
-
 
 @dataclass
 class RecvResult:

@@ -28,7 +28,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from eep.transport.base import RecvResult, make_tag
+from eep.exchange.tags import make_tag
+from eep.transport.base import RecvResult
 
 MAGIC = 0x6565705F73686D31  # "eep_shm1"
 VERSION = 1

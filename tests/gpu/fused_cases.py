@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eep.reference.dispatch import DispatchHandle, RankReceive
+from eep.exchange.layout import DispatchHandle, RankReceive
 from eep.reference.dispatch import combine as ref_combine
 from eep.reference.dispatch import dispatch as ref_dispatch
 from eep.routing.route import route_to_phys

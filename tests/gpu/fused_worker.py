@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from eep.fused.buffer import FusedBuffer  # noqa: E402
+from eep.state import Membership  # noqa: E402
 from fused_cases import (case_phys, compare_prefill_rank, compare_rank, expert_scale, fake_experts,  # noqa: E402
                          make_case, oracle, prefill_fake_experts, prefill_oracle, two_replica_placement)
 
@@ -127,23 +128,20 @@ def one_case(args, buf, barrier, participants, case_seed, errors, label, **case_
 
 def mask_last_then_unmask(args, store, buf, barrier, run_case, seed, errors, label, **masked_kw) -> None:
     """Mask the last rank for one case (it sits out, the others exclude it everywhere), then take it
-    back with aligned sequence numbers, as a rejoining rank does, and run one more case with everyone.
+    back (every member adopts epoch 2, which restarts everyone's steps at its first tag, as for a
+    rejoining rank) and run one more case with everyone.
     ``run_case``: ``one_case`` or ``prefill_case`` (same arguments); ``masked_kw`` goes to the masked case."""
     R, last = args.num_ranks, args.num_ranks - 1
     mask = [True] * R
     mask[last] = False
     if args.rank != last:
-        buf.set_membership(mask, epoch=1)
+        buf.set_membership(Membership(R, active=mask, epoch=1))
         run_case(args, buf, barrier, R - 1, seed + 1, errors, label, active=mask, **masked_kw)
-        if args.rank == 0:
-            st = buf.status()
-            store.set(f"{args.group}/{label}/seq", json.dumps([st.dispatch_seq, st.combine_seq]))
         barrier.wait(R)
     else:
         barrier.n += 2  # skip the two barriers of the masked case
         barrier.wait(R)
-        buf.set_sequence(*json.loads(store.get(f"{args.group}/{label}/seq")))
-    buf.set_membership([True] * R, epoch=2)
+    buf.set_membership(Membership(R, epoch=2))
     run_case(args, buf, barrier, R, seed + 2, errors, "after-unmask")
 
 
@@ -183,16 +181,13 @@ def scenario_graph(args, store, result) -> None:
         store.set(f"{args.group}/left", "1")
         result["note"] = "left after two replays (the failure)"
         return  # the process exits: a failed rank
-    buf.set_membership(mask, epoch=1)
+    buf.set_membership(Membership(R, active=mask, epoch=1))
     replay_and_check(args, store, buf, g, statics, barrier, R - 1, mask, args.seed + 3, errors, "replay-masked")
     # the launcher starts a new process for the last rank slot; it publishes its buffer
-    if args.rank == 0:
-        st = buf.status()
-        store.set(f"{args.group}/seq", json.dumps([st.dispatch_seq, st.combine_seq]))
     store.wait([f"{args.group}/joined"], _td(300))
     t0 = time.perf_counter()
-    buf.add_peer(last)
-    buf.set_membership([True] * R, epoch=2)
+    buf.connect([last], timeout_s=60.0)
+    buf.set_membership(Membership(R, epoch=2))
     torch.cuda.synchronize()
     result["rejoin_survivor_s"] = time.perf_counter() - t0
     store.add(f"{args.group}/admitted", 1)
@@ -204,10 +199,9 @@ def scenario_graph(args, store, result) -> None:
 def scenario_join(args, store, result) -> None:
     errors = result["errors"]
     R = args.num_ranks
-    store.wait([f"{args.group}/left", f"{args.group}/seq"], _td(300))
+    store.wait([f"{args.group}/left"], _td(300))
     buf = make_buffer(args, store, connect=[r for r in range(R) if r != args.rank])
-    dseq, cseq = json.loads(store.get(f"{args.group}/seq"))
-    buf.set_sequence(dseq, cseq)
+    buf.set_membership(Membership(R, epoch=2))  # the epoch the survivors admit it in: same first tag
     g, statics = capture(args, buf)
     barrier = Barrier(store, f"{args.group}/gbar")
     barrier.n = 3 * 2  # the survivors' barrier count so far: three replays, two barriers each
@@ -340,7 +334,7 @@ def scenario_kill(args, store, result) -> None:
     barrier.wait(survivors)
     mask = [True] * R
     mask[last] = False
-    buf.set_membership(mask, epoch=1)
+    buf.set_membership(Membership(R, active=mask, epoch=1))
     for i in range(2):
         one_case(args, buf, barrier, survivors, args.seed + 10**6 + i, errors, f"after-kill-{i}", active=mask)
     result["context_healthy"] = True
@@ -489,7 +483,7 @@ def scenario_late(args, store, result, *, prefill: bool = False) -> None:
         errors.append(f"rank {args.rank}: the late rank is not a suspect after its miss")
     # the runtime's verdict on the evidence: the late rank is alive, keep it (clears the suspicions;
     # until then nobody waits for a suspect, so the next step would drop it again)
-    buf.set_membership([True] * R)
+    buf.set_membership(Membership(R, epoch=1))
     run_case(args, buf, barrier, R, args.seed + 3, errors, "after-late")
     buf.close()
 

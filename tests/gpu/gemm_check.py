@@ -19,7 +19,8 @@ from eep.fused.gemm import ExpertStageShape, TorchExpertStage  # noqa: E402
 from eep.fused.gemm.build import DEFAULT_CONFIGS, SWIGLU_CONFIGS, GemmConfig  # noqa: E402
 from eep.fused.gemm.cutlass_stage import (ERROR_COUNT_OVER_CAPACITY, ERROR_ROWS_OVER_CAPACITY,  # noqa: E402
                                           CutlassExpertStage, pick_config)
-from eep.reference.dispatch import RankReceive, expert_mlp  # noqa: E402
+from eep.exchange.layout import RankReceive  # noqa: E402
+from eep.reference.dispatch import expert_mlp  # noqa: E402
 
 DEV = torch.device("cuda")
 GEN = torch.Generator().manual_seed(int(time.time()))

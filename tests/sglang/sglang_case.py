@@ -32,7 +32,7 @@ if HAS_SGLANG:
 
     import eep.integrations.sglang.dispatcher  # noqa: F401
 
-from eep.integrations.buffer import dequantize_fp8
+from eep.exchange.fp8 import dequantize_fp8
 from eep.reference import combine as ref_combine
 from eep.reference import dispatch as ref_dispatch
 from eep.reference import swiglu

@@ -3,7 +3,6 @@
 import inspect
 import multiprocessing as mp
 import signal
-import threading
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from sglang.srt.layers.moe.token_dispatcher import (BaseDispatcher, CombineInput
 
 from eep.integrations.buffer import Buffer
 from eep.integrations.sglang.dispatcher import EepDispatcher
-from eep_test_utils import prefill_partials
+from eep_test_utils import on_every_rank, prefill_partials
 from eep.transport.shm import SharedMemoryTransport, create_shm_file
 
 
@@ -35,29 +34,16 @@ def no_elastic_state():
 
 
 def _shm(tmp_path, use_fp8=True) -> str:
+    """A transport file for decode messages; sized for bf16 rows too, since a quantisation config
+    can turn the dispatcher's FP8 off after construction (as SGLang's w4afp8 does)."""
     path = str(tmp_path / "ep.shm")
-    create_shm_file(path, NUM_RANKS, 2, Buffer.get_ep_buffer_size_hint(M, HIDDEN, NUM_RANKS, NUM_EXPERTS,
-                                                                       use_fp8=use_fp8))
+    create_shm_file(path, NUM_RANKS, 4, max(Buffer.get_ep_buffer_size_hint(M, HIDDEN, NUM_RANKS, NUM_EXPERTS,
+                                                                           use_fp8=fp8) for fp8 in (use_fp8, False)))
     return path
 
 
-def _on_every_rank(step) -> dict:
-    """``step(rank)`` on one thread per rank; returns ``{rank: result}``, raising any rank's error."""
-    results, errors = {}, []
-
-    def one(rank):
-        try:
-            results[rank] = step(rank)
-        except Exception as exc:  # surfaced below with the rank
-            errors.append((rank, exc))
-
-    threads = [threading.Thread(target=one, args=(r,)) for r in range(NUM_RANKS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
-    return results
+def _on_every_rank(step):
+    return on_every_rank(step, range(NUM_RANKS))
 
 
 def _run_threads(path, seed, use_fp8, return_recv_hook=True, quant_config=None):
@@ -200,7 +186,7 @@ def test_normal_mode_returns_sglang_deepep_normal_and_matches_the_reference(tmp_
     from sglang.srt.layers.moe.utils import DeepEPMode
 
     path = str(tmp_path / "ep.shm")
-    create_shm_file(path, NUM_RANKS, 2, max(Buffer.get_ep_buffer_size_hint(M, HIDDEN, NUM_RANKS, NUM_EXPERTS),
+    create_shm_file(path, NUM_RANKS, 4, max(Buffer.get_ep_buffer_size_hint(M, HIDDEN, NUM_RANKS, NUM_EXPERTS),
                                             Buffer.get_prefill_buffer_size_hint(M, HIDDEN, TOP_K)))
     xs, ids, ws, weights = make_inputs(21)
 

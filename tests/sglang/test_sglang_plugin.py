@@ -104,9 +104,12 @@ def test_eep_dispatcher_binds_exactly_what_sglang_passes_its_mooncake_dispatcher
 
 def test_member_refresh_hook_moves_the_buffer_to_a_new_epoch(plugin_loaded, tmp_path):
     path = str(tmp_path / "ep.shm")
-    create_shm_file(path, 1, 2, 4096)
+    create_shm_file(path, 1, 4, 4096)
     buffer = Buffer(0, 1, transport=SharedMemoryTransport(path, 0))
-    buffer.step = 3
+    x, ids, active = torch.randn(1, 8).bfloat16(), torch.tensor([[0]]), torch.ones(1, dtype=torch.int32)
+    _, _, handle, _, _ = buffer.dispatch(x, ids, active, 2, 2, 1_000_000, use_fp8=False)
+    buffer.combine(torch.zeros(2, 2, 8, dtype=torch.bfloat16), ids, torch.ones(1, 1), active, 1_000_000, handle)
+    assert (buffer.epoch, buffer.step) == (0, 2)  # one message each way in this epoch
     EepEPBuffer.set_buffer(buffer)
     elastic_ep._refresh_ep_members()  # what try_recover_ranks / join_process_groups call after a rejoin
     assert (buffer.epoch, buffer.step) == (1, 0)
@@ -118,7 +121,7 @@ def test_member_refresh_names_the_ranks_sglang_is_recovering(plugin_loaded, tmp_
     from sglang.srt.elastic_ep.elastic_ep import ElasticEPStateManager
 
     path = str(tmp_path / "ep.shm")
-    create_shm_file(path, 4, 2, 4096)
+    create_shm_file(path, 4, 4, 4096)
     buffer = Buffer(1, 4, transport=SharedMemoryTransport(path, 1))
     EepEPBuffer.set_buffer(buffer)
     calls = []

@@ -81,8 +81,10 @@ def make_buffer(group: Any, spec: BufferSpec, active_ranks: torch.Tensor) -> Buf
             f"{active_ranks.device}. eep.Buffer(fused=FusedBuffer(...)) plugs in here "
             f"(eep/integrations/sglang/ep_buffer.py, make_buffer); see docs/integrations.md")
     rank = group.rank()
-    capacity = max(Buffer.get_ep_buffer_size_hint(spec.num_max_dispatch_tokens_per_rank, spec.hidden_size,
-                                                  spec.num_ranks, spec.num_experts, use_fp8=spec.use_fp8),
+    # bf16 decode rows too: a quantisation config can turn the dispatcher's FP8 off after construction
+    capacity = max(*(Buffer.get_ep_buffer_size_hint(spec.num_max_dispatch_tokens_per_rank, spec.hidden_size,
+                                                    spec.num_ranks, spec.num_experts, use_fp8=fp8)
+                     for fp8 in (spec.use_fp8, False)),
                    Buffer.get_prefill_buffer_size_hint(spec.num_max_dispatch_tokens_per_rank, spec.hidden_size,
                                                        spec.top_k))
     path = _agree_shm_path(rank, spec.num_ranks, capacity)
@@ -93,7 +95,7 @@ def _agree_shm_path(rank: int, num_ranks: int, capacity_nbytes: int, *, wait_s: 
     path = envs.sglang_shm_path()
     if path:
         if rank == 0 and not os.path.exists(path):
-            create_shm_file(path, num_ranks, 2, capacity_nbytes)
+            create_shm_file(path, num_ranks, 4, capacity_nbytes)
         deadline = time.monotonic() + wait_s
         while not os.path.exists(path):  # rank 0 creates it; bounded, never a hang
             if time.monotonic() > deadline:
@@ -108,6 +110,6 @@ def _agree_shm_path(rank: int, num_ranks: int, capacity_nbytes: int, *, wait_s: 
                            f"shared-memory transport file")
     if rank == 0 and not store.check([STORE_KEY_SHM_PATH]):
         path = os.path.join(envs.shm_dir(), f"eep-sglang-{os.getpid()}-{time.time_ns()}.shm")
-        create_shm_file(path, num_ranks, 2, capacity_nbytes)
+        create_shm_file(path, num_ranks, 4, capacity_nbytes)
         store.set(STORE_KEY_SHM_PATH, path)
     return store.get(STORE_KEY_SHM_PATH).decode()  # waits (store timeout) until rank 0 has published it

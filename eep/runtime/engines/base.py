@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import torch
 
 from eep.runtime.config import RuntimeConfig
-from eep.state import ExpertPlacement
+from eep.state import NO_EXPERT, ExpertPlacement
 
 ENGINES = ("shm", "fused", "fused_fixed", "nccl", "gloo", "cpu_elastic", "local")
 
@@ -58,6 +58,15 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+def missing_slots(placement: ExpertPlacement, rank: int, loaded: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(layer, local_slot, logical_expert_id)`` of this rank's slots whose loaded expert (``loaded
+    [num_layers, slots_per_rank]``) differs from the one ``placement`` wants there."""
+    s = placement.slots_per_rank
+    want = placement.phys_to_logical[:, rank * s:(rank + 1) * s]
+    return [(layer, i, int(want[layer, i])) for layer, i in (want != loaded).nonzero().tolist()
+            if int(want[layer, i]) != NO_EXPERT]
+
+
 def make_engine(cfg: RuntimeConfig, rank: int, *, shm_path: str, store: Any, run_id: str,
                 incarnation: int) -> Engine:
     """The engine ``cfg.engine`` names, for ``rank`` (errors name the unknown engine)."""
@@ -73,11 +82,9 @@ def make_engine(cfg: RuntimeConfig, rank: int, *, shm_path: str, store: Any, run
 
 def transport_capacity_nbytes(cfg: RuntimeConfig) -> int:
     """Bytes of one region of the launcher's shared-memory file for ``cfg.engine``."""
-    if cfg.engine == "shm":
-        from eep.runtime.engines.shm import BlockCodec
-        codec = BlockCodec(cfg.slots_per_rank, cfg.token_capacity, cfg.model.hidden)
-        return (max(codec.block_nbytes, codec.reply_nbytes) + 63) // 64 * 64
-    if cfg.engine == "cpu_elastic":
-        from eep.runtime.engines.gpu import ShmExchange
-        return ShmExchange.capacity_nbytes(cfg.slots_per_rank, cfg.token_capacity, cfg.model.hidden)
+    from eep.exchange.shm import ShmExchange
+
+    if cfg.engine in ("shm", "cpu_elastic"):  # float32 tiny model / bf16 bench model
+        return ShmExchange.capacity_nbytes(cfg.slots_per_rank, cfg.token_capacity, cfg.model.hidden,
+                                           elem_nbytes=4 if cfg.engine == "shm" else 2)
     return 64  # GPU engines move data through their own buffers; the file only keeps the layout
