@@ -65,8 +65,8 @@ def test_signal_limit_and_smem_of_the_v2_dispatch():
     text = open(fl.__file__.rsplit("/", 1)[0] + "/csrc/signals_v2.cuh").read()
     assert f"#define EEP_MAX_SIGNAL_BLOCKS {fl.MAX_SIGNAL_BLOCKS}" in text
     lay = fl.BufferLayout(4, 64, 128, 7168)
-    # slot ranks + rows taken [256 each], totals of 2 slots, 1 token x 8 choices (rank, row) per block
-    assert lay.dispatch_v2_smem_bytes(8, 132) == 4 * (2 * 256 + 2 + 2 * 1 * 8)
+    # slot ranks + rows taken [256 each], totals of 2 slots, 1 token x (8 choices (rank, row) + sent) per block
+    assert lay.dispatch_v2_smem_bytes(8, 132) == 4 * (2 * 256 + 2 + 1 * (2 * 8 + 1))
     p = fl.make_signal_params(lay, num_send_blocks=7)
     assert (p.off_dispatch_signal, p.off_combine_signal, p.num_send_blocks) == (lay.off_dispatch_signal,
                                                                                  lay.off_combine_signal, 7)

@@ -127,10 +127,11 @@ class BufferLayout(PackedRegions):
 
     def dispatch_v2_smem_bytes(self, top_k: int, num_blocks: int) -> int:
         """Dynamic shared memory of eep2_dispatch with ``num_blocks`` blocks: per slot its rank and the
-        rows taken so far, the totals of a block's slots, its tokens' destinations and rows."""
+        rows taken so far, the totals of a block's slots, its tokens' destinations and rows (and
+        whether each token goes anywhere)."""
         slots = self.slots_per_rank * self.num_ranks
         tokens_per_block = -(-self.max_tokens_per_rank // num_blocks)
-        return 4 * (2 * slots + -(-slots // num_blocks) + 2 * tokens_per_block * top_k)
+        return 4 * (2 * slots + -(-slots // num_blocks) + tokens_per_block * (2 * top_k + 1))
 
     def combine_send_smem_bytes(self) -> int:
         """Dynamic shared memory of eep_combine_send: rows and starts of every (slot, source) block."""

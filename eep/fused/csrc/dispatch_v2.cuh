@@ -24,7 +24,8 @@ __device__ __forceinline__ int eep2_dispatch_tokens_per_block(int M, int G) { re
 __device__ __forceinline__ int eep2_dispatch_slots_per_block(int num_slots, int G) { return (num_slots + G - 1) / G; }
 
 extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_dispatch(const EepParams p, const EepSignals sig) {
-  // s_slot_dst[NS] | s_next[NS] (rows taken so far per slot) | s_total[spb] | s_dst[tpb*K] | s_brow[tpb*K]
+  // s_slot_dst[NS] | s_next[NS] (rows taken so far per slot) | s_total[spb] | s_dst[tpb*K] | s_brow[tpb*K] |
+  // s_sent[tpb] (the token goes somewhere)
   extern __shared__ int s_dyn[];
   __shared__ int s_active[EEP_MAX_RANKS];
   __shared__ u64 s_peer[EEP_MAX_RANKS];
@@ -48,6 +49,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_dispatch(const E
   int* s_total = s_next + NS;
   int* s_dst = s_total + spb;
   int* s_brow = s_dst + tpb * K;
+  int* s_sent = s_brow + tpb * K;
 
   for (int i = threadIdx.x; i < NS; i += blockDim.x) s_next[i] = 0;
   for (int i = threadIdx.x; i < spb; i += blockDim.x) s_total[i] = 0;
@@ -87,6 +89,8 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_dispatch(const E
         s_brow[i * K + lane] = brow;
         handle_pos[(t0 + i) * K + lane] = row;
       }
+      const bool sent = __any_sync(0xffffffffu, lane < K && s_dst[i * K + lane] >= 0);
+      if (lane == 0) s_sent[i] = sent;
       __syncwarp();
     }
   }
@@ -94,6 +98,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_dispatch(const E
 
   // 3. each token read once, stored once per choice
   for (int i = 0; i < t1 - t0; ++i) {
+    if (!s_sent[i]) continue;  // every choice NO_EXPERT or on an inactive rank (block-uniform)
     const int t = t0 + i;
     EepVec v[EEP2_ROW_VECS];
 #if EEP_USE_FP8

@@ -182,7 +182,7 @@ __device__ __forceinline__ void eep2_rows_to_add(const EepCtrl* ctrl, int me, in
     if (r == me) use = ctrl->dispatch_ok[me] != 0;
     else if (!eep_rank_active(s_active, r)) use = 0;
     else if (is_waiter) use = s_ok[r] && !s_dropped[r];
-    else use = *s_flag && ctrl->combine_ok[r] != 0 && !((dropped >> r) & 1ull);
+    else use = *s_flag && *(const volatile u64*)&ctrl->combine_ok[r] != 0 && !((dropped >> r) & 1ull);
     s_use[r] = use;
   }
   __syncthreads();
