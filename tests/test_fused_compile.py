@@ -158,6 +158,15 @@ def _ptxas_report(variant) -> str:
         nv.nvrtcDestroyProgram(prog)
 
 
+def _assert_no_spills(log: str, kernels, max_registers: int) -> None:
+    """Every kernel of the ptxas report ``log`` spills nothing and uses at most ``max_registers``."""
+    for kernel in kernels:
+        block = log[log.index(f"Function properties for {kernel}"):].splitlines()
+        assert "0 bytes spill stores, 0 bytes spill loads" in block[1], f"{kernel}: {block[1]}"
+        regs = int(block[2].split("Used ")[1].split(" registers")[0])
+        assert regs <= max_registers, f"{kernel}: {block[2]}"
+
+
 def test_pull_and_spread_kernels_do_not_spill():
     """ptxas report: the new kernels keep everything in registers (a spill would put local-memory
     traffic into the loop the combine's bandwidth rests on); pull fits two 512-thread blocks per SM."""
@@ -165,12 +174,7 @@ def test_pull_and_spread_kernels_do_not_spill():
                              ("spread", ("eep_prefill_combine_send_spread",))):
         log = _ptxas_report(fc.KernelVariant(7168, prefill_combine=combine))
         for kernel in kernels:
-            block = log[log.index(f"Function properties for {kernel}"):]
-            props = block.splitlines()[1]
-            used = block.splitlines()[2]
-            assert "0 bytes spill stores, 0 bytes spill loads" in props, f"{kernel}: {props}"
-            regs = int(used.split("Used ")[1].split(" registers")[0])
-            assert regs <= (64 if kernel == "eep_prefill_combine_pull" else 128), f"{kernel}: {used}"
+            _assert_no_spills(log, [kernel], 64 if kernel == "eep_prefill_combine_pull" else 128)
 
 
 def test_variant_rejects_an_unknown_prefill_combine():
@@ -222,12 +226,7 @@ def test_default_cubin_is_unchanged_by_the_decode_pull_sections(monkeypatch, tmp
 def test_decode_pull_kernels_do_not_spill():
     """ptxas report: the pull combine keeps its eight in-flight 16-byte loads in registers and still
     fits one 512-thread block per SM (<= 128 registers), as the default kernels do."""
-    log = _ptxas_report(fc.KernelVariant(7168, use_fp8=True, decode="pull"))
-    for kernel in fc.DECODE_KERNELS["pull"]:
-        block = log[log.index(f"Function properties for {kernel}"):].splitlines()
-        assert "0 bytes spill stores, 0 bytes spill loads" in block[1], f"{kernel}: {block[1]}"
-        regs = int(block[2].split("Used ")[1].split(" registers")[0])
-        assert regs <= 128, f"{kernel}: {block[2]}"
+    _assert_no_spills(_ptxas_report(fc.KernelVariant(7168, use_fp8=True, decode="pull")), fc.DECODE_KERNELS["pull"], 128)
 
 
 def test_fused_buffer_rejects_an_unknown_decode_path_before_touching_cuda():
@@ -268,12 +267,7 @@ def test_v1_cubin_is_unchanged_by_the_v2_sources(monkeypatch, tmp_path):
 def test_v2_kernels_do_not_spill(hidden, fp8):
     """ptxas report: every v2 kernel keeps its rows in flight in registers (no local-memory traffic in
     the loops the step time rests on) and fits a 512-thread block (<= 128 registers)."""
-    log = _ptxas_report(fc.KernelVariant(hidden, use_fp8=fp8, kernels="v2"))
-    for kernel in fc.V2_KERNEL_NAMES:
-        block = log[log.index(f"Function properties for {kernel}"):].splitlines()
-        assert "0 bytes spill stores, 0 bytes spill loads" in block[1], f"{kernel}: {block[1]}"
-        regs = int(block[2].split("Used ")[1].split(" registers")[0])
-        assert regs <= 128, f"{kernel}: {block[2]}"
+    _assert_no_spills(_ptxas_report(fc.KernelVariant(hidden, use_fp8=fp8, kernels="v2")), fc.V2_KERNEL_NAMES, 128)
 
 
 def test_prefill_buffer_rejects_a_v1_experiment_with_v2_before_touching_cuda():

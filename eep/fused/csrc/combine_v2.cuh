@@ -24,8 +24,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_combine(const Ee
   __shared__ int s_active[EEP_MAX_RANKS];
   __shared__ u64 s_peer[EEP_MAX_RANKS];
   __shared__ int s_warp[32];
-  __shared__ int s_expect[EEP_MAX_RANKS], s_ok[EEP_MAX_RANKS], s_dropped[EEP_MAX_RANKS], s_use[EEP_MAX_RANKS];
-  __shared__ int s_flag;
+  __shared__ int s_use[EEP_MAX_RANKS];
 
   const int S = (int)p.slots_per_rank, R = (int)p.num_ranks, M = (int)p.max_tokens;
   const int K = (int)p.top_k, T = (int)p.num_tokens, me = (int)p.my_rank, NS = S * R;
@@ -54,15 +53,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_combine(const Ee
 
   // ---- reduce: the first reducing block settles which ranks' rows arrived
   const int rb = blockIdx.x - num_send, num_reduce = gridDim.x - num_send;
-  const bool waiter = rb == 0;
-  if (waiter) {
-    for (int r = threadIdx.x; r < R; r += blockDim.x)
-      s_expect[r] = r != me && eep_rank_active(s_active, r) && !*(volatile u64*)&ctrl->suspect[r];
-    __syncthreads();
-    eep2_wait_senders(ctrl, s_peer[me], R, s_expect, sig.off_combine_signal, seq, s_ok, s_dropped);
-    eep2_publish_verdict(ctrl, me, R, s_ok, s_dropped, seq);
-  }
-  eep2_rows_to_add(ctrl, me, R, s_active, seq, waiter, s_ok, s_dropped, s_use, &s_flag);
+  eep2_rows_to_add(ctrl, me, R, s_active, s_peer[me], sig.off_combine_signal, seq, rb == 0, s_use);
 
   const i64* phys = (const i64*)p.phys;
   const int* handle_pos = (const int*)p.handle_pos;

@@ -29,7 +29,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_dispatch(const E
   extern __shared__ int s_dyn[];
   __shared__ int s_active[EEP_MAX_RANKS];
   __shared__ u64 s_peer[EEP_MAX_RANKS];
-  __shared__ int s_expect[EEP_MAX_RANKS], s_ok[EEP_MAX_RANKS], s_dropped[EEP_MAX_RANKS];
+  __shared__ int s_ok[EEP_MAX_RANKS];
 #if EEP_USE_FP8
   __shared__ float s_amax[EEP2_THREADS / 32];
 #endif
@@ -173,11 +173,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_dispatch(const E
   if (b != G - 1) return;
 
   // 5. the last block: wait for every source, publish what arrived, hide what did not
-  for (int r = threadIdx.x; r < R; r += blockDim.x)
-    s_expect[r] = eep_rank_active(s_active, r) && (r == me || !*(volatile u64*)&ctrl->suspect[r]);
-  __syncthreads();
-  eep2_wait_senders(ctrl, s_peer[me], R, s_expect, sig.off_dispatch_signal, seq, s_ok, s_dropped);
-  for (int r = threadIdx.x; r < R; r += blockDim.x) ctrl->dispatch_ok[r] = (u64)s_ok[r];
+  eep2_dispatch_arrivals(ctrl, me, R, s_active, s_peer[me], sig.off_dispatch_signal, seq, s_ok);
   int* vis_count = (int*)p.vis_count;
   const int* raw_count = (const int*)(s_peer[me] + p.off_raw_count);
   for (int pair = threadIdx.x; pair < NS; pair += blockDim.x) {

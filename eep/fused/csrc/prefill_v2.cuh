@@ -57,7 +57,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_dispatch
   __shared__ int s_active[EEP_MAX_RANKS];
   __shared__ u64 s_peer[EEP_MAX_RANKS];
   __shared__ int s_next[EEP_MAX_RANKS];  // per destination: rows taken so far (tokens before, then own)
-  __shared__ int s_expect[EEP_MAX_RANKS], s_ok[EEP_MAX_RANKS], s_dropped[EEP_MAX_RANKS];
+  __shared__ int s_ok[EEP_MAX_RANKS];
 
   const int S = (int)p.slots_per_rank, R = (int)p.num_ranks, M = (int)p.max_tokens;
   const int K = (int)p.top_k, T = (int)p.num_tokens, me = (int)p.my_rank, NS = S * R;
@@ -175,13 +175,9 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_dispatch
   if (!last) return;
 
   // 5. the last block: wait for every source, publish what arrived, hide what did not
-  for (int r = threadIdx.x; r < R; r += blockDim.x)
-    s_expect[r] = eep_rank_active(s_active, r) && (r == me || !*(volatile u64*)&ctrl->suspect[r]);
-  __syncthreads();
-  eep2_wait_senders(ctrl, s_peer[me], R, s_expect, sig.off_dispatch_signal, seq, s_ok, s_dropped);
+  eep2_dispatch_arrivals(ctrl, me, R, s_active, s_peer[me], sig.off_dispatch_signal, seq, s_ok);
   const int* raw_count = (const int*)(s_peer[me] + p.off_raw_count);
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    ctrl->dispatch_ok[r] = (u64)s_ok[r];
     ((int*)p.vis_count)[r] = s_ok[r] ? min(max(eep_ld_volatile(&raw_count[r]), 0), M) : 0;
   }
   for (int src = 0; src < R; ++src) {  // inactive or late sources: their regions hold stale rows
@@ -200,8 +196,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_combine(
   __shared__ int s_active[EEP_MAX_RANKS];
   __shared__ u64 s_peer[EEP_MAX_RANKS];
   __shared__ int s_rows[EEP_MAX_RANKS];
-  __shared__ int s_expect[EEP_MAX_RANKS], s_ok[EEP_MAX_RANKS], s_dropped[EEP_MAX_RANKS], s_use[EEP_MAX_RANKS];
-  __shared__ int s_flag;
+  __shared__ int s_use[EEP_MAX_RANKS];
 
   const int R = (int)p.num_ranks, M = (int)p.max_tokens, T = (int)p.num_tokens, me = (int)p.my_rank;
   const int num_send = (int)sig.num_send_blocks;
@@ -231,15 +226,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_combine(
 
   // ---- reduce: the first reducing block settles which ranks' rows arrived
   const int rb = blockIdx.x - num_send, num_reduce = gridDim.x - num_send;
-  const bool waiter = rb == 0;
-  if (waiter) {
-    for (int r = threadIdx.x; r < R; r += blockDim.x)
-      s_expect[r] = r != me && eep_rank_active(s_active, r) && !*(volatile u64*)&ctrl->suspect[r];
-    __syncthreads();
-    eep2_wait_senders(ctrl, s_peer[me], R, s_expect, sig.off_combine_signal, seq, s_ok, s_dropped);
-    eep2_publish_verdict(ctrl, me, R, s_ok, s_dropped, seq);
-  }
-  eep2_rows_to_add(ctrl, me, R, s_active, seq, waiter, s_ok, s_dropped, s_use, &s_flag);
+  eep2_rows_to_add(ctrl, me, R, s_active, s_peer[me], sig.off_combine_signal, seq, rb == 0, s_use);
 
   const int* dst_row = (const int*)p.dst_row;
   const EepVec* comb = (const EepVec*)(s_peer[me] + p.off_comb_x);  // [R(dst), M, hidden]

@@ -135,6 +135,18 @@ __device__ void eep2_wait_senders(EepCtrl* ctrl, u64 my_base, int R, const int* 
   __syncthreads();
 }
 
+// The dispatch's waiting block: which sources' rows arrived (s_ok[r], also dispatch_ok[r]). This
+// rank's own blocks are always waited for; another rank when active and not a suspect.
+__device__ __forceinline__ void eep2_dispatch_arrivals(EepCtrl* ctrl, int me, int R, const int* s_active, u64 my_base,
+                                                       u64 off_signal, u64 seq, int* s_ok) {
+  __shared__ int s_expect[EEP_MAX_RANKS], s_dropped[EEP_MAX_RANKS];
+  for (int r = threadIdx.x; r < R; r += blockDim.x)
+    s_expect[r] = eep_rank_active(s_active, r) && (r == me || !*(volatile u64*)&ctrl->suspect[r]);
+  __syncthreads();
+  eep2_wait_senders(ctrl, my_base, R, s_expect, off_signal, seq, s_ok, s_dropped);
+  for (int r = threadIdx.x; r < R; r += blockDim.x) ctrl->dispatch_ok[r] = (u64)s_ok[r];
+}
+
 // A reducing block's wait for the waiter's verdict: `*word` reaches `seq` (acquire). Bounded by
 // twice the timeout plus 1 ms (the waiter itself waits at most one timeout); false if that passes.
 __device__ __forceinline__ bool eep2_wait_verdict(const EepCtrl* ctrl, const u64* word, u64 seq) {
@@ -163,17 +175,26 @@ __device__ __forceinline__ void eep2_publish_verdict(EepCtrl* ctrl, int me, int 
   }
 }
 
-// Which ranks' rows a reducing block adds (s_use[r]): its own (read in place, if its dispatch kept
-// them), and every other rank whose verdict says its rows arrived and it did not drop this rank.
-// The waiter passes its own s_ok/s_dropped; the other blocks read the published verdict, or use
-// only their own rows when there is no other active rank or the verdict never came.
-__device__ __forceinline__ void eep2_rows_to_add(const EepCtrl* ctrl, int me, int R, const int* s_active, u64 seq,
-                                                 bool is_waiter, const int* s_ok, const int* s_dropped, int* s_use,
-                                                 int* s_flag) {
+// A reducing block of a v2 combine, before it adds anything: which ranks' rows it adds (s_use[r]).
+// The first reducing block (`is_waiter`) waits for every other active, unsuspected rank's pushing
+// blocks (flags in this rank's `off_signal` array), records misses and publishes the verdict; the
+// others acquire that verdict — only when another rank is active, so one rank never waits. A block
+// adds its own rank's rows (read in place, if its dispatch kept them) and every other rank's whose
+// rows arrived and that did not drop this rank; only its own when the verdict never came (bounded).
+__device__ __forceinline__ void eep2_rows_to_add(EepCtrl* ctrl, int me, int R, const int* s_active, u64 my_base,
+                                                 u64 off_signal, u64 seq, bool is_waiter, int* s_use) {
+  __shared__ int s_expect[EEP_MAX_RANKS], s_ok[EEP_MAX_RANKS], s_dropped[EEP_MAX_RANKS];
+  __shared__ int s_verdict;
   bool any_remote = false;
   for (int r = 0; r < R; ++r) any_remote |= r != me && eep_rank_active(s_active, r);
-  if (!is_waiter) {
-    if (threadIdx.x == 0) *s_flag = any_remote && eep2_wait_verdict(ctrl, &ctrl->combine_ready_seq, seq);
+  if (is_waiter) {
+    for (int r = threadIdx.x; r < R; r += blockDim.x)
+      s_expect[r] = r != me && eep_rank_active(s_active, r) && !*(volatile u64*)&ctrl->suspect[r];
+    __syncthreads();
+    eep2_wait_senders(ctrl, my_base, R, s_expect, off_signal, seq, s_ok, s_dropped);
+    eep2_publish_verdict(ctrl, me, R, s_ok, s_dropped, seq);
+  } else {
+    if (threadIdx.x == 0) s_verdict = any_remote && eep2_wait_verdict(ctrl, &ctrl->combine_ready_seq, seq);
     __syncthreads();
   }
   const u64 dropped = is_waiter ? 0ull : *(const volatile u64*)&ctrl->combine_dropped;
@@ -182,7 +203,7 @@ __device__ __forceinline__ void eep2_rows_to_add(const EepCtrl* ctrl, int me, in
     if (r == me) use = ctrl->dispatch_ok[me] != 0;
     else if (!eep_rank_active(s_active, r)) use = 0;
     else if (is_waiter) use = s_ok[r] && !s_dropped[r];
-    else use = *s_flag && *(const volatile u64*)&ctrl->combine_ok[r] != 0 && !((dropped >> r) & 1ull);
+    else use = s_verdict && *(const volatile u64*)&ctrl->combine_ok[r] != 0 && !((dropped >> r) & 1ull);
     s_use[r] = use;
   }
   __syncthreads();
