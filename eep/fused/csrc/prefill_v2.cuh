@@ -20,21 +20,7 @@
 #define EEP2_CHUNK_VECS (32 * EEP2_CHUNK_VECS_PER_LANE)           // one warp moves 4 KiB of bf16
 #define EEP2_CHUNKS_PER_ROW ((EEP_VEC_PER_ROW + EEP2_CHUNK_VECS - 1) / EEP2_CHUNK_VECS)
 #define EEP2_REDUCE_UNROLL 4                                      // output vectors a reducing thread has in flight
-
-// Bit d set: token t has a choice on active rank d.
-__device__ __forceinline__ u64 eep2_token_ranks(const i64* phys, int t, int K, int num_slots, const int* s_slot_dst) {
-  u64 ranks = 0;
-  for (int k0 = 0; k0 < K; k0 += 8) {
-    i64 slot[8];
-    eep2_load_choices(phys, t, K, k0, slot);
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      const int d = eep2_entry_rank(slot[u], num_slots, s_slot_dst);
-      if (d >= 0) ranks |= 1ull << d;
-    }
-  }
-  return ranks;
-}
+#define EEP2_SCAN_UNROLL 4                                        // tokens a thread reads at once when counting
 
 __device__ __forceinline__ u64 eep2_warp_or(u64 bits) {
   const u32 lo = __reduce_or_sync(0xffffffffu, (u32)bits), hi = __reduce_or_sync(0xffffffffu, (u32)(bits >> 32));
@@ -76,10 +62,32 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_dispatch
   for (int r = threadIdx.x; r < R; r += blockDim.x) s_next[r] = 0;
   eep2_load_state((const int*)p.active, (const u64*)p.peer_base, R, S, NS, s_active, s_peer, s_slot_dst);
 
-  // 1. per destination, the tokens before this block's range; this block's tokens' ranks and slots
-  for (int base = warp * 32; base < t0; base += blockDim.x) {
-    const int t = base + lane;
-    eep2_warp_count_ranks(t < t0 ? eep2_token_ranks(phys, t, K, NS, s_slot_dst) : 0ull, s_next);
+  // 1. per destination, the tokens before this block's range (a warp reads 4 x 32 tokens' choices at
+  //    once: the last block reads almost the whole table); this block's tokens' ranks and slots
+  for (int base = warp * 32 * EEP2_SCAN_UNROLL; base < t0; base += blockDim.x * EEP2_SCAN_UNROLL) {
+    u64 ranks[EEP2_SCAN_UNROLL];
+#pragma unroll
+    for (int j = 0; j < EEP2_SCAN_UNROLL; ++j) ranks[j] = 0;
+    for (int k0 = 0; k0 < K; k0 += 8) {
+      i64 slot[EEP2_SCAN_UNROLL][8];
+#pragma unroll
+      for (int j = 0; j < EEP2_SCAN_UNROLL; ++j) {
+        const int t = base + j * 32 + lane;
+        if (t < t0) eep2_load_choices(phys, t, K, k0, slot[j]);
+        else
+#pragma unroll
+          for (int u = 0; u < 8; ++u) slot[j][u] = -1;
+      }
+#pragma unroll
+      for (int j = 0; j < EEP2_SCAN_UNROLL; ++j)
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int d = eep2_entry_rank(slot[j][u], NS, s_slot_dst);
+          if (d >= 0) ranks[j] |= 1ull << d;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < EEP2_SCAN_UNROLL; ++j) eep2_warp_count_ranks(ranks[j], s_next);
   }
   for (int i = threadIdx.x; i < ntok; i += blockDim.x) {
     u64 ranks = 0;
