@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Both fused kernel sets (v1, v2) in one call (~8 minutes on one H200):
-#   1. NVRTC-compile every variant of both sets (cached under EEP_FUSED_CACHE_DIR);
+#   1. NVRTC-compile every variant of both sets (cached under EEP_FUSED_CACHE_DIR, default
+#      build/fused-cache: `python tests/gpu/compile_kernels.py --cache-dir build/fused-cache` fills it
+#      on any machine with the same NVRTC);
 #   2. correctness of kernel set v2 with 4 rank processes sharing the GPU (differential against
 #      eep.reference: diff bf16 and FP8, prefill; then late, late_prefill, graph + rejoin, SIGKILL), and
 #      of v1 briefly (diff, prefill);
@@ -23,12 +25,12 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --bench-only) MODE=bench; shift ;;
     --gpus) GPUS=$2; shift 2 ;;
-    -h|--help) sed -n 2,16p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
     *) echo "run_kernels.sh: unknown option $1 (use --out DIR, --bench-only, --gpus N)"; exit 2 ;;
   esac
 done
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EEP_FUSED_CACHE_DIR=${EEP_FUSED_CACHE_DIR:-/tmp/eep-cache}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EEP_FUSED_CACHE_DIR=${EEP_FUSED_CACHE_DIR:-$PWD/build/fused-cache}
 # rank r of a scenario runs on GPU r mod GPUS (one GPU: 4 processes share it)
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((GPUS - 1)))}
 mkdir -p "$OUT"
@@ -43,17 +45,9 @@ nvidia-smi -L 2>&1 | tee -a "$LOG"
 $PY -c "import torch, cuda.bindings; print('torch', torch.__version__, 'cuda-bindings', cuda.bindings.__version__)" 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
 
-# 1. every variant both sets need here, compiled in parallel processes
-step compile 120 $PY -c "
-from concurrent.futures import ProcessPoolExecutor
-from eep.fused.compile import KernelVariant, cached_cubin, device_arch
-arch = device_arch(0)
-variants = [KernelVariant(h, f, use_fp8=q, kernels=k) for k in ('v1', 'v2') for h in (2048, 7168)
-            for f in (False, True) for q in (False, True)]
-variants += [KernelVariant(h, f, prefill_combine=c) for h in (2048, 7168) for f in (False, True) for c in ('spread', 'pull')]
-with ProcessPoolExecutor(8) as pool:
-    sizes = list(pool.map(cached_cubin, variants, [arch] * len(variants)))
-print('compiled', len(sizes), 'variants for', arch)"
+# 1. every variant both sets need here (NVRTC only; a cache built elsewhere with the same NVRTC is reused)
+ARCH=$($PY -c "from eep.fused.compile import device_arch; print(device_arch(0))" 2>>"$LOG" || echo sm_90a)
+step compile 120 $PY tests/gpu/compile_kernels.py --arch "$ARCH"
 
 one() {  # one scenario with 4 rank processes sharing the GPU: NAME SECONDS SCENARIO ARGS...
   local name=$1 secs=$2 scenario=$3; shift 3
