@@ -223,8 +223,8 @@ class FusedBuffer:
     # ---- data plane -------------------------------------------------------------------------
 
     def dispatch(self, x: torch.Tensor, phys: torch.Tensor) -> tuple[FusedReceive, FusedHandle]:
-        """Send every token copy to the rank hosting its physical slot (one kernel launch; two
-        with FP8, the first quantizing each token once).
+        """Send every token copy to the rank hosting its physical slot (one kernel launch; with FP8
+        and kernel set v1 two, the first quantizing each token once).
 
         Parameters:
             x: ``[num_tokens, hidden]`` bf16, contiguous, ``num_tokens <= max_tokens_per_rank``.
