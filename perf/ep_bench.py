@@ -67,6 +67,21 @@ def kernel_sets(arg: str) -> list[str]:
     return names
 
 
+def working_sets(torch, dist, sets: list[str], bufs: dict, warm_step) -> tuple[list[str], list[str]]:
+    """Run one eager step of each kernel set (``warm_step(set)``) on every rank; a set in which any rank
+    missed a deadline is left out (its timed graphs would wait out the timeout at every step) and
+    returned second, so the other sets are still timed and the run says what was not."""
+    ok, broken = [], []
+    for k in sets:
+        dist.barrier()
+        warm_step(k)
+        torch.cuda.synchronize()
+        missed = [None] * dist.get_world_size()
+        dist.all_gather_object(missed, any(bufs[k].status().miss_count))
+        (broken if any(missed) else ok).append(k)
+    return ok, broken
+
+
 def time_replay(torch, dist, graph, iters: int) -> float:
     """Seconds per step of one replay of ``graph`` (``iters`` steps), every rank starting together:
     CUDA events around the replay."""
