@@ -6,7 +6,9 @@
 #   decode: the experimental decode path (FusedBuffer(decode="pull")): differential tests, graph,
 #   SIGKILL, then timings beside the default kernels (docs/fused.md "Decode: where the time goes")
 #   onegpu: correctness of the default and experimental kernels with 4 rank processes sharing
-#   GPU 0 (for a one-GPU machine: waits progress by time-slicing between the processes; no timings)
+#   GPU 0 (for a one-GPU machine: waits progress by time-slicing between the processes; no timings);
+#   `onegpu v2`: the same for kernel set v2 (diff, FP8, prefill, graph + rejoin, SIGKILL, late);
+#   tests/gpu/run_kernels.sh runs these and times v1 against v2
 #   late: only the three `late` scenarios (decode push, prefill push, decode pull); any GPU count
 # (a full run needs more than one 10-minute call: run quick, then bench)
 set -u
@@ -64,7 +66,18 @@ fi
 if [ "$MODE" = late ]; then
   late_steps
 fi
-if [ "$MODE" = onegpu ]; then
+if [ "$MODE" = onegpu ] && [ "${2:-v1}" = v2 ]; then
+  export CUDA_VISIBLE_DEVICES=0
+  compile_step compile-v2 120 "dict(kernels='v2'), dict(kernels='v2', use_fp8=True)"
+  V="--kernels v2"
+  step diff4-v2 120 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128 $V
+  step diff4-fp8-v2 120 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 64 --fp8 $V
+  step prefill4-v2 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 $V
+  step graph4-v2 120 $PY $L --scenario graph --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 $V
+  step kill4-v2 120 $PY $L --scenario kill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $V
+  step late4-v2 90 $PY $L --scenario late --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $V
+  step late4-prefill-v2 90 $PY $L --scenario late_prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --timeout-s 0.5 $V
+elif [ "$MODE" = onegpu ]; then
   export CUDA_VISIBLE_DEVICES=0
   compile_step compile-variants 120 "$COMBINE_VARIANTS, $DECODE_VARIANTS"
   D="--decode-variant pull"
