@@ -74,6 +74,9 @@ if [ "$MODE" = all ]; then
   one v2-kill 100 kill --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $V2
   one v2-prefill-ds 100 prefill --hidden 7168 --slots 4 --max-tokens 128 $V2
   one v2-diff-fixed 80 diff --hidden 2048 --slots 8 --max-tokens 128 --fixed $V2
+  # 16 blocks: several tokens per block (the default grid gives each block at most one decode token)
+  step v2-diff-fp8-b16 80 env EEP_FUSED_BLOCKS=16 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 \
+    --slots 4 --max-tokens 64 --fp8 $V2
   one v1-diff 80 diff --hidden 2048 --slots 8 --max-tokens 128
   one v1-prefill 80 prefill --hidden 2048 --slots 8 --max-tokens 256
 fi
