@@ -89,7 +89,7 @@ fi
 
 [ -d $OUT/prof ] && tar czf $OUT/prof.tgz -C $OUT prof && rm -rf $OUT/prof
 [ -d $OUT/res ] && tar czf $OUT/res.tgz -C $OUT res && rm -rf $OUT/res
-grep -E "^(\| |[a-z0-9-]+, .*us|prefill .*us|v2_over_v1)" "$LOG" > $OUT/tables.md
+grep -E "^(\| |[a-z0-9-]+, .*us|prefill .*us|v2_over_v1|NOT TIMED)" "$LOG" > $OUT/tables.md
 echo "=== SUMMARY ($(( $(date +%s) - START )) s)"
 grep -E "^(=== .* rc=|SCENARIO|compiled)" "$LOG"
 cat $OUT/tables.md
