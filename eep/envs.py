@@ -21,6 +21,7 @@ explicitly through ``eep.runtime.RuntimeConfig`` rather than through the environ
 | ``EEP_FUSED_TIMEOUT_S`` | ``1.0`` | bound on every wait of the fused kernels (a device value) |
 | ``EEP_FUSED_BLOCKS`` | ``0`` (one per SM) | grid size of the fused dispatch/combine kernels |
 | ``EEP_FUSED_VEC_PER_LANE`` | ``4`` | 16-byte vectors each lane copies per chunk |
+| ``EEP_FUSED_KERNELS`` | ``v1`` | kernel set of the fused buffers built without an explicit ``kernels=``: ``v1`` or ``v2`` |
 | ``EEP_FUSED_CACHE_DIR`` | ``~/.cache/eep/fused`` | NVRTC cubin cache of the fused kernels |
 | ``EEP_HOST_TIER_DIR`` | ``/dev/shm`` | where weights_tools' shared host tier file lives |
 | ``EEP_SGLANG_SHM_PATH`` | (agreed through SGLang's store) | transport file of the SGLang plugin |
@@ -110,6 +111,10 @@ def fused_blocks() -> int:
 
 def fused_vec_per_lane() -> int:
     return _int("EEP_FUSED_VEC_PER_LANE", 4)
+
+
+def fused_kernels() -> str:
+    return os.environ.get("EEP_FUSED_KERNELS") or "v1"
 
 
 def fused_cache_dir() -> str:

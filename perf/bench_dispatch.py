@@ -1,34 +1,40 @@
-"""Decode dispatch/combine microbenchmark: eep fused (membership-aware and fixed) vs NCCL.
+"""Decode dispatch/combine microbenchmark: eep's fused kernel sets side by side (membership-aware and
+fixed), each with its fixed cost and an A/A repeat, against NCCL.
 
-    python perf/bench_dispatch.py --num-ranks 4 --model deepseek-v3 [--profile DIR] [--out FILE]
+    python perf/bench_dispatch.py --num-ranks 1 --model deepseek-v3 [--fp8] [--kernels v1,v2] [--out DIR]
 
-Starts one process per GPU (subprocesses; a TCPStore hosted here). Every rank sends
-``tokens`` tokens with top-8 routing, uniform over all experts, one replica each. Timed with CUDA
-events around CUDA-graph replays of ``iters`` steps; membership-aware and fixed graphs are
-replayed alternately ``rounds`` times and the medians compared, so the ratio is measured side by
-side. NCCL baseline: ``all_to_all_single`` of every top-k copy (``[tokens * top_k, hidden]`` bf16,
-equal splits), one direction, as DeepEP's and the issue's NCCL numbers count it. With
-``--with-symm-mem`` also ``torch.ops.symm_mem.all_to_all_vdev_2d`` of the same top-k rows
-(``perf/bench_prefill.symm_mem_baseline``; NVSHMEM), one direction.
-
-``--decode-variant pull`` also builds a second buffer with the experimental decode kernels
-(``FusedBuffer(decode="pull")``, docs/fused.md "Decode: where the time goes") and times, in the
-same rounds as the default kernels: ``pull_both`` (experts' outputs already in ``combine_input()``,
-the intended use), ``pull_copy_both`` (``y`` = ``recv.x``, so combine first stages the rows) and
-``pull_dispatch`` (with ``--fp8``: the grid-wide quantize).
-Always also timed: ``empty_*``, the default kernels with every copy NO_EXPERT (no rows move), i.e.
-each direction's fixed cost (launch, layout, fences, flag round trip, count publication).
+Starts one process per GPU (subprocesses; a TCPStore hosted here); ``--num-ranks 1`` is one process on
+one GPU (every copy is a local one: what the kernels cost besides NVLink). Every rank sends ``tokens``
+tokens with top-8 routing, uniform over all experts, one replica each. Each kernel set (``--kernels``,
+``FusedBuffer(kernels=...)``) gets its own buffer; for each set, CUDA graphs of ``iters`` steps are
+captured for:
+- ``aware``: the membership-aware kernels (the default build), dispatch + combine (``both``) and
+  dispatch alone; ``aware_both_again`` replays the same graph a second time in the same round (A/A:
+  the noise floor of every ratio);
+- ``fixed``: the fixed-membership kernels (every mask read compiled out) on the same buffer;
+- ``empty``: the aware kernels with every copy NO_EXPERT: no row moves, so this is each direction's
+  fixed cost (launches, routing-table pass, flags, counts).
+combine = both - dispatch. Combine takes bf16 expert outputs: ``recv.x`` itself for bf16 dispatch, a
+separate random bf16 tensor for FP8 dispatch (recv.x is e4m3 there). All graphs of all sets are
+replayed in turn in each of ``rounds`` rounds; times are CUDA events around one replay, divided by
+``iters``; the median over rounds of the slowest rank is reported. NCCL: ``all_to_all_single`` of every
+top-k copy (``[tokens * top_k, hidden]`` bf16, equal splits), one direction. With ``--with-symm-mem``
+also ``torch.ops.symm_mem.all_to_all_vdev_2d`` of the same rows (NVSHMEM), one direction.
+``--decode-variant pull`` adds v1's experimental pull path (``FusedBuffer(decode="pull")``) as the set
+``v1-pull`` (``aware_both``: experts' outputs already in ``combine_input()``; ``copy_both``: combine
+first stages ``recv.x``). ``--sweep`` adds v1 with other grid sizes and 8 vectors per lane.
+Output: one table (every set, every row) and one JSON file per run in ``--out``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ep_bench import MODELS, ROOT, ep_arguments, rank_setup, run  # noqa: E402
+from ep_bench import (MODELS, ROOT, ep_arguments, kernel_sets, print_table, rank_setup, run,  # noqa: E402
+                      time_replay, working_sets, write_result)
 
 sys.path.insert(0, ROOT)
 
@@ -46,88 +52,84 @@ def worker(args) -> None:
     hidden, num_experts = MODELS[args.model]
     S, T, K = num_experts // R, args.tokens, args.top_k
     M = max(T, args.max_tokens or T)  # receive capacity per (slot, source); > T spreads rows out
-    # one buffer for both variants: the fixed-membership kernels are launched on the same memory,
-    # so the ratio compares kernels alone (not two allocations)
-    elastic = FusedBuffer(rank, R, slots_per_rank=S, max_tokens_per_rank=M, hidden=hidden, top_k=K, store=store,
-                          group="bench", timeout_s=5.0, device=rank, use_fp8=args.fp8)
-    bufs = {"elastic": elastic, "fixed": elastic}
-    kernels = {"elastic": elastic.kernels,
-               "fixed": LoadedKernels.get(KernelVariant(hidden, True, elastic.kernels_variant.vec_per_lane,
-                                                        use_fp8=args.fp8), rank)}
+    sets = kernel_sets(args.kernels)
+
+    def make(group: str, **kw) -> FusedBuffer:
+        return FusedBuffer(rank, R, slots_per_rank=S, max_tokens_per_rank=M, hidden=hidden, top_k=K, store=store,
+                           group=group, timeout_s=5.0, device=rank, use_fp8=args.fp8, **kw)
+
+    # one buffer per kernel set; the fixed-membership kernels run on the same memory as the aware ones
+    bufs = {k: make(f"bench-{k}", kernels=k) for k in sets}
+    kernels = {}
+    for k in sets:
+        kernels[(k, "aware")] = bufs[k].kernels
+        kernels[(k, "fixed")] = LoadedKernels.get(KernelVariant(hidden, True, bufs[k].kernels_variant.vec_per_lane,
+                                                                use_fp8=args.fp8, kernels=k), rank)
+    pull = args.decode_variant != "push"
+    if pull:  # v1's experimental pull path: its own allocation (its combine reads peers' combine_input)
+        bufs["v1-pull"] = make("bench-v1-pull", decode=args.decode_variant, kernels="v1")
+        kernels[("v1-pull", "aware")] = bufs["v1-pull"].kernels
     g = torch.Generator(device=dev).manual_seed(rank + 1)
     x = torch.randn(T, hidden, device=dev, generator=g).to(torch.bfloat16)
     ids = torch.rand(T, num_experts, device=dev, generator=g).topk(K, dim=-1).indices
     w = torch.softmax(torch.randn(T, K, device=dev, generator=g), -1)
     l2p = torch.arange(num_experts, device=dev).view(-1, 1)
     phys = route_to_phys(ids, l2p, torch.ones(R, dtype=torch.int32, device=dev), S)
-    variant = args.decode_variant
-    if variant != "push":  # its own allocation (its combine reads peers' combine_input regions)
-        bufs[variant] = FusedBuffer(rank, R, slots_per_rank=S, max_tokens_per_rank=M, hidden=hidden, top_k=K,
-                                    store=store, group=f"bench-{variant}", timeout_s=5.0, device=rank,
-                                    use_fp8=args.fp8, decode=variant)
-        bufs[f"{variant}-copy"] = bufs[variant]
-        kernels[variant] = kernels[f"{variant}-copy"] = bufs[variant].kernels
-    outs = {n: torch.empty(T, hidden, dtype=torch.bfloat16, device=dev) for n in bufs}
-
+    phys_empty = torch.full_like(phys, -1)  # every copy NO_EXPERT: what a step costs moving no rows
     # combine takes bf16 expert outputs; with FP8 dispatch recv.x is e4m3, so combine a bf16 stand-in
     y_fp8_case = torch.randn(S, R, M, hidden, device=dev).to(torch.bfloat16) if args.fp8 else None
+    out = torch.empty(T, hidden, dtype=torch.bfloat16, device=dev)
 
-    phys_empty = torch.full_like(phys, -1)  # every copy NO_EXPERT: what a step costs moving no rows
-
-    def step(buf, out, *, with_combine=True, in_place=False, empty=False):
+    def step(buf, *, combine: bool, empty: bool = False, in_place: bool = False) -> None:
         recv, handle = buf.dispatch(x, phys_empty if empty else phys)
-        if with_combine:  # in_place: the experts wrote their outputs into combine_input() (pull variant)
+        if combine:  # in_place: the experts wrote their outputs into combine_input() (v1 pull)
             y = buf.combine_input() if in_place else (recv.x if y_fp8_case is None else y_fp8_case)
             buf.combine(y, handle, w, out=out)
 
-    graphs = {}
-    torch.cuda.synchronize()
-
-    def capture(buf, out, mode, in_place=False, empty=False):
+    def capture(buf, kern, mode: str, **kw):
+        buf.kernels = kern
         dist.barrier()
-        step(buf, out, with_combine=(mode == "both"), in_place=in_place, empty=empty)  # warm-up, all ranks
+        step(buf, combine=mode == "both", **kw)  # warm-up, all ranks
         torch.cuda.synchronize()
         gr = torch.cuda.CUDAGraph()
         with torch.cuda.graph(gr):
             for _ in range(args.iters):
-                step(buf, out, with_combine=(mode == "both"), in_place=in_place, empty=empty)
+                step(buf, combine=mode == "both", **kw)
         return gr
 
-    for name, buf in bufs.items():
-        buf.kernels = kernels[name]
-        for mode in (("both",) if name.endswith("-copy") else ("both", "dispatch")):
-            in_place = name == variant and variant != "push"
-            graphs[(name, mode)] = capture(buf, outs[name], mode, in_place)
-    elastic.kernels = kernels["elastic"]
-    # the fixed cost of each kernel (launch, layout, fences, flag round trip, tails): no rows move
-    for mode in ("both", "dispatch"):
-        graphs[("elastic-empty", mode)] = capture(elastic, outs["elastic"], mode, empty=True)
-    # launch-shape sweep of the membership-aware kernels (vectors per lane x grid size)
-    sweep = {}
-    if args.sweep:
-        sm = bufs["elastic"].num_blocks
-        extra = FusedBuffer(rank, R, slots_per_rank=S, max_tokens_per_rank=M, hidden=hidden, top_k=K, store=store,
-                            group="bench-v8", timeout_s=5.0, device=rank, vec_per_lane=8, use_fp8=args.fp8)
+    def warm(k: str) -> None:
+        bufs[k].kernels = kernels[(k, "aware")]
+        step(bufs[k], combine=True)
+
+    sets, broken = working_sets(torch, dist, sets, bufs, warm)
+    if broken and rank == 0:
+        print(f"NOT TIMED: kernel set(s) {broken} missed a deadline in an eager step", flush=True)
+    if not sets:
+        raise RuntimeError(f"every kernel set missed a deadline in an eager step: {broken}")
+    graphs = {}  # key "<set>.<membership>_<mode>" -> graph
+    for k in sets:
+        for mode in ("both", "dispatch"):
+            graphs[f"{k}.aware_{mode}"] = capture(bufs[k], kernels[(k, "aware")], mode)
+            graphs[f"{k}.fixed_{mode}"] = capture(bufs[k], kernels[(k, "fixed")], mode)
+            graphs[f"{k}.empty_{mode}"] = capture(bufs[k], kernels[(k, "aware")], mode, empty=True)
+        bufs[k].kernels = kernels[(k, "aware")]
+    if pull:
+        pb = bufs["v1-pull"]
+        graphs["v1-pull.aware_both"] = capture(pb, pb.kernels, "both", in_place=True)
+        graphs["v1-pull.aware_dispatch"] = capture(pb, pb.kernels, "dispatch")
+        graphs["v1-pull.copy_both"] = capture(pb, pb.kernels, "both")
+    if args.sweep:  # launch shape of v1's aware kernels: vectors per lane x grid size
+        sm = bufs[sets[0]].num_blocks
+        extra = make("bench-v8", vec_per_lane=8, kernels=sets[0])
         bufs["v8"] = extra
-        for vec, buf in ((4, bufs["elastic"]), (8, extra)):
+        for vec, buf in ((4, bufs[sets[0]]), (8, extra)):
             for blocks in (sm // 2, sm, 2 * sm):
-                if (vec, blocks) == (4, sm):
-                    continue
-                buf.num_blocks = blocks
-                sweep[f"sweep_v{vec}_b{blocks}"] = capture(buf, outs["elastic"], "both")
+                if (vec, blocks) != (4, sm):
+                    buf.num_blocks = blocks
+                    graphs[f"sweep.v{vec}_b{blocks}"] = capture(buf, buf.kernels, "both")
             buf.num_blocks = sm
     send = torch.randn(T * K, hidden, device=dev).to(torch.bfloat16)
     recv_buf = torch.empty_like(send)
-
-    def time_graph(gr) -> float:
-        dist.barrier()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        gr.replay()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) * 1e3 / args.iters  # us per step
 
     def time_nccl() -> float:
         dist.barrier()
@@ -138,82 +140,111 @@ def worker(args) -> None:
             dist.all_to_all_single(recv_buf, send)
         b.record()
         b.synchronize()
-        return a.elapsed_time(b) * 1e3 / args.iters
+        return a.elapsed_time(b) / 1e3 / args.iters
 
-    for gr in graphs.values():  # warm
-        time_graph(gr)
-    time_nccl()
     symm = {"error": "not requested (--with-symm-mem)"}
     if args.with_symm_mem:  # one copy per (token, choice), expert-major: the same rows as the top-k dispatch
         from bench_prefill import symm_mem_baseline
         symm = symm_mem_baseline(args, dist, torch, dev, x, ids, S, num_experts)
-    samples = {k: [] for k in ("elastic_both", "fixed_both", "elastic_both_again", "elastic_dispatch",
-                               "fixed_dispatch", "nccl_a2a", *sweep, *(["symm_mem_a2a"] if symm.get("run") else []))}
+    for gr in graphs.values():  # warm
+        time_replay(torch, dist, gr, args.iters)
+    time_nccl()
+    samples: dict[str, list[float]] = {}
+
+    def sample(key: str, seconds: float) -> None:
+        samples.setdefault(key, []).append(seconds * 1e6)  # us per step
+
     for _ in range(args.rounds):
-        for name in ("elastic", "fixed"):
-            samples[f"{name}_both"].append(time_graph(graphs[(name, "both")]))
-            samples[f"{name}_dispatch"].append(time_graph(graphs[(name, "dispatch")]))
-        samples["elastic_both_again"].append(time_graph(graphs[("elastic", "both")]))  # A/A: the noise
-        for mode in ("both", "dispatch"):
-            samples.setdefault(f"empty_{mode}", []).append(time_graph(graphs[("elastic-empty", mode)]))
-        samples["nccl_a2a"].append(time_nccl())
+        for k in sets:  # the same order every round; the A/A repeat as far from its first timing as fixed is
+            for key in ("aware_both", "aware_dispatch", "fixed_both", "fixed_dispatch", "aware_both_again",
+                        "empty_both", "empty_dispatch"):
+                sample(f"{k}.{key}", time_replay(torch, dist, graphs[f"{k}.{key.replace('_again', '')}"], args.iters))
+        for key, gr in graphs.items():
+            if key.startswith(("v1-pull.", "sweep.")):
+                sample(key, time_replay(torch, dist, gr, args.iters))
+        sample("nccl_a2a", time_nccl())
         if symm.get("run"):
-            samples["symm_mem_a2a"].append(symm["run"]() * 1e6)  # seconds -> us per step
-        for key, gr in sweep.items():
-            samples[key].append(time_graph(gr))
-        if variant != "push":  # the experimental decode kernels, in the same round
-            for name, mode in ((variant, "both"), (variant, "dispatch"), (f"{variant}-copy", "both")):
-                samples.setdefault(f"{name.replace('-', '_')}_{mode}", []).append(time_graph(graphs[(name, mode)]))
+            sample("symm_mem_a2a", symm["run"]())
     if args.profile:
         from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
         os.makedirs(args.profile, exist_ok=True)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                      on_trace_ready=tensorboard_trace_handler(args.profile, worker_name=f"{args.model}-R{R}-rank{rank}")):
-            for name in ("elastic", "fixed", *([variant] if variant != "push" else [])):
-                time_graph(graphs[(name, "both")])
+            for k in sets:
+                time_replay(torch, dist, graphs[f"{k}.aware_both"], args.iters)
             time_nccl()
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    # the slowest rank decides a step: report the max over ranks of each median
+    med = {key: statistics.median(v) for key, v in samples.items()}
     gathered = [None] * R
-    dist.all_gather_object(gathered, med)
-    status = bufs["elastic"].status()
-    variant_misses = bufs[variant].status().miss_count if variant != "push" else None
+    dist.all_gather_object(gathered, med)  # the slowest rank decides a step: max over ranks of each median
+    misses = {k: buf.status().miss_count for k, buf in bufs.items() if k != "v8"}
     if rank == 0:
-        worst = {k: max(m[k] for m in gathered) for k in med}
-        worst["elastic_combine"] = worst["elastic_both"] - worst["elastic_dispatch"]
-        worst["fixed_combine"] = worst["fixed_both"] - worst["fixed_dispatch"]
-        worst["empty_combine"] = worst["empty_both"] - worst["empty_dispatch"]
-        worst["ratio_elastic_over_fixed"] = worst["elastic_both"] / worst["fixed_both"]
-        worst["ratio_elastic_again_over_elastic"] = worst["elastic_both_again"] / worst["elastic_both"]
-        if variant != "push":
-            worst[f"{variant}_combine"] = worst[f"{variant}_both"] - worst[f"{variant}_dispatch"]
-            worst[f"{variant}_copy_combine"] = worst[f"{variant}_copy_both"] - worst[f"{variant}_dispatch"]
-            worst[f"ratio_{variant}_over_elastic"] = worst[f"{variant}_both"] / worst["elastic_both"]
-        row = {"model": args.model, "num_ranks": R, "tokens": T, "max_tokens_per_rank": M, "top_k": K, "hidden": hidden,
-               "dispatch_dtype": "fp8-e4m3+per-token-scale" if args.fp8 else "bf16",
-               "gpu": torch.cuda.get_device_name(dev), "iters": args.iters, "rounds": args.rounds,
-               "decode_variant": variant,
-               "us": worst, "per_rank_elastic_both": [m["elastic_both"] for m in gathered],
-               "misses": status.miss_count, "misses_variant": variant_misses,
-               "symm_mem": {k: v for k, v in symm.items() if k != "run"}}
-        print("RESULT " + json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        dtype = "fp8-e4m3+per-token-scale" if args.fp8 else "bf16"
+        gpu = torch.cuda.get_device_name(dev)
+        us, ratios, rows = summarize(gathered, sets)
+        row = {"model": args.model, "num_ranks": R, "tokens": T, "max_tokens_per_rank": M, "top_k": K,
+               "hidden": hidden, "dispatch_dtype": dtype, "gpu": gpu, "iters": args.iters, "rounds": args.rounds,
+               "kernel_sets": sets, "not_timed_missed_deadlines": broken, "us": us, "ratios": ratios,
+               "per_rank_aware_both": {k: [m[f"{k}.aware_both"] for m in gathered] for k in sets},
+               "misses": misses, "symm_mem": {k: v for k, v in symm.items() if k != "run"}}
+        print_table(f"{args.model}, {dtype} dispatch, {R} rank(s), {T} tokens/rank, top-{K}, {gpu}: us per step "
+                    f"(CUDA-graph replay of {args.iters} steps, median of {args.rounds} rounds, slowest rank); "
+                    f"NCCL all_to_all_single one way {us['baseline']['nccl_a2a']} us", TABLE_HEADER, rows)
+        for name, r in ratios.items():
+            print(f"{name}: " + ", ".join(f"{m} {v}" for m, v in r.items()), flush=True)
+        write_result(args.out, f"dispatch-{args.model}-{'fp8' if args.fp8 else 'bf16'}-R{R}-T{T}", row)
     dist.barrier()
-    for buf in {id(b): b for b in bufs.values()}.values():
+    for buf in bufs.values():
         buf.close()
     dist.destroy_process_group()
+
+
+TABLE_HEADER = ["kernels", "both aware", "both fixed", "aware/fixed", "A/A", "dispatch", "combine", "empty both",
+                "empty dispatch", "dispatch fixed"]
+
+
+def summarize(gathered: list[dict[str, float]], sets: list[str]) -> tuple[dict, dict, list[list]]:
+    """Per-rank medians (us, keyed ``<set>.<name>``, plus baselines) -> the slowest rank's times by set
+    with combine = both - dispatch and the ratios, the ratios of each set over the first, and the
+    table rows (every set; v1-pull and sweep rows when timed)."""
+    worst = {key: max(m[key] for m in gathered) for key in gathered[0]}
+    us: dict[str, dict[str, float]] = {}
+    for key, value in worst.items():
+        group, _, name = key.rpartition(".")
+        us.setdefault(group or "baseline", {})[name] = round(value, 3)
+    for k in sets:
+        t = us[k]
+        for m in ("aware", "fixed", "empty"):
+            t[f"{m}_combine"] = round(t[f"{m}_both"] - t[f"{m}_dispatch"], 3)
+        t["aware_over_fixed"] = round(t["aware_both"] / t["fixed_both"], 4)
+        t["aa"] = round(t["aware_both_again"] / t["aware_both"], 4)
+    ratios = {f"{k}_over_{sets[0]}": {m: round(us[k][m] / us[sets[0]][m], 4)
+                                      for m in ("aware_both", "aware_dispatch", "aware_combine", "empty_both")}
+              for k in sets[1:]}
+    rows = [[k, us[k]["aware_both"], us[k]["fixed_both"], us[k]["aware_over_fixed"], us[k]["aa"],
+             us[k]["aware_dispatch"], us[k]["aware_combine"], us[k]["empty_both"], us[k]["empty_dispatch"],
+             us[k]["fixed_dispatch"]] for k in sets]
+    if "v1-pull" in us:
+        t = us["v1-pull"]
+        t["aware_combine"] = round(t["aware_both"] - t["aware_dispatch"], 3)
+        t["copy_combine"] = round(t["copy_both"] - t["aware_dispatch"], 3)
+        rows.append(["v1-pull (in place / staged)", f"{t['aware_both']} / {t['copy_both']}", "", "", "",
+                     t["aware_dispatch"], f"{t['aware_combine']} / {t['copy_combine']}", "", "", ""])
+    for key, value in sorted(us.get("sweep", {}).items()):
+        rows.append([f"{sets[0]} {key}", value] + [""] * (len(TABLE_HEADER) - 2))
+    return us, ratios, rows
 
 
 def main() -> int:
     p = ep_arguments(__doc__, tokens=128, iters=50, rounds=7)
     p.add_argument("--max-tokens", type=int, default=None, help="receive capacity per rank (default: --tokens)")
     p.add_argument("--fp8", action="store_true", help="FP8 dispatch (per-token scales); combine stays bf16")
-    p.add_argument("--sweep", action="store_true", help="also time other grid sizes and vectors per lane")
+    p.add_argument("--kernels", default="v1,v2", help="kernel sets to time side by side (default: v1,v2)")
+    p.add_argument("--sweep", action="store_true", help="also time other grid sizes and vectors per lane (first set)")
     p.add_argument("--decode-variant", default="push", choices=("push", "pull"),
-                   help="also time this experimental decode path (FusedBuffer(decode=...)) beside the default")
-    return run(__file__, p.parse_args(), worker)
+                   help="also time v1's experimental decode path (FusedBuffer(decode=...)) in the same rounds")
+    args = p.parse_args()
+    kernel_sets(args.kernels)  # a bad name fails here, before any process starts
+    return run(__file__, args, worker)
 
 
 if __name__ == "__main__":

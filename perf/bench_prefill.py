@@ -1,37 +1,42 @@
-"""Prefill dispatch/combine benchmark: eep ``PrefillBuffer`` (membership-aware and fixed) vs NCCL
-``all_to_all_single`` and ``torch.ops.symm_mem.all_to_all_vdev_2d``, side by side in one run.
+"""Prefill dispatch/combine benchmark: eep ``PrefillBuffer`` kernel sets (membership-aware and fixed,
+v1's combine variants) vs NCCL ``all_to_all_single`` of the same bytes and a device copy of them, side
+by side in one run.
 
-    python perf/bench_prefill.py --num-ranks 4 --model deepseek-v3 [--tokens 4096] [--profile DIR] [--out FILE]
-        [--combine-variant push,spread,pull,pull-copy]
+    python perf/bench_prefill.py --num-ranks 1 --model deepseek-v3 [--tokens 4096] [--kernels v1,v2]
+        [--combine-variant spread,pull,pull-copy] [--with-symm-mem] [--profile DIR] [--out DIR]
 
-One process per GPU (subprocesses around a TCPStore hosted here). Every rank routes ``tokens``
-tokens top-8 uniformly over all experts (one replica each). Bandwidth is counted as DeepEP's
-normal-mode test counts it: bytes of token rows a rank receives — one copy per token and
-destination rank, its own included — over the kernel time; the slowest rank's median is reported.
-- eep: CUDA graphs of ``iters`` steps (dispatch alone, and dispatch + combine with a static
-  partial-row tensor standing in for the experts), elastic and fixed kernels on the same buffer,
-  replayed alternately ``rounds`` times; ``--combine-variant`` adds the experimental combine paths
-  (docs/fused.md "Prefill combine: where the time goes"), each timed in the same rounds beside the
-  default ``push`` (always timed; its keys keep their names, the others get ``_<variant>``):
-  ``spread``, ``pull`` (partial rows written in the buffer's ``combine_input()``, no copy) and
-  ``pull-copy`` (the same kernels given a separate partial tensor: one local copy more);
+One process per GPU (subprocesses around a TCPStore hosted here). Every rank routes ``tokens`` tokens
+top-8 uniformly over all experts (one replica each). Bandwidth is counted as DeepEP's normal-mode test
+counts it: bytes of token rows a rank receives — one copy per token and destination rank, its own
+included — over the kernel time; the slowest rank's median over ``rounds`` is reported.
+- eep: one ``PrefillBuffer`` per kernel set (``--kernels``); CUDA graphs of ``iters`` steps of dispatch
+  alone and of dispatch + combine (a static partial-row tensor standing in for the experts), with the
+  aware and the fixed-membership kernels on the same buffer, all replayed in turn in each round;
+  combine = both - dispatch; ``aware_both_again`` is the A/A repeat (noise floor). Kernel set v1 also
+  times ``--combine-variant`` (its experimental combine paths, docs/fused.md "Prefill combine: where
+  the time goes") beside its default ``push``: ``spread``, ``pull`` (partial rows written in the
+  buffer's ``combine_input()``, no copy) and ``pull-copy`` (the same kernels given a separate partial
+  tensor: one local copy more);
 - NCCL: ``all_to_all_single`` of exactly those rows (per-destination splits), one direction for
-  dispatch and the reverse for combine;
+  dispatch and the reverse for combine (one rank: NCCL's local copy);
+- copy: ``Tensor.copy_`` of the same number of received bytes within one GPU (a ceiling for the local
+  part of any kernel; with one rank the whole of it);
 - symm_mem: ``all_to_all_vdev_2d`` (NVSHMEM) of one copy per (token, choice), expert-major output,
   as torch's MoE examples use it; it moves top-k copies, so its GB/s counts the bytes it moved.
   Only with ``--with-symm-mem`` (it initializes NVSHMEM); reported with the error where the op or
   NVSHMEM is missing.
+Output: one table (every set and variant) and one JSON file per run in ``--out``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ep_bench import MODELS, ROOT, ep_arguments, rank_setup, run  # noqa: E402
+from ep_bench import (MODELS, ROOT, ep_arguments, kernel_sets, print_table, rank_setup, run,  # noqa: E402
+                      time_replay, working_sets, write_result)
 
 sys.path.insert(0, ROOT)
 
@@ -47,24 +52,27 @@ def worker(args) -> None:
     dev, store = rank_setup(args)
     hidden, num_experts = MODELS[args.model]
     S, T, K = num_experts // R, args.tokens, args.top_k
-    buf = PrefillBuffer(rank, R, slots_per_rank=S, max_tokens_per_rank=T, hidden=hidden, top_k=K, store=store,
-                        group="bench-prefill", timeout_s=5.0, device=rank)
-    vpl = buf.kernels_variant.vec_per_lane
-    variants = combine_variants(args.combine_variant)
-    kernels = {(name, cv): LoadedKernels.get(KernelVariant(hidden, name == "fixed", vpl,
-                                                           prefill_combine=cv.replace("-copy", "")), rank)
-               for name in ("elastic", "fixed") for cv in variants}
+    sets = kernel_sets(args.kernels)
+    bufs = {k: PrefillBuffer(rank, R, slots_per_rank=S, max_tokens_per_rank=T, hidden=hidden, top_k=K, store=store,
+                             group=f"bench-prefill-{k}", timeout_s=5.0, device=rank, kernels=k) for k in sets}
+    # (set, combine path) -> the combine paths timed; v1 adds its experiments, v2 has one
+    paths = {k: (combine_variants(args.combine_variant) if k == "v1" else ["push"]) for k in sets}
+    kernels = {(k, m, cv): LoadedKernels.get(KernelVariant(hidden, m == "fixed", bufs[k].kernels_variant.vec_per_lane,
+                                                           prefill_combine=cv.replace("-copy", ""), kernels=k), rank)
+               for k in sets for m in ("aware", "fixed") for cv in paths[k]}
     g = torch.Generator(device=dev).manual_seed(rank + 1)
     x = torch.randn(T, hidden, device=dev, generator=g).to(torch.bfloat16)
     ids = torch.rand(T, num_experts, device=dev, generator=g).topk(K, dim=-1).indices  # expert e on slot e
     phys = ids.contiguous()
     w = torch.softmax(torch.randn(T, K, device=dev, generator=g), -1)
     partial = torch.randn(R, T, hidden, device=dev, generator=g).to(torch.bfloat16)
-    buf.combine_input().copy_(partial)  # pull: the expert stage wrote its partial rows in place
+    if "v1" in sets:
+        bufs["v1"].combine_input().copy_(partial)  # pull: the expert stage wrote its partial rows in place
     out = torch.empty(T, hidden, dtype=torch.bfloat16, device=dev)
 
-    def capture(mode: str, cv: str):
-        buf.combine_variant = cv.replace("-copy", "")
+    def capture(k: str, m: str, mode: str, cv: str):
+        buf = bufs[k]
+        buf.kernels, buf.combine_variant = kernels[(k, m, cv)], cv.replace("-copy", "")
         part = buf.combine_input() if cv == "pull" else partial
         dist.barrier()
         recv, handle = buf.dispatch(x, phys, w)  # warm-up step on every rank
@@ -79,16 +87,24 @@ def worker(args) -> None:
                     buf.combine(part, handle, out=out)
         return gr
 
-    graphs = {}  # (kernels, mode, combine variant); dispatch is the same kernel in every module
-    for name in ("elastic", "fixed"):
-        for cv in variants:
-            buf.kernels = kernels[(name, cv)]
-            graphs[(name, "both", cv)] = capture("both", cv)
-        buf.kernels = kernels[(name, "push")]
-        graphs[(name, "dispatch", "push")] = capture("dispatch", "push")
-    buf.kernels, buf.combine_variant = kernels[("elastic", "push")], "push"
+    def warm(k: str) -> None:
+        recv, handle = bufs[k].dispatch(x, phys, w)
+        bufs[k].combine(partial, handle, out=out)
+
+    sets, broken = working_sets(torch, dist, sets, bufs, warm)
+    if broken and rank == 0:
+        print(f"NOT TIMED: kernel set(s) {broken} missed a deadline in an eager step", flush=True)
+    if not sets:
+        raise RuntimeError(f"every kernel set missed a deadline in an eager step: {broken}")
+    graphs = {}  # "<set>.<membership>_<mode><suffix>" -> graph
+    for k in sets:
+        for m in ("aware", "fixed"):
+            for cv in paths[k]:
+                graphs[f"{k}.{m}_both{suffix(cv)}"] = capture(k, m, "both", cv)
+            graphs[f"{k}.{m}_dispatch"] = capture(k, m, "dispatch", "push")
+        bufs[k].kernels, bufs[k].combine_variant = kernels[(k, "aware", "push")], "push"
     torch.cuda.synchronize()
-    recv_rows = int(buf.vis_count.sum())
+    recv_rows = int(bufs[sets[0]].vis_count.sum())
 
     # NCCL: the same rows, per-destination splits (a token goes once to each rank it has a choice on)
     dst = ids // S
@@ -102,94 +118,124 @@ def worker(args) -> None:
     dist.all_to_all_single(got, counts)
     out_splits = got.tolist()
     nccl_recv = torch.empty(sum(out_splits), hidden, dtype=torch.bfloat16, device=dev)
+    copy_src = torch.randn(recv_rows, hidden, device=dev).to(torch.bfloat16)
+    copy_dst = torch.empty_like(copy_src)
 
-    def time_graph(gr) -> float:
-        dist.barrier()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        gr.replay()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / 1e3 / args.iters
-
-    def time_nccl(reverse: bool) -> float:
+    def time_loop(body) -> float:
         dist.barrier()
         torch.cuda.synchronize()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(args.iters):
-            if reverse:
-                dist.all_to_all_single(send, nccl_recv, output_split_sizes=in_splits, input_split_sizes=out_splits)
-            else:
-                dist.all_to_all_single(nccl_recv, send, output_split_sizes=out_splits, input_split_sizes=in_splits)
+            body()
         b.record()
         b.synchronize()
         return a.elapsed_time(b) / 1e3 / args.iters
 
+    def nccl(reverse: bool):
+        if reverse:
+            return lambda: dist.all_to_all_single(send, nccl_recv, output_split_sizes=in_splits,
+                                                  input_split_sizes=out_splits)
+        return lambda: dist.all_to_all_single(nccl_recv, send, output_split_sizes=out_splits,
+                                              input_split_sizes=in_splits)
+
     symm = (symm_mem_baseline(args, dist, torch, dev, x, ids, S, num_experts) if args.with_symm_mem
             else {"error": "not requested (--with-symm-mem)"})
     for gr in graphs.values():
-        time_graph(gr)
-    time_nccl(False)
-    samples: dict[str, list[float]] = {k: [] for k in ("elastic_dispatch", "fixed_dispatch", "nccl_dispatch",
-                                                      "nccl_combine")}
-    for name in ("elastic", "fixed"):
-        for cv in variants:
-            samples[f"{name}_both{suffix(cv)}"] = []
-    if symm.get("run"):
-        samples["symm_mem_dispatch"] = []
+        time_replay(torch, dist, gr, args.iters)
+    time_loop(nccl(False))
+    time_loop(lambda: copy_dst.copy_(copy_src))
+    samples: dict[str, list[float]] = {}
     for _ in range(args.rounds):
-        for name in ("elastic", "fixed"):
-            for cv in variants:
-                samples[f"{name}_both{suffix(cv)}"].append(time_graph(graphs[(name, "both", cv)]))
-            samples[f"{name}_dispatch"].append(time_graph(graphs[(name, "dispatch", "push")]))
-        samples["nccl_dispatch"].append(time_nccl(False))
-        samples["nccl_combine"].append(time_nccl(True))
+        for k in sets:
+            for key in [f"{m}_both{suffix(cv)}" for m in ("aware", "fixed") for cv in paths[k]] + \
+                       ["aware_dispatch", "fixed_dispatch", "aware_both_again"]:
+                gr = graphs[f"{k}.{key.replace('_again', '')}"]
+                samples.setdefault(f"{k}.{key}", []).append(time_replay(torch, dist, gr, args.iters))
+        samples.setdefault("nccl_dispatch", []).append(time_loop(nccl(False)))
+        samples.setdefault("nccl_combine", []).append(time_loop(nccl(True)))
+        samples.setdefault("copy", []).append(time_loop(lambda: copy_dst.copy_(copy_src)))
         if symm.get("run"):
-            samples["symm_mem_dispatch"].append(symm["run"]())
+            samples.setdefault("symm_mem_dispatch", []).append(symm["run"]())
     if args.profile:  # TensorBoard traces (torch-tb-profiler opens them)
         from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
         os.makedirs(args.profile, exist_ok=True)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                      on_trace_ready=tensorboard_trace_handler(args.profile,
                                                               worker_name=f"prefill-{args.model}-R{R}-rank{rank}")):
-            for name in ("elastic", "fixed"):
-                for cv in variants:
-                    time_graph(graphs[(name, "both", cv)])
-            time_nccl(False)
-    med = {k: statistics.median(v) for k, v in samples.items()}
+            for k in sets:
+                time_replay(torch, dist, graphs[f"{k}.aware_both"], args.iters)
+            time_loop(nccl(False))
+    med = {key: statistics.median(v) for key, v in samples.items()}
     med["recv_bytes"] = recv_rows * hidden * 2
     med["symm_bytes"] = symm.get("bytes", 0)
     gathered = [None] * R
     dist.all_gather_object(gathered, med)
-    misses = buf.status().miss_count
+    misses = {k: buf.status().miss_count for k, buf in bufs.items()}
     if rank == 0:
-        worst = {k: max(m[k] for m in gathered) for k in med}
-        s = {k: worst[k] for k in samples}
-        for name in ("elastic", "fixed"):
-            for cv in variants:
-                s[f"{name}_combine{suffix(cv)}"] = s[f"{name}_both{suffix(cv)}"] - s[f"{name}_dispatch"]
-        # conservative: the slowest rank's median time over the smallest per-rank byte count
-        nbytes = min(m["recv_bytes"] for m in gathered)
-        gbps = {k: nbytes / v / 1e9 for k, v in s.items() if ("dispatch" in k or "combine" in k) and "symm" not in k}
-        if "symm_mem_dispatch" in s:
-            gbps["symm_mem_dispatch"] = min(m["symm_bytes"] for m in gathered) / s["symm_mem_dispatch"] / 1e9
-        row = {"model": args.model, "num_ranks": R, "tokens": T, "top_k": K, "hidden": hidden,
-               "gpu": torch.cuda.get_device_name(dev), "iters": args.iters, "rounds": args.rounds,
-               "seconds": s, "gbps": gbps, "ratio_elastic_over_fixed": s["elastic_both"] / s["fixed_both"],
-               "combine_variants": variants,
-               "ratio_combine_over_push": {cv: s[f"elastic_combine{suffix(cv)}"] / s["elastic_combine"]
-                                           for cv in variants},
-               "received_bytes_per_rank": [m["recv_bytes"] for m in gathered],
+        gpu = torch.cuda.get_device_name(dev)
+        us, gbps, rows, nbytes = summarize(gathered, sets, paths)
+        row = {"model": args.model, "num_ranks": R, "tokens": T, "top_k": K, "hidden": hidden, "gpu": gpu,
+               "iters": args.iters, "rounds": args.rounds, "kernel_sets": sets, "not_timed_missed_deadlines": broken,
+               "combine_paths": paths, "us": us,
+               "gbps": gbps, "received_bytes_per_rank": [m["recv_bytes"] for m in gathered],
                "symm_mem": {k: v for k, v in symm.items() if k != "run"}, "misses": misses}
-        print("RESULT " + json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        print_table(f"prefill {args.model}, {R} rank(s), {T} tokens/rank, top-{K}, {nbytes / 1e6:.1f} MB received "
+                    f"per rank, {gpu}: us (GB/s) per step (CUDA-graph replay of {args.iters} steps, median of "
+                    f"{args.rounds} rounds, slowest rank)", TABLE_HEADER, rows)
+        write_result(args.out, f"prefill-{args.model}-R{R}-T{T}", row)
     dist.barrier()
-    buf.close()
+    for buf in bufs.values():
+        buf.close()
     dist.destroy_process_group()
+
+
+TABLE_HEADER = ["kernels, combine", "dispatch aware", "combine aware", "dispatch fixed", "combine fixed",
+                "aware/fixed (both)", "A/A"]
+
+
+def summarize(gathered: list[dict[str, float]], sets: list[str], paths: dict[str, list[str]]
+              ) -> tuple[dict, dict, list[list], int]:
+    """Per-rank medians (seconds, keyed ``<set>.<name>``, baselines, ``recv_bytes``) -> the slowest rank's
+    us by set with combine = both - dispatch and the ratios, GB/s over the fewest received bytes, the
+    table rows (every set and combine path, then NCCL and the copy), and those bytes."""
+    nbytes = min(m["recv_bytes"] for m in gathered)  # conservative: slowest time over fewest bytes
+    us: dict[str, dict[str, float]] = {}
+    for key in gathered[0]:
+        if key in ("recv_bytes", "symm_bytes"):
+            continue
+        group, _, name = key.rpartition(".")
+        us.setdefault(group or "baseline", {})[name] = round(max(m[key] for m in gathered) * 1e6, 2)
+
+    def rate(t_us: float) -> float:
+        return round(nbytes / (t_us * 1e-6) / 1e9, 1)
+
+    gbps: dict[str, dict[str, float]] = {}
+    rows = []
+    for k in sets:
+        t = us[k]
+        for m in ("aware", "fixed"):
+            for cv in paths[k]:
+                t[f"{m}_combine{suffix(cv)}"] = round(t[f"{m}_both{suffix(cv)}"] - t[f"{m}_dispatch"], 2)
+        t["aware_over_fixed"] = round(t["aware_both"] / t["fixed_both"], 4)
+        t["aa"] = round(t["aware_both_again"] / t["aware_both"], 4)
+        gbps[k] = {name: rate(v) for name, v in t.items() if name.endswith("_dispatch") or "_combine" in name}
+        for cv in paths[k]:
+            sx = suffix(cv)
+            rows.append([f"{k} {cv}", f"{t['aware_dispatch']} ({gbps[k]['aware_dispatch']})",
+                         f"{t['aware_combine' + sx]} ({gbps[k]['aware_combine' + sx]})",
+                         f"{t['fixed_dispatch']} ({gbps[k]['fixed_dispatch']})",
+                         f"{t['fixed_combine' + sx]} ({gbps[k]['fixed_combine' + sx]})",
+                         round(t["aware_both" + sx] / t["fixed_both" + sx], 4), t["aa"] if cv == "push" else ""])
+    base = us["baseline"]
+    gbps["baseline"] = {name: rate(base[name]) for name in ("nccl_dispatch", "nccl_combine", "copy")}
+    if "symm_mem_dispatch" in base:
+        gbps["baseline"]["symm_mem_dispatch"] = round(min(m["symm_bytes"] for m in gathered)
+                                                      / (base["symm_mem_dispatch"] * 1e-6) / 1e9, 1)
+    rows.append(["NCCL all_to_all_single", f"{base['nccl_dispatch']} ({gbps['baseline']['nccl_dispatch']})",
+                 f"{base['nccl_combine']} ({gbps['baseline']['nccl_combine']})", "", "", "", ""])
+    rows.append(["device copy, same bytes", f"{base['copy']} ({gbps['baseline']['copy']})", "", "", "", "", ""])
+    return us, gbps, rows, nbytes
 
 
 COMBINE_CHOICES = ("push", "spread", "pull", "pull-copy")
@@ -260,10 +306,12 @@ def symm_mem_baseline(args, dist, torch, dev, x, ids, S, num_experts) -> dict:
 
 def main() -> int:
     p = ep_arguments(__doc__, tokens=4096, iters=10, rounds=5)
+    p.add_argument("--kernels", default="v1,v2", help="kernel sets to time side by side (default: v1,v2)")
     p.add_argument("--combine-variant", default="push",
-                   help=f"comma list of prefill combine paths to time beside push: {', '.join(COMBINE_CHOICES)}")
+                   help=f"comma list of v1 prefill combine paths to time beside push: {', '.join(COMBINE_CHOICES)}")
     args = p.parse_args()
     combine_variants(args.combine_variant)  # a bad name fails here, before any process starts
+    kernel_sets(args.kernels)
     return run(__file__, args, worker)
 
 

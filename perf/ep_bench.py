@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 
@@ -26,7 +27,8 @@ def ep_arguments(description: str, *, tokens: int, iters: int, rounds: int) -> a
     p.add_argument("--with-symm-mem", action="store_true",
                    help="also time torch.ops.symm_mem.all_to_all_vdev_2d (initializes NVSHMEM)")
     p.add_argument("--profile", default=None, help="directory for torch.profiler (TensorBoard) traces")
-    p.add_argument("--out", default=None, help="append one JSON line per configuration here")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="directory for one JSON file per run (the table is printed either way)")
     p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -52,3 +54,58 @@ def run(script: str, args: argparse.Namespace, worker) -> int:
     sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
     from launch import run_rank_script
     return run_rank_script(script, sys.argv[1:], args.num_ranks)
+
+
+def kernel_sets(arg: str) -> list[str]:
+    """``--kernels v1,v2`` as a list (each a ``KernelVariant.kernels`` value), in the given order."""
+    from eep.fused.compile import KERNEL_SETS
+
+    names = list(dict.fromkeys(n.strip() for n in arg.split(",") if n.strip()))
+    bad = [n for n in names if n not in KERNEL_SETS]
+    if bad or not names:
+        raise ValueError(f"--kernels {arg!r}: choose from {KERNEL_SETS}")
+    return names
+
+
+def working_sets(torch, dist, sets: list[str], bufs: dict, warm_step) -> tuple[list[str], list[str]]:
+    """Run one eager step of each kernel set (``warm_step(set)``) on every rank; a set in which any rank
+    missed a deadline is left out (its timed graphs would wait out the timeout at every step) and
+    returned second, so the other sets are still timed and the run says what was not."""
+    ok, broken = [], []
+    for k in sets:
+        dist.barrier()
+        warm_step(k)
+        torch.cuda.synchronize()
+        missed = [None] * dist.get_world_size()
+        dist.all_gather_object(missed, any(bufs[k].status().miss_count))
+        (broken if any(missed) else ok).append(k)
+    return ok, broken
+
+
+def time_replay(torch, dist, graph, iters: int) -> float:
+    """Seconds per step of one replay of ``graph`` (``iters`` steps), every rank starting together:
+    CUDA events around the replay."""
+    dist.barrier()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    graph.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / 1e3 / iters
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    """A markdown table on stdout (what RESULTS.md quotes)."""
+    print(f"\n{title}\n| " + " | ".join(header) + " |\n|" + " --- |" * len(header), flush=True)
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row) + " |", flush=True)
+
+
+def write_result(out_dir: str | None, name: str, row: dict) -> None:
+    """Print the run's JSON and, with ``--out DIR``, write it to ``DIR/<name>.json``."""
+    print("RESULT " + json.dumps(row), flush=True)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+            json.dump(row, f, indent=1)

@@ -21,14 +21,18 @@ def _nvrtc_loads() -> bool:
 pytestmark = pytest.mark.skipif(not _nvrtc_loads(), reason="the NVRTC library (nvidia-cuda-nvrtc wheel) is absent")
 
 
+@pytest.mark.parametrize("kernels", fc.KERNEL_SETS)
 @pytest.mark.parametrize("hidden", [2048, 7168, 64])
 @pytest.mark.parametrize("fixed", [False, True])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_every_kernel_compiles_for_sm90a(hidden, fixed, fp8):
-    cubin = fc.compile_cubin(fc.KernelVariant(hidden, fixed, use_fp8=fp8), "sm_90a")
+def test_every_kernel_compiles_for_sm90a(hidden, fixed, fp8, kernels):
+    variant = fc.KernelVariant(hidden, fixed, use_fp8=fp8, kernels=kernels)
+    cubin = fc.compile_cubin(variant, "sm_90a")
     assert cubin[:4] == b"\x7fELF"  # a cubin is an ELF image
-    for name in fc.KERNEL_NAMES:
-        assert name.encode() in cubin, f"{name} missing from the cubin"
+    for name in variant.kernel_names():
+        assert name.encode() + b"\0" in cubin, f"{name} missing from the cubin"
+    others = {n for k in fc.KERNEL_SETS if k != kernels for n in fc.KernelVariant(64, kernels=k).kernel_names()}
+    assert not any(n.encode() + b"\0" in cubin for n in others), "a module holds the other kernel set"
 
 
 def test_fixed_variant_drops_the_mask_reads():
@@ -143,8 +147,7 @@ def _ptxas_report(variant) -> str:
     from cuda.bindings import nvrtc as nv
 
     sources = fc.kernel_sources()
-    main = b'#include "dispatch.cuh"\n#include "combine.cuh"\n#include "prefill.cuh"\n'
-    err, prog = nv.nvrtcCreateProgram(main, b"check.cu", len(sources), [sources[n] for n in fc.KERNEL_FILES],
+    err, prog = nv.nvrtcCreateProgram(fc.main_source(variant), b"check.cu", len(sources), [sources[n] for n in fc.KERNEL_FILES],
                                       [n.encode() for n in fc.KERNEL_FILES])
     try:
         options = [o.encode() for o in fc.compile_options(variant, "sm_90a")] + [b"--ptxas-options=-v"]
@@ -155,6 +158,15 @@ def _ptxas_report(variant) -> str:
         nv.nvrtcDestroyProgram(prog)
 
 
+def _assert_no_spills(log: str, kernels, max_registers: int) -> None:
+    """Every kernel of the ptxas report ``log`` spills nothing and uses at most ``max_registers``."""
+    for kernel in kernels:
+        block = log[log.index(f"Function properties for {kernel}"):].splitlines()
+        assert "0 bytes spill stores, 0 bytes spill loads" in block[1], f"{kernel}: {block[1]}"
+        regs = int(block[2].split("Used ")[1].split(" registers")[0])
+        assert regs <= max_registers, f"{kernel}: {block[2]}"
+
+
 def test_pull_and_spread_kernels_do_not_spill():
     """ptxas report: the new kernels keep everything in registers (a spill would put local-memory
     traffic into the loop the combine's bandwidth rests on); pull fits two 512-thread blocks per SM."""
@@ -162,12 +174,7 @@ def test_pull_and_spread_kernels_do_not_spill():
                              ("spread", ("eep_prefill_combine_send_spread",))):
         log = _ptxas_report(fc.KernelVariant(7168, prefill_combine=combine))
         for kernel in kernels:
-            block = log[log.index(f"Function properties for {kernel}"):]
-            props = block.splitlines()[1]
-            used = block.splitlines()[2]
-            assert "0 bytes spill stores, 0 bytes spill loads" in props, f"{kernel}: {props}"
-            regs = int(used.split("Used ")[1].split(" registers")[0])
-            assert regs <= (64 if kernel == "eep_prefill_combine_pull" else 128), f"{kernel}: {used}"
+            _assert_no_spills(log, [kernel], 64 if kernel == "eep_prefill_combine_pull" else 128)
 
 
 def test_variant_rejects_an_unknown_prefill_combine():
@@ -219,12 +226,7 @@ def test_default_cubin_is_unchanged_by_the_decode_pull_sections(monkeypatch, tmp
 def test_decode_pull_kernels_do_not_spill():
     """ptxas report: the pull combine keeps its eight in-flight 16-byte loads in registers and still
     fits one 512-thread block per SM (<= 128 registers), as the default kernels do."""
-    log = _ptxas_report(fc.KernelVariant(7168, use_fp8=True, decode="pull"))
-    for kernel in fc.DECODE_KERNELS["pull"]:
-        block = log[log.index(f"Function properties for {kernel}"):].splitlines()
-        assert "0 bytes spill stores, 0 bytes spill loads" in block[1], f"{kernel}: {block[1]}"
-        regs = int(block[2].split("Used ")[1].split(" registers")[0])
-        assert regs <= 128, f"{kernel}: {block[2]}"
+    _assert_no_spills(_ptxas_report(fc.KernelVariant(7168, use_fp8=True, decode="pull")), fc.DECODE_KERNELS["pull"], 128)
 
 
 def test_fused_buffer_rejects_an_unknown_decode_path_before_touching_cuda():
@@ -232,3 +234,45 @@ def test_fused_buffer_rejects_an_unknown_decode_path_before_touching_cuda():
 
     with pytest.raises(ValueError, match="decode"):
         FusedBuffer(0, 2, slots_per_rank=2, max_tokens_per_rank=4, hidden=64, top_k=2, store=None, decode="scatter")
+
+
+# ---- kernel set v2 (KernelVariant.kernels = "v2"; docs/fused.md "Kernel set v2") ------------------
+
+def test_v2_variant_names_options_and_limits():
+    v1, v2 = fc.KernelVariant(7168), fc.KernelVariant(7168, kernels="v2")
+    assert v1.kernels == "v1" and v1.name == "eep_fused_h7168_v4_bf16_elastic"  # the validated default, as before
+    assert not any("KERNEL_SET" in d for d in v1.defines())
+    assert v2.name == "eep_fused_h7168_v4_bf16_elastic_kernels-v2" and "-DEEP_KERNEL_SET=2" in v2.defines()
+    assert v2.kernel_names() == fc.V2_KERNEL_NAMES and fc.main_source(v2) != fc.main_source(v1)
+    version = fc.nvrtc_version()
+    assert fc.cache_key(v1, "sm_90a", nvrtc_version=version) != fc.cache_key(v2, "sm_90a", nvrtc_version=version)
+    with pytest.raises(ValueError, match="kernels"):
+        fc.KernelVariant(2048, kernels="v3")
+    for experiment in (dict(decode="pull"), dict(prefill_combine="spread")):
+        with pytest.raises(ValueError, match="kernel set"):
+            fc.KernelVariant(2048, kernels="v2", **experiment)
+
+
+def test_v1_cubin_is_unchanged_by_the_v2_sources(monkeypatch, tmp_path):
+    """The v2 files are not part of the v1 program: emptying them leaves the v1 cubin byte-identical."""
+    before = fc.compile_cubin(fc.KernelVariant(7168, use_fp8=True))
+    for name in fc.KERNEL_FILES:
+        text = (fc.CSRC_DIR / name).read_text()
+        (tmp_path / name).write_text("#pragma once\n" if name.endswith("_v2.cuh") else text)
+    monkeypatch.setattr(fc, "CSRC_DIR", tmp_path)
+    assert fc.compile_cubin(fc.KernelVariant(7168, use_fp8=True)) == before
+
+
+@pytest.mark.parametrize("hidden,fp8", [(7168, False), (7168, True), (2048, False)])
+def test_v2_kernels_do_not_spill(hidden, fp8):
+    """ptxas report: every v2 kernel keeps its rows in flight in registers (no local-memory traffic in
+    the loops the step time rests on) and fits a 512-thread block (<= 128 registers)."""
+    _assert_no_spills(_ptxas_report(fc.KernelVariant(hidden, use_fp8=fp8, kernels="v2")), fc.V2_KERNEL_NAMES, 128)
+
+
+def test_prefill_buffer_rejects_a_v1_experiment_with_v2_before_touching_cuda():
+    from eep.fused.prefill import PrefillBuffer
+
+    with pytest.raises(ValueError, match="kernel set"):
+        PrefillBuffer(0, 2, slots_per_rank=2, max_tokens_per_rank=4, hidden=64, top_k=2, store=None,
+                      combine_variant="pull", kernels="v2")

@@ -1,7 +1,8 @@
-"""FusedBuffer's choice of kernels for the experimental decode path (``decode="pull"``), on CPU.
+"""FusedBuffer's choice of kernels for the experimental decode path (``decode="pull"``) and for kernel
+set v2 (``kernels="v2"``), on CPU.
 
-The kernels themselves need a GPU (tests/gpu/run_all.sh decode); this checks the Python side that
-decides which kernels a step launches, with what grid, and what ``combine_input()`` views.
+The kernels themselves need a GPU (tests/gpu/run_all.sh decode, tests/gpu/run_kernels.sh); this checks
+the Python side that decides which kernels a step launches, with what grid, and what ``combine_input()`` views.
 """
 
 import pytest
@@ -13,14 +14,15 @@ from eep.fused.layout import BufferLayout
 R, S, M, H, K = 4, 3, 8, 64, 4
 
 
-def _buffer(decode: str, use_fp8: bool = False) -> tuple[FusedBuffer, list]:
+def _buffer(decode: str, use_fp8: bool = False, kernels: str = "v1", num_ranks: int = R) -> tuple[FusedBuffer, list]:
     """A FusedBuffer with CPU tensors in place of device memory and a recording launcher."""
     buf = FusedBuffer.__new__(FusedBuffer)
-    buf.layout = BufferLayout(R, S, M, H)
-    buf.rank, buf.num_ranks, buf.top_k, buf.use_fp8, buf.decode = 1, R, K, use_fp8, decode
+    buf.layout = BufferLayout(num_ranks, S, M, H)
+    buf.rank, buf.num_ranks, buf.top_k, buf.use_fp8, buf.decode = min(1, num_ranks - 1), num_ranks, K, use_fp8, decode
+    buf.kernel_set, buf.num_blocks = kernels, 132
     buf.device = torch.device("cpu")
     buf._buffer = torch.randint(0, 255, (buf.layout.nbytes,), dtype=torch.uint8)
-    buf.vis_count = torch.zeros(S, R, dtype=torch.int32)
+    buf.vis_count = torch.zeros(S, num_ranks, dtype=torch.int32)
     buf.handle_pos = torch.full((M, K), -1, dtype=torch.int32)
     if use_fp8:
         buf.stage = torch.empty(M, H, dtype=torch.uint8)
@@ -92,3 +94,36 @@ def test_fp8_dispatch_quantizes_with_the_variant_kernel(decode, kernel, grid):
     x, phys, _ = _inputs(6, seed=3)
     buf.dispatch(x, phys)
     assert [(name, g) for name, _, _, g in launches] == [(kernel, grid), ("eep_dispatch", None)]
+
+
+@pytest.mark.parametrize("use_fp8", [False, True])
+@pytest.mark.parametrize("num_ranks,send_blocks", [(R, 132), (1, 0)])
+def test_v2_is_one_launch_per_direction(use_fp8, num_ranks, send_blocks):
+    """Kernel set v2: dispatch is one launch with the FP8 cast inside it (no quantize launch), combine
+    one launch whose first blocks push to the other ranks (none with one rank) and the rest reduce,
+    reading ``y`` in place; both kernels take the signal offsets as a second parameter."""
+    buf, launches = _buffer("push", use_fp8=use_fp8, kernels="v2", num_ranks=num_ranks)
+    x, phys, w = _inputs(5, seed=5)
+    phys = phys.clamp(max=S * num_ranks - 1)
+    _, handle = buf.dispatch(x, phys)
+    y = torch.randn(S, num_ranks, M, H).to(torch.bfloat16)
+    out = buf.combine(y, handle, w)
+    assert [(name, grid) for name, _, _, grid in launches] == [("eep2_dispatch", 132),
+                                                               ("eep2_combine", send_blocks + 132)]
+    (_, (dparams, dsig), dsmem, _), (_, (cparams, csig), csmem, _) = launches
+    assert dparams.ptrs["x"] == x.data_ptr() and dsig.num_send_blocks == 0
+    assert dsmem == buf.layout.dispatch_v2_smem_bytes(K, 132)
+    assert (dsig.off_dispatch_signal, dsig.off_combine_signal) == (buf.layout.off_dispatch_signal,
+                                                                    buf.layout.off_combine_signal)
+    assert cparams.ptrs["x"] == y.data_ptr() and cparams.ptrs["out"] == out.data_ptr()
+    assert csig.num_send_blocks == send_blocks and csmem == buf.layout.combine_send_smem_bytes()
+
+
+def test_v2_rejects_what_it_does_not_run_before_touching_cuda():
+    with pytest.raises(ValueError, match="kernel set"):
+        FusedBuffer(0, 2, slots_per_rank=2, max_tokens_per_rank=4, hidden=64, top_k=2, store=None, decode="pull",
+                    kernels="v2")
+    with pytest.raises(ValueError, match="kernels"):
+        FusedBuffer(0, 2, slots_per_rank=2, max_tokens_per_rank=4, hidden=64, top_k=2, store=None, kernels="v3")
+    with pytest.raises(ValueError, match="top_k"):
+        FusedBuffer(0, 2, slots_per_rank=2, max_tokens_per_rank=4, hidden=64, top_k=33, store=None, kernels="v2")

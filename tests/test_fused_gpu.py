@@ -70,3 +70,17 @@ def test_differential_decode_pull_variant(extra, tmp_path):
 @pytest.mark.parametrize("scenario,max_tokens", [("late", "64"), ("late_prefill", "256")])
 def test_a_late_source_gets_zeros_not_stale_rows(scenario, max_tokens, tmp_path):
     _run(scenario, 4, tmp_path, "--hidden", "2048", "--slots", "8", "--max-tokens", max_tokens, "--timeout-s", "0.5")
+
+
+@pytest.mark.parametrize("extra", [("--hidden", "2048", "--slots", "8", "--max-tokens", "128"),
+                                   ("--hidden", "7168", "--slots", "4", "--max-tokens", "64", "--fp8")])
+def test_differential_kernel_set_v2(extra, tmp_path):
+    """Kernel set v2 (FusedBuffer(kernels="v2")) against the same reference, masked rank included."""
+    _run("diff", 4, tmp_path, *extra, "--kernels", "v2")
+
+
+@pytest.mark.parametrize("scenario,extra", [("prefill", ("--max-tokens", "256")), ("graph", ("--max-tokens", "64")),
+                                            ("late", ("--max-tokens", "64", "--timeout-s", "0.5")),
+                                            ("late_prefill", ("--max-tokens", "256", "--timeout-s", "0.5"))])
+def test_kernel_set_v2_scenarios(scenario, extra, tmp_path):
+    _run(scenario, 4, tmp_path, "--hidden", "2048", "--slots", "8", *extra, "--kernels", "v2")

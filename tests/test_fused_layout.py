@@ -13,7 +13,8 @@ def test_regions_are_aligned_disjoint_and_ordered(shape):
     R, S, M, H = shape
     regions = [(lay.off_recv_x, S * R * M * H * 2), (lay.off_comb_x, R * S * M * H * 2),
                (lay.off_src_token, S * R * M * 4), (lay.off_recv_scale, S * R * M * 4), (lay.off_raw_count, S * R * 4),
-               (lay.off_dispatch_flag, R * 8), (lay.off_combine_flag, R * 8)]
+               (lay.off_dispatch_flag, R * 8), (lay.off_combine_flag, R * 8),
+               (lay.off_dispatch_signal, R * fl.MAX_SIGNAL_BLOCKS * 8), (lay.off_combine_signal, R * fl.MAX_SIGNAL_BLOCKS * 8)]
     end = 0
     for off, size in regions:
         assert off % fl.ALIGN == 0 and off >= end
@@ -39,18 +40,36 @@ def test_rejects_bad_shapes(args):
         fl.BufferLayout(*args)
 
 
-def test_params_struct_matches_the_cuda_struct():
-    # EepParams in csrc/common.cuh: every field u64, same names in the same order
-    src = (fl.__file__.rsplit("/", 1)[0] + "/csrc/common.cuh")
-    text = open(src).read()
-    body = text[text.index("struct EepParams {"):text.index("};", text.index("struct EepParams {"))]
+def cuda_struct_fields(header: str, struct: str) -> list[str]:
+    """Field names of an all-u64 struct in a csrc header, in order."""
+    text = open(fl.__file__.rsplit("/", 1)[0] + "/csrc/" + header).read()
+    start = text.index(f"struct {struct} {{")
     names = []
-    for line in body.splitlines()[1:]:
+    for line in text[start:text.index("};", start)].splitlines()[1:]:
         decl = line.split("//")[0].strip().rstrip(";")
         if decl.startswith("u64 "):
             names += [n.strip() for n in decl[4:].split(",")]
-    assert names == [f[0] for f in fl.KernelParams._fields_]
-    assert ctypes.sizeof(fl.KernelParams) == 8 * len(names)
+    return names
+
+
+@pytest.mark.parametrize("header,struct,mirror", [("common.cuh", "EepParams", fl.KernelParams),
+                                                  ("signals_v2.cuh", "EepSignals", fl.SignalParams)])
+def test_params_struct_matches_the_cuda_struct(header, struct, mirror):
+    # every field u64, same names in the same order
+    names = cuda_struct_fields(header, struct)
+    assert names == [f[0] for f in mirror._fields_]
+    assert ctypes.sizeof(mirror) == 8 * len(names)
+
+
+def test_signal_limit_and_smem_of_the_v2_dispatch():
+    text = open(fl.__file__.rsplit("/", 1)[0] + "/csrc/signals_v2.cuh").read()
+    assert f"#define EEP_MAX_SIGNAL_BLOCKS {fl.MAX_SIGNAL_BLOCKS}" in text
+    lay = fl.BufferLayout(4, 64, 128, 7168)
+    # slot ranks + rows taken [256 each], totals of 2 slots, 1 token x (8 choices (rank, row) + sent) per block
+    assert lay.dispatch_v2_smem_bytes(8, 132) == 4 * (2 * 256 + 2 + 1 * (2 * 8 + 1))
+    p = fl.make_signal_params(lay, num_send_blocks=7)
+    assert (p.off_dispatch_signal, p.off_combine_signal, p.num_send_blocks) == (lay.off_dispatch_signal,
+                                                                                 lay.off_combine_signal, 7)
 
 
 def test_ctrl_indices_match_the_cuda_struct():
@@ -71,7 +90,8 @@ def test_ctrl_indices_match_the_cuda_struct():
     assert seen == {"dispatch_seq": fl.CTRL_DISPATCH_SEQ, "combine_seq": fl.CTRL_COMBINE_SEQ,
                     "timeout_ns": fl.CTRL_TIMEOUT_NS, "epoch": fl.CTRL_EPOCH,
                     "dispatch_arrived": fl.CTRL_DISPATCH_ARRIVED, "combine_arrived": fl.CTRL_COMBINE_ARRIVED,
-                    "reserved": 6, "dispatch_ok": fl.CTRL_DISPATCH_OK, "combine_ok": fl.CTRL_COMBINE_OK,
+                    "combine_ready_seq": fl.CTRL_COMBINE_READY_SEQ, "combine_dropped": fl.CTRL_COMBINE_DROPPED,
+                    "dispatch_ok": fl.CTRL_DISPATCH_OK, "combine_ok": fl.CTRL_COMBINE_OK,
                     "suspect": fl.CTRL_SUSPECT, "miss_count": fl.CTRL_MISS_COUNT,
                     "last_miss_seq": fl.CTRL_LAST_MISS_SEQ}
     assert offset == fl.CTRL_NUMEL

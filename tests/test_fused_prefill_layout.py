@@ -14,7 +14,8 @@ def test_regions_are_aligned_disjoint_and_ordered(shape):
     R, M, H, K = shape
     regions = [(lay.off_recv_x, R * M * H * 2), (lay.off_comb_x, R * M * H * 2), (lay.off_src_token, R * M * 4),
                (lay.off_local_slot, R * M * K * 4), (lay.off_weight, R * M * K * 4), (lay.off_raw_count, R * 4),
-               (lay.off_dispatch_flag, R * 8), (lay.off_combine_flag, R * 8)]
+               (lay.off_dispatch_flag, R * 8), (lay.off_combine_flag, R * 8),
+               (lay.off_dispatch_signal, R * 256 * 8), (lay.off_combine_signal, R * 256 * 8)]
     end = 0
     for off, size in regions:
         assert off % 256 == 0 and off >= end
@@ -27,6 +28,8 @@ def test_deepseek_prefill_fits_and_needs_opt_in_shared_memory():
     assert lay.off_comb_x == 4 * 4096 * 7168 * 2  # 235 MB of rows per region, not 15 GB
     assert lay.dispatch_smem_bytes() == 2 * 4 * 128 * 4
     assert fp.PrefillLayout(64, 4096, 7168, 8).dispatch_smem_bytes() == 64 * 1024  # over 48 KB: attribute set
+    # kernel set v2: 32 tokens per block (ranks u64, a row per rank, a slot per choice) + a rank per slot
+    assert lay.dispatch_v2_smem_bytes(64, 128) == 32 * (8 + 4 * 4 + 4 * 8) + 4 * 256
 
 
 def test_signature_distinguishes_shapes_and_modes():
@@ -42,7 +45,7 @@ def test_rejects_bad_shapes(args):
 
 
 def test_params_struct_matches_the_cuda_struct():
-    text = (Path(fp.__file__).parent / "csrc" / "prefill.cuh").read_text()
+    text = (Path(fp.__file__).parent / "csrc" / "common.cuh").read_text()  # shared by both kernel sets
     start = text.index("struct EepPrefillParams {")
     body = text[start:text.index("};", start)]
     names = []

@@ -34,7 +34,8 @@ from eep import envs
 
 from eep.fused.layout import (CTRL_COMBINE_OK, CTRL_COMBINE_SEQ, CTRL_DISPATCH_OK, CTRL_DISPATCH_SEQ,
                               CTRL_EPOCH, CTRL_LAST_MISS_SEQ, CTRL_MISS_COUNT, CTRL_NUMEL, CTRL_SUSPECT,
-                              CTRL_TIMEOUT_NS, THREADS_PER_BLOCK, BufferLayout, make_params)
+                              CTRL_TIMEOUT_NS, MAX_SIGNAL_BLOCKS, THREADS_PER_BLOCK, BufferLayout, make_params,
+                              make_signal_params)
 from eep.exchange.layout import DispatchHandle, RankReceive
 from eep.exchange.protocol import ExchangeStatus, adopt, connect_each
 from eep.exchange.tags import first_tag
@@ -77,7 +78,11 @@ class FusedBuffer:
         decode: ``"push"`` (the default kernels) or ``"pull"`` (experimental, off by default: FP8 quantize
             spread over the grid; combine pulls each source's top-k rows from the expert ranks'
             ``combine_input()`` regions and sums them as it reads; docs/fused.md "Decode: where the time
-            goes"). Every rank of an instance must use the same value.
+            goes"). Kernel set v1 only. Every rank of an instance must use the same value.
+        kernels: kernel set, ``"v1"`` (the validated kernels) or ``"v2"`` (one launch per direction, FP8
+            cast inside the dispatch, rows signalled per sending block, combine reduces as it reads;
+            docs/fused.md "Kernel set v2"); default ``EEP_FUSED_KERNELS`` or ``"v1"``. Same receive
+            layout and results (bit-identical); every rank of an instance must use the same set.
         membership: the process's ``Membership`` with its device mirror on this buffer's device (default:
             a new one, all active); the kernels read its ``active_device`` at every launch.
 
@@ -90,7 +95,7 @@ class FusedBuffer:
                  top_k: int, store: Any, group: str = "default", connect: Sequence[int] | None = None,
                  fixed_membership: bool = False, timeout_s: float | None = None,
                  num_blocks: int | None = None, vec_per_lane: int | None = None, use_fp8: bool = False,
-                 device: torch.device | int | None = None, decode: str = "push",
+                 device: torch.device | int | None = None, decode: str = "push", kernels: str | None = None,
                  membership: Membership | None = None) -> None:
         from eep.fused.compile import KernelVariant
 
@@ -98,25 +103,34 @@ class FusedBuffer:
             raise ValueError(f"rank={rank} outside [0, num_ranks={num_ranks})")
         layout = BufferLayout(num_ranks, slots_per_rank, max_tokens_per_rank, hidden)
         self.top_k, self.use_fp8, self.decode = top_k, use_fp8, decode
+        self.kernel_set = kernels or envs.fused_kernels()
         variant = KernelVariant(hidden, fixed_membership, vec_per_lane or envs.fused_vec_per_lane(), use_fp8,
-                                decode=decode)
-        smem = {"eep_dispatch": layout.dispatch_smem_bytes(), "eep_combine_send": layout.combine_send_smem_bytes()}
+                                decode=decode, kernels=self.kernel_set)
+        if self.kernel_set == "v2":
+            check_v2_top_k(top_k)
+
+            def smem(blocks: int) -> dict[str, int]:
+                return {"eep2_dispatch": layout.dispatch_v2_smem_bytes(top_k, v2_send_blocks(blocks)),
+                        "eep2_combine": layout.combine_send_smem_bytes()}
+        else:
+            smem = {"eep_dispatch": layout.dispatch_smem_bytes(), "eep_combine_send": layout.combine_send_smem_bytes()}
         if decode == "pull":
             smem["eep_combine_stage"] = layout.combine_send_smem_bytes()
         self._open(rank, layout, variant, store=store, group=group, connect=connect, timeout_s=timeout_s,
                    num_blocks=num_blocks, device=device, smem=smem, membership=membership)
         self.vis_count = torch.zeros(slots_per_rank, num_ranks, dtype=torch.int32, device=self.device)
         self.handle_pos = torch.full((max_tokens_per_rank, top_k), -1, dtype=torch.int32, device=self.device)
-        if use_fp8:  # each token is quantized once here, then copied top_k times
+        if use_fp8 and self.kernel_set == "v1":  # each token is quantized once here, then copied top_k times
             self.stage = torch.empty(max_tokens_per_rank, hidden, dtype=torch.uint8, device=self.device)
             self.stage_scale = torch.empty(max_tokens_per_rank, dtype=torch.float32, device=self.device)
         torch.cuda.synchronize(self.device)
 
     def _open(self, rank: int, layout: Any, variant: Any, *, store: Any, group: str, connect: Sequence[int] | None,
               timeout_s: float | None, num_blocks: int | None, device: torch.device | int | None,
-              smem: dict[str, int], membership: Membership | None) -> None:
+              smem: dict[str, int] | Any, membership: Membership | None) -> None:
         """What every mode's buffer does once: context, kernels, the VMM peer buffer (``layout.nbytes``,
-        zeroed), its fd server, the control block, mask and peer table, the store record, the peers."""
+        zeroed), its fd server, the control block, mask and peer table, the store record, the peers.
+        ``smem``: dynamic shared memory per kernel, or a function of the grid size giving it."""
         from eep.fused.compile import LoadedKernels
         from eep.fused.cuda_util import ensure_context
         from eep.fused.peer_memory import VmmAllocation
@@ -133,10 +147,10 @@ class FusedBuffer:
         ensure_context(self.device.index)
         self.kernels_variant = variant
         self.kernels = LoadedKernels.get(variant, self.device.index)
-        self._set_smem_limits(smem)
         # grid of the data-moving kernels; any size is correct (only the last block waits)
         self.num_blocks = (num_blocks or envs.fused_blocks()
                            or torch.cuda.get_device_properties(self.device).multi_processor_count)
+        self._set_smem_limits(smem(self.num_blocks) if callable(smem) else smem)
 
         # this rank's peer buffer: allocated once for all rank slots
         self.alloc = VmmAllocation(layout.nbytes, self.device.index)
@@ -189,8 +203,8 @@ class FusedBuffer:
     # ---- data plane -------------------------------------------------------------------------
 
     def dispatch(self, x: torch.Tensor, phys: torch.Tensor) -> tuple[RankReceive, DispatchHandle]:
-        """Send every token copy to the rank hosting its physical slot (one kernel launch; two
-        with FP8, the first quantizing each token once).
+        """Send every token copy to the rank hosting its physical slot (one kernel launch; with FP8
+        and kernel set v1 two, the first quantizing each token once).
 
         Parameters:
             x: ``[num_tokens, hidden]`` bf16, contiguous, ``num_tokens <= max_tokens_per_rank``.
@@ -199,6 +213,12 @@ class FusedBuffer:
             the receive views (valid until this rank's next combine returns) and the handle.
         """
         num_tokens = self._check_tokens(x, phys)
+        if self.kernel_set == "v2":  # one launch, the FP8 cast inside it
+            blocks = v2_send_blocks(self.num_blocks)
+            self._launch("eep2_dispatch", (self._params(num_tokens, x=x.data_ptr(), phys=phys.data_ptr()),
+                                           make_signal_params(self.layout)),
+                         self.layout.dispatch_v2_smem_bytes(self.top_k, blocks), grid=blocks)
+            return self.recv_views(), DispatchHandle(phys=phys, position=self.handle_pos[:num_tokens])
         stage = dict(stage=self.stage.data_ptr(), stage_scale=self.stage_scale.data_ptr()) if self.use_fp8 else {}
         params = self._params(num_tokens, x=x.data_ptr(), phys=phys.data_ptr(), **stage)
         if self.use_fp8 and num_tokens and self.decode == "pull":  # one block per token row
@@ -235,6 +255,13 @@ class FusedBuffer:
         elif tuple(out.shape) != (num_tokens, lay.hidden) or out.dtype != torch.bfloat16 or not out.is_contiguous():
             raise ValueError(f"combine: out has shape {tuple(out.shape)} {out.dtype}, "
                              f"expected contiguous bf16 ({num_tokens}, {lay.hidden})")
+        if self.kernel_set == "v2":  # one launch: push to the other ranks, then reduce (own rows read in place)
+            send = 0 if self.num_ranks == 1 else v2_send_blocks(self.num_blocks)
+            params = self._params(num_tokens, x=y.data_ptr(), phys=handle.phys.data_ptr(),
+                                  weights=topk_weights.data_ptr(), out=out.data_ptr())
+            self._launch("eep2_combine", (params, make_signal_params(self.layout, num_send_blocks=send)),
+                         self.layout.combine_send_smem_bytes(), grid=send + self.num_blocks)
+            return out
         reduce = self._params(num_tokens, phys=handle.phys.data_ptr(), weights=topk_weights.data_ptr(),
                               out=out.data_ptr())
         if self.decode == "pull":
@@ -388,10 +415,11 @@ class FusedBuffer:
         from cuda.bindings import driver
         from eep.fused.cuda_util import check
 
-        arg = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        structs = params if isinstance(params, tuple) else (params,)  # v2 kernels take two
+        arg = (ctypes.c_void_p * len(structs))(*[ctypes.addressof(p) for p in structs])
         stream = driver.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
         if grid is None:
-            grid = 1 if name == "eep_combine_reduce" and params.num_tokens == 0 else self.num_blocks
+            grid = 1 if name == "eep_combine_reduce" and structs[0].num_tokens == 0 else self.num_blocks
         check(driver.cuLaunchKernel(self.kernels.functions[name], grid, 1, 1, THREADS_PER_BLOCK, 1, 1,
                                     smem_bytes, stream, ctypes.addressof(arg), 0), f"cuLaunchKernel({name})")
 
@@ -406,6 +434,16 @@ class FusedBuffer:
                     raise ValueError(f"{name} needs {nbytes} B of shared memory for layout "
                                      f"{self.layout.signature()}; lower max_tokens_per_rank or slots_per_rank")
                 check(driver.cuFuncSetAttribute(self.kernels.functions[name], attr, nbytes), "cuFuncSetAttribute")
+
+
+def v2_send_blocks(num_blocks: int) -> int:
+    """Sending blocks of a v2 launch: the grid, capped by the flags each (destination, source) has."""
+    return max(1, min(num_blocks, MAX_SIGNAL_BLOCKS))
+
+
+def check_v2_top_k(top_k: int) -> None:
+    if not 1 <= top_k <= 32:
+        raise ValueError(f"top_k={top_k}: kernel set v2 assigns a token's rows with one lane per choice (1..32)")
 
 
 class _CudaArray:

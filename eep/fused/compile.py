@@ -21,9 +21,17 @@ from eep import envs
 from eep.errors import EEPError
 
 CSRC_DIR = Path(__file__).with_name("csrc")
-KERNEL_FILES = ("common.cuh", "dispatch.cuh", "combine.cuh", "prefill.cuh")
+KERNEL_FILES = ("common.cuh", "dispatch.cuh", "combine.cuh", "prefill.cuh",
+                "signals_v2.cuh", "dispatch_v2.cuh", "combine_v2.cuh", "prefill_v2.cuh")
 KERNEL_NAMES = ("eep_quantize", "eep_dispatch", "eep_combine_send", "eep_combine_reduce",
                 "eep_prefill_dispatch", "eep_prefill_combine_send", "eep_prefill_combine_reduce")
+# Kernel sets, both in every build (KernelVariant.kernels): "v1" is the validated default; "v2" moves
+# the same bytes with less fixed cost per step (docs/fused.md "Kernel set v2"). Each set is its own
+# NVRTC program: the files it includes and the kernels its module holds.
+KERNEL_SETS = ("v1", "v2")
+SET_HEADERS = {"v1": ("dispatch.cuh", "combine.cuh", "prefill.cuh"),
+               "v2": ("dispatch_v2.cuh", "combine_v2.cuh", "prefill_v2.cuh")}
+V2_KERNEL_NAMES = ("eep2_dispatch", "eep2_combine", "eep2_prefill_dispatch", "eep2_prefill_combine")
 # Experimental prefill combine paths, compiled only into the variant that selects them
 # (KernelVariant.prefill_combine; docs/fused.md "Prefill combine: where the time goes").
 PREFILL_COMBINE_KERNELS = {"push": (), "spread": ("eep_prefill_combine_send_spread",),
@@ -50,6 +58,7 @@ class KernelVariant:
     use_fp8: bool = False  # dispatch sends e4m3 rows + a float32 scale per token row
     prefill_combine: str = "push"  # "push" (validated default), "spread" or "pull": extra kernels
     decode: str = "push"  # "push" (validated default) or "pull": extra decode kernels (DECODE_KERNELS)
+    kernels: str = "v1"  # kernel set (KERNEL_SETS): "v1" validated default, "v2" one launch per direction
 
     def __post_init__(self) -> None:
         if self.hidden <= 0 or self.hidden % 8:
@@ -65,6 +74,11 @@ class KernelVariant:
                              f"{sorted(PREFILL_COMBINE_KERNELS)}")
         if self.decode not in DECODE_KERNELS:
             raise ValueError(f"decode={self.decode!r} must be one of {sorted(DECODE_KERNELS)}")
+        if self.kernels not in KERNEL_SETS:
+            raise ValueError(f"kernels={self.kernels!r} must be one of {KERNEL_SETS}")
+        if self.kernels != "v1" and (self.prefill_combine != "push" or self.decode != "push"):
+            raise ValueError(f"prefill_combine={self.prefill_combine!r} / decode={self.decode!r} are experiments on "
+                             f"kernel set v1; kernel set {self.kernels!r} has its own combine")
 
     def defines(self) -> list[str]:
         defines = [f"-DEEP_HIDDEN={self.hidden}", f"-DEEP_FIXED_MEMBERSHIP={int(self.fixed_membership)}",
@@ -73,16 +87,21 @@ class KernelVariant:
             defines.append(f"-DEEP_PREFILL_COMBINE={PREFILL_COMBINE_DEFINE[self.prefill_combine]}")
         if self.decode != "push":  # likewise: the default cubin is untouched
             defines.append("-DEEP_DECODE_PULL=1")
+        if self.kernels != "v1":  # and v1's options stay as they were
+            defines.append(f"-DEEP_KERNEL_SET={KERNEL_SETS.index(self.kernels) + 1}")
         return defines
 
     def kernel_names(self) -> tuple[str, ...]:
         """Every kernel this variant's module holds."""
+        if self.kernels == "v2":
+            return V2_KERNEL_NAMES
         return KERNEL_NAMES + PREFILL_COMBINE_KERNELS[self.prefill_combine] + DECODE_KERNELS[self.decode]
 
     @property
     def name(self) -> str:
         combine = "" if self.prefill_combine == "push" else f"_{self.prefill_combine}"
         combine += "" if self.decode == "push" else f"_decode-{self.decode}"
+        combine += "" if self.kernels == "v1" else f"_kernels-{self.kernels}"
         return (f"eep_fused_h{self.hidden}_v{self.vec_per_lane}_{'fp8' if self.use_fp8 else 'bf16'}_"
                 f"{'fixed' if self.fixed_membership else 'elastic'}{combine}")
 
@@ -95,6 +114,11 @@ def cache_dir() -> Path:
 def kernel_sources() -> dict[str, bytes]:
     """File name -> contents of every kernel source file."""
     return {name: (CSRC_DIR / name).read_bytes() for name in KERNEL_FILES}
+
+
+def main_source(variant: KernelVariant) -> bytes:
+    """The NVRTC program's own text: the headers of the variant's kernel set."""
+    return b"".join(b'#include "%s"\n' % name.encode() for name in SET_HEADERS[variant.kernels])
 
 
 def compile_options(variant: KernelVariant, arch: str) -> list[str]:
@@ -124,7 +148,7 @@ def compile_cubin(variant: KernelVariant, arch: str = DEFAULT_ARCH) -> bytes:
     from cuda.bindings import nvrtc
 
     sources = kernel_sources()
-    main = b'#include "dispatch.cuh"\n#include "combine.cuh"\n#include "prefill.cuh"\n'
+    main = main_source(variant)
     headers = [sources[name] for name in KERNEL_FILES]
     names = [name.encode() for name in KERNEL_FILES]
     err, prog = nvrtc.nvrtcCreateProgram(main, f"{variant.name}.cu".encode(), len(headers), headers, names)

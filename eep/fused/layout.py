@@ -10,6 +10,8 @@ Every rank allocates one buffer of the same layout, once, for all ``num_ranks`` 
     raw_count      [slots_per_rank, num_ranks]                             int32  written by senders
     dispatch_flag  [num_ranks] uint64, entry s = last dispatch step source s finished writing here
     combine_flag   [num_ranks] uint64, entry d = last combine step expert rank d finished writing here
+    dispatch_signal, combine_signal  [num_ranks, MAX_SIGNAL_BLOCKS] uint64, kernel set v2: one flag
+                   per (source, sending block), csrc/signals_v2.cuh (v1 never touches them)
 
 Peers write into it through NVLink; the owner reads it locally. Regions start on 256-byte
 boundaries. This module is pure Python (no CUDA import); it mirrors csrc/common.cuh.
@@ -21,12 +23,14 @@ import ctypes
 from dataclasses import dataclass
 
 MAX_RANKS = 64  # EEP_MAX_RANKS in csrc/common.cuh
+MAX_SIGNAL_BLOCKS = 256  # EEP_MAX_SIGNAL_BLOCKS in csrc/signals_v2.cuh: most sending blocks of a v2 launch
 ALIGN = 256
 THREADS_PER_BLOCK = 512  # __launch_bounds__ of every kernel
 
 # EepCtrl (csrc/common.cuh): an int64 tensor of CTRL_NUMEL entries.
 CTRL_DISPATCH_SEQ, CTRL_COMBINE_SEQ, CTRL_TIMEOUT_NS, CTRL_EPOCH = 0, 1, 2, 3
 CTRL_DISPATCH_ARRIVED, CTRL_COMBINE_ARRIVED = 4, 5
+CTRL_COMBINE_READY_SEQ, CTRL_COMBINE_DROPPED = 6, 7  # kernel set v2's combine verdict
 CTRL_HEADER = 8
 CTRL_DISPATCH_OK = CTRL_HEADER
 CTRL_COMBINE_OK = CTRL_DISPATCH_OK + MAX_RANKS
@@ -114,12 +118,20 @@ class BufferLayout(PackedRegions):
         rows, pairs = self.num_rows, self.slots_per_rank * self.num_ranks
         return [("recv_x", rows * self.row_nbytes), ("comb_x", rows * self.row_nbytes), ("src_token", rows * 4),
                 ("recv_scale", rows * 4), ("raw_count", pairs * 4), ("dispatch_flag", self.num_ranks * 8),
-                ("combine_flag", self.num_ranks * 8)]
+                ("combine_flag", self.num_ranks * 8), *signal_regions(self.num_ranks)]
 
     def dispatch_smem_bytes(self) -> int:
         """Dynamic shared memory of eep_dispatch: one bit per (slot, token)."""
         words = (self.max_tokens_per_rank + 31) // 32
         return self.slots_per_rank * self.num_ranks * words * 4
+
+    def dispatch_v2_smem_bytes(self, top_k: int, num_blocks: int) -> int:
+        """Dynamic shared memory of eep2_dispatch with ``num_blocks`` blocks: per slot its rank and the
+        rows taken so far, the totals of a block's slots, its tokens' destinations and rows (and
+        whether each token goes anywhere)."""
+        slots = self.slots_per_rank * self.num_ranks
+        tokens_per_block = -(-self.max_tokens_per_rank // num_blocks)
+        return 4 * (2 * slots + -(-slots // num_blocks) + tokens_per_block * (2 * top_k + 1))
 
     def combine_send_smem_bytes(self) -> int:
         """Dynamic shared memory of eep_combine_send: rows and starts of every (slot, source) block."""
@@ -130,6 +142,22 @@ class BufferLayout(PackedRegions):
         """A string every rank must agree on before mapping each other's buffers."""
         return (f"R{self.num_ranks}.S{self.slots_per_rank}.M{self.max_tokens_per_rank}."
                 f"H{self.hidden}.E{self.elem_bytes}.N{self.nbytes}")
+
+
+def signal_regions(num_ranks: int) -> list[tuple[str, int]]:
+    """The two flag arrays of kernel set v2, at the end of every buffer (v1's offsets stay as they were)."""
+    return [("dispatch_signal", num_ranks * MAX_SIGNAL_BLOCKS * 8), ("combine_signal", num_ranks * MAX_SIGNAL_BLOCKS * 8)]
+
+
+class SignalParams(ctypes.Structure):
+    """EepSignals of csrc/signals_v2.cuh: the second parameter of every v2 kernel."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in ("off_dispatch_signal", "off_combine_signal", "num_send_blocks")]
+
+
+def make_signal_params(layout: PackedRegions, *, num_send_blocks: int = 0) -> SignalParams:
+    return SignalParams(off_dispatch_signal=layout.off_dispatch_signal, off_combine_signal=layout.off_combine_signal,
+                        num_send_blocks=num_send_blocks)
 
 
 class KernelParams(ctypes.Structure):

@@ -9,7 +9,7 @@ the oracle; kernels in ``csrc/prefill.cuh``; docs/fused.md "Prefill mode").
     out = buf.combine(partial, handle)                    # [T, hidden] bf16
 
 Membership, peer table, sequence numbers and the timeout behave as in ``FusedBuffer`` (same
-methods: ``set_membership``, ``add_peer``, ``set_sequence``, ``status``), with a control block of
+methods: ``set_membership``, ``connect``, ``status``), with a control block of
 its own, so a process can hold a decode and a prefill buffer at once.
 
 Combine paths (``combine_variant``, a compile-time switch: docs/fused.md "Prefill combine: where
@@ -17,8 +17,9 @@ the time goes"): ``"push"`` (default, the GPU-validated kernels: send partial ro
 ``"spread"`` (the same with the sends fanned out over all peers at once) and ``"pull"`` (each rank
 reads its tokens' partial rows from the peers' buffers and reduces them in registers; the partial
 rows must then sit in this rank's peer buffer: write them into ``combine_input()`` to skip a copy).
-``spread`` and ``pull`` are off by default; their differential tests pass on one H200 with 4 rank
-processes sharing it (perf/RESULTS.md), their speed on several GPUs is still to be measured.
+``spread`` and ``pull`` pass the differential GPU scenario (4 ranks sharing one H200). Kernel set v1
+only: ``kernels="v2"`` (docs/fused.md "Kernel set v2") has one combine, which pushes partial rows to
+the other ranks spread over them and reduces this rank's own in place.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from typing import Any, Sequence
 import torch
 
 from eep import envs
-from eep.fused.buffer import FusedBuffer
-from eep.fused.layout import PackedRegions, check_ranks_and_hidden
-from eep.state import Membership
+from eep.fused.buffer import FusedBuffer, check_v2_top_k, v2_send_blocks
+from eep.fused.layout import PackedRegions, check_ranks_and_hidden, make_signal_params, signal_regions
 from eep.exchange.layout import PackedHandle, PackedReceive
+from eep.state import Membership
 
 
 COMBINE_VARIANTS = ("push", "spread", "pull")  # KernelVariant.prefill_combine; "push" is the validated default
@@ -50,6 +51,7 @@ class PrefillLayout(PackedRegions):
         weight      [num_ranks, max_tokens_per_rank, top_k] float32
         raw_count   [num_ranks] int32
         dispatch_flag, combine_flag [num_ranks] uint64
+        dispatch_signal, combine_signal [num_ranks, MAX_SIGNAL_BLOCKS] uint64 (kernel set v2)
     """
 
     num_ranks: int
@@ -71,13 +73,19 @@ class PrefillLayout(PackedRegions):
         rows, R = self.num_rows, self.num_ranks
         return [("recv_x", rows * self.hidden * 2), ("comb_x", rows * self.hidden * 2), ("src_token", rows * 4),
                 ("local_slot", rows * self.top_k * 4), ("weight", rows * self.top_k * 4), ("raw_count", R * 4),
-                ("dispatch_flag", R * 8), ("combine_flag", R * 8)]
+                ("dispatch_flag", R * 8), ("combine_flag", R * 8), *signal_regions(R)]
 
     def dispatch_smem_bytes(self) -> int:
         """Dynamic shared memory of eep_prefill_dispatch: a bit per (destination, token) and the
         set bits before each word."""
         words = (self.max_tokens_per_rank + 31) // 32
         return 2 * self.num_ranks * words * 4
+
+    def dispatch_v2_smem_bytes(self, slots_per_rank: int, num_blocks: int) -> int:
+        """Dynamic shared memory of eep2_prefill_dispatch: per token of a block its ranks (u64), rows and
+        slots, and per slot its rank."""
+        tokens_per_block = -(-self.max_tokens_per_rank // num_blocks)
+        return tokens_per_block * (8 + 4 * self.num_ranks + 4 * self.top_k) + 4 * slots_per_rank * self.num_ranks
 
     def signature(self) -> str:
         return (f"P.R{self.num_ranks}.M{self.max_tokens_per_rank}.H{self.hidden}.K{self.top_k}.N{self.nbytes}")
@@ -116,7 +124,8 @@ class PrefillBuffer(FusedBuffer):
                  top_k: int, store: Any, group: str = "prefill", connect: Sequence[int] | None = None,
                  fixed_membership: bool = False, timeout_s: float | None = None, num_blocks: int | None = None,
                  vec_per_lane: int | None = None, device: torch.device | int | None = None,
-                 combine_variant: str = "push", membership: Membership | None = None) -> None:
+                 combine_variant: str = "push", kernels: str | None = None,
+                 membership: Membership | None = None) -> None:
         from eep.fused.compile import KernelVariant
 
         if not 0 <= rank < num_ranks:
@@ -128,11 +137,18 @@ class PrefillBuffer(FusedBuffer):
             raise ValueError(f"combine_variant={combine_variant!r} must be one of {COMBINE_VARIANTS}")
         self.top_k, self.use_fp8, self.slots_per_rank = top_k, False, slots_per_rank
         self.combine_variant = combine_variant
+        self.kernel_set = kernels or envs.fused_kernels()
         variant = KernelVariant(hidden, fixed_membership, vec_per_lane or envs.fused_vec_per_lane(), False,
-                                prefill_combine=combine_variant)
+                                prefill_combine=combine_variant, kernels=self.kernel_set)
+        if self.kernel_set == "v2":
+            check_v2_top_k(top_k)
+
+            def smem(blocks: int) -> dict[str, int]:
+                return {"eep2_prefill_dispatch": layout.dispatch_v2_smem_bytes(slots_per_rank, v2_send_blocks(blocks))}
+        else:
+            smem = {"eep_prefill_dispatch": layout.dispatch_smem_bytes()}
         self._open(rank, layout, variant, store=store, group=group, connect=connect, timeout_s=timeout_s,
-                   num_blocks=num_blocks, device=device,
-                   smem={"eep_prefill_dispatch": layout.dispatch_smem_bytes()}, membership=membership)
+                   num_blocks=num_blocks, device=device, smem=smem, membership=membership)
         self.vis_count = torch.zeros(num_ranks, dtype=torch.int32, device=self.device)
         self.dst_row = torch.full((max_tokens_per_rank, num_ranks), -1, dtype=torch.int32, device=self.device)
         torch.cuda.synchronize(self.device)
@@ -175,7 +191,12 @@ class PrefillBuffer(FusedBuffer):
                              f"expected float32 {tuple(phys.shape)}")
         params = self._prefill_params(num_tokens, x=x.data_ptr(), phys=phys.data_ptr(),
                                       weights=topk_weights.contiguous().data_ptr())
-        self._launch("eep_prefill_dispatch", params, self.layout.dispatch_smem_bytes())
+        if self.kernel_set == "v2":
+            blocks = v2_send_blocks(self.num_blocks)
+            self._launch("eep2_prefill_dispatch", (params, make_signal_params(self.layout)),
+                         self.layout.dispatch_v2_smem_bytes(self.slots_per_rank, blocks), grid=blocks)
+        else:
+            self._launch("eep_prefill_dispatch", params, self.layout.dispatch_smem_bytes())
         return self.recv_views(), PackedHandle(dst_row=self.dst_row[:num_tokens])
 
     def combine(self, partial: torch.Tensor, handle: PackedHandle,  # type: ignore[override]
@@ -205,6 +226,12 @@ class PrefillBuffer(FusedBuffer):
             raise ValueError(f"combine: out has shape {tuple(out.shape)} {out.dtype}, "
                              f"expected contiguous bf16 ({num_tokens}, {lay.hidden})")
         vectors = num_tokens * lay.hidden // 8  # one thread per 16-byte vector of the output
+        if self.kernel_set == "v2":  # one launch: push to the other ranks, then reduce (own partials in place)
+            send = 0 if self.num_ranks == 1 else v2_send_blocks(self.num_blocks)
+            params = self._prefill_params(num_tokens, x=partial.data_ptr(), out=out.data_ptr())
+            self._launch("eep2_prefill_combine", (params, make_signal_params(self.layout, num_send_blocks=send)), 0,
+                         grid=send + self.num_blocks)
+            return out
         if self.combine_variant == "pull":
             staged = self.combine_input()
             if partial.data_ptr() != staged.data_ptr():  # the peers can only read peer memory

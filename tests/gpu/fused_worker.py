@@ -13,6 +13,7 @@ Scenarios (``--scenario``):
          between passing a separate partial tensor (copied) and writing into combine_input().
          ``--decode-variant pull`` (diff/graph/join/kill) runs the experimental decode kernels;
          its diff cases alternate between experts writing into combine_input() and a staged y.
+         ``--kernels v2`` (every scenario) runs kernel set v2 instead of v1.
   late   (and late_prefill) the last rank starts one step's dispatch later than the deadline (a GPU
          sleep): the others give up on it, drop its tokens and must send back zeros for it, not the
          rows of an earlier step (comb_x is poisoned with NaN first); its combine output then lacks
@@ -90,6 +91,13 @@ def finish_step(buf, x, phys, weights, scale, out):
         buf.pull_steps = getattr(buf, "pull_steps", 0) + 1
         if buf.pull_steps % 2:
             y = buf.combine_input().copy_(y)
+    if getattr(buf, "kernel_set", "v1") == "v2" and recv.scale is None:
+        # alternate: experts write their outputs over their inputs (y aliases the receive buffer, which
+        # peers' next dispatch writes into; v2 reads this rank's own rows of y in place)
+        buf.alias_steps = getattr(buf, "alias_steps", 0) + 1
+        if buf.alias_steps % 2:
+            xq = xq.clone()  # what arrived, for the comparison
+            y = recv.x.copy_(y)
     buf.combine(y, handle, weights, out=out)
     torch.cuda.synchronize()
     return (xq.cpu(), recv.count.cpu(), recv.src_token.cpu(), handle.position.cpu(), out.cpu())
@@ -99,7 +107,7 @@ def make_buffer(args, store, *, connect=None, fixed=False) -> FusedBuffer:
     return FusedBuffer(args.rank, args.num_ranks, slots_per_rank=args.slots, max_tokens_per_rank=args.max_tokens,
                        hidden=args.hidden, top_k=args.top_k, store=store, group=args.group, connect=connect,
                        fixed_membership=fixed, timeout_s=args.timeout_s, device=args.gpu, use_fp8=args.fp8,
-                       decode=args.decode_variant)
+                       decode=args.decode_variant, kernels=args.kernels)
 
 
 def shape_kwargs(args):
@@ -346,7 +354,7 @@ def make_prefill_buffer(args, store, *, fixed=False):
     return PrefillBuffer(args.rank, args.num_ranks, slots_per_rank=args.slots, max_tokens_per_rank=args.max_tokens,
                          hidden=args.hidden, top_k=args.top_k, store=store, group=args.group + "-p",
                          fixed_membership=fixed, timeout_s=args.timeout_s, device=args.gpu,
-                         combine_variant=args.combine_variant)
+                         combine_variant=args.combine_variant, kernels=args.kernels)
 
 
 def prefill_step(buf, x, phys, w, scale, out, *, via_view=False):
@@ -512,6 +520,9 @@ def main() -> None:
     p.add_argument("--fp8", action="store_true", help="FP8 dispatch (diff scenario)")
     p.add_argument("--decode-variant", default="push", choices=("push", "pull"),
                    help="decode kernels (diff/graph/join/kill scenarios): FusedBuffer(decode=...)")
+    from eep.fused.compile import KERNEL_SETS
+    p.add_argument("--kernels", default="v1", choices=KERNEL_SETS,
+                   help="kernel set of every scenario's buffers: FusedBuffer/PrefillBuffer(kernels=...)")
     from eep.fused.prefill import COMBINE_VARIANTS
     p.add_argument("--combine-variant", default="push", choices=COMBINE_VARIANTS,
                    help="prefill combine kernels (prefill scenario; eep.fused.prefill.COMBINE_VARIANTS)")

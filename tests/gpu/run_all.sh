@@ -6,7 +6,9 @@
 #   decode: the experimental decode path (FusedBuffer(decode="pull")): differential tests, graph,
 #   SIGKILL, then timings beside the default kernels (docs/fused.md "Decode: where the time goes")
 #   onegpu: correctness of the default and experimental kernels with 4 rank processes sharing
-#   GPU 0 (for a one-GPU machine: waits progress by time-slicing between the processes; no timings)
+#   GPU 0 (for a one-GPU machine: waits progress by time-slicing between the processes; no timings);
+#   `onegpu v2`: the same for kernel set v2 (diff, FP8, prefill, graph + rejoin, SIGKILL, late);
+#   tests/gpu/run_kernels.sh runs these and times v1 against v2
 #   late: only the three `late` scenarios (decode push, prefill push, decode pull); any GPU count
 # (a full run needs more than one 10-minute call: run quick, then bench)
 set -u
@@ -64,7 +66,18 @@ fi
 if [ "$MODE" = late ]; then
   late_steps
 fi
-if [ "$MODE" = onegpu ]; then
+if [ "$MODE" = onegpu ] && [ "${2:-v1}" = v2 ]; then
+  export CUDA_VISIBLE_DEVICES=0
+  compile_step compile-v2 120 "dict(kernels='v2'), dict(kernels='v2', use_fp8=True)"
+  V="--kernels v2"
+  step diff4-v2 120 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 128 $V
+  step diff4-fp8-v2 120 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 --slots 4 --max-tokens 64 --fp8 $V
+  step prefill4-v2 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 $V
+  step graph4-v2 120 $PY $L --scenario graph --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 $V
+  step kill4-v2 120 $PY $L --scenario kill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $V
+  step late4-v2 90 $PY $L --scenario late --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $V
+  step late4-prefill-v2 90 $PY $L --scenario late_prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --timeout-s 0.5 $V
+elif [ "$MODE" = onegpu ]; then
   export CUDA_VISIBLE_DEVICES=0
   compile_step compile-variants 120 "$COMBINE_VARIANTS, $DECODE_VARIANTS"
   D="--decode-variant pull"
@@ -81,17 +94,17 @@ if [ "$MODE" = onegpu ]; then
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
   B=perf/bench_dispatch.py
-  step bench-ds-4 120 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench.jsonl --profile $OUT/prof --rounds 11
-  step bench-qw-4 90 $PY $B --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench.jsonl --rounds 11
-  step bench-ds-4-fp8 90 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench.jsonl --rounds 11 --fp8
-  step bench-qw-4-fp8 90 $PY $B --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench.jsonl --rounds 11 --fp8
-  step bench-ds-4-symm 120 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench.jsonl --rounds 7 --with-symm-mem
+  step bench-ds-4 120 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench --profile $OUT/prof --rounds 11
+  step bench-qw-4 90 $PY $B --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench --rounds 11
+  step bench-ds-4-fp8 90 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench --rounds 11 --fp8
+  step bench-qw-4-fp8 90 $PY $B --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench --rounds 11 --fp8
+  step bench-ds-4-symm 120 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench --rounds 7 --with-symm-mem
   P=perf/bench_prefill.py
-  step bench-prefill-ds-4 120 $PY $P --num-ranks 4 --model deepseek-v3 --out $OUT/bench_prefill.jsonl
-  step bench-prefill-qw-4 90 $PY $P --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench_prefill.jsonl
-  step bench-prefill-ds-4-symm 120 $PY $P --num-ranks 4 --model deepseek-v3 --out $OUT/bench_prefill.jsonl --with-symm-mem
-  step bench-ds-2 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $B --num-ranks 2 --model deepseek-v3 --out $OUT/bench.jsonl
-  step bench-qw-2 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $B --num-ranks 2 --model qwen3-30b-a3b --out $OUT/bench.jsonl
+  step bench-prefill-ds-4 120 $PY $P --num-ranks 4 --model deepseek-v3 --out $OUT/bench
+  step bench-prefill-qw-4 90 $PY $P --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench
+  step bench-prefill-ds-4-symm 120 $PY $P --num-ranks 4 --model deepseek-v3 --out $OUT/bench --with-symm-mem
+  step bench-ds-2 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $B --num-ranks 2 --model deepseek-v3 --out $OUT/bench
+  step bench-qw-2 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $B --num-ranks 2 --model qwen3-30b-a3b --out $OUT/bench
 fi
 if [ "$MODE" = combine ]; then  # docs/fused.md "Prefill combine: where the time goes"
   compile_step compile-combine 90 "$COMBINE_VARIANTS"
@@ -101,8 +114,8 @@ if [ "$MODE" = combine ]; then  # docs/fused.md "Prefill combine: where the time
   step prefill4-pull-fixed 150 $PY $L --scenario prefill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --combine-variant pull --fixed
   step prefill2-pull 120 env CUDA_VISIBLE_DEVICES=0,1 $PY $L --scenario prefill --num-ranks 2 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 256 --combine-variant pull
   P=perf/bench_prefill.py
-  step bench-prefill-ds-4-combine 150 $PY $P --num-ranks 4 --model deepseek-v3 --out $OUT/bench_prefill.jsonl --combine-variant spread,pull,pull-copy
-  step bench-prefill-qw-4-combine 120 $PY $P --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench_prefill.jsonl --combine-variant spread,pull,pull-copy
+  step bench-prefill-ds-4-combine 150 $PY $P --num-ranks 4 --model deepseek-v3 --out $OUT/bench --combine-variant spread,pull,pull-copy
+  step bench-prefill-qw-4-combine 120 $PY $P --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench --combine-variant spread,pull,pull-copy
 fi
 if [ "$MODE" = decode ]; then  # docs/fused.md "Decode: where the time goes"
   STEP_STOP_ON_FAIL=diff4-pull
@@ -117,13 +130,13 @@ if [ "$MODE" = decode ]; then  # docs/fused.md "Decode: where the time goes"
   step kill4-pull 120 $PY $L --scenario kill --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $D
   step late4-pull 60 $PY $L --scenario late --num-ranks 4 --out $OUT/res --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $D
   B=perf/bench_dispatch.py
-  step bench-ds-4-pull 150 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench.jsonl --rounds 11 $D --profile $OUT/prof
-  step bench-ds-4-pull-fp8 120 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench.jsonl --rounds 11 --fp8 $D
-  step bench-qw-4-pull 120 $PY $B --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench.jsonl --rounds 11 $D
-  step bench-ds-2-pull 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $B --num-ranks 2 --model deepseek-v3 --out $OUT/bench.jsonl $D
+  step bench-ds-4-pull 150 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench --rounds 11 $D --profile $OUT/prof
+  step bench-ds-4-pull-fp8 120 $PY $B --num-ranks 4 --model deepseek-v3 --out $OUT/bench --rounds 11 --fp8 $D
+  step bench-qw-4-pull 120 $PY $B --num-ranks 4 --model qwen3-30b-a3b --out $OUT/bench --rounds 11 $D
+  step bench-ds-2-pull 90 env CUDA_VISIBLE_DEVICES=0,1 $PY $B --num-ranks 2 --model deepseek-v3 --out $OUT/bench $D
   # the one-copy-per-destination-rank protocol with expert-side partial sums (prefill mode) at decode size
-  step bench-prefill-ds-4-t128 120 $PY perf/bench_prefill.py --num-ranks 4 --model deepseek-v3 --tokens 128 --iters 50 --rounds 11 --out $OUT/bench_prefill.jsonl
-  step bench-prefill-ds-4-t128-pull 120 $PY perf/bench_prefill.py --num-ranks 4 --model deepseek-v3 --tokens 128 --iters 50 --rounds 11 --combine-variant push,pull --out $OUT/bench_prefill.jsonl
+  step bench-prefill-ds-4-t128 120 $PY perf/bench_prefill.py --num-ranks 4 --model deepseek-v3 --tokens 128 --iters 50 --rounds 11 --out $OUT/bench
+  step bench-prefill-ds-4-t128-pull 120 $PY perf/bench_prefill.py --num-ranks 4 --model deepseek-v3 --tokens 128 --iters 50 --rounds 11 --combine-variant push,pull --out $OUT/bench
   [ -d $OUT/prof ] && tar czf $OUT/prof.tgz -C $OUT prof && rm -rf $OUT/prof
 fi
 if [ "$MODE" = all ] || [ "$MODE" = quick ]; then

@@ -8,29 +8,6 @@
 #pragma once
 #include "common.cuh"
 
-// The rows a combine moves: s_rows[pair] = rows of (slot, source) block `pair` (its dispatch count,
-// 0 for inactive sources), s_start = their exclusive prefix sum; returns the total. Whole block.
-__device__ __forceinline__ int eep_sent_rows_table(const EepParams& p, const int* s_active, int* s_rows,
-                                                   int* s_start, int* s_warp) {
-  const int R = (int)p.num_ranks, M = (int)p.max_tokens, num_pairs = (int)p.slots_per_rank * R;
-  const int* vis_count = (const int*)p.vis_count;
-  for (int pair = threadIdx.x; pair < num_pairs; pair += blockDim.x)
-    s_rows[pair] = eep_rank_active(s_active, pair % R) ? min(max(vis_count[pair], 0), M) : 0;
-  __syncthreads();
-  eep_block_exclusive_scan(s_rows, s_start, num_pairs, s_warp);
-  return s_start[num_pairs];
-}
-
-// The block of compact row r: the last pair whose start <= r (binary search over s_start).
-__device__ __forceinline__ int eep_pair_of_row(const int* s_start, int num_pairs, int r) {
-  int lo = 0, hi = num_pairs - 1;
-  while (lo < hi) {
-    int mid = (lo + hi + 1) >> 1;
-    if (s_start[mid] <= r) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-
 extern "C" __global__ void __launch_bounds__(512) eep_combine_send(const EepParams p) {
   extern __shared__ int s_dyn[];  // s_rows[S*R], s_start[S*R + 1]
   __shared__ int s_active[EEP_MAX_RANKS];
@@ -47,7 +24,7 @@ extern "C" __global__ void __launch_bounds__(512) eep_combine_send(const EepPara
 
   eep_load_active((const int*)p.active, s_active, R);
   __syncthreads();
-  const int num_rows = eep_sent_rows_table(p, s_active, s_rows, s_start, s_warp);
+  const int num_rows = eep_sent_rows_table(p, s_active, -1, s_rows, s_start, s_warp);
 
   const int lane = threadIdx.x & 31, warps_per_block = blockDim.x >> 5;
   const EepVec* y = (const EepVec*)p.x;
@@ -149,7 +126,7 @@ extern "C" __global__ void __launch_bounds__(512) eep_combine_stage(const EepPar
   int* s_start = s_dyn + num_pairs;
   eep_load_active((const int*)p.active, s_active, R);
   __syncthreads();
-  const int num_rows = eep_sent_rows_table(p, s_active, s_rows, s_start, s_warp);
+  const int num_rows = eep_sent_rows_table(p, s_active, -1, s_rows, s_start, s_warp);
 
   const int lane = threadIdx.x & 31, warps_per_block = blockDim.x >> 5;
   const EepVec* y = (const EepVec*)p.x;

@@ -43,7 +43,8 @@ struct EepCtrl {
   u64 epoch;             // membership epoch, written by set_membership (informational)
   u64 dispatch_arrived;  // blocks of the running dispatch that finished sending (reset by the last)
   u64 combine_arrived;   // same for combine_send
-  u64 reserved[2];
+  u64 combine_ready_seq; // v2 combine: step whose incoming rows the waiting block has settled (others poll it)
+  u64 combine_dropped;   // v2 combine: bit r = rank r gave up on this rank's tokens at that step's dispatch
   u64 dispatch_ok[EEP_MAX_RANKS];   // 1 when that source's tokens arrived in the last dispatch
   u64 combine_ok[EEP_MAX_RANKS];    // 1 when that expert rank's outputs arrived in the last combine
   u64 suspect[EEP_MAX_RANKS];       // 1 once the peer missed a deadline; no more waits for it
@@ -67,6 +68,22 @@ struct EepParams {
   u64 stage;        // FP8: [max_tokens, hidden] e4m3 rows quantized by eep_quantize
   u64 stage_scale;  // FP8: [max_tokens] float32 scale per row (x = e4m3 * scale)
   u64 off_recv_scale;  // FP8: [S, R, M] float32 in every rank's buffer
+};
+
+// Prefill-mode kernel parameters (csrc/prefill.cuh, csrc/prefill_v2.cuh), every field u64.
+struct EepPrefillParams {
+  u64 x;          // dispatch: [num_tokens, hidden] bf16; combine: partial [R, M, hidden] bf16
+  u64 phys;       // [num_tokens, top_k] int64 physical slots (NO_EXPERT = -1)
+  u64 weights;    // [num_tokens, top_k] float32 top-k weights
+  u64 out;        // combine: [num_tokens, hidden] bf16
+  u64 dst_row;    // [max_tokens, R] int32: row of token t in destination d's region for this source
+  u64 vis_count;  // [R] int32 rows from each source visible after dispatch
+  u64 ctrl;       // EepCtrl* (a prefill buffer has its own)
+  u64 peer_base;  // [R] u64
+  u64 active;     // [R] int32
+  u64 num_tokens, top_k, slots_per_rank, num_ranks, max_tokens, my_rank;
+  u64 off_recv_x, off_comb_x, off_src_token, off_local_slot, off_weight, off_raw_count;
+  u64 off_dispatch_flag, off_combine_flag;
 };
 
 struct __align__(16) EepVec { u32 a, b, c, d; };
@@ -298,4 +315,51 @@ __device__ void eep_block_exclusive_scan(const int* vals, int* out, int n, int* 
     run += vals[i];
   }
   __syncthreads();
+}
+
+// Largest |value| of 8 bf16 (one 16-byte vector): the row amax of the FP8 quantizers.
+__device__ __forceinline__ float eep_bf16x8_absmax(const EepVec& val) {
+  const u32 words[4] = {val.a, val.b, val.c, val.d};
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fmaxf(fabsf(eep_bf16_lo(words[i])), fabsf(eep_bf16_hi(words[i]))));
+  return amax;
+}
+
+// 8 bf16 -> 8 e4m3 (two u32 at `out`), each divided by `scale` and rounded to nearest, saturating.
+__device__ __forceinline__ void eep_quantize_bf16x8(const EepVec& val, float scale, u32* out) {
+  const u32 words[4] = {val.a, val.b, val.c, val.d};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    unsigned short lo, hi;  // cvt packs its first operand into the upper byte
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo)
+        : "f"(__fdiv_rn(eep_bf16_hi(words[2 * h]), scale)), "f"(__fdiv_rn(eep_bf16_lo(words[2 * h]), scale)));
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi)
+        : "f"(__fdiv_rn(eep_bf16_hi(words[2 * h + 1]), scale)), "f"(__fdiv_rn(eep_bf16_lo(words[2 * h + 1]), scale)));
+    out[h] = (u32)lo | ((u32)hi << 16);
+  }
+}
+
+// The rows a combine moves: s_rows[pair] = rows of (slot, source) block `pair` (its dispatch count,
+// 0 for inactive sources and for source `skip_src`, -1 for none), s_start = their exclusive prefix
+// sum; returns the total. Whole block.
+__device__ __forceinline__ int eep_sent_rows_table(const EepParams& p, const int* s_active, int skip_src, int* s_rows,
+                                                   int* s_start, int* s_warp) {
+  const int R = (int)p.num_ranks, M = (int)p.max_tokens, num_pairs = (int)p.slots_per_rank * R;
+  const int* vis_count = (const int*)p.vis_count;
+  for (int pair = threadIdx.x; pair < num_pairs; pair += blockDim.x)
+    s_rows[pair] = eep_rank_active(s_active, pair % R) && pair % R != skip_src ? min(max(vis_count[pair], 0), M) : 0;
+  __syncthreads();
+  eep_block_exclusive_scan(s_rows, s_start, num_pairs, s_warp);
+  return s_start[num_pairs];
+}
+
+// The block of compact row r: the last pair whose start <= r (binary search over s_start).
+__device__ __forceinline__ int eep_pair_of_row(const int* s_start, int num_pairs, int r) {
+  int lo = 0, hi = num_pairs - 1;
+  while (lo < hi) {
+    int mid = (lo + hi + 1) >> 1;
+    if (s_start[mid] <= r) lo = mid; else hi = mid - 1;
+  }
+  return lo;
 }

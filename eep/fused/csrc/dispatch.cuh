@@ -115,29 +115,6 @@ extern "C" __global__ void __launch_bounds__(512) eep_dispatch(const EepParams p
   if (threadIdx.x == 0) *(volatile u64*)&ctrl->dispatch_seq = seq;
 }
 
-// Largest |value| of 8 bf16 (one 16-byte vector): the row amax of the FP8 quantizers.
-__device__ __forceinline__ float eep_bf16x8_absmax(const EepVec& val) {
-  const u32 words[4] = {val.a, val.b, val.c, val.d};
-  float amax = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fmaxf(fabsf(eep_bf16_lo(words[i])), fabsf(eep_bf16_hi(words[i]))));
-  return amax;
-}
-
-// 8 bf16 -> 8 e4m3 (two u32 at `out`), each divided by `scale` and rounded to nearest, saturating.
-__device__ __forceinline__ void eep_quantize_bf16x8(const EepVec& val, float scale, u32* out) {
-  const u32 words[4] = {val.a, val.b, val.c, val.d};
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    unsigned short lo, hi;  // cvt packs its first operand into the upper byte
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo)
-        : "f"(__fdiv_rn(eep_bf16_hi(words[2 * h]), scale)), "f"(__fdiv_rn(eep_bf16_lo(words[2 * h]), scale)));
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi)
-        : "f"(__fdiv_rn(eep_bf16_hi(words[2 * h + 1]), scale)), "f"(__fdiv_rn(eep_bf16_lo(words[2 * h + 1]), scale)));
-    out[h] = (u32)lo | ((u32)hi << 16);
-  }
-}
-
 // FP8 dispatch, step 0: quantize every token row once (one warp per row) into the local stage:
 // scale = amax / 448 (1 when the row is all zeros), e4m3 = round-to-nearest(x / scale), the
 // arithmetic torch does for `(x.float() / scale).to(torch.float8_e4m3fn)`.

@@ -20,21 +20,6 @@
 #pragma once
 #include "common.cuh"
 
-struct EepPrefillParams {
-  u64 x;          // dispatch: [num_tokens, hidden] bf16; combine_send: partial [R, M, hidden] bf16
-  u64 phys;       // [num_tokens, top_k] int64 physical slots (NO_EXPERT = -1)
-  u64 weights;    // [num_tokens, top_k] float32 top-k weights
-  u64 out;        // combine_reduce: [num_tokens, hidden] bf16
-  u64 dst_row;    // [max_tokens, R] int32: row of token t in destination d's region for this source
-  u64 vis_count;  // [R] int32 rows from each source visible after dispatch
-  u64 ctrl;       // EepCtrl* (a prefill buffer has its own)
-  u64 peer_base;  // [R] u64
-  u64 active;     // [R] int32
-  u64 num_tokens, top_k, slots_per_rank, num_ranks, max_tokens, my_rank;
-  u64 off_recv_x, off_comb_x, off_src_token, off_local_slot, off_weight, off_raw_count;
-  u64 off_dispatch_flag, off_combine_flag;
-};
-
 extern "C" __global__ void __launch_bounds__(512) eep_prefill_dispatch(const EepPrefillParams p) {
   extern __shared__ u32 s_dyn32[];  // s_mask[R][words], then s_before[R][words] (set bits in earlier words)
   __shared__ int s_active[EEP_MAX_RANKS];

@@ -1,0 +1,191 @@
+// Kernel set v2, low-latency dispatch: the receive layout of eep/reference/dispatch.py exactly
+// (rows of a (slot, source) block in ascending source-token order, src_token -1 past each count,
+// counts, FP8 rows + one float32 scale per row), in ONE launch for bf16 and FP8 alike.
+//
+// Block b of G owns a contiguous range of tokens and a contiguous range of slots:
+//   1. it reads the routing table once (T x top_k int64) and keeps only what it writes: per slot, how
+//      many tokens before its range chose it (where its tokens' rows start), and the totals of the
+//      slots it owns (their counts and -1 tails);
+//   2. one warp assigns its tokens' rows in token order;
+//   3. each of its tokens is read once (FP8: the whole block takes the row's amax and quantizes it,
+//      x / (amax / 448) rounded to e4m3, the arithmetic of eep_quantize and torch), then stored once
+//      per choice into the destination's receive block (NVLink stores to peers);
+//   4. it writes the counts and -1 tails of its slots, then raises its flag in every active rank;
+//   5. the last block waits (bounded) for every source's flags, publishes the counts of the sources
+//      that arrived, hides the rest, and advances dispatch_seq (every block has read it by then: it
+//      saw their flags).
+#pragma once
+#include "signals_v2.cuh"
+
+#define EEP2_ROW_VECS ((EEP_DISPATCH_VEC_PER_ROW + EEP2_THREADS - 1) / EEP2_THREADS)  // sent vectors per thread
+
+// Dynamic shared memory of eep2_dispatch, in int32 words (layout.dispatch_v2_smem_bytes mirrors it).
+__device__ __forceinline__ int eep2_dispatch_tokens_per_block(int M, int G) { return (M + G - 1) / G; }
+__device__ __forceinline__ int eep2_dispatch_slots_per_block(int num_slots, int G) { return (num_slots + G - 1) / G; }
+
+extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_dispatch(const EepParams p, const EepSignals sig) {
+  // s_slot_dst[NS] | s_next[NS] (rows taken so far per slot) | s_total[spb] | s_dst[tpb*K] | s_brow[tpb*K] |
+  // s_sent[tpb] (the token goes somewhere)
+  extern __shared__ int s_dyn[];
+  __shared__ int s_active[EEP_MAX_RANKS];
+  __shared__ u64 s_peer[EEP_MAX_RANKS];
+  __shared__ int s_ok[EEP_MAX_RANKS];
+#if EEP_USE_FP8
+  __shared__ float s_amax[EEP2_THREADS / 32];
+#endif
+
+  const int S = (int)p.slots_per_rank, R = (int)p.num_ranks, M = (int)p.max_tokens;
+  const int K = (int)p.top_k, T = (int)p.num_tokens, me = (int)p.my_rank, NS = S * R;
+  const int G = gridDim.x, b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  EepCtrl* ctrl = (EepCtrl*)p.ctrl;
+  const i64* phys = (const i64*)p.phys;
+  int* handle_pos = (int*)p.handle_pos;
+  const u64 seq = *(volatile u64*)&ctrl->dispatch_seq + 1;
+  const int t0 = (int)((i64)b * T / G), t1 = (int)((i64)(b + 1) * T / G);
+  const int s0 = (int)((i64)b * NS / G), s1 = (int)((i64)(b + 1) * NS / G);
+  const int tpb = eep2_dispatch_tokens_per_block(M, G), spb = eep2_dispatch_slots_per_block(NS, G);
+  int* s_slot_dst = s_dyn;
+  int* s_next = s_slot_dst + NS;
+  int* s_total = s_next + NS;
+  int* s_dst = s_total + spb;
+  int* s_brow = s_dst + tpb * K;
+  int* s_sent = s_brow + tpb * K;
+
+  for (int i = threadIdx.x; i < NS; i += blockDim.x) s_next[i] = 0;
+  for (int i = threadIdx.x; i < spb; i += blockDim.x) s_total[i] = 0;
+  eep2_load_state((const int*)p.active, (const u64*)p.peer_base, R, S, NS, s_active, s_peer, s_slot_dst);
+
+  // 1. one pass over the routing table: rows before this block's tokens, totals of its slots
+  for (int t = threadIdx.x; t < T; t += blockDim.x) {
+    const bool own = t >= t0 && t < t1;
+    for (int k0 = 0; k0 < K; k0 += 8) {
+      i64 slot[8];
+      eep2_load_choices(phys, t, K, k0, slot);
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        if (k0 + u >= K) break;
+        const bool sent = eep2_entry_rank(slot[u], NS, s_slot_dst) >= 0;
+        if (own) s_dst[(t - t0) * K + k0 + u] = sent ? (int)slot[u] : -1;
+        if (!sent) continue;
+        if (t < t0) atomicAdd(&s_next[(int)slot[u]], 1);
+        if (slot[u] >= s0 && slot[u] < s1) atomicAdd(&s_total[(int)slot[u] - s0], 1);
+      }
+    }
+  }
+  __syncthreads();
+
+  // 2. this block's tokens take their rows in token order (a token reaches a slot at most once)
+  if (warp == 0) {
+    for (int i = 0; i < t1 - t0; ++i) {
+      if (lane < K) {
+        const int slot = s_dst[i * K + lane];
+        int row = -1, dst = -1, brow = 0;
+        if (slot >= 0) {
+          row = s_next[slot]++;
+          dst = s_slot_dst[slot];
+          brow = ((slot - dst * S) * R + me) * M + row;  // row in the destination's [S, R, M]
+        }
+        s_dst[i * K + lane] = dst;
+        s_brow[i * K + lane] = brow;
+        handle_pos[(t0 + i) * K + lane] = row;
+      }
+      const bool sent = __any_sync(0xffffffffu, lane < K && s_dst[i * K + lane] >= 0);
+      if (lane == 0) s_sent[i] = sent;
+      __syncwarp();
+    }
+  }
+  __syncthreads();
+
+  // 3. each token read once, stored once per choice
+  for (int i = 0; i < t1 - t0; ++i) {
+    if (!s_sent[i]) continue;  // every choice NO_EXPERT or on an inactive rank (block-uniform)
+    const int t = t0 + i;
+    EepVec v[EEP2_ROW_VECS];
+#if EEP_USE_FP8
+    // vector q of the e4m3 row = bf16 vectors 2q and 2q + 1 of the token
+    const EepVec* xrow = (const EepVec*)p.x + (u64)t * EEP_VEC_PER_ROW;
+    EepVec lo[EEP2_ROW_VECS], hi[EEP2_ROW_VECS];
+    float amax = 0.f;
+#pragma unroll
+    for (int j = 0; j < EEP2_ROW_VECS; ++j) {
+      const int q = threadIdx.x + j * EEP2_THREADS;
+      if (q < EEP_DISPATCH_VEC_PER_ROW) {
+        lo[j] = xrow[2 * q];
+        hi[j] = xrow[2 * q + 1];
+        amax = fmaxf(amax, fmaxf(eep_bf16x8_absmax(lo[j]), eep_bf16x8_absmax(hi[j])));
+      }
+    }
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+    if (lane == 0) s_amax[warp] = amax;
+    __syncthreads();
+    amax = 0.f;
+#pragma unroll
+    for (int w = 0; w < EEP2_THREADS / 32; ++w) amax = fmaxf(amax, s_amax[w]);
+    const float scale = amax > 0.f ? __fdiv_rn(amax, 448.f) : 1.f;
+#pragma unroll
+    for (int j = 0; j < EEP2_ROW_VECS; ++j) {
+      if (threadIdx.x + j * EEP2_THREADS < EEP_DISPATCH_VEC_PER_ROW) {
+        u32 words[4];
+        eep_quantize_bf16x8(lo[j], scale, words);
+        eep_quantize_bf16x8(hi[j], scale, words + 2);
+        v[j] = EepVec{words[0], words[1], words[2], words[3]};
+      }
+    }
+    __syncthreads();  // s_amax is reused by the next token
+#else
+    const EepVec* xrow = (const EepVec*)p.x + (u64)t * EEP_VEC_PER_ROW;
+#pragma unroll
+    for (int j = 0; j < EEP2_ROW_VECS; ++j) {
+      const int q = threadIdx.x + j * EEP2_THREADS;
+      if (q < EEP_DISPATCH_VEC_PER_ROW) v[j] = xrow[q];
+    }
+#endif
+    for (int k = 0; k < K; ++k) {
+      const int dst = s_dst[i * K + k];
+      if (dst < 0) continue;
+      const u64 brow = (u64)s_brow[i * K + k];
+      EepVec* to = (EepVec*)(s_peer[dst] + p.off_recv_x) + brow * EEP_DISPATCH_VEC_PER_ROW;
+#pragma unroll
+      for (int j = 0; j < EEP2_ROW_VECS; ++j) {
+        const int q = threadIdx.x + j * EEP2_THREADS;
+        if (q < EEP_DISPATCH_VEC_PER_ROW) to[q] = v[j];
+      }
+      if (threadIdx.x == k) {  // one thread per choice: the row's source token (and scale)
+        ((int*)(s_peer[dst] + p.off_src_token))[brow] = t;
+#if EEP_USE_FP8
+        ((float*)(s_peer[dst] + p.off_recv_scale))[brow] = scale;
+#endif
+      }
+    }
+  }
+
+  // 4. counts and -1 tails of this block's slots, then this block's flags
+  for (int j = warp; j < s1 - s0; j += blockDim.x >> 5) {
+    const int slot = s0 + j, dst = s_slot_dst[slot];
+    if (dst < 0) continue;
+    const int count = s_total[j], block = (slot - dst * S) * R + me;
+    if (lane == 0) ((int*)(s_peer[dst] + p.off_raw_count))[block] = count;
+    int* src_token = (int*)(s_peer[dst] + p.off_src_token) + (u64)block * M;
+    for (int row = count + lane; row < M; row += 32) src_token[row] = -1;
+  }
+  eep2_raise(s_peer, me, R, s_active, sig.off_dispatch_signal, seq, G, true, nullptr);
+  if (b != G - 1) return;
+
+  // 5. the last block: wait for every source, publish what arrived, hide what did not
+  eep2_dispatch_arrivals(ctrl, me, R, s_active, s_peer[me], sig.off_dispatch_signal, seq, s_ok);
+  int* vis_count = (int*)p.vis_count;
+  const int* raw_count = (const int*)(s_peer[me] + p.off_raw_count);
+  for (int pair = threadIdx.x; pair < NS; pair += blockDim.x) {
+    const int src = pair % R;
+    vis_count[pair] = s_ok[src] ? min(max(eep_ld_volatile(&raw_count[pair]), 0), M) : 0;
+  }
+  // sources that are inactive or missed: their columns may hold an earlier step's rows, hide them
+  int* src_token = (int*)(s_peer[me] + p.off_src_token);
+  for (int pair = warp; pair < NS; pair += blockDim.x >> 5) {
+    if (s_ok[pair % R]) continue;
+    for (int row = lane; row < M; row += 32) src_token[(u64)pair * M + row] = -1;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) *(volatile u64*)&ctrl->dispatch_seq = seq;
+}

@@ -1,0 +1,210 @@
+// Kernel set v2 (KernelVariant.kernels = "v2"): what its dispatch and combine kernels share.
+//
+// Signalling. Every sending block raises its own flag in every active destination as soon as its
+// rows have landed: one u64 per (source rank, sending block) in the destination's buffer
+// ([R][EEP_MAX_SIGNAL_BLOCKS], the `dispatch_signal` / `combine_signal` regions). No block waits for
+// the rest of its grid before anything is signalled, and there is no block counter. A flag's value
+// carries the step, the sender's grid size (so the receiver knows how many flags to expect, whatever
+// grid each rank launched) and, for combine, whether the sender gave up on the receiver's tokens at
+// that step's dispatch. Values only grow with the step, so a late flag of an old step never matches.
+//
+// Waiting. One block per launch (the "waiter") waits, bounded by one deadline, for every expected
+// source's flags and records misses exactly as the v1 kernels do (miss_count, last_miss_seq,
+// suspect; a suspect is not waited for again). Blocks only ever wait on other ranks or on blocks of
+// their own grid with a lower index (dispatch: the last block waits for the others; combine: the
+// reducing blocks wait for the first reducing block). The hardware dispatches a grid's blocks in
+// index order, so a waiting block never holds a slot a block it waits for still needs (the same
+// property a decoupled look-back scan relies on); every wait is bounded regardless.
+#pragma once
+#include "common.cuh"
+
+#define EEP_MAX_SIGNAL_BLOCKS 256  // flags per (destination, source): the most sending blocks a v2 launch has
+#define EEP2_THREADS 512           // every v2 kernel runs 512-thread blocks (layout.THREADS_PER_BLOCK)
+#define EEP_SIGNAL_DROPPED (1ull << 15)
+#define EEP_SIGNAL_BLOCKS_MASK 0x7fffull
+
+// The second kernel parameter of every v2 kernel (layout.SignalParams mirrors it).
+struct EepSignals {
+  u64 off_dispatch_signal;  // [R(src)][EEP_MAX_SIGNAL_BLOCKS] u64 in every rank's buffer
+  u64 off_combine_signal;   // same, for combine
+  u64 num_send_blocks;      // combine: blocks [0, num_send_blocks) push rows home, the rest reduce
+};
+
+// A flag: step in bits 63..16, "dropped" in bit 15, the sender's number of sending blocks in 14..0.
+__device__ __forceinline__ u64 eep2_signal_value(u64 seq, bool dropped, int num_blocks) {
+  return (seq << 16) | (dropped ? EEP_SIGNAL_DROPPED : 0ull) | (u64)num_blocks;
+}
+
+// A 16-byte load that never hits a line cached in L1 (data other GPUs write during this kernel).
+__device__ __forceinline__ EepVec eep2_ld_cg(const EepVec* ptr) {
+  EepVec v;
+  asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.a), "=r"(v.b), "=r"(v.c), "=r"(v.d) : "l"(ptr));
+  return v;
+}
+
+// Launch state in shared memory: the membership mask, the peer table, and slot -> destination rank
+// (-1 when the slot's rank is inactive; the fixed-membership variant fills every entry), so checking
+// a routing entry costs one shared-memory read in both variants. Whole block; ends with a barrier.
+__device__ __forceinline__ void eep2_load_state(const int* active, const u64* peer_base, int R, int S, int num_slots,
+                                                int* s_active, u64* s_peer, int* s_slot_dst) {
+  eep_load_active(active, s_active, R);
+  for (int r = threadIdx.x; r < R; r += blockDim.x) s_peer[r] = peer_base[r];
+  __syncthreads();
+  if (s_slot_dst != nullptr) {
+    for (int slot = threadIdx.x; slot < num_slots; slot += blockDim.x) {
+      const int d = slot / S;
+      s_slot_dst[slot] = eep_rank_active(s_active, d) ? d : -1;
+    }
+  }
+  __syncthreads();
+}
+
+// Destination rank of a routing entry, -1 when it is not sent (NO_EXPERT, out of range, inactive host).
+__device__ __forceinline__ int eep2_entry_rank(i64 phys, int num_slots, const int* s_slot_dst) {
+  return (phys < 0 || phys >= num_slots) ? -1 : s_slot_dst[(int)phys];
+}
+
+// The up-to-8 routing entries k0..k0+7 of token t (-1 past top_k), every load issued before any is used.
+__device__ __forceinline__ void eep2_load_choices(const i64* phys, int t, int K, int k0, i64* out) {
+#pragma unroll
+  for (int u = 0; u < 8; ++u) out[u] = k0 + u < K ? phys[(i64)t * K + k0 + u] : -1;
+}
+
+// This block's writes of step `seq` are done: after a block barrier, raise its flag in the `off_signal`
+// array of every active rank (this rank's own too when `include_self`): a system fence, then a
+// system-scope release, so a receiver that acquires the flag sees every write the block made.
+// `dispatch_ok` (combine only, else null): a destination this rank gave up on at dispatch gets the
+// DROPPED bit — its rows here were hidden, so it must add nothing from this rank.
+__device__ __forceinline__ void eep2_raise(const u64* s_peer, int me, int R, const int* s_active, u64 off_signal,
+                                           u64 seq, int num_blocks, bool include_self, const u64* dispatch_ok) {
+  __syncthreads();
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    if (!eep_rank_active(s_active, r) || (!include_self && r == me)) continue;
+    const bool dropped = dispatch_ok != nullptr && dispatch_ok[r] == 0;
+    __threadfence_system();
+    eep_st_release_sys((u64*)(s_peer[r] + off_signal) + (u64)me * EEP_MAX_SIGNAL_BLOCKS + blockIdx.x,
+                       eep2_signal_value(seq, dropped, num_blocks));
+  }
+}
+
+// Poll one flag until it carries step `seq` (true, value in *value) or the deadline passes (false).
+__device__ __forceinline__ bool eep2_poll(const u64* flag, u64 seq, u64 deadline, u64* value) {
+  while (true) {
+    const u64 v = eep_ld_acquire_sys(flag);
+    if ((v >> 16) == seq) {
+      *value = v;
+      return true;
+    }
+    if (eep_globaltimer() > deadline) return false;
+  }
+}
+
+// The waiter (one whole block): for every rank r with s_expect[r], wait until each of its sending
+// blocks raised step `seq` in this rank's `off_signal` array, all against one deadline (now +
+// timeout). s_ok[r]: all arrived; s_dropped[r]: the sender marked this rank dropped. A rank that
+// missed is recorded (miss_count, last_miss_seq, suspect: not waited for again). A warp per rank:
+// lane 0 reads the sender's block count from its block 0's flag, then the lanes share the rest.
+__device__ void eep2_wait_senders(EepCtrl* ctrl, u64 my_base, int R, const int* s_expect, u64 off_signal, u64 seq,
+                                  int* s_ok, int* s_dropped) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+  const u64 deadline = eep_globaltimer() + *(volatile u64*)&ctrl->timeout_ns;
+  const u64* flags = (const u64*)(my_base + off_signal);
+  for (int src = warp; src < R; src += num_warps) {
+    bool ok = false, dropped = false;
+    if (s_expect[src]) {
+      const u64* f = flags + (u64)src * EEP_MAX_SIGNAL_BLOCKS;
+      u64 first = 0;
+      bool got = lane == 0 && eep2_poll(f, seq, deadline, &first);
+      got = __shfl_sync(0xffffffffu, got, 0);
+      first = __shfl_sync(0xffffffffu, first, 0);
+      if (got) {
+        const int blocks = (int)(first & EEP_SIGNAL_BLOCKS_MASK);
+        bool mine = blocks >= 1 && blocks <= EEP_MAX_SIGNAL_BLOCKS;
+        u64 v;
+        for (int b = 1 + lane; mine && b < blocks; b += 32) mine = eep2_poll(f + b, seq, deadline, &v);
+        ok = __all_sync(0xffffffffu, mine);
+        dropped = (first & EEP_SIGNAL_DROPPED) != 0;
+      }
+      if (!ok && lane == 0) eep_record_miss(ctrl, src, seq);
+    }
+    if (lane == 0) {
+      s_ok[src] = ok;
+      s_dropped[src] = dropped;
+    }
+  }
+  __syncthreads();
+}
+
+// The dispatch's waiting block: which sources' rows arrived (s_ok[r], also dispatch_ok[r]). This
+// rank's own blocks are always waited for; another rank when active and not a suspect.
+__device__ __forceinline__ void eep2_dispatch_arrivals(EepCtrl* ctrl, int me, int R, const int* s_active, u64 my_base,
+                                                       u64 off_signal, u64 seq, int* s_ok) {
+  __shared__ int s_expect[EEP_MAX_RANKS], s_dropped[EEP_MAX_RANKS];
+  for (int r = threadIdx.x; r < R; r += blockDim.x)
+    s_expect[r] = eep_rank_active(s_active, r) && (r == me || !*(volatile u64*)&ctrl->suspect[r]);
+  __syncthreads();
+  eep2_wait_senders(ctrl, my_base, R, s_expect, off_signal, seq, s_ok, s_dropped);
+  for (int r = threadIdx.x; r < R; r += blockDim.x) ctrl->dispatch_ok[r] = (u64)s_ok[r];
+}
+
+// A reducing block's wait for the waiter's verdict: `*word` reaches `seq` (acquire). Bounded by
+// twice the timeout plus 1 ms (the waiter itself waits at most one timeout); false if that passes.
+__device__ __forceinline__ bool eep2_wait_verdict(const EepCtrl* ctrl, const u64* word, u64 seq) {
+  const u64 deadline = eep_globaltimer() + 2 * *(const volatile u64*)&ctrl->timeout_ns + 1000000ull;
+  while (eep_ld_acquire_sys(word) != seq) {
+    if (eep_globaltimer() > deadline) return false;
+    __nanosleep(64);
+  }
+  return true;
+}
+
+// The combine waiter's verdict for the other reducing blocks, then its release: combine_ok[r] (the
+// expert rank's rows arrived; this rank's own are read in place), combine_dropped (bit r: rank r
+// hid this rank's tokens at dispatch), combine_seq, and combine_ready_seq = seq last.
+__device__ __forceinline__ void eep2_publish_verdict(EepCtrl* ctrl, int me, int R, const int* s_ok,
+                                                     const int* s_dropped, u64 seq) {
+  for (int r = threadIdx.x; r < R; r += blockDim.x) ctrl->combine_ok[r] = r == me ? 1ull : (u64)s_ok[r];
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    u64 dropped = 0;
+    for (int r = 0; r < R; ++r) dropped |= (u64)(s_dropped[r] != 0) << r;
+    ctrl->combine_dropped = dropped;
+    *(volatile u64*)&ctrl->combine_seq = seq;
+    __threadfence();
+    eep_st_release_sys(&ctrl->combine_ready_seq, seq);
+  }
+}
+
+// A reducing block of a v2 combine, before it adds anything: which ranks' rows it adds (s_use[r]).
+// The first reducing block (`is_waiter`) waits for every other active, unsuspected rank's pushing
+// blocks (flags in this rank's `off_signal` array), records misses and publishes the verdict; the
+// others acquire that verdict — only when another rank is active, so one rank never waits. A block
+// adds its own rank's rows (read in place, if its dispatch kept them) and every other rank's whose
+// rows arrived and that did not drop this rank; only its own when the verdict never came (bounded).
+__device__ __forceinline__ void eep2_rows_to_add(EepCtrl* ctrl, int me, int R, const int* s_active, u64 my_base,
+                                                 u64 off_signal, u64 seq, bool is_waiter, int* s_use) {
+  __shared__ int s_expect[EEP_MAX_RANKS], s_ok[EEP_MAX_RANKS], s_dropped[EEP_MAX_RANKS];
+  __shared__ int s_verdict;
+  bool any_remote = false;
+  for (int r = 0; r < R; ++r) any_remote |= r != me && eep_rank_active(s_active, r);
+  if (is_waiter) {
+    for (int r = threadIdx.x; r < R; r += blockDim.x)
+      s_expect[r] = r != me && eep_rank_active(s_active, r) && !*(volatile u64*)&ctrl->suspect[r];
+    __syncthreads();
+    eep2_wait_senders(ctrl, my_base, R, s_expect, off_signal, seq, s_ok, s_dropped);
+    eep2_publish_verdict(ctrl, me, R, s_ok, s_dropped, seq);
+  } else {
+    if (threadIdx.x == 0) s_verdict = any_remote && eep2_wait_verdict(ctrl, &ctrl->combine_ready_seq, seq);
+    __syncthreads();
+  }
+  const u64 dropped = is_waiter ? 0ull : *(const volatile u64*)&ctrl->combine_dropped;
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    int use;
+    if (r == me) use = ctrl->dispatch_ok[me] != 0;
+    else if (!eep_rank_active(s_active, r)) use = 0;
+    else if (is_waiter) use = s_ok[r] && !s_dropped[r];
+    else use = s_verdict && *(const volatile u64*)&ctrl->combine_ok[r] != 0 && !((dropped >> r) & 1ull);
+    s_use[r] = use;
+  }
+  __syncthreads();
+}

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Both fused kernel sets (v1, v2) in one call (~8 minutes on one H200):
+#   1. NVRTC-compile every variant of both sets (cached under EEP_FUSED_CACHE_DIR, default
+#      build/fused-cache: `python tests/gpu/compile_kernels.py --cache-dir build/fused-cache` fills it
+#      on any machine with the same NVRTC);
+#   2. correctness of kernel set v2 with 4 rank processes sharing the GPU (differential against
+#      eep.reference: diff bf16 and FP8, prefill; then late, late_prefill, graph + rejoin, SIGKILL), and
+#      of v1 briefly (diff, prefill);
+#   3. timings at one rank (--gpus N: at N ranks, one per GPU), v1 and v2 side by side in the same run
+#      (aware, fixed, empty, A/A):
+#      perf/bench_dispatch.py (deepseek-v3 bf16 and FP8, qwen3-30b-a3b bf16) and perf/bench_prefill.py
+#      (deepseek-v3, qwen3-30b-a3b; v1's push/spread/pull/pull-copy combines, v2, NCCL, device copy).
+# Every step logs to OUT/log.txt and the run goes on after a failure; tables in OUT/tables.md, JSON in
+# OUT/bench/, per-rank results in OUT/res.tgz, a kernel trace of the deepseek-v3 FP8 run in OUT/prof.tgz.
+#   bash tests/gpu/run_kernels.sh [--out DIR] [--bench-only] [--gpus N]
+#   --bench-only: compile, then the timings only (plus a grid-size sweep of v2), ~4 minutes
+#   --gpus N: use GPUs 0..N-1 (the scenarios' 4 ranks spread over them, the timings at N ranks); the
+#             multi-GPU comparison of the two sets is `--gpus 4` (and `--gpus 2`) on an NVLink machine
+set -u
+OUT=/tmp/eep-gpu-out
+MODE=all
+GPUS=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT=$2; shift 2 ;;
+    --bench-only) MODE=bench; shift ;;
+    --gpus) GPUS=$2; shift 2 ;;
+    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
+    *) echo "run_kernels.sh: unknown option $1 (use --out DIR, --bench-only, --gpus N)"; exit 2 ;;
+  esac
+done
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EEP_FUSED_CACHE_DIR=${EEP_FUSED_CACHE_DIR:-$PWD/build/fused-cache}
+# rank r of a scenario runs on GPU r mod GPUS (one GPU: 4 processes share it)
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((GPUS - 1)))}
+mkdir -p "$OUT"
+LOG=$OUT/log.txt
+PY=${PYTHON:-python3}
+START=$(date +%s); BUDGET=${EEP_GPU_BUDGET_S:-480}
+source tests/gpu/steps.sh
+L=tests/gpu/launch.py
+B="perf/bench_dispatch.py --num-ranks $GPUS --out $OUT/bench"
+P="perf/bench_prefill.py --num-ranks $GPUS --out $OUT/bench"
+nvidia-smi -L 2>&1 | tee -a "$LOG"
+$PY -c "import torch, cuda.bindings; print('torch', torch.__version__, 'cuda-bindings', cuda.bindings.__version__)" 2>&1 | tee -a "$LOG"
+git log --oneline -1 2>/dev/null | tee -a "$LOG"
+
+# 1. every variant both sets need here (NVRTC only; a cache built elsewhere with the same NVRTC is reused)
+ARCH=$($PY -c "from eep.fused.compile import device_arch; print(device_arch(0))" 2>>"$LOG" || echo sm_90a)
+step compile 120 $PY tests/gpu/compile_kernels.py --arch "$ARCH"
+
+one() {  # one scenario with 4 rank processes sharing the GPU: NAME SECONDS SCENARIO ARGS...
+  local name=$1 secs=$2 scenario=$3; shift 3
+  step "$name" "$secs" $PY $L --scenario "$scenario" --num-ranks 4 --out $OUT/res "$@"
+}
+V2="--kernels v2"
+if [ "$MODE" = all ]; then
+  one v2-diff 100 diff --hidden 2048 --slots 8 --max-tokens 128 $V2
+  one v2-diff-fp8 100 diff --hidden 7168 --slots 4 --max-tokens 64 --fp8 $V2
+  one v2-prefill 100 prefill --hidden 2048 --slots 8 --max-tokens 256 $V2
+fi
+
+# 3. timings: v1 and v2 in the same rounds
+step bench-ds-bf16 90 $PY $B --model deepseek-v3
+step bench-ds-fp8 90 $PY $B --model deepseek-v3 --fp8 --profile $OUT/prof
+step bench-qw-bf16 90 $PY $B --model qwen3-30b-a3b
+step bench-prefill-ds 120 $PY $P --model deepseek-v3 --combine-variant spread,pull,pull-copy
+step bench-prefill-qw 90 $PY $P --model qwen3-30b-a3b --combine-variant spread,pull,pull-copy
+
+if [ "$MODE" = all ]; then
+  one v2-late 80 late --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $V2
+  one v2-late-prefill 80 late_prefill --hidden 2048 --slots 8 --max-tokens 256 --timeout-s 0.5 $V2
+  one v2-graph 100 graph --hidden 2048 --slots 8 --max-tokens 64 $V2
+  one v2-kill 100 kill --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $V2
+  one v2-prefill-ds 100 prefill --hidden 7168 --slots 4 --max-tokens 128 $V2
+  one v2-diff-fixed 80 diff --hidden 2048 --slots 8 --max-tokens 128 --fixed $V2
+  # 16 blocks: several tokens per block (the default grid gives each block at most one decode token)
+  step v2-diff-fp8-b16 80 env EEP_FUSED_BLOCKS=16 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 \
+    --slots 4 --max-tokens 64 --fp8 $V2
+  one v1-diff 80 diff --hidden 2048 --slots 8 --max-tokens 128
+  one v1-prefill 80 prefill --hidden 2048 --slots 8 --max-tokens 256
+fi
+if [ "$MODE" = bench ]; then  # v2's grid size (EEP_FUSED_BLOCKS; default one block per SM)
+  for blocks in 66 264; do
+    step bench-ds-fp8-v2-b$blocks 60 env EEP_FUSED_BLOCKS=$blocks $PY $B --model deepseek-v3 --fp8 --kernels v2 --rounds 5
+    step bench-prefill-ds-v2-b$blocks 60 env EEP_FUSED_BLOCKS=$blocks $PY $P --model deepseek-v3 --kernels v2 --rounds 3
+  done
+fi
+
+[ -d $OUT/prof ] && tar czf $OUT/prof.tgz -C $OUT prof && rm -rf $OUT/prof
+[ -d $OUT/res ] && tar czf $OUT/res.tgz -C $OUT res && rm -rf $OUT/res
+grep -E "^(\| |[a-z0-9-]+, .*us|prefill .*us|v2_over_v1|NOT TIMED)" "$LOG" > $OUT/tables.md
+echo "=== SUMMARY ($(( $(date +%s) - START )) s)"
+grep -E "^(=== .* rc=|SCENARIO|compiled)" "$LOG"
+cat $OUT/tables.md
