@@ -236,11 +236,11 @@ def test_expert_missing_from_weights(ckpt, tmp_path):
 def test_unknown_expert_tensors_are_refused(ckpt, tmp_path):
     path = os.path.join(ckpt, "model.safetensors")
     tensors = load_file(path)
-    tensors["model.layers.0.mlp.experts.0.gate_proj.weight_scale_inv"] = torch.ones(1, 1)
+    tensors["model.layers.0.mlp.experts.0.gate_proj.bias"] = torch.ones(4)
     save_file(tensors, path)
-    with pytest.raises(CheckpointError, match="unsupported expert tensors.*weight_scale_inv") as info:
+    with pytest.raises(CheckpointError, match="unsupported expert tensors.*gate_proj.bias") as info:
         prepare(ckpt, str(tmp_path / "out"), quiet=True)
-    assert info.value.tensor == "model.layers.0.mlp.experts.0.gate_proj.weight_scale_inv"
+    assert info.value.tensor == "model.layers.0.mlp.experts.0.gate_proj.bias"
 
 
 def test_pickle_checkpoint_is_never_loaded(tmp_path):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from eep.fp8 import empty_like_weight
 from eep.repair import ExpertSource, RepairError, RepairExecutor, Transfer
 from eep.state import NO_EXPERT, ExpertPlacement, Membership
 
@@ -37,8 +38,8 @@ class ReferenceExecutor(RepairExecutor):
         start = time.perf_counter()
         dst = transfer.dst_slot
         if self._serves(dst):
-            weights = (torch.empty_like(moe.slot_w_gate[dst]), torch.empty_like(moe.slot_w_up[dst]),
-                       torch.empty_like(moe.slot_w_down[dst]))
+            weights = (empty_like_weight(moe.slot_w_gate[dst]), empty_like_weight(moe.slot_w_up[dst]),
+                       empty_like_weight(moe.slot_w_down[dst]))
             self.staged[dst] = weights
         else:
             weights = (moe.slot_w_gate[dst], moe.slot_w_up[dst], moe.slot_w_down[dst])

@@ -4,6 +4,11 @@
 SwiGLU experts). ``ExpertParallelMoE`` computes the same function by routing through a placement
 to per-slot weights on ``num_ranks`` simulated ranks, and keeps computing it after ranks fail
 and rejoin: only the hosts of the experts move.
+
+Both take block-scaled FP8 experts too (``eep.fp8.Fp8Weight`` stacks, e.g. from
+``weights_tools.load_layer_experts``): tokens are then quantised per token and 128 channels as the
+FP8 dispatch sends them, and each expert is ``eep.reference.fp8.swiglu_fp8``. Slots hold the FP8
+weights with their scales, and repair moves the two together.
 """
 
 from __future__ import annotations
@@ -13,30 +18,39 @@ from collections.abc import Iterable
 import torch
 
 from eep.errors import RoutingError
+from eep.fp8 import ExpertWeight, Fp8Weight, quantize_rows, weight_nbytes
 from eep.reference.dispatch import combine, dispatch, expert_mlp, swiglu
 from eep.reference.executor import ReferenceExecutor
+from eep.reference.fp8 import expert_mlp_fp8, swiglu_fp8
 from eep.repair import (Bandwidth, ExecutionReport, ExpertSource, ReintegrationPlan, RepairPlan, TensorTier,
                         plan_reintegration, plan_repair)
 from eep.routing import check_topk, route_to_phys, select_experts
 from eep.state import NO_EXPERT, ExpertPlacement, Membership, ValidityReport, check_validity
 
 
-def dense_moe(hidden: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
+def dense_moe(hidden: torch.Tensor, w_gate: ExpertWeight, w_up: ExpertWeight, w_down: ExpertWeight, *,
               router_logits: torch.Tensor | None = None, top_k: int | None = None, renormalize: bool = True,
               topk_ids: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Single-device MoE over all experts: the oracle every EP path must match.
 
     Parameters:
         hidden: ``[num_tokens, hidden]``; w_gate, w_up: ``[num_experts, intermediate, hidden]``;
-        w_down: ``[num_experts, hidden, intermediate]``. Either ``router_logits`` ``[num_tokens,
+        w_down: ``[num_experts, hidden, intermediate]`` (tensors, or ``Fp8Weight`` stacks: FP8 experts,
+        tokens quantised per 1x128 block first). Either ``router_logits`` ``[num_tokens,
         num_experts]`` with ``top_k``, or precomputed ``topk_ids``/``topk_weights`` ``[num_tokens, top_k]``.
     """
     topk_weights, topk_ids = _resolve_routing(hidden, w_gate.shape[0], router_logits, top_k, renormalize,
                                               topk_ids, topk_weights)
+    is_fp8 = isinstance(w_gate, Fp8Weight)
+    if is_fp8:
+        values, scales = quantize_rows(hidden)
     acc = torch.zeros(hidden.shape[0], hidden.shape[1], dtype=torch.float32, device=hidden.device)
     for expert in topk_ids.unique().tolist():
         token, k = (topk_ids == expert).nonzero(as_tuple=True)
-        y = swiglu(hidden[token], w_gate[expert], w_up[expert], w_down[expert])
+        if is_fp8:
+            y = swiglu_fp8(values[token], scales[token], w_gate[expert], w_up[expert], w_down[expert])
+        else:
+            y = swiglu(hidden[token], w_gate[expert], w_up[expert], w_down[expert])
         acc.index_add_(0, token, topk_weights[token, k].float().unsqueeze(1) * y.float())
     return acc.to(hidden.dtype)
 
@@ -85,10 +99,9 @@ class ExpertParallelMoE:
         self.bandwidth = bandwidth
         self.last_report: ExecutionReport | None = None
         num_phys = num_ranks * slots_per_rank
-        inter = w_gate.shape[1]
-        self.slot_w_gate = torch.full((num_phys, inter, self.hidden_size), float("nan"), dtype=w_gate.dtype)
-        self.slot_w_up = torch.full_like(self.slot_w_gate, float("nan"))
-        self.slot_w_down = torch.full((num_phys, self.hidden_size, inter), float("nan"), dtype=w_down.dtype)
+        self.is_fp8 = isinstance(w_gate, Fp8Weight)
+        self.slot_w_gate, self.slot_w_up, self.slot_w_down = (_poisoned_slots(w, num_phys)
+                                                              for w in (w_gate, w_up, w_down))
         for phys, expert in enumerate(self.placement.phys_to_logical[0].tolist()):
             if expert != NO_EXPERT:
                 self.slot_w_gate[phys].copy_(w_gate[expert])
@@ -109,7 +122,9 @@ class ExpertParallelMoE:
         """``hidden [num_tokens, hidden]`` -> ``[num_tokens, hidden]``, routed over the active ranks."""
         if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
             raise RoutingError(f"hidden has shape {tuple(hidden.shape)}, expected [num_tokens, {self.hidden_size}]")
-        if hidden.dtype != self.slot_w_gate.dtype:
+        if self.is_fp8 and hidden.dtype not in (torch.bfloat16, torch.float32):
+            raise RoutingError(f"hidden has dtype {hidden.dtype}; FP8 experts take bf16 or float32 tokens")
+        if not self.is_fp8 and hidden.dtype != self.slot_w_gate.dtype:
             raise RoutingError(f"hidden has dtype {hidden.dtype}, the expert weights {self.slot_w_gate.dtype}")
         topk_weights, topk_ids = _resolve_routing(hidden, self.num_experts, router_logits, self.top_k,
                                                   self.renormalize, topk_ids, topk_weights)
@@ -125,14 +140,23 @@ class ExpertParallelMoE:
             w_by_rank[rank] = topk_weights[tokens]
             phys_by_rank[rank] = route_to_phys(topk_ids[tokens], self.placement.logical_to_phys[0],
                                                self.membership.active_cpu, self.slots_per_rank, token_offset=offset)
-        recvs, handles = dispatch(x_by_rank, phys_by_rank, active, self.slots_per_rank, max_tokens)
         s = self.slots_per_rank
-        ys = [None if recv is None else
-              expert_mlp(recv, self.slot_w_gate[r * s:(r + 1) * s], self.slot_w_up[r * s:(r + 1) * s],
-                         self.slot_w_down[r * s:(r + 1) * s])
-              for r, recv in enumerate(recvs)]
+        if self.is_fp8:  # FP8 dispatch: each source quantises its tokens once, values and scales travel
+            quantized = [None if x is None else quantize_rows(x) for x in x_by_rank]
+            recvs, handles = dispatch([q and q[0] for q in quantized], phys_by_rank, active, s, max_tokens)
+            recv_scales, _ = dispatch([q and q[1] for q in quantized], phys_by_rank, active, s, max_tokens)
+            ys = [None if recv is None else
+                  expert_mlp_fp8(recv, recv_scale.x, self.slot_w_gate[r * s:(r + 1) * s],
+                                 self.slot_w_up[r * s:(r + 1) * s], self.slot_w_down[r * s:(r + 1) * s])
+                  for r, (recv, recv_scale) in enumerate(zip(recvs, recv_scales))]
+        else:
+            recvs, handles = dispatch(x_by_rank, phys_by_rank, active, s, max_tokens)
+            ys = [None if recv is None else
+                  expert_mlp(recv, self.slot_w_gate[r * s:(r + 1) * s], self.slot_w_up[r * s:(r + 1) * s],
+                             self.slot_w_down[r * s:(r + 1) * s])
+                  for r, recv in enumerate(recvs)]
         outs = combine(ys, handles, w_by_rank, s)
-        return torch.cat([outs[r] for r in active_ranks], dim=0)
+        return torch.cat([outs[r] for r in active_ranks], dim=0).to(hidden.dtype)
 
     __call__ = forward
 
@@ -166,7 +190,8 @@ class ExpertParallelMoE:
     # ---- weights ----
     @property
     def _expert_nbytes(self) -> int:
-        return sum(w[0].numel() * w.element_size() for w in (self.slot_w_gate, self.slot_w_up, self.slot_w_down))
+        """Bytes one expert's restore moves: weights, plus their block scales for FP8 experts."""
+        return sum(weight_nbytes(w[0]) for w in (self.slot_w_gate, self.slot_w_up, self.slot_w_down))
 
     def poison_slots(self, phys_slots: Iterable[int]) -> None:
         """Fill slots with NaN: what a dead rank held must never be read again."""
@@ -175,7 +200,25 @@ class ExpertParallelMoE:
                 w[phys].fill_(float("nan"))
 
 
-def _check_weights(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> None:
+def _poisoned_slots(w: ExpertWeight, num_phys: int) -> ExpertWeight:
+    """NaN-filled per-slot storage shaped like one expert of the stack ``w`` (an ``Fp8Weight`` stack
+    gets FP8 weights and float32 scales, both NaN)."""
+    if isinstance(w, Fp8Weight):
+        return Fp8Weight(torch.full((num_phys, *w.weight.shape[1:]), float("nan"), dtype=w.weight.dtype),
+                         torch.full((num_phys, *w.scale.shape[1:]), float("nan"), dtype=torch.float32))
+    return torch.full((num_phys, *w.shape[1:]), float("nan"), dtype=w.dtype)
+
+
+def _check_weights(w_gate: ExpertWeight, w_up: ExpertWeight, w_down: ExpertWeight) -> None:
+    kinds = {isinstance(w, Fp8Weight) for w in (w_gate, w_up, w_down)}
+    if len(kinds) != 1:
+        raise ValueError("w_gate, w_up and w_down must all be tensors or all be Fp8Weight (FP8 with block scales)")
+    if kinds.pop():
+        for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+            if w.weight.dtype != torch.float8_e4m3fn or w.scale.dtype != torch.float32:
+                raise ValueError(f"{name} is {w.weight.dtype} with {w.scale.dtype} scales, expected "
+                                 "float8_e4m3fn with float32 scales")
+        w_gate, w_up, w_down = w_gate.weight, w_up.weight, w_down.weight
     if w_gate.dim() != 3:
         raise ValueError(f"w_gate has shape {tuple(w_gate.shape)}, expected [num_experts, intermediate, hidden]")
     num_experts, inter, hidden = w_gate.shape
