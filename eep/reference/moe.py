@@ -52,6 +52,8 @@ def dense_moe(hidden: torch.Tensor, w_gate: ExpertWeight, w_up: ExpertWeight, w_
         else:
             y = swiglu(hidden[token], w_gate[expert], w_up[expert], w_down[expert])
         acc.index_add_(0, token, topk_weights[token, k].float().unsqueeze(1) * y.float())
+    if is_fp8:  # FP8 experts answer in bf16, and their sum crosses the wire back in bf16
+        acc = acc.to(torch.bfloat16)
     return acc.to(hidden.dtype)
 
 
