@@ -1,11 +1,11 @@
 """Repair and reintegration: plans that make the instance valid again, fastest copy first."""
 
-from eep.repair.bandwidth import Bandwidth
+from eep.repair.bandwidth import Bandwidth, expert_weight_nbytes
 from eep.repair.plan import (ExecutionReport, RepairError, RepairExecutor, RepairPlan, StepKind, Transfer,
                              plan_repair, run_transfers)
 from eep.repair.reintegration import ReintegrationPlan, plan_reintegration
 from eep.repair.tiers import DISK, HOST, PEER, ExpertSource, TensorTier, tier_order
 
 __all__ = ["Bandwidth", "DISK", "ExecutionReport", "ExpertSource", "HOST", "PEER", "ReintegrationPlan",
-           "RepairError", "RepairExecutor", "RepairPlan", "StepKind", "TensorTier", "Transfer", "plan_reintegration",
+           "RepairError", "RepairExecutor", "RepairPlan", "StepKind", "TensorTier", "Transfer", "expert_weight_nbytes", "plan_reintegration",
            "plan_repair", "run_transfers", "tier_order"]
