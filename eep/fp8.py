@@ -140,7 +140,8 @@ class Fp8Weight:
 
     def fill_(self, value: float) -> Fp8Weight:
         """Fill both tensors (``float("nan")`` poisons: the dequantised weight is NaN either way)."""
-        self.weight.fill_(value)
+        byte = torch.tensor([value]).to(self.weight.dtype).view(torch.uint8).item()
+        self.weight.view(torch.uint8).fill_(byte)  # as bytes: not every device fills float8 tensors
         self.scale.fill_(value)
         return self
 

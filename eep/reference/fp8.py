@@ -16,7 +16,8 @@ Mathematically ``dequant(a) @ dequant(b)^T`` is the sum over 128-wide K blocks o
 ``(a_q @ b_q^T) * scale_a * scale_b``, which is what a blockwise-scaled FP8 GEMM accumulates; the two
 differ only in float32 summation order. ``gate``/``up`` are rounded to bf16 because the stage stores
 them so between its GEMM and its SwiGLU kernel, and that rounding moves the requantisation's
-decisions: skipping it here would put the oracle about 1% away from any bf16-storing stage.
+decisions (3.3% of the e4m3 values of ``h`` at the deepseek-v3 shape): skipping it here would put
+the oracle 1.4% away from any bf16-storing stage, beyond the 1e-2 the stage is held to.
 """
 
 from __future__ import annotations
