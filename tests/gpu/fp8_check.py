@@ -11,7 +11,6 @@ dequantised weights (what FP8 activations cost) at the model shapes.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from eep.fused.gemm.cutlass_fp8_stage import CutlassFp8ExpertStage, pick_fp8_con
 from eep.fused.gemm.cutlass_stage import ERROR_COUNT_OVER_CAPACITY, ERROR_ROWS_OVER_CAPACITY  # noqa: E402
 from eep.reference.dispatch import RankReceive, swiglu_rounded  # noqa: E402
 from eep.reference.fp8 import expert_mlp_fp8, swiglu_fp8  # noqa: E402
-from gemm_check import FAILURES, GEN, count_cases, rel_err, report  # noqa: E402
+from gemm_check import GEN, count_cases, moe_layer_graph_errors, rel_err, report, run_checks  # noqa: E402
 
 DEV = torch.device("cuda")
 TOL = 1e-2
@@ -190,26 +189,8 @@ def check_moe_layer() -> None:
     report("MoELayer(cutlass FP8) vs dense_moe FP8 through fail/join", run)
 
     def run_graph() -> str:
-        e, i, h, n = 16, 128, 256, 96
-        w = _fp8_experts(e, i, h)
-        layer = MoELayer(*w, num_ranks=4, slots_per_rank=8, top_k=4, device=DEV, backend="cutlass")
-        x = torch.randn(n, h, generator=GEN).bfloat16().to(DEV)
-        logits = torch.randn(n, e, generator=GEN).to(DEV)
-        layer(x, logits)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = layer(x, logits)
-        errs = []
-        for step in (None, lambda m: m.fail(1), lambda m: m.join(1)):
-            if step is not None:
-                step(layer)  # repair writes FP8 weights and scales into the captured slots in place
-            x.copy_(torch.randn(n, h, generator=GEN).bfloat16())
-            logits.copy_(torch.randn(n, e, generator=GEN))
-            graph.replay()
-            torch.cuda.synchronize()
-            oracle = dense_moe(x.cpu(), *w, router_logits=logits.cpu(), top_k=4)
-            errs.append(rel_err(out.cpu(), oracle))
+        w = _fp8_experts(16, 128, 256)
+        errs = moe_layer_graph_errors(w, lambda x, logits: dense_moe(x, *w, router_logits=logits, top_k=4))
         assert max(errs) < TOL, errs
         return f"replays rel_err {max(errs):.2e} (fresh inputs; after fail(1); after join(1)), no recapture"
     report("MoELayer(cutlass FP8) captured once, replayed through fail/join", run_graph)
@@ -241,18 +222,6 @@ def check_accuracy() -> None:
         report(f"accuracy {model}", run)
 
 
-def main() -> int:
-    t0 = time.time()
-    print(f"GPU {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    check_stage()
-    check_strided_scales()
-    check_bad_counts()
-    check_graph()
-    check_moe_layer()
-    check_accuracy()
-    print(f"SUMMARY {len(FAILURES)} failed: {FAILURES} ({time.time() - t0:.0f} s)", flush=True)
-    return len(FAILURES)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_checks([check_stage, check_strided_scales, check_bad_counts, check_graph, check_moe_layer,
+                         check_accuracy]))

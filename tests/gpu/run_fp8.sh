@@ -61,13 +61,14 @@ RC[bench]=$?
     [ -z "${RC[$name]+x}" ] && continue
     rc=${RC[$name]}
     if grep -q "^=== $name rc=SKIPPED" "$LOG"; then verdict=SKIP; elif [ "$rc" = 0 ]; then verdict=PASS; else verdict=FAIL; fi
+    section=$(awk -v s="=== $name (" 'index($0, s) == 1 {on = 1; next} /^=== / {on = 0} on' "$LOG")
     case $name in
-      fp8|bf16) detail=$(awk -v s="=== $name (" 'index($0, s) == 1 {on = 1; next} /^=== / {on = 0} on' "$LOG" \
-                         | grep -E "^SUMMARY" | tail -1) ;;
-      bench) detail=$(grep -c "ERROR" <(awk '/^=== bench \(/ {on = 1; next} /^=== / {on = 0} on' "$LOG") \
-                      | sed 's/$/ stage errors/') ;;
-      *) detail="rc=$rc" ;;
+      fp8|bf16) detail=$(grep -E "^SUMMARY" <<<"$section" | tail -1) ;;
+      bench) detail="$(grep -c "ERROR" <<<"$section") stage errors" ;;
+      *) detail="" ;;
     esac
+    # a step that died before its summary: its last line (the exception) says why
+    [ "$verdict" = FAIL ] && [ -z "$detail" -o "$name" = bench ] && detail="$detail | $(tail -1 <<<"$section")"
     printf "%-8s %-6s %s\n" "$name" "$verdict" "${detail:-rc=$rc}"
   done
   echo "--- failed checks"

@@ -27,7 +27,7 @@ import torch
 
 from eep.fp8 import BLOCK, FP8_DTYPE, Fp8Weight
 from eep.fused.gemm.build import FP8_CONFIGS, GemmConfig
-from eep.fused.gemm.cutlass_stage import StageLibrary, _StageShapeC, pick_grouping
+from eep.fused.gemm.cutlass_stage import PlanStage, StageLibrary, _StageShapeC, pick_grouping
 from eep.fused.gemm.shape import ExpertStageShape
 
 
@@ -49,7 +49,7 @@ def pick_fp8_config(rows_per_group: float) -> GemmConfig:
     return GemmConfig(128, 128, 128, "coop", fp8=True)
 
 
-class CutlassFp8ExpertStage:
+class CutlassFp8ExpertStage(PlanStage):
     """SwiGLU experts on FP8 tokens and block-scaled FP8 weights, over one rank's receive layout (CUDA, Hopper).
 
     Call ``stage(x, x_scale, count, w13, w2)``: x float8_e4m3fn ``[slots_per_rank, num_ranks,
@@ -101,6 +101,7 @@ class CutlassFp8ExpertStage:
         self._gemm_groups = s.slots_per_rank if self.grouping == "slot" else s.num_groups
         self.workspace = self._launch.workspace((self.gemm1, self.gemm2), self._gemm_groups)
         self._total_rows_offset = int(self._lib.eep_fp8_stage_total_rows_offset(s.num_groups))
+        self._gemm_offset = self._lib.eep_fp8_stage_plan_gemm_offset
         self.scales_in_place = False  # set by setup: GEMM1 read the dispatched scales where they were
 
     def _declare(self) -> None:
@@ -189,11 +190,6 @@ class CutlassFp8ExpertStage:
                                       len(launch.err))
         launch.check(rc, "eep_fp8_gather")
 
-    def run_gemm(self, which: int) -> None:
-        groups = self._gemm_groups
-        plan = self.plan.data_ptr() + int(self._lib.eep_fp8_stage_plan_gemm_offset(groups, which))
-        self._launch.run_gemm(self.gemm1 if which == 1 else self.gemm2, groups, plan, self.workspace, f"FP8 GEMM{which}")
-
     def swiglu_quant(self) -> None:
         s, launch = self.shape, self._launch
         rc = self._lib.eep_fp8_swiglu_quant(self.h13.data_ptr(), self.hq.data_ptr(), self.hs.data_ptr(),
@@ -218,16 +214,6 @@ class CutlassFp8ExpertStage:
         if self.grouping == "slot":
             self.scatter()
         return self.out_buffer
-
-    def error_flags(self) -> int:
-        """The device error word of the last setup (``cutlass_stage.ERROR_*`` bits); reading it syncs."""
-        return self._launch.read_int32(self.plan, self._total_rows_offset + 4)
-
-    def total_rows(self) -> int:
-        return self._launch.read_int32(self.plan, self._total_rows_offset)
-
-    def describe(self) -> str:
-        return f"{self.grouping}:{self.gemm1.name}|{self.gemm2.name}"
 
 
 def _ptr(t: torch.Tensor | None) -> int:

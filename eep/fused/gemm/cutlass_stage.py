@@ -151,7 +151,28 @@ class StageLibrary:
         return int(plan[offset:offset + 4].view(torch.int32).item())
 
 
-class CutlassExpertStage:
+class PlanStage:
+    """What both CUTLASS stages share once their buffers exist: the GEMM launches from the device plan
+    and the plan's readouts. A subclass sets ``_launch``, ``plan``, ``workspace``, ``gemm1``, ``gemm2``,
+    ``grouping``, ``_gemm_groups``, ``_total_rows_offset`` and ``_gemm_offset(groups, which)``."""
+
+    def run_gemm(self, which: int) -> None:
+        groups = self._gemm_groups
+        plan = self.plan.data_ptr() + int(self._gemm_offset(groups, which))
+        self._launch.run_gemm(self.gemm1 if which == 1 else self.gemm2, groups, plan, self.workspace, f"GEMM{which}")
+
+    def error_flags(self) -> int:
+        """The device error word of the last setup (``ERROR_*`` bits); reading it syncs the stream."""
+        return self._launch.read_int32(self.plan, self._total_rows_offset + 4)
+
+    def total_rows(self) -> int:
+        return self._launch.read_int32(self.plan, self._total_rows_offset)
+
+    def describe(self) -> str:
+        return f"{self.grouping}:{self.gemm1.name}|{self.gemm2.name}"  # the names say swiglu / fp8 kernels
+
+
+class CutlassExpertStage(PlanStage):
     """SwiGLU experts over one rank's receive layout with CUTLASS grouped GEMMs (same call as
     ``TorchExpertStage``; CUDA, bf16 only).
 
@@ -218,6 +239,7 @@ class CutlassExpertStage:
         self._check = self._launch.check
         self._stream = self._launch.stream
         self._total_rows_offset = int(self._lib.eep_stage_total_rows_offset(groups))
+        self._gemm_offset = self._lib.eep_stage_plan_gemm_offset
 
     @staticmethod
     def _declare(launch: StageLibrary, fused_swiglu: bool) -> None:
@@ -274,11 +296,6 @@ class CutlassExpertStage:
                                      ctypes.byref(self._shape_c), int(to_compact), self._stream(), self._err, _ERR_LEN)
         self._check(rc, "eep_copy_rows")
 
-    def run_gemm(self, which: int) -> None:
-        groups = self._gemm_groups
-        plan = self.plan.data_ptr() + int(self._lib.eep_stage_plan_gemm_offset(groups, which))
-        self._launch.run_gemm(self.gemm1 if which == 1 else self.gemm2, groups, plan, self.workspace, f"GEMM{which}")
-
     def swiglu(self) -> None:
         s = self.shape
         rc = self._lib.eep_swiglu(self.h13.data_ptr(), self.h.data_ptr(), self.plan.data_ptr(), s.num_groups,
@@ -296,16 +313,6 @@ class CutlassExpertStage:
         if self.grouping == "slot":
             self.copy_rows(self.out_buffer, to_compact=False)
         return self.out_buffer
-
-    def error_flags(self) -> int:
-        """The device error word of the last setup (``ERROR_*`` bits); reading it syncs the stream."""
-        return self._launch.read_int32(self.plan, self._total_rows_offset + 4)
-
-    def total_rows(self) -> int:
-        return self._launch.read_int32(self.plan, self._total_rows_offset)
-
-    def describe(self) -> str:
-        return f"{self.grouping}:{self.gemm1.name}|{self.gemm2.name}"  # gemm1 name says "swiglu" when fused
 
 
 def _ptr(t: torch.Tensor | None) -> int:
