@@ -169,6 +169,17 @@ def sample_blocks(counts: torch.Tensor, gen: torch.Generator) -> list[tuple[int,
     return picks + [divmod(int(counts.flatten().argmax()), counts.shape[1])]
 
 
+def sweep_variants(batch: str) -> list:
+    """(grouping, kernel) pairs timed beside the default: both groupings with the kernel the
+    default would pick for them, and at prefill the pingpong 64x128 tile."""
+    from eep.fused.gemm.build import GemmConfig
+
+    variants = [("block", None), ("slot", None)]
+    if batch == "prefill":
+        variants += [(g, GemmConfig(64, 128, 128, "ping", fp8=True)) for g in ("block", "slot")]
+    return variants
+
+
 def timed(fn, reps: int) -> dict:
     ms, spread = time_ms(fn, reps=reps)
     out = {"eager_ms": ms, "eager_spread_ms": spread}
@@ -263,6 +274,20 @@ def bench_case(model: str, batch: str, device, gen, *, reps: int) -> list[dict]:
             results.append({**base, "stage": label, "error": repr(exc)[:300]})
         stage = None
         torch.cuda.empty_cache()
+    for grouping, config in sweep_variants(batch):  # the other choices the defaults were made from, eager only
+        try:
+            stage = CutlassFp8ExpertStage(shape, device=device, grouping=grouping, gemm1=config, gemm2=config,
+                                          expected_rows_per_group=rows_per_block)
+            stage.out_buffer.fill_(float("nan"))
+            err = fp8_check("fp8 sweep", stage(values, scales, counts, w13_q, w2_q), values, scales, counts, w13_q,
+                            w2_q, inter, picks)
+            ms, spread = time_ms(lambda: stage(values, scales, counts, w13_q, w2_q), reps=reps)
+            record(f"fp8 sweep {stage.describe()}", {"eager_ms": ms, "eager_spread_ms": spread}, fp8_nbytes,
+                   impl=stage.describe(), rel_err=err)
+        except Exception as exc:  # noqa: BLE001
+            results.append({**base, "stage": f"fp8 sweep {grouping} {config}", "error": repr(exc)[:300]})
+        stage = None
+        torch.cuda.empty_cache()
     del values, scales
 
     if hasattr(torch, "_scaled_grouped_mm"):
@@ -305,6 +330,9 @@ def summarise(rows: list[dict], ceil: dict) -> list[str]:
                     speed.append(f"fp8 vs {other} {by[other]['us'] / fp8['us']:.2f}x")
             lines.append(f"{model:14s} {batch:7s} {mode:5s} | " + " | ".join(parts) + " || " + ", ".join(speed)
                          + (f" || fp8-vs-bf16 oracle {acc:.4f}" if mode == "eager" else ""))
+        for r in case:
+            if r["stage"].startswith("fp8 sweep") and "us" in r:
+                lines.append(f"{model:14s} {batch:7s} eager | {r['stage']} {r['us']:8.1f} us {r['tflops']:6.1f} TFLOP/s")
         for r in case:
             if "error" in r:
                 lines.append(f"{model:14s} {batch:7s} ERROR {r['stage']} {r.get('mode', '')}: {r['error']}")
