@@ -103,7 +103,8 @@ class TorchExpertStage:
 
 class TorchFp8ExpertStage:
     """The FP8 expert stage in plain torch ops, one slot at a time (any device; the fallback where the
-    CUTLASS FP8 stage does not run, and what the CPU tests run ``MoELayer``'s FP8 path with).
+    CUTLASS FP8 stage does not run, and what the CPU tests run ``MoELayer``'s FP8 path with). It reads
+    the counts on the host, so unlike the CUTLASS stage it cannot be captured in a CUDA graph.
 
     Same call as ``CutlassFp8ExpertStage``: ``stage(x, x_scale, count, w13, w2)`` with x float8_e4m3fn in
     the receive layout, x_scale per 128 channels or per row, w13/w2 ``Fp8Weight``; returns bf16 in the
