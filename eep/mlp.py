@@ -1,7 +1,8 @@
 """The expert MLP and the dense MoE: the arithmetic every path computes (DESIGN.md "Contracts").
 
 ``swiglu`` is one expert, ``down(silu(gate(x)) * up(x))``; ``swiglu_rounded`` the same, rounded where
-a bf16 expert stage rounds; ``dense_moe`` the whole MoE on one device over all experts (softmax ->
+a bf16 expert stage rounds; ``swiglu_fp8`` one block-scaled FP8 expert on FP8 tokens, rounded where
+the FP8 stage rounds (``eep/reference/fp8.py`` says where and why); ``dense_moe`` the whole MoE on one device over all experts (softmax ->
 top-k -> optional renormalisation -> weighted sum of SwiGLU experts), what Mixtral / Qwen3-MoE
 compute. They are definitions, not an EP path: the reference (``eep.reference``) builds its oracle on
 them, and the runtime's served model uses them to define what its engines must answer.
@@ -12,26 +13,36 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from eep.fp8 import ExpertWeight, Fp8Weight, dequantize_rows, quantize_rows
 from eep.routing import resolve_routing
 
 
-def dense_moe(hidden: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
+def dense_moe(hidden: torch.Tensor, w_gate: ExpertWeight, w_up: ExpertWeight, w_down: ExpertWeight, *,
               router_logits: torch.Tensor | None = None, top_k: int | None = None, renormalize: bool = True,
               topk_ids: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Single-device MoE over all experts: the oracle every EP path must match.
 
     Parameters:
         hidden: ``[num_tokens, hidden]``; w_gate, w_up: ``[num_experts, intermediate, hidden]``;
-        w_down: ``[num_experts, hidden, intermediate]``. Either ``router_logits`` ``[num_tokens,
+        w_down: ``[num_experts, hidden, intermediate]`` (tensors, or ``Fp8Weight`` stacks: FP8 experts,
+        tokens quantised per 1x128 block first, as the FP8 dispatch sends them). Either ``router_logits`` ``[num_tokens,
         num_experts]`` with ``top_k``, or precomputed ``topk_ids``/``topk_weights`` ``[num_tokens, top_k]``.
     """
     topk_weights, topk_ids = resolve_routing(hidden, w_gate.shape[0], router_logits, top_k, renormalize,
                                               topk_ids, topk_weights)
+    is_fp8 = isinstance(w_gate, Fp8Weight)
+    if is_fp8:
+        values, scales = quantize_rows(hidden)
     acc = torch.zeros(hidden.shape[0], hidden.shape[1], dtype=torch.float32, device=hidden.device)
     for expert in topk_ids.unique().tolist():
         token, k = (topk_ids == expert).nonzero(as_tuple=True)
-        y = swiglu(hidden[token], w_gate[expert], w_up[expert], w_down[expert])
+        if is_fp8:
+            y = swiglu_fp8(values[token], scales[token], w_gate[expert], w_up[expert], w_down[expert])
+        else:
+            y = swiglu(hidden[token], w_gate[expert], w_up[expert], w_down[expert])
         acc.index_add_(0, token, topk_weights[token, k].float().unsqueeze(1) * y.float())
+    if is_fp8:  # FP8 experts answer in bf16, and their sum crosses the wire back in bf16
+        acc = acc.to(torch.bfloat16)
     return acc.to(hidden.dtype)
 
 
@@ -65,3 +76,16 @@ def _matmul_f32(a: torch.Tensor, b: torch.Tensor, split_k: int) -> torch.Tensor:
     for a_part, b_part in zip(a.tensor_split(split_k, dim=1), b.tensor_split(split_k, dim=0)):
         out = a_part @ b_part if out is None else out + a_part @ b_part
     return out
+
+
+def swiglu_fp8(x_values: torch.Tensor, x_scales: torch.Tensor, w_gate: Fp8Weight, w_up: Fp8Weight,
+               w_down: Fp8Weight) -> torch.Tensor:
+    """One expert on FP8 tokens: ``x_values [n, hidden]`` e4m3 with ``x_scales [n, hidden/128]`` (or
+    ``[n]``) -> ``[n, hidden]`` bf16. Weights: ``w_gate``, ``w_up`` ``[inter, hidden]``, ``w_down
+    [hidden, inter]``, each with its block scales."""
+    x = dequantize_rows(x_values, x_scales)
+    gate = (x @ w_gate.dequantize().T).to(torch.bfloat16)
+    up = (x @ w_up.dequantize().T).to(torch.bfloat16)
+    h = F.silu(gate.float()) * up.float()
+    h_values, h_scales = quantize_rows(h)
+    return (dequantize_rows(h_values, h_scales) @ w_down.dequantize().T).to(torch.bfloat16)

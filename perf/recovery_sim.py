@@ -12,7 +12,11 @@ phases the planner does not own are parameters: the detection timeout, the agree
 write of each layer's routing tables).
 
 Host tier: each node pins a host copy of every expert (the fastest restore that survives a GPU
-loss; 2 bytes x params of the routed experts per node). With ``--no-host`` only the disk serves.
+loss; the routed experts' bytes per node). With ``--no-host`` only the disk serves.
+
+Expert format (``--dtype``): ``native`` (default: block-scaled FP8 for deepseek-v3, as its checkpoint
+ships, bf16 otherwise), ``bf16`` or ``fp8`` for every shape. FP8 counts the weights and their
+float32 128x128 block scales (``eep.repair.expert_weight_nbytes``), which a restore moves together.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 from eep import ExpertPlacement, InsufficientSlotsError, Membership, plan_reintegration, plan_repair
-from eep.repair import Bandwidth
+from eep.repair import Bandwidth, expert_weight_nbytes
 
 # name: (hidden, moe_intermediate, num_experts, top_k, num_layers), as in DESIGN.md
 SHAPES = {
@@ -59,12 +63,18 @@ class SimConfig:
     failed: str = "1"  # a number of ranks (spread over nodes: rank 0, 8, 16, ...) or "node" (all of node 0)
     redundancy: float = 0.125  # slots_per_rank = ceil(E * (1 + redundancy) / ep), spare slots hold replicas
     gpus_per_node: int = 8
-    dtype_bytes: int = 0  # 0: the model's native expert dtype (fp8 for deepseek-v3, bf16 otherwise)
+    dtype: str = "native"  # "bf16", "fp8" (weights + block scales) or the model's native format (fp8 for deepseek-v3)
     detection_s: float = 1.0  # heartbeat timeout; the runtime's default
     agreement_s: float = 0.01  # one decision write + the survivors' poll interval
     use_host_tier: bool = True
     node_aware: bool = True  # replicas of an expert on different nodes first
     bandwidth: dict = field(default_factory=dict)  # overrides of Bandwidth fields
+
+
+def is_fp8(config: SimConfig) -> bool:
+    if config.dtype not in ("native", "bf16", "fp8"):
+        raise ValueError(f"SimConfig.dtype={config.dtype!r}, expected 'native', 'bf16' or 'fp8'")
+    return config.dtype == "fp8" or (config.dtype == "native" and config.shape.startswith("deepseek-v3"))
 
 
 def failed_ranks(config: SimConfig) -> list[int]:
@@ -85,8 +95,7 @@ def _placement(shape: str, ep: int, redundancy: float, ranks_per_node: int) -> E
 
 def simulate(config: SimConfig) -> dict:
     hidden, inter, num_experts, _, num_layers = SHAPES[config.shape]
-    dtype_bytes = config.dtype_bytes or (1 if config.shape == "deepseek-v3" else 2)
-    expert_nbytes = 3 * hidden * inter * dtype_bytes
+    expert_nbytes = expert_weight_nbytes(hidden, inter, fp8=is_fp8(config))
     bandwidth = Bandwidth(**{"ranks_per_node": config.gpus_per_node, "source": "simulated", **config.bandwidth})
     placement = _placement(config.shape, config.ep, config.redundancy,
                            config.gpus_per_node if config.node_aware else 0)
@@ -224,6 +233,9 @@ def main() -> None:
     parser.add_argument("--png")
     parser.add_argument("--quick", action="store_true", help="EP 8-32 only")
     parser.add_argument("--no-host", action="store_true", help="restore from disk only")
+    parser.add_argument("--dtype", choices=("native", "bf16", "fp8"), default="native",
+                        help="expert format: native (FP8 for deepseek-v3, bf16 otherwise), bf16, or block-scaled fp8 "
+                             "(weights + scales) for every shape")
     parser.add_argument("--calibrate", metavar="RESULTS_JSON",
                         help="only the simulator's row for a failure-benchmark run next to the observed one")
     args = parser.parse_args()
@@ -235,7 +247,7 @@ def main() -> None:
             print(f"{r['config']['shape']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["phases"].items()))
         return
     eps = (8, 16, 32) if args.quick else (8, 16, 32, 64, 128, 256)
-    rows = sweep(eps=eps, use_host_tier=not args.no_host)
+    rows = sweep(eps=eps, use_host_tier=not args.no_host, dtype=args.dtype)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

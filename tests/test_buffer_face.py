@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eep_test_utils import random_experts, run_ranks_one_sigkilled
-from eep.exchange.fp8 import dequantize_fp8
+from eep.fp8 import dequantize_rows
 from eep.integrations.buffer import Buffer
 from eep.reference import combine as ref_combine
 from eep.reference import dispatch as ref_dispatch
@@ -48,7 +48,7 @@ def _run_rank(path, rank, x, ids, w, weights, active, results, *, use_fp8=False,
     recv_hook()
     if use_fp8:
         values, scales = recv
-        recv = dequantize_fp8(values, scales).to(x.dtype)
+        recv = dequantize_rows(values, scales).to(x.dtype)
     y = _expert_outputs(recv, rank, weights)
     out, _, combine_hook = buf.combine(y, ids, w, active, 2_000_000, handle, return_recv_hook=hook)
     combine_hook()

@@ -16,7 +16,7 @@ LAYERS = [
     ("base", ["eep.errors", "eep.envs"]),
     ("state", ["eep.state"]),
     ("routing", ["eep.routing"]),
-    ("expert math", ["eep.mlp"]),
+    ("expert math", ["eep.mlp", "eep.fp8"]),
     ("exchange seam and repair", ["eep.exchange", "eep.transport", "eep.repair"]),
     ("reference", ["eep.reference"]),
     ("fused backends", ["eep.fused"]),

@@ -60,3 +60,25 @@ def test_calibration_rows_put_the_benchmark_next_to_the_simulator():
     assert observed["experts_lost_all_replicas_per_layer"] == 24
     table = recovery_sim.format_table([predicted, observed])
     assert table.count("\n") == 3 and "observed" in table
+
+
+def test_fp8_option_moves_weights_and_their_block_scales():
+    """Block-scaled FP8 experts: one byte per weight plus a float32 scale per 128x128 block."""
+    from eep.repair import expert_weight_nbytes
+
+    hidden, inter = 2048, 768
+    fp8 = expert_weight_nbytes(hidden, inter, fp8=True)
+    assert fp8 == 3 * hidden * inter + 4 * 3 * (768 // 128) * (2048 // 128)
+    assert expert_weight_nbytes(hidden, inter) == 3 * hidden * inter * 2
+    assert expert_weight_nbytes(100, 130, fp8=True) == 3 * 100 * 130 + 4 * 3 * 2 * 1  # partial blocks count
+    base = SimConfig(shape="qwen3-30b-a3b", ep=16, failed="2", redundancy=0.5)
+    bf16, as_fp8 = simulate(base), simulate(SimConfig(**{**base.__dict__, "dtype": "fp8"}))
+    experts = bf16["experts_lost_all_replicas"]
+    assert as_fp8["experts_lost_all_replicas"] == experts
+    assert as_fp8["restore_bytes_by_tier"] == {"host": experts * fp8}
+    assert as_fp8["phases"]["transfers_s"] < bf16["phases"]["transfers_s"]
+    native = simulate(SimConfig(shape="deepseek-v3", ep=32, failed="1", redundancy=0.5))
+    per_expert = expert_weight_nbytes(7168, 2048, fp8=True)
+    assert sum(native["restore_bytes_by_tier"].values()) == native["experts_lost_all_replicas"] * per_expert
+    with pytest.raises(ValueError, match="SimConfig.dtype"):
+        simulate(SimConfig(dtype="int4"))

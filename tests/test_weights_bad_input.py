@@ -150,6 +150,45 @@ def test_shape_and_dtype_differing_from_manifest(shards, source):
     assert sorted(p.tensor for p in verify_shards(shards)) == ["layers.0.w_up", "layers.1.w_gate"]
 
 
+def _swap_sizes(doc):
+    arch = doc["architecture"]
+    arch["hidden_size"], arch["moe_intermediate_size"] = arch["moe_intermediate_size"], arch["hidden_size"]
+
+
+@pytest.mark.parametrize("edit, field", [
+    (_swap_sizes, "hidden_size.*moe_intermediate_size.*swapped"),
+    (lambda d: d["architecture"].update(dtype="BF16"), "architecture.dtype='BF16'.*F32"),
+    (lambda d: d["architecture"].update(num_experts=NUM_EXPERTS - 1), "architecture.num_experts"),
+    (lambda d: d["architecture"].update(moe_layers=[0]), "architecture.moe_layers"),
+    (lambda d: d["tensors"][0].update(nbytes=d["tensors"][0]["nbytes"] + 4), "says nbytes="),
+])
+def test_manifest_fields_are_checked_against_the_tensors(shards, edit, field):
+    """An edited architecture section must not read the right bytes into the wrong shape or dtype."""
+    from weights_tools import load_layer_experts
+    _edit_manifest(shards, edit)
+    with pytest.raises(ManifestError, match=field):
+        load_layer_experts(shards, 1)
+    with pytest.raises(ManifestError, match=field):
+        ExpertStore(shards)
+    [problem] = verify_shards(shards)
+    assert "manifest.json" in problem.message
+    assert cli_main(["verify", shards]) == 1
+
+
+def test_manifest_entry_edited_with_the_architecture_is_caught_by_the_headers(shards):
+    """Sizes swapped consistently in the architecture and every entry: the file headers disagree."""
+    def edit(doc):
+        _swap_sizes(doc)
+        for t in doc["tensors"]:
+            if t["role"] is not None:
+                t["shape"] = t["shape"][::-1]
+    _edit_manifest(shards, edit)
+    from weights_tools import load_layer_experts
+    with pytest.raises(ShardError, match=r"'layers\.1\.w_gate' is \[32, 64\] F32 in the file but \[64, 32\]"):
+        load_layer_experts(shards, 1)
+    assert len(verify_shards(shards)) == 3 * 2 * NUM_EXPERTS
+
+
 @pytest.mark.parametrize("bad_path", ["../escape.safetensors", "/etc/passwd", "experts/../../x.safetensors"])
 def test_manifest_path_outside_out_dir(shards, bad_path):
     def edit(doc):
@@ -236,11 +275,11 @@ def test_expert_missing_from_weights(ckpt, tmp_path):
 def test_unknown_expert_tensors_are_refused(ckpt, tmp_path):
     path = os.path.join(ckpt, "model.safetensors")
     tensors = load_file(path)
-    tensors["model.layers.0.mlp.experts.0.gate_proj.weight_scale_inv"] = torch.ones(1, 1)
+    tensors["model.layers.0.mlp.experts.0.gate_proj.bias"] = torch.ones(4)
     save_file(tensors, path)
-    with pytest.raises(CheckpointError, match="unsupported expert tensors.*weight_scale_inv") as info:
+    with pytest.raises(CheckpointError, match="unsupported expert tensors.*gate_proj.bias") as info:
         prepare(ckpt, str(tmp_path / "out"), quiet=True)
-    assert info.value.tensor == "model.layers.0.mlp.experts.0.gate_proj.weight_scale_inv"
+    assert info.value.tensor == "model.layers.0.mlp.experts.0.gate_proj.bias"
 
 
 def test_pickle_checkpoint_is_never_loaded(tmp_path):

@@ -3,7 +3,8 @@
 Offline: ``eep-shards prepare CHECKPOINT_DIR OUT_DIR`` (``prepare``), ``verify``, ``inspect``.
 Runtime: ``ExpertStore(shard_dir, tiers=[HostTier(...), DiskTier(...)])`` restores one logical
 expert into given tensors from the fastest tier holding a good copy; ``load_layer_experts``
-gives one layer's stacked weights for ``eep.reference.ExpertParallelMoE``.
+gives one layer's stacked weights for ``eep.reference.ExpertParallelMoE``. Block-scaled FP8 experts
+travel as ``eep.fp8.Fp8Weight`` (e4m3 weights with their 128x128 scales) through all of it.
 Importing this package never imports a CUDA package.
 """
 

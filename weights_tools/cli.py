@@ -67,13 +67,18 @@ def _inspect(out_dir: str, *, as_json: bool) -> int:
                           "nbytes": sum(m.files.values())}, indent=1))
         return 0
     a = m.architecture
-    roles = Counter(t.role or "non-expert" for t in m.tensors)
+    roles = Counter((t.role + ("_scale" if t.part == "scale" else "")) if t.role else "non-expert" for t in m.tensors)
+    quant = m.quantization
+    quant_text = "unquantised" if quant is None else \
+        (f"{quant['method']} {quant['fmt']}, {quant['weight_block_size'][0]}x{quant['weight_block_size'][1]} "
+         f"block scales ({quant['scale_dtype']}), {quant['activation_scheme']} activations")
     print(f"shard set    {out_dir} (manifest sha256 {m.digest[:16]}...)")
     print(f"source       {m.source.get('path')} (config sha256 {str(m.source.get('config_sha256'))[:16]}...)")
     print(f"architecture {a.get('model_type')} {a.get('architectures')}, layout {a.get('layout')}")
     print(f"experts      {m.num_experts} per layer, top-k {a.get('top_k')}, norm_topk_prob {a.get('norm_topk_prob')}")
     print(f"MoE layers   {len(m.moe_layers)}: {m.moe_layers}")
     print(f"sizes        hidden {m.hidden_size}, moe intermediate {m.intermediate_size}, dtype {a.get('dtype')}")
+    print(f"quantisation {quant_text}")
     print(f"tensors      {dict(roles)}")
     print(f"files        {len(m.files)}, {sum(m.files.values()) / 1e6:,.1f} MB; one expert of one layer "
           f"{m.expert_nbytes(m.moe_layers[0], 0) / 1e6:,.3f} MB" if m.moe_layers else "")

@@ -24,8 +24,8 @@ from safetensors import safe_open
 
 from weights_tools.checkpoint import CheckpointLayout, ExpertSource, inspect_checkpoint
 from weights_tools.errors import CheckpointError, ShardError
-from weights_tools.manifest import (MANIFEST_NAME, NON_EXPERT_FILE, ROLES, Manifest, TensorEntry, expert_file,
-                                    expert_key)
+from weights_tools.manifest import (MANIFEST_NAME, NON_EXPERT_FILE, ROLES, SCALE, Manifest, TensorEntry,
+                                    expert_file, expert_key)
 from weights_tools.safetensors_io import DTYPE_SIZE, TensorToWrite, pread_into, tensor_bytes, write_safetensors
 
 _EXPERT_FILE_RE = re.compile(r"^expert-\d{5}\.safetensors(\.tmp-\d+)?$")
@@ -136,12 +136,18 @@ def prepare(checkpoint_dir: str, out_dir: str, *, quiet: bool = False, force: bo
 
 
 def _expert_tensors(layout: CheckpointLayout, expert: int) -> list[tuple[TensorToWrite, dict]]:
+    """One expert's tensors in file order: each weight, followed by its block scales for FP8 experts
+    (adjacent, so a restore reads an expert's weights and scales with one ``preadv``)."""
     out = []
     for layer in layout.moe_layers:
         for role in ROLES:
             src = layout.experts[(layer, expert, role)]
             out.append((TensorToWrite(expert_key(layer, role), src.dtype, src.shape, src),  # type: ignore[arg-type]
                         {"layer": layer, "expert": expert, "role": role, "source_key": src.key}))
+            scale = layout.scales.get((layer, expert, role))
+            if scale is not None:
+                out.append((TensorToWrite(expert_key(layer, role, SCALE), scale.dtype, scale.shape, scale),  # type: ignore[arg-type]
+                            {"layer": layer, "expert": expert, "role": role, "source_key": scale.key, "part": SCALE}))
     return out
 
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from eep.fp8 import ExpertWeight, Fp8Weight, block_scale_shape
 from weights_tools.errors import ExpertUnavailableError, ShardError
-from weights_tools.manifest import Manifest
+from weights_tools.manifest import SCALE, Manifest
 from weights_tools.safetensors_io import DTYPE_TO_TORCH
-from weights_tools.tiers import DiskTier, Tier, tier_from_name
+from weights_tools.tiers import DiskTier, Tier, destination_tensors, tier_from_name
 
 log = logging.getLogger("weights_tools")
 
@@ -69,34 +70,54 @@ class ExpertStore:
 
     @property
     def dtype(self) -> torch.dtype:
+        """dtype of the expert weights (float8_e4m3fn for block-scaled FP8 experts)."""
         return DTYPE_TO_TORCH[self.manifest.architecture["dtype"]]
+
+    @property
+    def is_fp8(self) -> bool:
+        """Block-scaled FP8 experts: restores move ``eep.fp8.Fp8Weight`` units (weights + scales)."""
+        return self.manifest.is_fp8
 
     def expert_shapes(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """``([I, H], [I, H], [H, I])``: the shapes of ``w_gate``, ``w_up``, ``w_down``."""
         inter, hidden = self.manifest.intermediate_size, self.manifest.hidden_size
         return (inter, hidden), (inter, hidden), (hidden, inter)
 
+    def empty_expert(self, *, device: torch.device | str = "cpu", lead: tuple[int, ...] = ()
+                     ) -> tuple[ExpertWeight, ExpertWeight, ExpertWeight]:
+        """Uninitialised destinations for one expert (``lead`` prepends dimensions, e.g. ``(E,)``):
+        tensors, or ``Fp8Weight`` units with float32 block scales for FP8 experts."""
+        out = []
+        for shape in self.expert_shapes():
+            weight = torch.empty(*lead, *shape, dtype=self.dtype, device=device)
+            out.append(Fp8Weight(weight, torch.empty(*lead, *block_scale_shape(*shape), dtype=torch.float32,
+                                                     device=device)) if self.is_fp8 else weight)
+        return tuple(out)  # type: ignore[return-value]
+
     # ---- restore ----
     def load_expert(self, layer: int, expert: int, *, device: torch.device | str = "cpu"
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fresh ``(w_gate [I, H], w_up [I, H], w_down [H, I])`` of one logical expert."""
-        dsts = tuple(torch.empty(s, dtype=self.dtype, device=device) for s in self.expert_shapes())
+                    ) -> tuple[ExpertWeight, ExpertWeight, ExpertWeight]:
+        """Fresh ``(w_gate [I, H], w_up [I, H], w_down [H, I])`` of one logical expert (``Fp8Weight``
+        units for FP8 experts)."""
+        dsts = self.empty_expert(device=device)
         self.load_expert_into(layer, expert, *dsts)
-        return dsts  # type: ignore[return-value]
+        return dsts
 
-    def load_expert_into(self, layer: int, expert: int, w_gate_dst: torch.Tensor, w_up_dst: torch.Tensor,
-                         w_down_dst: torch.Tensor, *, stream: torch.cuda.Stream | None = None) -> RestoreRecord:
-        """Copy one expert into the given tensors (any device) from the first tier that serves it.
+    def load_expert_into(self, layer: int, expert: int, w_gate_dst: ExpertWeight, w_up_dst: ExpertWeight,
+                         w_down_dst: ExpertWeight, *, stream: torch.cuda.Stream | None = None) -> RestoreRecord:
+        """Copy one expert into the given destinations (any device) from the first tier that serves it:
+        tensors, or ``Fp8Weight`` units whose weights and scales are restored together.
 
-        Raises ``ValueError`` for an unknown (layer, expert) or destinations of the wrong shape or
+        Raises ``ValueError`` for an unknown (layer, expert) or destinations of the wrong kind, shape or
         dtype (a caller bug: no tier is tried), ``ExpertUnavailableError`` when every tier failed.
         """
-        self.manifest.expert_entries(layer, expert)  # ValueError naming the valid ranges
-        for name, dst, shape in zip(("w_gate_dst", "w_up_dst", "w_down_dst"), (w_gate_dst, w_up_dst, w_down_dst),
-                                    self.expert_shapes()):
-            if tuple(dst.shape) != shape or dst.dtype != self.dtype:
+        dsts = (w_gate_dst, w_up_dst, w_down_dst)
+        entries = self.manifest.expert_tensor_entries(layer, expert)  # ValueError naming the valid ranges
+        for dst, entry in zip(destination_tensors(self.manifest, layer, expert, dsts), entries):
+            if tuple(dst.shape) != entry.shape or dst.dtype != DTYPE_TO_TORCH[entry.dtype]:
+                name = f"w_{entry.role}_dst" + (".scale" if entry.part == SCALE else "")
                 raise ValueError(f"{name} is {list(dst.shape)} {dst.dtype}; layer {layer} expert {expert} is "
-                                 f"{list(shape)} {self.dtype}")
+                                 f"{list(entry.shape)} {DTYPE_TO_TORCH[entry.dtype]}")
         failures: list[tuple[str, str]] = []
         for tier in self.tiers:
             if not tier.has_expert(layer, expert):
@@ -123,20 +144,22 @@ class ExpertStore:
                 close()
 
 
-def load_layer_experts(shard_dir: str, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_layer_experts(shard_dir: str, layer: int, *, dequantize: bool = False
+                       ) -> tuple[ExpertWeight, ExpertWeight, ExpertWeight]:
     """All experts of one MoE layer, stacked: ``(w_gate [E, I, H], w_up [E, I, H], w_down [E, H, I])``.
 
     The layout ``eep.reference.ExpertParallelMoE`` and ``dense_moe`` take; read from disk, verified.
+    Block-scaled FP8 experts come as ``Fp8Weight`` stacks (FP8 weights and their float32 scales
+    ``[E, ceil(out/128), ceil(in/128)]``); ``dequantize=True`` returns float32 tensors instead,
+    exactly ``weight.float() * scale`` of each 128x128 block (unquantised experts: upcast).
     """
     store = ExpertStore(shard_dir, tiers=[DiskTier(shard_dir)])
     if layer not in store.moe_layers:
         raise ValueError(f"layer {layer} is not an MoE layer of {shard_dir}: MoE layers are {store.moe_layers}")
-    num_experts = store.num_experts
-    gate_shape, up_shape, down_shape = store.expert_shapes()
-    w_gate = torch.empty(num_experts, *gate_shape, dtype=store.dtype)
-    w_up = torch.empty(num_experts, *up_shape, dtype=store.dtype)
-    w_down = torch.empty(num_experts, *down_shape, dtype=store.dtype)
-    for expert in range(num_experts):
-        store.load_expert_into(layer, expert, w_gate[expert], w_up[expert], w_down[expert])
+    stacks = store.empty_expert(lead=(store.num_experts,))
+    for expert in range(store.num_experts):
+        store.load_expert_into(layer, expert, *(w[expert] for w in stacks))
     store.close()
-    return w_gate, w_up, w_down
+    if dequantize:
+        return tuple(w.dequantize() if isinstance(w, Fp8Weight) else w.float() for w in stacks)  # type: ignore[return-value]
+    return stacks

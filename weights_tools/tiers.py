@@ -8,7 +8,11 @@ implements the same three members::
     copy_expert_into(layer, expert, w_gate_dst [I, H], w_up_dst [I, H], w_down_dst [H, I],
                      *, stream=None) -> int     # bytes copied; raises ShardError if the copy is bad
 
-A tier must never report success for a bad copy: it either copies all three tensors and returns,
+For block-scaled FP8 shard sets each destination is an ``eep.fp8.Fp8Weight`` (FP8 weight plus its
+float32 block scales): a tier copies the weights and their scales together, and the bytes it
+returns count both.
+
+A tier must never report success for a bad copy: it either copies all of an expert's tensors and returns,
 or raises a ``ShardError`` naming the file/tensor at fault. After a raise the destinations'
 contents are unspecified (the disk tier reads straight into them); the caller tries the next
 tier, which overwrites them, or gives up. When ``stream`` is given and the
@@ -36,10 +40,11 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from eep import envs
+from eep.fp8 import ExpertWeight, Fp8Weight, weight_nbytes
 from weights_tools.errors import CorruptShardError, HostTierError, MissingShardError, ShardError
-from weights_tools.manifest import Manifest, TensorEntry, check_inside
-from weights_tools.safetensors_io import (DTYPE_TO_TORCH, HeaderEntry, TensorToWrite, pread_into, read_header,
-                                          tensor_bytes, write_safetensors)
+from weights_tools.manifest import ROLES, SCALE, Manifest, TensorEntry, check_inside
+from weights_tools.safetensors_io import (DTYPE_SIZE, DTYPE_TO_TORCH, HeaderEntry, TensorToWrite, pread_into,
+                                          read_header, tensor_bytes, write_safetensors)
 
 log = logging.getLogger("weights_tools")
 
@@ -58,12 +63,32 @@ class Tier(Protocol):
 
     def has_expert(self, layer: int, expert: int) -> bool: ...
 
-    def copy_expert_into(self, layer: int, expert: int, w_gate_dst: torch.Tensor, w_up_dst: torch.Tensor,
-                         w_down_dst: torch.Tensor, *, stream: torch.cuda.Stream | None = None) -> int: ...
+    def copy_expert_into(self, layer: int, expert: int, w_gate_dst: ExpertWeight, w_up_dst: ExpertWeight,
+                         w_down_dst: ExpertWeight, *, stream: torch.cuda.Stream | None = None) -> int: ...
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream | None, *, is_pinned: bool) -> None:
+def destination_tensors(manifest: Manifest, layer: int, expert: int, dsts: Sequence[ExpertWeight]
+                        ) -> list[torch.Tensor]:
+    """The destinations of one expert as plain tensors in ``expert_tensor_entries`` order (an
+    ``Fp8Weight`` gives its weight, then its scale). ``ValueError`` when their kind does not match
+    the shard set (plain tensors for FP8 experts or the reverse): a caller bug, no tier at fault."""
+    fp8 = manifest.is_fp8
+    out: list[torch.Tensor] = []
+    for role, dst in zip(ROLES, dsts):
+        if isinstance(dst, Fp8Weight) != fp8:
+            want = "an Fp8Weight (FP8 weight + block scales)" if fp8 else "a plain tensor"
+            raise ValueError(f"the {role} destination of layer {layer} expert {expert} is "
+                             f"{type(dst).__name__}; this shard set's experts need {want}")
+        out.extend((dst.weight, dst.scale) if fp8 else (dst,))
+    return out
+
+
+def _copy(dst: ExpertWeight, src: ExpertWeight, stream: torch.cuda.Stream | None, *, is_pinned: bool) -> None:
     """``dst.copy_(src)``, on ``stream`` and asynchronous when the source is page-locked."""
+    if isinstance(dst, Fp8Weight):  # weights and scales travel together
+        _copy(dst.weight, src.weight, stream, is_pinned=is_pinned)
+        _copy(dst.scale, src.scale, stream, is_pinned=is_pinned)
+        return
     if stream is not None and dst.is_cuda:
         with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=is_pinned)
@@ -98,10 +123,10 @@ class DiskTier:
             return False
         return all(os.path.exists(os.path.join(self.shard_dir, e.file)) for e in entries)
 
-    def copy_expert_into(self, layer: int, expert: int, w_gate_dst: torch.Tensor, w_up_dst: torch.Tensor,
-                         w_down_dst: torch.Tensor, *, stream: torch.cuda.Stream | None = None) -> int:
-        entries = self.manifest.expert_entries(layer, expert)
-        dsts = (w_gate_dst, w_up_dst, w_down_dst)
+    def copy_expert_into(self, layer: int, expert: int, w_gate_dst: ExpertWeight, w_up_dst: ExpertWeight,
+                         w_down_dst: ExpertWeight, *, stream: torch.cuda.Stream | None = None) -> int:
+        entries = self.manifest.expert_tensor_entries(layer, expert)
+        dsts = destination_tensors(self.manifest, layer, expert, (w_gate_dst, w_up_dst, w_down_dst))
         direct = [d.device.type == "cpu" and d.is_contiguous() and d.dtype == DTYPE_TO_TORCH[e.dtype]
                   for e, d in zip(entries, dsts)]
         if all(direct):
@@ -264,16 +289,19 @@ class HostTier:
     def has_expert(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self._index
 
-    def copy_expert_into(self, layer: int, expert: int, w_gate_dst: torch.Tensor, w_up_dst: torch.Tensor,
-                         w_down_dst: torch.Tensor, *, stream: torch.cuda.Stream | None = None) -> int:
+    def copy_expert_into(self, layer: int, expert: int, w_gate_dst: ExpertWeight, w_up_dst: ExpertWeight,
+                         w_down_dst: ExpertWeight, *, stream: torch.cuda.Stream | None = None) -> int:
+        dsts = (w_gate_dst, w_up_dst, w_down_dst)
+        destination_tensors(self.manifest, layer, expert, dsts)  # ValueError for the wrong kind
         views = self.expert_views(layer, expert)
-        for dst, src in zip((w_gate_dst, w_up_dst, w_down_dst), views):
+        for dst, src in zip(dsts, views):
             _copy(dst, src, stream, is_pinned=self.is_pinned)
-        return sum(v.nbytes for v in views)
+        return sum(weight_nbytes(v) for v in views)
 
     # ---- access ----
-    def expert_views(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Zero-copy ``(w_gate [I, H], w_up [I, H], w_down [H, I])`` views into the shared mapping."""
+    def expert_views(self, layer: int, expert: int) -> tuple[ExpertWeight, ExpertWeight, ExpertWeight]:
+        """Zero-copy ``(w_gate [I, H], w_up [I, H], w_down [H, I])`` views into the shared mapping
+        (``Fp8Weight`` views of weights and scales for FP8 experts)."""
         if (layer, expert) not in self._index:
             raise HostTierError(f"{self.path}: host tier does not hold layer {layer} expert {expert}",
                                 path=self.path, tensor=f"layers.{layer}.experts.{expert}")
@@ -281,13 +309,15 @@ class HostTier:
             raise HostTierError(f"{self.path}: host tier file changed size ({os.fstat(self._fd).st_size} bytes, "
                                 f"mapped {self._size})", path=self.path)
         views = []
-        for entry, (begin, end, dtype, shape) in zip(self.manifest.expert_entries(layer, expert),
+        for entry, (begin, end, dtype, shape) in zip(self.manifest.expert_tensor_entries(layer, expert),
                                                       self._index[(layer, expert)]):
             view = self._buffer[begin:end].view(dtype).view(shape)
             if self.verify and hashlib.sha256(tensor_bytes(view)).hexdigest() != entry.sha256:
                 raise HostTierError(f"{self.path}: tensor {entry.key!r} of layer {layer} expert {expert} fails its "
                                     "checksum in the host tier", path=self.path, tensor=entry.key)
             views.append(view)
+        if self.manifest.is_fp8:  # [w, s, w, s, w, s] -> three units
+            return tuple(Fp8Weight(views[i], views[i + 1]) for i in range(0, 6, 2))  # type: ignore[return-value]
         return tuple(views)  # type: ignore[return-value]
 
     @property
@@ -334,9 +364,12 @@ class HostTier:
             disk = DiskTier(self.shard_dir, manifest=self.manifest)
             tensors = []
             for layer, expert in pairs:
-                for entry in self.manifest.expert_entries(layer, expert):
-                    tensors.append(TensorToWrite(f"layers.{layer}.experts.{expert}.{entry.role}", entry.dtype,
-                                                 entry.shape, _reader(disk, entry)))
+                for entry in self.manifest.expert_tensor_entries(layer, expert):
+                    tensors.append(TensorToWrite(_host_key(layer, expert, entry), entry.dtype, entry.shape,
+                                                 _reader(disk, entry)))
+            # Widest dtype first: FP8 weights of odd byte sizes never misalign the float32 scales'
+            # views into the mapping (the sort is stable, so the rest keeps expert order).
+            tensors.sort(key=lambda t: -DTYPE_SIZE[t.dtype])
             write_safetensors(self.path, tensors, metadata={"format": HOST_TIER_FORMAT,
                                                             "manifest_sha256": self.manifest.digest},
                               readers=min(8, os.cpu_count() or 1))
@@ -360,15 +393,21 @@ class HostTier:
         index: dict[tuple[int, int], list] = {}
         for key, e in entries.items():
             try:
-                _, layer, _, expert, role = key.split(".")
-                entry = self.manifest.expert_entries(int(layer), int(expert))[("gate", "up", "down").index(role)]
+                _, layer, _, expert, name = key.split(".")
+                layer, expert = int(layer), int(expert)
+                listed = self.manifest.expert_tensor_entries(layer, expert)
+                slot = [_host_key(layer, expert, t) for t in listed].index(key)
             except ValueError:
                 raise HostTierError(f"{self.path}: unexpected tensor {key!r} in host tier", path=self.path,
                                     tensor=key) from None
+            entry = listed[slot]
             if e.shape != entry.shape or e.dtype != entry.dtype:
                 raise HostTierError(f"{self.path}: tensor {key!r} is {list(e.shape)} {e.dtype} in the host tier, "
                                     f"{list(entry.shape)} {entry.dtype} in the manifest", path=self.path, tensor=key)
-            index.setdefault((int(layer), int(expert)), [None] * 3)[("gate", "up", "down").index(role)] = \
+            if e.begin % DTYPE_SIZE[e.dtype]:
+                raise HostTierError(f"{self.path}: tensor {key!r} starts at byte {e.begin}, not aligned for "
+                                    f"{e.dtype}", path=self.path, tensor=key)
+            index.setdefault((layer, expert), [None] * len(listed))[slot] = \
                 (e.begin, e.end, DTYPE_TO_TORCH[e.dtype], e.shape)
         for (layer, expert), parts in index.items():
             if any(p is None for p in parts):
@@ -394,6 +433,11 @@ class HostTier:
         else:
             log.warning("could not pin host tier %s (cudaHostRegister error %s); copies will be synchronous",
                         self.path, code)
+
+
+def _host_key(layer: int, expert: int, entry: TensorEntry) -> str:
+    """Name of an expert tensor in the host tier file: ``layers.{l}.experts.{e}.{role}[_scale]``."""
+    return f"layers.{layer}.experts.{expert}.{entry.role}" + ("_scale" if entry.part == SCALE else "")
 
 
 def _reader(disk: DiskTier, entry: TensorEntry):

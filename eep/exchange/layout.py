@@ -30,13 +30,15 @@ from dataclasses import dataclass
 
 import torch
 
+from eep.fp8 import dequantize_rows
+
 
 @dataclass
 class RankReceive:
     """What one destination rank holds after a decode dispatch (shapes in the module docstring).
 
     With FP8 dispatch ``x`` is float8_e4m3fn and ``scale`` holds one float32 per 128 channels of a
-    row (``eep.exchange.fp8``), or one per row; otherwise ``scale`` is None.
+    row (``eep.fp8``), or one per row; otherwise ``scale`` is None.
     """
 
     x: torch.Tensor
@@ -48,8 +50,7 @@ class RankReceive:
         """``x`` as bf16 (a new tensor for FP8, ``x`` itself otherwise)."""
         if self.scale is None:
             return self.x
-        from eep.exchange.fp8 import dequantize_fp8
-        return dequantize_fp8(self.x, self.scale).to(torch.bfloat16)
+        return dequantize_rows(self.x, self.scale).to(torch.bfloat16)
 
 
 @dataclass

@@ -28,7 +28,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from eep.exchange.fp8 import FP8_BLOCK, quantize_fp8
+from eep.fp8 import BLOCK as FP8_BLOCK
+from eep.fp8 import quantize_rows
 from eep.exchange.layout import DispatchHandle, PackedHandle, PackedReceive, RankReceive
 from eep.exchange.packing import (compact_rows, expand_rows, gather_combine, pack_by_destination,
                                   pack_tokens_by_destination)
@@ -142,7 +143,7 @@ class ShmExchange(_ShmBase):
         transport: this rank's ``SharedMemoryTransport`` (its file is shared by every rank).
         slots_per_rank, max_tokens_per_rank, hidden: the receive layout (identical on every rank).
         dtype: the activations' dtype (what ``dispatch`` takes and ``combine`` returns).
-        use_fp8: send e4m3 rows with per-128-channel scales (``eep.exchange.fp8``).
+        use_fp8: send e4m3 rows with per-128-channel scales (``eep.fp8``).
         membership: the process's ``Membership`` (default: a new one, all active).
         timeout_s: bound on every wait for one peer. channels: (dispatch, combine) transport channels.
         should_abort: polled while waiting; True interrupts the wait (``StepInterrupted``).
@@ -177,7 +178,7 @@ class ShmExchange(_ShmBase):
             raise ValueError(f"rank {self.rank}: x {tuple(x.shape)} {x.dtype} / phys {tuple(phys.shape)} do not fit "
                              f"[<= {M} tokens, hidden {H}] {self.dtype}")
         packed = pack_by_destination(x, phys.long(), R, S, M)
-        values, scales = quantize_fp8(packed.send) if self.use_fp8 else (packed.send, None)
+        values, scales = quantize_rows(packed.send) if self.use_fp8 else (packed.send, None)
         payloads = {}
         for dst in range(R):
             parts = [packed.count[dst], compact_rows(packed.src_token[dst], packed.count[dst]),

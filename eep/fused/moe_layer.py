@@ -13,6 +13,11 @@ with three changes:
 - each rank's expert compute is an expert stage from ``eep.fused.gemm`` (CUTLASS grouped GEMM or
   ``torch._grouped_mm``).
 
+With block-scaled FP8 experts (``eep.fp8.Fp8Weight`` weights) the slots hold e4m3 weights with their
+scales (``slot_w13`` an ``Fp8Weight`` whose gate/up halves are again views), tokens are quantised per
+token and 128 channels before dispatch (the FP8 dispatch), and the expert stage is an FP8 one
+(``CutlassFp8ExpertStage`` on Hopper), returning bf16 for the combine.
+
 Across processes the same stage sits between ``eep.fused.buffer.FusedBuffer.dispatch`` and
 ``combine`` (``RankExperts``); this class keeps every rank in one process so that differential tests
 and single-GPU benchmarks exercise the expert stage, routing and repair together.
@@ -24,6 +29,7 @@ import torch
 
 from eep.errors import RoutingError
 from eep.exchange.packing import gather_combine, pack_by_destination
+from eep.fp8 import FP8_DTYPE, Fp8Weight, quantize_rows
 from eep.fused.gemm import ExpertStageShape, make_expert_stage
 from eep.repair.slots import ExpertSlots
 from eep.routing import resolve_routing, route_to_phys
@@ -33,13 +39,18 @@ class RankExperts:
     """One rank's experts: ``experts(recv_x, recv_count) -> y``, all in the receive layout.
 
     w13, w2: this rank's slices ``[slots_per_rank, 2*inter, hidden]`` / ``[slots_per_rank, hidden, inter]``
-    of the per-slot weights (views: a repair writing a slot in place is seen at the next call).
+    of the per-slot weights (views: a repair writing a slot in place is seen at the next call). With
+    ``Fp8Weight`` slices (FP8 experts, an FP8 stage) the call also takes the FP8 dispatch's scales:
+    ``experts(recv.x, recv.count, recv.scale)``.
     """
 
     def __init__(self, stage, w13: torch.Tensor, w2: torch.Tensor):
         self.stage, self.w13, self.w2 = stage, w13, w2
 
-    def __call__(self, recv_x: torch.Tensor, recv_count: torch.Tensor) -> torch.Tensor:
+    def __call__(self, recv_x: torch.Tensor, recv_count: torch.Tensor, recv_scale: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        if isinstance(self.w13, Fp8Weight):  # FP8 dispatch: its scales go with the rows
+            return self.stage(recv_x, recv_scale, recv_count, self.w13, self.w2)
         return self.stage(recv_x, recv_count, self.w13, self.w2)
 
 
@@ -58,9 +69,18 @@ class MoELayer(ExpertSlots):
         self.backend = backend
         inter = self.slot_w_gate.shape[1]
         self.inter_size = inter
-        self.slot_w13 = torch.cat([self.slot_w_gate, self.slot_w_up], dim=1).to(self.device)
-        self.slot_w_gate = self.slot_w13[:, :inter]
-        self.slot_w_up = self.slot_w13[:, inter:]
+        if self.is_fp8:  # w13's block scales are gate's then up's: their blocks must not straddle the two
+            if inter % 128:
+                raise ValueError(f"FP8 experts need moe intermediate size % 128 == 0, got {inter}")
+            gate, up, blocks = self.slot_w_gate, self.slot_w_up, inter // 128
+            self.slot_w13 = Fp8Weight(torch.cat([gate.weight, up.weight], dim=1).to(self.device),
+                                      torch.cat([gate.scale, up.scale], dim=1).to(self.device))
+            self.slot_w_gate = Fp8Weight(self.slot_w13.weight[:, :inter], self.slot_w13.scale[:, :blocks])
+            self.slot_w_up = Fp8Weight(self.slot_w13.weight[:, inter:], self.slot_w13.scale[:, blocks:])
+        else:
+            self.slot_w13 = torch.cat([self.slot_w_gate, self.slot_w_up], dim=1).to(self.device)
+            self.slot_w_gate = self.slot_w13[:, :inter]
+            self.slot_w_up = self.slot_w13[:, inter:]
         self.slot_w_down = self.slot_w_down.to(self.device).contiguous()
         self._stages: dict[int, object] = {}  # max_tokens_per_rank -> expert stage (shared by the simulated ranks)
         # Device mirrors of the routing tables, rewritten in place by fail/join so that a captured
@@ -90,7 +110,8 @@ class MoELayer(ExpertSlots):
         if max_tokens not in self._stages:
             shape = ExpertStageShape(self.slots_per_rank, self.num_ranks, max_tokens, self.hidden_size,
                                      self.inter_size, self.top_k)
-            self._stages[max_tokens] = make_expert_stage(shape, device=self.device, dtype=self.slot_w13.dtype,
+            dtype = FP8_DTYPE if self.is_fp8 else self.slot_w13.dtype
+            self._stages[max_tokens] = make_expert_stage(shape, device=self.device, dtype=dtype,
                                                          backend=self.backend, expected_rows_per_group=expected_rows)
         return self._stages[max_tokens]
 
@@ -104,8 +125,9 @@ class MoELayer(ExpertSlots):
         """
         if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
             raise RoutingError(f"hidden has shape {tuple(hidden.shape)}, expected [num_tokens, {self.hidden_size}]")
-        if hidden.dtype != self.slot_w13.dtype:
-            raise RoutingError(f"hidden has dtype {hidden.dtype}, the expert weights {self.slot_w13.dtype}")
+        if hidden.dtype != (torch.bfloat16 if self.is_fp8 else self.slot_w13.dtype):
+            raise RoutingError(f"hidden has dtype {hidden.dtype}; the experts take "
+                               f"{'bf16 (FP8 experts)' if self.is_fp8 else self.slot_w13.dtype}")
         hidden = hidden.to(self.device)
         if router_logits is not None:
             router_logits = router_logits.to(self.device)
@@ -121,7 +143,13 @@ class MoELayer(ExpertSlots):
 
         # every active source rank packs its tokens by destination (the exchange seam's one packer);
         # each destination's receive layout is the sources' blocks side by side
-        recv_x = torch.zeros(num_ranks, s, num_ranks, max_tokens, self.hidden_size, dtype=hidden.dtype,
+        if self.is_fp8:  # FP8 dispatch: each token quantised once; its scales travel the same route
+            values, scales = quantize_rows(hidden)
+            wire = values.view(torch.uint8)
+            recv_scale = torch.zeros(num_ranks, s, num_ranks, max_tokens, scales.shape[1], device=self.device)
+        else:
+            wire = hidden
+        recv_x = torch.zeros(num_ranks, s, num_ranks, max_tokens, self.hidden_size, dtype=wire.dtype,
                              device=self.device)
         recv_count = torch.zeros(num_ranks, s, num_ranks, dtype=torch.int32, device=self.device)
         sources = []
@@ -132,17 +160,21 @@ class MoELayer(ExpertSlots):
                 continue
             sl = slice(int(tokens[0]), int(tokens[0]) + len(tokens))
             phys = route_to_phys(topk_ids[sl], logical_to_phys, active, s, token_offset=sl.start)
-            packed = pack_by_destination(hidden[sl], phys, num_ranks, s, max_tokens)
+            packed = pack_by_destination(wire[sl], phys, num_ranks, s, max_tokens)
             recv_x[:, :, rank] = packed.send
             recv_count[:, :, rank] = packed.count
+            if self.is_fp8:
+                recv_scale[:, :, rank] = pack_by_destination(scales[sl], phys, num_ranks, s, max_tokens).send
             sources.append((rank, sl, phys, packed.position))
         expected_rows = hidden.shape[0] * self.top_k / max(1, self.num_experts * len(active_ranks))
         stage = self._stage(max_tokens, expected_rows)
-        ys = torch.zeros_like(recv_x)
+        if self.is_fp8:
+            recv_x = recv_x.view(FP8_DTYPE)
+        ys = torch.zeros(recv_x.shape, dtype=torch.bfloat16 if self.is_fp8 else recv_x.dtype, device=self.device)
         for rank in active_ranks:
-            w13 = self.slot_w13[rank * s:(rank + 1) * s]
-            w2 = self.slot_w_down[rank * s:(rank + 1) * s]
-            ys[rank] = stage(recv_x[rank], recv_count[rank], w13, w2)
+            experts = RankExperts(stage, self.slot_w13[rank * s:(rank + 1) * s],
+                                  self.slot_w_down[rank * s:(rank + 1) * s])
+            ys[rank] = experts(recv_x[rank], recv_count[rank], recv_scale[rank] if self.is_fp8 else None)
         out = torch.zeros(hidden.shape[0], self.hidden_size, dtype=torch.float32, device=self.device)
         for rank, sl, phys, position in sources:
             out[sl] = gather_combine(ys[:, :, rank], phys, position, topk_weights[sl])

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from eep.errors import RoutingError
-from eep.exchange.fp8 import FP8_BLOCK
+from eep.fp8 import BLOCK as FP8_BLOCK
 from eep.exchange.layout import DispatchHandle, PackedHandle
 from eep.exchange.protocol import DecodeExchange, PrefillExchange
 from eep.state import Membership

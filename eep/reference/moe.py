@@ -4,6 +4,11 @@
 weights on ``num_ranks`` simulated ranks (``eep.repair.ExpertSlots``), dispatching, running the
 experts and combining with the readable loops of ``eep.reference.dispatch``; it keeps computing it
 after ranks fail and rejoin: only the hosts of the experts move.
+
+It takes block-scaled FP8 experts too (``eep.fp8.Fp8Weight`` stacks, e.g. from
+``weights_tools.load_layer_experts``): tokens are then quantised per token and 128 channels as the
+FP8 dispatch sends them, and each expert is ``eep.mlp.swiglu_fp8``. Slots hold the FP8 weights with
+their scales, and repair moves the two together.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import torch
 
 from eep.errors import RoutingError
+from eep.fp8 import quantize_rows
 from eep.reference.dispatch import combine, dispatch, expert_mlp
+from eep.reference.fp8 import expert_mlp_fp8
 from eep.repair.slots import ExpertSlots
 from eep.routing import resolve_routing, route_to_phys
 
@@ -27,7 +34,9 @@ class ExpertParallelMoE(ExpertSlots):
         """``hidden [num_tokens, hidden]`` -> ``[num_tokens, hidden]``, routed over the active ranks."""
         if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
             raise RoutingError(f"hidden has shape {tuple(hidden.shape)}, expected [num_tokens, {self.hidden_size}]")
-        if hidden.dtype != self.slot_w_gate.dtype:
+        if self.is_fp8 and hidden.dtype not in (torch.bfloat16, torch.float32):
+            raise RoutingError(f"hidden has dtype {hidden.dtype}; FP8 experts take bf16 or float32 tokens")
+        if not self.is_fp8 and hidden.dtype != self.slot_w_gate.dtype:
             raise RoutingError(f"hidden has dtype {hidden.dtype}, the expert weights {self.slot_w_gate.dtype}")
         topk_weights, topk_ids = resolve_routing(hidden, self.num_experts, router_logits, self.top_k,
                                                   self.renormalize, topk_ids, topk_weights)
@@ -43,13 +52,22 @@ class ExpertParallelMoE(ExpertSlots):
             w_by_rank[rank] = topk_weights[tokens]
             phys_by_rank[rank] = route_to_phys(topk_ids[tokens], self.placement.logical_to_phys[0],
                                                self.membership.active_cpu, self.slots_per_rank, token_offset=offset)
-        recvs, handles = dispatch(x_by_rank, phys_by_rank, active, self.slots_per_rank, max_tokens)
         s = self.slots_per_rank
-        ys = [None if recv is None else
-              expert_mlp(recv, self.slot_w_gate[r * s:(r + 1) * s], self.slot_w_up[r * s:(r + 1) * s],
-                         self.slot_w_down[r * s:(r + 1) * s])
-              for r, recv in enumerate(recvs)]
+        if self.is_fp8:  # FP8 dispatch: each source quantises its tokens once, values and scales travel
+            quantized = [None if x is None else quantize_rows(x) for x in x_by_rank]
+            recvs, handles = dispatch([q and q[0] for q in quantized], phys_by_rank, active, s, max_tokens)
+            recv_scales, _ = dispatch([q and q[1] for q in quantized], phys_by_rank, active, s, max_tokens)
+            ys = [None if recv is None else
+                  expert_mlp_fp8(recv, recv_scale.x, self.slot_w_gate[r * s:(r + 1) * s],
+                                 self.slot_w_up[r * s:(r + 1) * s], self.slot_w_down[r * s:(r + 1) * s])
+                  for r, (recv, recv_scale) in enumerate(zip(recvs, recv_scales))]
+        else:
+            recvs, handles = dispatch(x_by_rank, phys_by_rank, active, s, max_tokens)
+            ys = [None if recv is None else
+                  expert_mlp(recv, self.slot_w_gate[r * s:(r + 1) * s], self.slot_w_up[r * s:(r + 1) * s],
+                             self.slot_w_down[r * s:(r + 1) * s])
+                  for r, recv in enumerate(recvs)]
         outs = combine(ys, handles, w_by_rank, s)
-        return torch.cat([outs[r] for r in active_ranks], dim=0)
+        return torch.cat([outs[r] for r in active_ranks], dim=0).to(hidden.dtype)
 
     __call__ = forward

@@ -1,6 +1,6 @@
 """Repair and reintegration: plans that make the instance valid again, fastest copy first."""
 
-from eep.repair.bandwidth import Bandwidth
+from eep.repair.bandwidth import Bandwidth, expert_weight_nbytes
 from eep.repair.plan import (ExecutionReport, RepairError, RepairExecutor, RepairPlan, StepKind, Transfer,
                              plan_repair, run_transfers)
 from eep.repair.reintegration import ReintegrationPlan, plan_reintegration
@@ -9,4 +9,4 @@ from eep.repair.tiers import DISK, HOST, PEER, ExpertSource, TensorTier, tier_or
 
 __all__ = ["Bandwidth", "DISK", "ExecutionReport", "ExpertSlots", "ExpertSource", "HOST", "PEER",
            "ReintegrationPlan", "RepairError", "RepairExecutor", "RepairPlan", "SlotExecutor", "StepKind",
-           "TensorTier", "Transfer", "plan_reintegration", "plan_repair", "run_transfers", "tier_order"]
+           "TensorTier", "Transfer", "expert_weight_nbytes", "plan_reintegration", "plan_repair", "run_transfers", "tier_order"]

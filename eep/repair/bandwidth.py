@@ -9,6 +9,10 @@ Link kinds, each a rate in GB/s (1e9 bytes per second):
                  copy between ranks on different nodes. Used only when ``ranks_per_node`` is set
                  (0 means every rank is on one node, as on the lent machines).
 
+What moves is one expert's weights: ``expert_weight_nbytes(hidden, inter, fp8=...)`` counts them as a
+tier stores them, block-scaled FP8 included (e4m3 weights plus their float32 128x128 block scales,
+about half the bf16 bytes), so predicted pauses follow the checkpoint's format.
+
 ``Bandwidth.measure()`` times each link once at start-up on the machine it runs on (CPU
 stand-ins where there is no GPU: a memcpy for both copy links). The defaults are the rates
 measured on the lent 4xH100 machine (DESIGN.md: one peer copy 384 GB/s, pinned host->device
@@ -25,7 +29,19 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from eep.fp8 import block_scale_shape
+
 GB = 1e9
+
+
+def expert_weight_nbytes(hidden: int, inter: int, *, fp8: bool = False, dtype_bytes: int = 2) -> int:
+    """Bytes of one SwiGLU expert (``w_gate``, ``w_up`` ``[inter, hidden]``, ``w_down [hidden, inter]``):
+    ``dtype_bytes`` per weight, or with ``fp8`` one byte per weight plus a float32 scale per 128x128 block."""
+    if not fp8:
+        return 3 * hidden * inter * dtype_bytes
+    gate_scales = block_scale_shape(inter, hidden)
+    down_scales = block_scale_shape(hidden, inter)
+    return 3 * hidden * inter + 4 * (2 * gate_scales[0] * gate_scales[1] + down_scales[0] * down_scales[1])
 
 
 @dataclass(frozen=True)

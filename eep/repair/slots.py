@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from eep.fp8 import ExpertWeight, Fp8Weight, empty_like_weight, weight_nbytes
 from eep.repair.bandwidth import Bandwidth
 from eep.repair.plan import ExecutionReport, RepairError, RepairExecutor, RepairPlan, Transfer, plan_repair
 from eep.repair.reintegration import ReintegrationPlan, plan_reintegration
@@ -23,8 +24,9 @@ class ExpertSlots:
     """The expert weights of one MoE layer on ``num_ranks`` rank slots, with failure and rejoin.
 
     Weights are held per physical slot (``slot_w_gate[phys_slot]`` ...), as a real rank holds
-    them. A failed rank's slots are poisoned with NaN, so any path that still read them would
-    show in the output.
+    them: tensors, or block-scaled FP8 (``eep.fp8.Fp8Weight`` stacks: e4m3 weights with their 128x128
+    scales, which repair moves together). A failed rank's slots are poisoned with NaN, so any path that
+    still read them would show in the output.
 
     Coverage repair on ``fail`` follows ``eep.plan_repair``: experts that keep a live replica
     are re-routed (no copy); an expert that lost every replica is restored into a spare or donor
@@ -36,7 +38,7 @@ class ExpertSlots:
     and ``eep.fused.MoELayer``.
     """
 
-    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, num_ranks: int,
+    def __init__(self, w_gate: ExpertWeight, w_up: ExpertWeight, w_down: ExpertWeight, num_ranks: int,
                  slots_per_rank: int, top_k: int, renormalize: bool = True, *,
                  placement: ExpertPlacement | None = None, load: torch.Tensor | None = None,
                  num_redundant: int | None = None, max_tokens_per_rank: int | None = None,
@@ -64,10 +66,9 @@ class ExpertSlots:
         self.bandwidth = bandwidth
         self.last_report: ExecutionReport | None = None
         num_phys = num_ranks * slots_per_rank
-        inter = w_gate.shape[1]
-        self.slot_w_gate = torch.full((num_phys, inter, self.hidden_size), float("nan"), dtype=w_gate.dtype)
-        self.slot_w_up = torch.full_like(self.slot_w_gate, float("nan"))
-        self.slot_w_down = torch.full((num_phys, self.hidden_size, inter), float("nan"), dtype=w_down.dtype)
+        self.is_fp8 = isinstance(w_gate, Fp8Weight)
+        self.slot_w_gate, self.slot_w_up, self.slot_w_down = (_poisoned_slots(w, num_phys)
+                                                              for w in (w_gate, w_up, w_down))
         for phys, expert in enumerate(self.placement.phys_to_logical[0].tolist()):
             if expert != NO_EXPERT:
                 self.slot_w_gate[phys].copy_(w_gate[expert])
@@ -112,7 +113,8 @@ class ExpertSlots:
     # ---- weights ----
     @property
     def _expert_nbytes(self) -> int:
-        return sum(w[0].numel() * w.element_size() for w in (self.slot_w_gate, self.slot_w_up, self.slot_w_down))
+        """Bytes one expert's restore moves: weights, plus their block scales for FP8 experts."""
+        return sum(weight_nbytes(w[0]) for w in (self.slot_w_gate, self.slot_w_up, self.slot_w_down))
 
     def poison_slots(self, phys_slots: Iterable[int]) -> None:
         """Fill slots with NaN: what a dead rank held must never be read again."""
@@ -143,8 +145,8 @@ class SlotExecutor(RepairExecutor):
         start = time.perf_counter()
         dst = transfer.dst_slot
         if self._serves(dst):
-            weights = (torch.empty_like(moe.slot_w_gate[dst]), torch.empty_like(moe.slot_w_up[dst]),
-                       torch.empty_like(moe.slot_w_down[dst]))
+            weights = (empty_like_weight(moe.slot_w_gate[dst]), empty_like_weight(moe.slot_w_up[dst]),
+                       empty_like_weight(moe.slot_w_down[dst]))
             self.staged[dst] = weights
         else:
             weights = (moe.slot_w_gate[dst], moe.slot_w_up[dst], moe.slot_w_down[dst])
@@ -185,7 +187,25 @@ class SlotExecutor(RepairExecutor):
         self.written_in_place.clear()
 
 
-def _check_weights(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> None:
+def _poisoned_slots(w: ExpertWeight, num_phys: int) -> ExpertWeight:
+    """NaN-filled per-slot storage shaped like one expert of the stack ``w`` (an ``Fp8Weight`` stack
+    gets FP8 weights and float32 scales, both NaN)."""
+    if isinstance(w, Fp8Weight):
+        return Fp8Weight(torch.full((num_phys, *w.weight.shape[1:]), float("nan"), dtype=w.weight.dtype),
+                         torch.full((num_phys, *w.scale.shape[1:]), float("nan"), dtype=torch.float32))
+    return torch.full((num_phys, *w.shape[1:]), float("nan"), dtype=w.dtype)
+
+
+def _check_weights(w_gate: ExpertWeight, w_up: ExpertWeight, w_down: ExpertWeight) -> None:
+    kinds = {isinstance(w, Fp8Weight) for w in (w_gate, w_up, w_down)}
+    if len(kinds) != 1:
+        raise ValueError("w_gate, w_up and w_down must all be tensors or all be Fp8Weight (FP8 with block scales)")
+    if kinds.pop():
+        for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+            if w.weight.dtype != torch.float8_e4m3fn or w.scale.dtype != torch.float32:
+                raise ValueError(f"{name} is {w.weight.dtype} with {w.scale.dtype} scales, expected "
+                                 "float8_e4m3fn with float32 scales")
+        w_gate, w_up, w_down = w_gate.weight, w_up.weight, w_down.weight
     if w_gate.dim() != 3:
         raise ValueError(f"w_gate has shape {tuple(w_gate.shape)}, expected [num_experts, intermediate, hidden]")
     num_experts, inter, hidden = w_gate.shape

@@ -2,14 +2,15 @@
 
 The planner and executors talk to tiers through ``ExpertSource``; ``weights_tools.HostTier`` and
 ``weights_tools.DiskTier`` implement it, and ``TensorTier`` wraps tensors already in memory (the
-reference layer's stand-in for a host copy).
+reference layer's stand-in for a host copy). Block-scaled FP8 experts travel as ``eep.fp8.Fp8Weight``
+units (weights and scales together), and their size counts both.
 """
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-import torch
+from eep.fp8 import ExpertWeight, weight_nbytes
 
 PEER, HOST, DISK = "peer", "host", "disk"
 TIER_RANK = {PEER: 0, HOST: 1, DISK: 2}  # fastest first; unknown tier names sort after disk
@@ -23,8 +24,8 @@ class ExpertSource(Protocol):
 
     def has_expert(self, layer: int, expert: int) -> bool: ...
 
-    def copy_expert_into(self, layer: int, expert: int, w_gate_dst: torch.Tensor, w_up_dst: torch.Tensor,
-                         w_down_dst: torch.Tensor, *, stream=None) -> int: ...
+    def copy_expert_into(self, layer: int, expert: int, w_gate_dst: ExpertWeight, w_up_dst: ExpertWeight,
+                         w_down_dst: ExpertWeight, *, stream=None) -> int: ...
 
 
 def tier_order(tiers: list[ExpertSource]) -> list[ExpertSource]:
@@ -33,9 +34,10 @@ def tier_order(tiers: list[ExpertSource]) -> list[ExpertSource]:
 
 
 class TensorTier:
-    """A host-memory tier over stacked per-layer tensors ``{layer: (w_gate[E,I,H], w_up[E,I,H], w_down[E,H,I])}``."""
+    """A host-memory tier over stacked per-layer weights ``{layer: (w_gate[E,I,H], w_up[E,I,H], w_down[E,H,I])}``
+    (tensors, or ``Fp8Weight`` stacks)."""
 
-    def __init__(self, weights_by_layer: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *,
+    def __init__(self, weights_by_layer: dict[int, tuple[ExpertWeight, ExpertWeight, ExpertWeight]], *,
                  name: str = HOST):
         self.name = name
         self.weights_by_layer = weights_by_layer
@@ -45,10 +47,10 @@ class TensorTier:
         return weights is not None and 0 <= expert < weights[0].shape[0]
 
     def expert_nbytes(self, layer: int, expert: int) -> int:
-        return sum(w[expert].numel() * w.element_size() for w in self.weights_by_layer[layer])
+        return sum(weight_nbytes(w[expert]) for w in self.weights_by_layer[layer])
 
-    def copy_expert_into(self, layer: int, expert: int, w_gate_dst: torch.Tensor, w_up_dst: torch.Tensor,
-                         w_down_dst: torch.Tensor, *, stream=None) -> int:
+    def copy_expert_into(self, layer: int, expert: int, w_gate_dst: ExpertWeight, w_up_dst: ExpertWeight,
+                         w_down_dst: ExpertWeight, *, stream=None) -> int:
         if not self.has_expert(layer, expert):
             raise KeyError(f"{self.name} tier holds no layer {layer} expert {expert}")
         for dst, src in zip((w_gate_dst, w_up_dst, w_down_dst), self.weights_by_layer[layer]):

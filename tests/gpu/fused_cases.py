@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from eep.exchange.layout import DispatchHandle, RankReceive
+from eep.fp8 import dequantize_rows, quantize_rows
 from eep.reference.dispatch import combine as ref_combine
 from eep.reference.dispatch import dispatch as ref_dispatch
 from eep.routing.route import route_to_phys
@@ -37,17 +38,15 @@ def fake_experts(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row e4m3 quantization as the FP8 dispatch does it: ``[n, hidden]`` -> (e4m3, ``[n]`` scale)."""
-    xf = x.float()
-    amax = xf.abs().amax(-1) if xf.shape[0] else torch.zeros(0)
-    scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
-    return (xf / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale
+    """Per-row e4m3 quantization as the decode buffer's FP8 dispatch does it (``eep.fp8``'s format with
+    one block per row): ``[n, hidden]`` -> (e4m3, ``[n]`` scale)."""
+    values, scales = quantize_rows(x, block=x.shape[-1])
+    return values, scales[..., 0]
 
 
 def fp8_roundtrip(x: torch.Tensor) -> torch.Tensor:
     """What an FP8 dispatch delivers of ``x``, dequantized to bf16."""
-    q, scale = quantize_fp8(x)
-    return (q.float() * scale.unsqueeze(-1)).to(torch.bfloat16)
+    return dequantize_rows(*quantize_fp8(x)).to(torch.bfloat16)
 
 
 @dataclass

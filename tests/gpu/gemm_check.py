@@ -182,32 +182,42 @@ def check_moe_layer() -> None:
     report("MoELayer(cutlass) vs dense_moe through fail/join", run)
 
 
-def check_moe_layer_graph() -> None:
+def moe_layer_graph_errors(w, oracle, *, num_tokens: int = 96) -> list[float]:
+    """``MoELayer(cutlass)`` over the experts ``w`` captured once in a CUDA graph and replayed with fresh
+    inputs, after ``fail(1)`` and after ``join(1)`` (membership and repair write tables and slot weights
+    in place: no recapture); each replay's error against ``oracle(x, logits)`` computed on the CPU."""
     from eep.fused.moe_layer import MoELayer
+
+    e, h = w[0].shape[0], w[0].shape[2]
+    layer = MoELayer(*w, num_ranks=4, slots_per_rank=8, top_k=4, device=DEV, backend="cutlass")
+    x = torch.randn(num_tokens, h, generator=GEN).bfloat16().to(DEV)
+    logits = torch.randn(num_tokens, e, generator=GEN).to(DEV)
+    layer(x, logits)  # warm-up: stage, library, workspaces
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x, logits)
+    errs = []
+    for step in (None, lambda m: m.fail(1), lambda m: m.join(1)):
+        if step is not None:
+            step(layer)
+        x.copy_(torch.randn(num_tokens, h, generator=GEN).bfloat16())
+        logits.copy_(torch.randn(num_tokens, e, generator=GEN))
+        graph.replay()
+        torch.cuda.synchronize()
+        errs.append(rel_err(out.cpu(), oracle(x.cpu(), logits.cpu())))
+    return errs
+
+
+def check_moe_layer_graph() -> None:
     from eep.reference import dense_moe
 
     def run():
-        e, i, h, n = 16, 64, 256, 96
+        e, i, h = 16, 64, 256
         w = [(torch.randn(e, i, h, generator=GEN) / h ** 0.5).bfloat16(), (torch.randn(e, i, h, generator=GEN) / h ** 0.5).bfloat16(),
              (torch.randn(e, h, i, generator=GEN) / i ** 0.5).bfloat16()]
-        layer = MoELayer(*w, num_ranks=4, slots_per_rank=8, top_k=4, device=DEV, backend="cutlass")
-        x = torch.randn(n, h, generator=GEN).bfloat16().to(DEV)
-        logits = torch.randn(n, e, generator=GEN).to(DEV)
-        layer(x, logits)  # warm-up: stage, library, workspaces
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = layer(x, logits)
-        errs = []
-        for step in (None, lambda m: m.fail(1), lambda m: m.join(1)):
-            if step is not None:
-                step(layer)  # membership + repair: in-place writes of tables and slot weights
-            x.copy_(torch.randn(n, h, generator=GEN).bfloat16())
-            logits.copy_(torch.randn(n, e, generator=GEN))
-            graph.replay()
-            torch.cuda.synchronize()
-            oracle = dense_moe(x.float().cpu(), *(t.float() for t in w), router_logits=logits.cpu(), top_k=4)
-            errs.append(rel_err(out.cpu(), oracle))
+        errs = moe_layer_graph_errors(w, lambda x, logits: dense_moe(x.float(), *(t.float() for t in w),
+                                                                     router_logits=logits, top_k=4))
         assert max(errs) < 1e-2, errs
         return f"replays rel_err {max(errs):.2e} (fresh inputs; after fail(1); after join(1)), no recapture"
     report("MoELayer(cutlass) captured once, replayed through fail/join", run)
@@ -329,22 +339,21 @@ def _swiglu_graph(grouping: str) -> str:
     return f"replays rel_err {err:.2e} ({stage.describe()})"
 
 
-def main() -> int:
+def run_checks(checks) -> int:
+    """Run the check groups in order; print the GPU first and a SUMMARY line last; the failure count."""
     t0 = time.time()
     print(f"GPU {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    if "--swiglu" in sys.argv[1:]:  # only the fused-SwiGLU checks (run_gemm.sh swiglu): a separate library
-        check_swiglu_fused()
-        print(f"SUMMARY {len(FAILURES)} failed: {FAILURES} ({time.time() - t0:.0f} s)", flush=True)
-        return len(FAILURES)
-    check_configs()
-    check_torch_stage()
-    check_bad_counts()
-    check_graph()
-    check_moe_layer()
-    check_moe_layer_graph()
-    check_qwen3_block()
+    for check in checks:
+        check()
     print(f"SUMMARY {len(FAILURES)} failed: {FAILURES} ({time.time() - t0:.0f} s)", flush=True)
     return len(FAILURES)
+
+
+def main() -> int:
+    if "--swiglu" in sys.argv[1:]:  # only the fused-SwiGLU checks (run_gemm.sh swiglu): a separate library
+        return run_checks([check_swiglu_fused])
+    return run_checks([check_configs, check_torch_stage, check_bad_counts, check_graph, check_moe_layer,
+                       check_moe_layer_graph, check_qwen3_block])
 
 
 if __name__ == "__main__":

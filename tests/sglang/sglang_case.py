@@ -32,7 +32,7 @@ if HAS_SGLANG:
 
     import eep.integrations.sglang.dispatcher  # noqa: F401
 
-from eep.exchange.fp8 import dequantize_fp8
+from eep.fp8 import dequantize_rows
 from eep.reference import combine as ref_combine
 from eep.reference import dispatch as ref_dispatch
 from eep.reference import swiglu
@@ -58,7 +58,7 @@ def make_inputs(seed: int) -> tuple[list, list, list, tuple]:
 
 def expert_outputs(hidden_states: torch.Tensor, scales: torch.Tensor | None, rank: int, weights) -> torch.Tensor:
     """What SGLang's low-latency MoE runner would return: ``[LOCAL, NUM_RANKS * M, HIDDEN]`` bf16."""
-    x = dequantize_fp8(hidden_states, scales).bfloat16() if scales is not None else hidden_states
+    x = dequantize_rows(hidden_states, scales).bfloat16() if scales is not None else hidden_states
     y = torch.zeros(x.shape, dtype=torch.bfloat16)
     for i in range(LOCAL):
         e = rank * LOCAL + i

@@ -1,8 +1,10 @@
 """Build the CUTLASS expert-GEMM library with nvcc, cached on disk by a hash of everything that goes in.
 
-The kernel source lives in real files (``eep/fused/csrc/gemm/*.cuh``, ``stage.cu``); what is
-generated is one short translation unit per ``GemmConfig`` that sets the template arguments and
-includes ``grouped_gemm.cuh``. The units compile in parallel (CUTLASS templates take about a minute
+The kernel source lives in real files (``eep/fused/csrc/gemm/*.cuh``, ``stage.cu``, ``fp8_stage.cu``);
+what is generated is one short translation unit per ``GemmConfig`` that sets the template arguments
+and includes ``grouped_gemm.cuh`` (bf16), ``swiglu_gemm.cuh`` or ``fp8_gemm.cuh`` (block-scaled FP8).
+A library holds the fixed units its configs need: ``stage.cu`` for bf16 GEMMs, ``swiglu_stage.cu``
+beside SwiGLU-epilogue GEMMs, ``fp8_stage.cu`` for FP8 ones (``FP8_CONFIGS``, its own library). The units compile in parallel (CUTLASS templates take about a minute
 each) and link into one shared library that exports plain C functions, loaded through ``ctypes``.
 
 Cache: ``<EEP_GEMM_CACHE_DIR>/libeep_gemm.<key>.so``; the key is a sha256 over the kernel files,
@@ -36,6 +38,9 @@ SOURCE_FILES = (*HEADER_FILES, "stage.cu")
 # such a config, so the default library's cache key and objects stay what they were.
 SWIGLU_HEADER_FILES = ("swiglu_gemm.cuh",)
 SWIGLU_SOURCE_FILES = (*SWIGLU_HEADER_FILES, "swiglu_stage.cu")
+# The FP8 expert stage (CutlassFp8ExpertStage): block-scaled FP8 GEMMs and their setup/requantise kernels.
+FP8_HEADER_FILES = ("fp8_gemm.cuh",)
+FP8_SOURCE_FILES = (*FP8_HEADER_FILES, "fp8_stage.cu")
 ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a",)  # wgmma/setmaxnreg need the "a" target
 NVCC_FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-lineinfo")
 
@@ -53,6 +58,8 @@ class GemmConfig:
     ``"ping"`` (each consumer warpgroup owns a tile; the other's epilogue overlaps its math).
     swiglu: GEMM1 with ``silu(gate) * up`` in its epilogue (``swiglu_gemm.cuh``), writing h at half
     the accumulator width; it expects w13 interleaved (``cutlass_stage.interleave_gate_up``).
+    fp8: e4m3 operands with 128-wide block scales applied in the mainloop (``fp8_gemm.cuh``), bf16 out;
+    tile_k must be 128 (one scale block per K tile).
     """
 
     tile_m: int
@@ -63,12 +70,16 @@ class GemmConfig:
     cluster_m: int = 1
     cluster_n: int = 1
     swiglu: bool = False
+    fp8: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in ("coop", "ping"):
             raise ValueError(f"GemmConfig.schedule={self.schedule!r}, expected 'coop' or 'ping'")
         if self.schedule == "coop" and self.tile_m % 128:
             raise ValueError(f"cooperative tiles need tile_m a multiple of 128, got {self.tile_m}")
+        if self.fp8 and (self.tile_k != 128 or self.swiglu):
+            raise ValueError(f"FP8 block-scaled tiles need tile_k 128 (one scale block per K tile) and no swiglu "
+                             f"epilogue, got {self.tile_m}x{self.tile_n}x{self.tile_k} swiglu={self.swiglu}")
         if self.swiglu and (self.tile_m % 16 or self.tile_n % 16):
             raise ValueError(f"swiglu tiles must hold whole gate/up pairs (multiples of 16), got "
                              f"{self.tile_m}x{self.tile_n}")
@@ -77,12 +88,13 @@ class GemmConfig:
     def name(self) -> str:
         swap = "swap_" if self.swap else ""
         swiglu = "swiglu_" if self.swiglu else ""
-        return (f"eep_gemm_{swiglu}{swap}{self.schedule}_{self.tile_m}x{self.tile_n}x{self.tile_k}"
+        fp8 = "fp8_" if self.fp8 else ""
+        return (f"eep_gemm_{fp8}{swiglu}{swap}{self.schedule}_{self.tile_m}x{self.tile_n}x{self.tile_k}"
                 f"_c{self.cluster_m}x{self.cluster_n}")
 
     @property
     def header(self) -> str:
-        return "swiglu_gemm.cuh" if self.swiglu else "grouped_gemm.cuh"
+        return "fp8_gemm.cuh" if self.fp8 else "swiglu_gemm.cuh" if self.swiglu else "grouped_gemm.cuh"
 
     def source(self) -> str:
         """The generated translation unit."""
@@ -112,13 +124,33 @@ SWIGLU_CONFIGS = (
 )
 
 
+# The FP8 stage's kernels (CutlassFp8ExpertStage; cutlass_fp8_stage.pick_fp8_config chooses among them).
+# 128x128 (not 128x256): the blockwise mainloop keeps a second fp32 accumulator for the promotion
+# every 128 K, and a 128x256 cooperative tile would not fit it in registers.
+FP8_CONFIGS = (
+    GemmConfig(128, 128, 128, "coop", fp8=True),             # prefill
+    GemmConfig(128, 32, 128, "coop", swap=True, fp8=True),   # decode: <=32 tokens per group on the N tile
+    GemmConfig(128, 64, 128, "coop", swap=True, fp8=True),   # decode groups of 33-64 tokens
+    GemmConfig(64, 128, 128, "ping", fp8=True),              # prefill alternative, for the sweep
+)
+
+
 def has_swiglu(configs: tuple[GemmConfig, ...]) -> bool:
     return any(c.swiglu for c in configs)
 
 
+def has_fp8(configs: tuple[GemmConfig, ...]) -> bool:
+    return any(c.fp8 for c in configs)
+
+
 def source_files(configs: tuple[GemmConfig, ...]) -> tuple[str, ...]:
-    """The fixed kernel files a library of ``configs`` is built from."""
-    return (*SOURCE_FILES, *SWIGLU_SOURCE_FILES) if has_swiglu(configs) else SOURCE_FILES
+    """The fixed kernel files a library of ``configs`` is built from (those its units include and run)."""
+    files = SOURCE_FILES if not all(c.fp8 for c in configs) else HEADER_FILES
+    if has_swiglu(configs):
+        files = (*files, *SWIGLU_SOURCE_FILES)
+    if has_fp8(configs):
+        files = (*files, *FP8_SOURCE_FILES)
+    return files
 
 
 def cutlass_root() -> Path:
@@ -198,10 +230,9 @@ def build_library(configs: tuple[GemmConfig, ...] = DEFAULT_CONFIGS, *, director
     objects_dir = path.parent / "objects"  # per-unit cache: editing stage.cu does not recompile CUTLASS units
     objects_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="eep_gemm_") as tmp:
-        units = [CSRC_DIR / "stage.cu"]
-        if has_swiglu(configs):
-            units.append(CSRC_DIR / "swiglu_stage.cu")
+        units = [CSRC_DIR / name for name in source_files(configs) if name.endswith(".cu")]
         swiglu_units = {"swiglu_stage.cu", *(f"{c.name}.cu" for c in configs if c.swiglu)}
+        fp8_units = {"fp8_stage.cu", *(f"{c.name}.cu" for c in configs if c.fp8)}
         for name, text in generated_sources(configs).items():
             (Path(tmp) / name).write_text(text)
             units.append(Path(tmp) / name)
@@ -209,8 +240,9 @@ def build_library(configs: tuple[GemmConfig, ...] = DEFAULT_CONFIGS, *, director
 
         def compile_unit(unit: Path) -> Path:
             h = hashlib.sha256(unit.read_bytes() + "\0".join((*base[1:], *versions)).encode())
-            # A unit's own text is hashed above; default units hash exactly the headers they always did.
-            headers = (*HEADER_FILES, *SWIGLU_HEADER_FILES) if unit.name in swiglu_units else HEADER_FILES
+            # A unit's own text is hashed above, then the headers it may include.
+            headers = HEADER_FILES + (SWIGLU_HEADER_FILES if unit.name in swiglu_units else ()) \
+                + (FP8_HEADER_FILES if unit.name in fp8_units else ())
             for name in headers:
                 h.update((CSRC_DIR / name).read_bytes())
             obj = objects_dir / f"{unit.stem}.{h.hexdigest()[:16]}.o"

@@ -103,7 +103,76 @@ def deinterleave_gate_up(w13i: torch.Tensor, pair_rows: int) -> torch.Tensor:
             .reshape(slots, two_i, hidden).contiguous())
 
 
-class CutlassExpertStage:
+class StageLibrary:
+    """A CUTLASS stage's loaded library on one device, and what every launch of it needs: the GEMM entry
+    points of ``gemms``, the caller's stream, an error buffer, and a check that turns a non-zero
+    return into ``GemmLaunchError`` with the library's message. Shared by the bf16 and FP8 stages."""
+
+    def __init__(self, configs: tuple[GemmConfig, ...], gemms: tuple[GemmConfig, ...], device: torch.device):
+        for config in gemms:
+            if config not in configs:
+                raise ValueError(f"{config.name} is not among the compiled configs {[c.name for c in configs]}")
+        self.lib = load_library(configs)
+        p, i, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+        for c in gemms:
+            ws = getattr(self.lib, f"{c.name}_workspace")
+            ws.restype, ws.argtypes = sz, [i, i, i]
+            run = getattr(self.lib, f"{c.name}_run")
+            run.restype, run.argtypes = i, [i, p, p, i, i, p, p, sz]
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self.device = torch.device("cuda", index)  # "cuda" and "cuda:0" must compare equal
+        self.device_index = index
+        self.sm_count = torch.cuda.get_device_properties(index).multi_processor_count
+        self.err = ctypes.create_string_buffer(_ERR_LEN)
+
+    def declare(self, name: str, restype, argtypes: list) -> None:
+        fn = getattr(self.lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+
+    def check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            raise GemmLaunchError(f"{what} failed (code {rc}): {self.err.value.decode(errors='replace')}")
+
+    def stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+    def workspace(self, gemms: tuple[GemmConfig, ...], num_groups: int) -> torch.Tensor:
+        nbytes = max(int(getattr(self.lib, f"{c.name}_workspace")(num_groups, self.device_index, self.sm_count))
+                     for c in gemms)
+        return torch.empty(max(nbytes, 16), dtype=torch.uint8, device=self.device)
+
+    def run_gemm(self, config: GemmConfig, num_groups: int, plan_ptr: int, workspace: torch.Tensor, what: str) -> None:
+        rc = getattr(self.lib, f"{config.name}_run")(num_groups, plan_ptr, workspace.data_ptr(), self.device_index,
+                                                     self.sm_count, self.stream(), self.err, _ERR_LEN)
+        self.check(rc, f"{what} ({config.name})")
+
+    def read_int32(self, plan: torch.Tensor, offset: int) -> int:
+        """One int32 of a device plan (syncs the stream)."""
+        return int(plan[offset:offset + 4].view(torch.int32).item())
+
+
+class PlanStage:
+    """What both CUTLASS stages share once their buffers exist: the GEMM launches from the device plan
+    and the plan's readouts. A subclass sets ``_launch``, ``plan``, ``workspace``, ``gemm1``, ``gemm2``,
+    ``grouping``, ``_gemm_groups``, ``_total_rows_offset`` and ``_gemm_offset(groups, which)``."""
+
+    def run_gemm(self, which: int) -> None:
+        groups = self._gemm_groups
+        plan = self.plan.data_ptr() + int(self._gemm_offset(groups, which))
+        self._launch.run_gemm(self.gemm1 if which == 1 else self.gemm2, groups, plan, self.workspace, f"GEMM{which}")
+
+    def error_flags(self) -> int:
+        """The device error word of the last setup (``ERROR_*`` bits); reading it syncs the stream."""
+        return self._launch.read_int32(self.plan, self._total_rows_offset + 4)
+
+    def total_rows(self) -> int:
+        return self._launch.read_int32(self.plan, self._total_rows_offset)
+
+    def describe(self) -> str:
+        return f"{self.grouping}:{self.gemm1.name}|{self.gemm2.name}"  # the names say swiglu / fp8 kernels
+
+
+class CutlassExpertStage(PlanStage):
     """SwiGLU experts over one rank's receive layout with CUTLASS grouped GEMMs (same call as
     ``TorchExpertStage``; CUDA, bf16 only).
 
@@ -144,15 +213,10 @@ class CutlassExpertStage:
         self.gemm1 = gemm1
         self.gemm2 = gemm2 or pick_config(rows_per_gemm_group)
         self.pair_rows = swiglu_pair_rows(self.gemm1) if fused_swiglu else 0
-        for which, config in (("gemm1", self.gemm1), ("gemm2", self.gemm2)):
-            if config not in configs:
-                raise ValueError(f"{which}={config.name} is not among the compiled configs {[c.name for c in configs]}")
-        self._lib = load_library(configs)
-        self._declare(self._lib, (self.gemm1, self.gemm2))
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        self.device = torch.device("cuda", index)  # "cuda" and "cuda:0" must compare equal below
-        self._device_index = index
-        self._sm_count = torch.cuda.get_device_properties(index).multi_processor_count
+        self._launch = StageLibrary(configs, (self.gemm1, self.gemm2), self.device)
+        self._lib = self._launch.lib
+        self._declare(self._launch, fused_swiglu)
+        self.device = self._launch.device
         groups = shape.num_groups
         dtype = torch.bfloat16
         # Fused SwiGLU never writes h13, but the setup kernel still derives GEMM1's D pointers from it
@@ -170,39 +234,25 @@ class CutlassExpertStage:
         else:
             self.xc = self.yc = None
         self._gemm_groups = shape.slots_per_rank if self.grouping == "slot" else groups
-        ws = max(int(getattr(self._lib, f"{c.name}_workspace")(self._gemm_groups, index, self._sm_count))
-                 for c in (self.gemm1, self.gemm2))
-        self.workspace = torch.empty(max(ws, 16), dtype=torch.uint8, device=self.device)
-        self._err = ctypes.create_string_buffer(_ERR_LEN)
+        self.workspace = self._launch.workspace((self.gemm1, self.gemm2), self._gemm_groups)
+        self._err = self._launch.err
+        self._check = self._launch.check
+        self._stream = self._launch.stream
         self._total_rows_offset = int(self._lib.eep_stage_total_rows_offset(groups))
+        self._gemm_offset = self._lib.eep_stage_plan_gemm_offset
 
     @staticmethod
-    def _declare(lib: ctypes.CDLL, configs: tuple[GemmConfig, ...]) -> None:
+    def _declare(launch: StageLibrary, fused_swiglu: bool) -> None:
         p, i, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
-        lib.eep_stage_plan_nbytes.restype = sz
-        lib.eep_stage_plan_nbytes.argtypes = [i]
-        lib.eep_stage_plan_gemm_offset.restype = sz
-        lib.eep_stage_plan_gemm_offset.argtypes = [i, i]
-        lib.eep_stage_total_rows_offset.restype = sz
-        lib.eep_stage_total_rows_offset.argtypes = [i]
-        lib.eep_stage_setup.restype = i
-        lib.eep_stage_setup.argtypes = [p, ctypes.POINTER(_StageShapeC), p, p, p, p, p, p, p, i, i, i, p, p, p, p, sz]
-        lib.eep_copy_rows.restype = i
-        lib.eep_copy_rows.argtypes = [p, p, p, ctypes.POINTER(_StageShapeC), i, p, p, sz]
-        lib.eep_swiglu.restype = i
-        lib.eep_swiglu.argtypes = [p, p, p, i, i, i, i, p, p, sz]
-        if any(c.swiglu for c in configs):
-            lib.eep_swiglu_plan_patch.restype = i
-            lib.eep_swiglu_plan_patch.argtypes = [p, i, p, p, p, p, sz]
-        for c in configs:
-            ws = getattr(lib, f"{c.name}_workspace")
-            ws.restype, ws.argtypes = sz, [i, i, i]
-            run = getattr(lib, f"{c.name}_run")
-            run.restype, run.argtypes = i, [i, p, p, i, i, p, p, sz]
-
-    def _check(self, rc: int, what: str) -> None:
-        if rc != 0:
-            raise GemmLaunchError(f"{what} failed (code {rc}): {self._err.value.decode(errors='replace')}")
+        launch.declare("eep_stage_plan_nbytes", sz, [i])
+        launch.declare("eep_stage_plan_gemm_offset", sz, [i, i])
+        launch.declare("eep_stage_total_rows_offset", sz, [i])
+        launch.declare("eep_stage_setup", i, [p, ctypes.POINTER(_StageShapeC), p, p, p, p, p, p, p, i, i, i, p, p, p,
+                                              p, sz])
+        launch.declare("eep_copy_rows", i, [p, p, p, ctypes.POINTER(_StageShapeC), i, p, p, sz])
+        launch.declare("eep_swiglu", i, [p, p, p, i, i, i, i, p, p, sz])
+        if fused_swiglu:
+            launch.declare("eep_swiglu_plan_patch", i, [p, i, p, p, p, p, sz])
 
     # ---- the four launches, public so the benchmark can time each ----
     def setup(self, x: torch.Tensor, count: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> None:
@@ -246,18 +296,10 @@ class CutlassExpertStage:
                                      ctypes.byref(self._shape_c), int(to_compact), self._stream(), self._err, _ERR_LEN)
         self._check(rc, "eep_copy_rows")
 
-    def run_gemm(self, which: int) -> None:
-        config = self.gemm1 if which == 1 else self.gemm2
-        groups = self._gemm_groups
-        plan = self.plan.data_ptr() + int(self._lib.eep_stage_plan_gemm_offset(groups, which))
-        rc = getattr(self._lib, f"{config.name}_run")(groups, plan, self.workspace.data_ptr(), self._device_index,
-                                                      self._sm_count, self._stream(), self._err, _ERR_LEN)
-        self._check(rc, f"GEMM{which} ({config.name})")
-
     def swiglu(self) -> None:
         s = self.shape
         rc = self._lib.eep_swiglu(self.h13.data_ptr(), self.h.data_ptr(), self.plan.data_ptr(), s.num_groups,
-                                  s.capacity_rows, s.inter, self._sm_count, self._stream(), self._err, _ERR_LEN)
+                                  s.capacity_rows, s.inter, self._launch.sm_count, self._stream(), self._err, _ERR_LEN)
         self._check(rc, "eep_swiglu")
 
     def __call__(self, x: torch.Tensor, count: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -271,21 +313,6 @@ class CutlassExpertStage:
         if self.grouping == "slot":
             self.copy_rows(self.out_buffer, to_compact=False)
         return self.out_buffer
-
-    def error_flags(self) -> int:
-        """The device error word of the last setup (``ERROR_*`` bits); reading it syncs the stream."""
-        word = self.plan[self._total_rows_offset + 4:self._total_rows_offset + 8]
-        return int(word.view(torch.int32).item())
-
-    def total_rows(self) -> int:
-        word = self.plan[self._total_rows_offset:self._total_rows_offset + 4]
-        return int(word.view(torch.int32).item())
-
-    def describe(self) -> str:
-        return f"{self.grouping}:{self.gemm1.name}|{self.gemm2.name}"  # gemm1 name says "swiglu" when fused
-
-    def _stream(self) -> int:
-        return torch.cuda.current_stream(self.device).cuda_stream
 
 
 def _ptr(t: torch.Tensor | None) -> int:

@@ -99,3 +99,38 @@ class TorchExpertStage:
         y = grouped_mm(h, w2.transpose(1, 2), offs, use_torch=self.use_torch_grouped_mm)  # [rows, H]
         self._out.index_copy_(0, rows, y)
         return self.out
+
+
+class TorchFp8ExpertStage:
+    """The FP8 expert stage in plain torch ops, one slot at a time (any device; the fallback where the
+    CUTLASS FP8 stage does not run, and what the CPU tests run ``MoELayer``'s FP8 path with). It reads
+    the counts on the host, so unlike the CUTLASS stage it cannot be captured in a CUDA graph.
+
+    Same call as ``CutlassFp8ExpertStage``: ``stage(x, x_scale, count, w13, w2)`` with x float8_e4m3fn in
+    the receive layout, x_scale per 128 channels or per row, w13/w2 ``Fp8Weight``; returns bf16 in the
+    receive layout (zero past each block's count). Rounds where the fused stage does: GEMM outputs to
+    bf16, the SwiGLU output requantised per token and 128 channels (``eep.fp8.quantize_rows``).
+    """
+
+    def __init__(self, shape: ExpertStageShape, *, device: torch.device | str):
+        self.shape = shape
+        self.device = torch.device(device)
+
+    def __call__(self, x: torch.Tensor, x_scale: torch.Tensor, count: torch.Tensor, w13, w2) -> torch.Tensor:
+        from eep.fp8 import dequantize_rows, quantize_rows
+
+        s = self.shape
+        out = torch.zeros(x.shape, dtype=torch.bfloat16, device=x.device)
+        count = count.clamp(0, s.max_tokens_per_rank).tolist()
+        for slot in range(s.slots_per_rank):
+            sizes = count[slot]
+            if not sum(sizes):
+                continue
+            rows = torch.cat([x[slot, src, :n] for src, n in enumerate(sizes)])
+            scales = torch.cat([x_scale[slot, src, :n] for src, n in enumerate(sizes)])
+            h13 = (dequantize_rows(rows, scales) @ w13[slot].dequantize().T).to(torch.bfloat16)  # [rows, 2I]
+            h = F.silu(h13[:, :s.inter].float()) * h13[:, s.inter:].float()
+            y = (dequantize_rows(*quantize_rows(h)) @ w2[slot].dequantize().T).to(torch.bfloat16)
+            for src, part in enumerate(y.split(sizes)):
+                out[slot, src, :sizes[src]] = part
+        return out

@@ -1,15 +1,17 @@
 // What every expert GEMM of the library shares: one CUTLASS 3.x SM90 pointer-array grouped GEMM
-// (TMA loads, warp-specialized persistent kernel, bf16 x bf16 -> fp32), its arguments and launch
+// (TMA loads, warp-specialized persistent kernel, fp32 accumulation), its arguments and launch
 // from the stage's device plan (expert_gemm.cuh: problem sizes, pointers and leading dimensions per
-// group), and the two C entry points a generated translation unit exports. The plain kernels
-// (grouped_gemm.cuh) and GEMM1 with SwiGLU in its epilogue (swiglu_gemm.cuh) differ only in the
-// epilogue policy they pass.
+// group, plus the block-scale pointers of FP8 GEMMs), the plain bf16 TMA-store epilogue, and the
+// two C entry points a generated translation unit exports. The plain bf16 kernels (grouped_gemm.cuh)
+// and GEMM1 with SwiGLU in its epilogue (swiglu_gemm.cuh) differ only in the epilogue policy they
+// pass; the FP8 kernels (fp8_gemm.cuh) in their mainloop.
 #pragma once
 
 #include <cstdio>
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/gemm/collective/collective_builder.hpp"
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
@@ -22,11 +24,40 @@
 
 namespace eep_gemm {
 
-template <class Gemm, class ProblemShape, class Element, class StrideA, class StrideB, class StrideD>
+// void C: no source operand is read, the epilogue only stores D = acc in bf16 (TMA store).
+struct PlainEpilogue {
+  template <class TileShape, class ClusterShape, class LayoutD, int Schedule, bool Swap>
+  using Collective = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, 8, cutlass::bfloat16_t, LayoutD*,
+      8,
+      cute::conditional_t<Schedule == 0, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+                          cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>,
+      cutlass::epilogue::fusion::LinearCombination<cutlass::bfloat16_t, float, void, float>>::CollectiveOp;
+};
+
+// Arguments and launch of one grouped GEMM whose A and B are `Element` (bf16, or float_e4m3 with
+// kBlockScaled: the plan then carries each group's scale pointers too, see ScalePlan) and whose D is bf16.
+template <class Gemm, class ProblemShape, class Element, class StrideA, class StrideB, class StrideD,
+          bool kBlockScaled = false>
 struct GroupedLaunch {
   // The plan stores each stride as its one dynamic int64 (the leading dimension).
   static_assert(sizeof(StrideA) == 8 && sizeof(StrideB) == 8 && sizeof(StrideD) == 8, "stride is not one int64");
   static_assert(sizeof(typename ProblemShape::UnderlyingProblemShape) == 12, "problem shape is not 3 x int32");
+
+  static typename Gemm::GemmKernel::MainloopArguments mainloop(const GemmPlan& p, char* plan_bytes, int num_groups) {
+    if constexpr (kBlockScaled) {
+      // The scale layouts follow each group's problem shape inside the kernel; CUTLASS only keeps
+      // these (unused) layout arrays, so none is passed.
+      ScalePlan q = scale_plan_at(plan_bytes, num_groups);
+      return {reinterpret_cast<const Element**>(p.ptr_a), reinterpret_cast<StrideA*>(p.ld_a),
+              reinterpret_cast<const Element**>(p.ptr_b), reinterpret_cast<StrideB*>(p.ld_b),
+              q.ptr_sfa, nullptr, q.ptr_sfb, nullptr};
+    } else {
+      return {reinterpret_cast<const Element**>(p.ptr_a), reinterpret_cast<StrideA*>(p.ld_a),
+              reinterpret_cast<const Element**>(p.ptr_b), reinterpret_cast<StrideB*>(p.ld_b)};
+    }
+  }
 
   static typename Gemm::Arguments arguments(int num_groups, char* plan_bytes, int device, int sm_count) {
     GemmPlan p = plan_at(plan_bytes, num_groups);
@@ -40,9 +71,8 @@ struct GroupedLaunch {
     args = typename Gemm::Arguments{
         cutlass::gemm::GemmUniversalMode::kGrouped,
         {num_groups, reinterpret_cast<typename ProblemShape::UnderlyingProblemShape*>(p.problems), nullptr},
-        {reinterpret_cast<const Element**>(p.ptr_a), reinterpret_cast<StrideA*>(p.ld_a),
-         reinterpret_cast<const Element**>(p.ptr_b), reinterpret_cast<StrideB*>(p.ld_b)},
-        {fusion, nullptr, nullptr, reinterpret_cast<Element**>(p.ptr_d), reinterpret_cast<StrideD*>(p.ld_d)},
+        mainloop(p, plan_bytes, num_groups),
+        {fusion, nullptr, nullptr, reinterpret_cast<cutlass::bfloat16_t**>(p.ptr_d), reinterpret_cast<StrideD*>(p.ld_d)},
         hw};
     return args;
   }

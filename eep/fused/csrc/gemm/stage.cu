@@ -17,8 +17,7 @@ __host__ __device__ inline size_t full_plan_nbytes(int num_blocks) {
   return row_count_offset(num_blocks) + align_up(size_t(num_blocks) * 4, 16);
 }
 
-// One block. Counts come from peers: a count over max_tokens_per_rank, or rows past the
-// intermediate's capacity, empty the group and raise the error word instead of writing out of bounds.
+// One block: the shared scan (expert_gemm.cuh) decides each block's kept rows and compact offset.
 __global__ void __launch_bounds__(kMaxSetupThreads)
 stage_setup_kernel(const int* __restrict__ count, StageShape s, const __nv_bfloat16* x, const __nv_bfloat16* w13,
                    const __nv_bfloat16* w2, __nv_bfloat16* h13, __nv_bfloat16* h, __nv_bfloat16* out, char* plan,
@@ -29,55 +28,23 @@ stage_setup_kernel(const int* __restrict__ count, StageShape s, const __nv_bfloa
   GemmPlan p2 = plan_at(plan + plan_nbytes_one(num_groups), num_groups);
   int* row_offset = reinterpret_cast<int*>(plan + 2 * plan_nbytes_one(num_groups));
   int* total_rows = row_offset + align_up(size_t(num_groups) * 4, 16) / 4;
-  int* error = total_rows + 1;
-
-  __shared__ int partial[kMaxSetupThreads];
-  const int per_thread = (num_groups + blockDim.x - 1) / blockDim.x;
-  const int first = threadIdx.x * per_thread;
-  const int last = min(num_groups, first + per_thread);
-  int sum = 0;
-  for (int g = first; g < last; ++g) sum += min(max(count[g], 0), s.max_tokens_per_rank);
-  partial[threadIdx.x] = sum;
-  __syncthreads();
-  for (int step = 1; step < blockDim.x; step <<= 1) {  // inclusive Hillis-Steele scan of the partials
-    int v = threadIdx.x >= step ? partial[threadIdx.x - step] : 0;
-    __syncthreads();
-    partial[threadIdx.x] += v;
-    __syncthreads();
-  }
-  int offset = partial[threadIdx.x] - sum;
-  int bad = 0;
-  for (int g = first; g < last; ++g) {
-    const int raw = count[g];
-    int tokens = min(max(raw, 0), s.max_tokens_per_rank);
-    if (raw != tokens) bad |= 1;
-    if (offset + tokens > s.capacity_rows) { bad |= 2; tokens = 0; }
-    const int slot = g / s.num_ranks, src = g % s.num_ranks;
-    const int64_t block = slot * s.x_slot_stride + src * s.x_src_stride;
-    const int n13 = 2 * s.inter;
-    const int row = offset;  // this block's first compact row
-    row_count[g] = tokens;
-    row_offset[g] = row;
-    offset += tokens;
-    if (per_slot) continue;
-    write_group(p1, g, swap1, tokens, n13, s.hidden, x + block, s.x_row_stride, w13 + slot * s.w13_slot_stride,
-                s.hidden, h13 + int64_t(row) * n13, n13);
-    write_group(p2, g, swap2, tokens, s.hidden, s.inter, h + int64_t(row) * s.inter, s.inter,
-                w2 + slot * s.w2_slot_stride, s.inter, out + block, s.x_row_stride);
-  }
-  if (bad) atomicOr(error, bad);
-  if (threadIdx.x == blockDim.x - 1) *total_rows = min(offset, s.capacity_rows);
+  const int n13 = 2 * s.inter;
+  scan_blocks(count, s, row_count, row_offset, total_rows, total_rows + 1,
+              [&](int g, int slot, int src, int tokens, int row) {
+                if (per_slot) return;
+                const int64_t block = slot * s.x_slot_stride + src * s.x_src_stride;
+                write_group(p1, g, swap1, tokens, n13, s.hidden, x + block, s.x_row_stride,
+                            w13 + slot * s.w13_slot_stride, s.hidden, h13 + int64_t(row) * n13, n13);
+                write_group(p2, g, swap2, tokens, s.hidden, s.inter, h + int64_t(row) * s.inter, s.inter,
+                            w2 + slot * s.w2_slot_stride, s.inter, out + block, s.x_row_stride);
+              });
   if (!per_slot) return;
-  // A slot's kept rows are contiguous: blocks skipped for capacity form a suffix of the order.
-  __syncthreads();  // row_offset / row_count written above are read by other threads below
   GemmPlan q1 = plan_at(plan, s.slots_per_rank);
   GemmPlan q2 = plan_at(plan + plan_nbytes_one(s.slots_per_rank), s.slots_per_rank);
   for (int slot = threadIdx.x; slot < s.slots_per_rank; slot += blockDim.x) {
-    const int first_block = slot * s.num_ranks;
-    int tokens = 0;
-    for (int src = 0; src < s.num_ranks; ++src) tokens += row_count[first_block + src];
-    const int64_t off = row_offset[first_block];
-    const int n13 = 2 * s.inter;
+    int tokens;
+    int64_t off;
+    slot_span(row_count, row_offset, s, slot, &tokens, &off);
     write_group(q1, slot, swap1, tokens, n13, s.hidden, xc + off * s.hidden, s.hidden,
                 w13 + slot * s.w13_slot_stride, s.hidden, h13 + off * n13, n13);
     write_group(q2, slot, swap2, tokens, s.hidden, s.inter, h + off * s.inter, s.inter,
@@ -86,23 +53,15 @@ stage_setup_kernel(const int* __restrict__ count, StageShape s, const __nv_bfloa
 }
 
 // Per-slot grouping: copy the kept rows of block blockIdx.x between the receive layout and the
-// compact buffer (to_compact: gather x before GEMM1; else scatter GEMM2's rows to out), 16 bytes a step.
+// compact buffer (to_compact: gather x before GEMM1; else scatter GEMM2's rows to out).
 __global__ void copy_rows_kernel(__nv_bfloat16* layout, __nv_bfloat16* compact, const char* plan, StageShape s,
                                  bool to_compact) {
   const int num_blocks = s.slots_per_rank * s.num_ranks;
-  const int g = blockIdx.x;
   const int* row_offset = reinterpret_cast<const int*>(plan + 2 * plan_nbytes_one(num_blocks));
   const int* row_count = reinterpret_cast<const int*>(plan + row_count_offset(num_blocks));
-  const int n = row_count[g], off = row_offset[g];
-  const int slot = g / s.num_ranks, src = g % s.num_ranks;
-  const int vec_per_row = s.hidden / 8;
-  for (int j = blockIdx.y; j < n; j += gridDim.y) {
-    uint4* l = reinterpret_cast<uint4*>(layout + slot * s.x_slot_stride + src * s.x_src_stride + j * s.x_row_stride);
-    uint4* c = reinterpret_cast<uint4*>(compact + int64_t(off + j) * s.hidden);
-    for (int v = threadIdx.x; v < vec_per_row; v += blockDim.x) {
-      if (to_compact) c[v] = l[v]; else l[v] = c[v];
-    }
-  }
+  const int64_t e = sizeof(__nv_bfloat16);
+  copy_block_rows(reinterpret_cast<char*>(layout), reinterpret_cast<char*>(compact), row_count, row_offset, s,
+                  s.x_slot_stride * e, s.x_src_stride * e, s.x_row_stride * e, int(s.hidden * e), to_compact);
 }
 
 __device__ inline float silu(float v) { return v / (1.f + __expf(-v)); }
