@@ -14,7 +14,7 @@ stays out of the routing tables until the final switch.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +28,8 @@ from eep.state import NO_EXPERT, ExpertPlacement, Membership
 
 @dataclass
 class ReintegrationPlan:
-    rank: int
-    epoch: int  # the epoch in which the rank is active again
+    ranks: list[int]  # the rejoining ranks, ascending
+    epoch: int  # the epoch in which they are active again
     old_placement: ExpertPlacement
     placement: ExpertPlacement
     transfers: list[Transfer]
@@ -37,12 +37,19 @@ class ReintegrationPlan:
     bandwidth: Bandwidth
     predicted_s: float
 
+    @property
+    def rank(self) -> int:
+        """The rejoining rank, when there is one."""
+        if len(self.ranks) != 1:
+            raise ValueError(f"this plan brings back ranks {self.ranks}, not one")
+        return self.ranks[0]
+
     def execute(self, executor: RepairExecutor) -> ExecutionReport:
         """Stage every batch, then switch the maps (and membership) in one commit."""
         return run_transfers(executor, self.transfers, self.placement, self.epoch)
 
 
-def plan_reintegration(placement: ExpertPlacement, membership: Membership, rank: int,
+def plan_reintegration(placement: ExpertPlacement, membership: Membership, rank: int | Iterable[int],
                        load: torch.Tensor | None = None, *, tiers: Sequence[ExpertSource] | None = None,
                        bandwidth: Bandwidth | None = None, expert_nbytes: ExpertBytes | None = None,
                        layer_ids: Sequence[int] | None = None, batch_layers: int = 1) -> ReintegrationPlan:
@@ -51,11 +58,19 @@ def plan_reintegration(placement: ExpertPlacement, membership: Membership, rank:
     Parameters:
         placement: the maps in force now (``rank`` holds nothing).
         membership: the membership now (``rank`` inactive).
+        rank: one rank, or several that rejoin together: their slots are filled in ascending rank
+            order, each seeing the replicas the earlier ones took, and copy only from ranks active
+            in ``membership`` (a co-joiner's slots are not filled yet).
         load: ``[num_layers, num_experts]`` recent token counts; ``None`` means uniform.
-        tiers: used only for an expert with no live replica (cannot happen in a valid instance).
+        tiers: used only for an expert with no live replica (an instance that lost coverage: such
+            experts rank first, so a rejoin restores coverage before it adds redundancy).
         batch_layers: layers per transfer batch.
     """
-    membership.check_join(rank)
+    ranks = [rank] if isinstance(rank, int) else sorted(set(int(r) for r in rank))
+    if not ranks:
+        raise ValueError("plan_reintegration needs at least one rank")
+    for r in ranks:
+        membership.check_join(r)
     bandwidth = bandwidth or Bandwidth()
     tiers = tier_order(list(tiers or []))
     slots = placement.slots_per_rank
@@ -65,29 +80,31 @@ def plan_reintegration(placement: ExpertPlacement, membership: Membership, rank:
         else torch.as_tensor(load, dtype=torch.float64).expand(placement.num_layers, -1)
 
     new_p2l = placement.phys_to_logical.clone()
-    new_p2l[:, rank * slots:(rank + 1) * slots] = NO_EXPERT  # whatever a dead rank held is gone
+    for r in ranks:
+        new_p2l[:, r * slots:(r + 1) * slots] = NO_EXPERT  # whatever a dead rank held is gone
     slot_is_active = membership.active_cpu.repeat_interleave(slots).tolist()
     transfers: list[Transfer] = []
     source_use: dict[int, int] = defaultdict(int)
     for layer, (row, load_row) in enumerate(zip(new_p2l.tolist(), load.tolist())):
         sources = live_slots_by_expert(row, slot_is_active)
         chooser = ReplicaChooser(load_row, [len(sources.get(e, ())) for e in range(placement.num_experts)])
-        chosen: set[int] = set()
         ckpt = layer_ids[layer]
-        for local in range(min(slots, placement.num_experts)):
-            expert = chooser.take(chosen)
-            chosen.add(expert)
-            phys = rank * slots + local
-            if expert in sources:
-                src = min(sources[expert], key=lambda p: (source_use[p // slots], p))
-                source_use[src // slots] += 1
-                transfer = Transfer(layer, ckpt, expert, PEER, src // slots, src, rank, phys, nbytes_of(ckpt, expert))
-            else:  # no live replica (only in an invalid instance): the fastest tier that has it
-                tier = next((t for t in tiers if t.has_expert(ckpt, expert)), None)
-                transfer = Transfer(layer, ckpt, expert, tier.name if tier else HOST, None, None, rank, phys,
-                                    nbytes_of(ckpt, expert))
-            transfers.append(transfer)
-            row[phys] = expert
+        for r in ranks:
+            chosen: set[int] = set()
+            for local in range(min(slots, placement.num_experts)):
+                expert = chooser.take(chosen)
+                chosen.add(expert)
+                phys = r * slots + local
+                if expert in sources:
+                    src = min(sources[expert], key=lambda p: (source_use[p // slots], p))
+                    source_use[src // slots] += 1
+                    transfer = Transfer(layer, ckpt, expert, PEER, src // slots, src, r, phys, nbytes_of(ckpt, expert))
+                else:  # no live replica (only in an instance that lost coverage): the fastest tier that has it
+                    tier = next((t for t in tiers if t.has_expert(ckpt, expert)), None)
+                    transfer = Transfer(layer, ckpt, expert, tier.name if tier else HOST, None, None, r, phys,
+                                        nbytes_of(ckpt, expert))
+                transfers.append(transfer)
+                row[phys] = expert
         new_p2l[layer] = torch.tensor(row, dtype=torch.int64)
 
     new_placement = ExpertPlacement.from_phys_to_logical(new_p2l, num_ranks=placement.num_ranks,
@@ -95,5 +112,5 @@ def plan_reintegration(placement: ExpertPlacement, membership: Membership, rank:
     transfers, predicted_s = _predict(transfers, bandwidth)
     batches = [[t for t in transfers if start <= t.layer < start + batch_layers]
                for start in range(0, placement.num_layers, batch_layers)]
-    return ReintegrationPlan(rank, membership.epoch + 1, placement, new_placement, transfers,
+    return ReintegrationPlan(ranks, membership.epoch + 1, placement, new_placement, transfers,
                              [b for b in batches if b], bandwidth, predicted_s)

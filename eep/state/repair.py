@@ -12,7 +12,11 @@ Per layer:
   3. When no spare slot is left, it takes a donor slot: a replica of the expert that currently
      has the most replicas (ties: lowest id), on the first rank in round-robin order holding one.
   4. If neither exists the layer cannot be repaired: ``InsufficientSlotsError`` says how many
-     slots are missing. Nothing is applied in that case (the function is pure).
+     slots are missing. Nothing is applied in that case (the function is pure). With
+     ``allow_uncovered=True`` it repairs what the slots allow instead (every spare, then every
+     donor slot, orphans in ascending id) and lists the rest in ``CoverageRepair.uncovered``: an
+     instance in that state is not EP-valid and must not serve (the runtime holds its requests
+     until a rejoin covers them, or refuses them naming the experts and the missing slots).
 """
 
 from __future__ import annotations
@@ -47,23 +51,35 @@ class CoverageRepair:
     epoch: int
     assignments: list[SlotAssignment] = field(default_factory=list)
     num_dropped_slots: int = 0  # replicas lost on dead ranks (routing-only, no bytes)
+    # only with ``allow_uncovered``: {layer: experts with no replica left}, and the slots missing in
+    # the worst layer (a slot exists in every layer, so that many more slots would cover them all)
+    uncovered: dict[int, list[int]] = field(default_factory=dict)
+    num_missing_slots: int = 0
 
     @property
     def is_routing_only(self) -> bool:
         return not self.assignments
 
+    @property
+    def is_covered(self) -> bool:
+        return not self.uncovered
 
-def repair_coverage(placement: ExpertPlacement, membership: Membership) -> CoverageRepair:
+
+def repair_coverage(placement: ExpertPlacement, membership: Membership, *,
+                    allow_uncovered: bool = False) -> CoverageRepair:
     """New placement in which every logical expert has a replica on an active rank.
 
     Parameters:
         placement: the maps before the change (not modified).
         membership: the membership after the change.
+        allow_uncovered: when a layer has more orphans than slots, repair as many as fit and list
+            the rest in ``uncovered`` instead of raising.
     Returns:
         ``CoverageRepair`` with the new placement and the slot assignments whose weights must be
         restored (from a peer replica, host memory or disk: the repair planner decides).
     Raises:
-        InsufficientSlotsError: a layer has more orphans than spare plus donor slots.
+        InsufficientSlotsError: a layer has more orphans than spare plus donor slots (unless
+            ``allow_uncovered``).
     """
     if membership.num_ranks != placement.num_ranks:
         raise PlacementError(f"membership has {membership.num_ranks} rank slots, placement {placement.num_ranks}")
@@ -92,13 +108,19 @@ def repair_coverage(placement: ExpertPlacement, membership: Membership) -> Cover
     dead_list = slot_is_dead.tolist()
 
     assignments: list[SlotAssignment] = []
+    uncovered: dict[int, list[int]] = {}
+    num_missing_slots = 0
     for layer, counts in zip(layers_with_orphans, counts_all[layers_with_orphans].tolist()):
         orphans = [e for e, c in enumerate(counts) if c == 0]
         spare_by_rank = spare_by_layer[layer]
         num_spare = sum(len(v) for v in spare_by_rank.values())
         num_donor = sum(c - 1 for c in counts if c > 1)
         if len(orphans) > num_spare + num_donor:
-            raise InsufficientSlotsError(layer, orphans, len(orphans) - num_spare - num_donor, num_spare + num_donor)
+            missing = len(orphans) - num_spare - num_donor
+            if not allow_uncovered:
+                raise InsufficientSlotsError(layer, orphans, missing, num_spare + num_donor)
+            orphans, uncovered[layer] = orphans[:num_spare + num_donor], orphans[num_spare + num_donor:]
+            num_missing_slots = max(num_missing_slots, missing)
         donors = _DonorQueue(counts, placement.logical_to_phys[layer], dead_list) if len(orphans) > num_spare else None
 
         cursor = layer % len(active_ranks)
@@ -118,7 +140,8 @@ def repair_coverage(placement: ExpertPlacement, membership: Membership) -> Cover
 
     new_placement = ExpertPlacement.from_phys_to_logical(
         new_p2l, num_ranks=placement.num_ranks, slots_per_rank=slots, num_experts=num_experts)
-    return CoverageRepair(placement, new_placement, membership.epoch, assignments, num_dropped)
+    return CoverageRepair(placement, new_placement, membership.epoch, assignments, num_dropped, uncovered,
+                          num_missing_slots)
 
 
 def _round_robin(active_ranks: list[int], cursor: int):
