@@ -21,7 +21,7 @@ import torch
 
 from eep.repair.bandwidth import Bandwidth
 from eep.repair.plan import (ExecutionReport, ExpertBytes, RepairExecutor, ReplicaChooser, Transfer, _nbytes_function,
-                             _predict, live_slots_by_expert, run_transfers)
+                             _predict, run_transfers)
 from eep.repair.tiers import HOST, PEER, ExpertSource, tier_order
 from eep.state import NO_EXPERT, ExpertPlacement, Membership
 
@@ -79,33 +79,44 @@ def plan_reintegration(placement: ExpertPlacement, membership: Membership, rank:
     load = torch.ones(placement.num_layers, placement.num_experts, dtype=torch.float64) if load is None \
         else torch.as_tensor(load, dtype=torch.float64).expand(placement.num_layers, -1)
 
+    num_layers, num_experts = placement.num_layers, placement.num_experts
     new_p2l = placement.phys_to_logical.clone()
     for r in ranks:
         new_p2l[:, r * slots:(r + 1) * slots] = NO_EXPERT  # whatever a dead rank held is gone
-    slot_is_active = membership.active_cpu.repeat_interleave(slots).tolist()
-    transfers: list[Transfer] = []
-    source_use: dict[int, int] = defaultdict(int)
-    for layer, (row, load_row) in enumerate(zip(new_p2l.tolist(), load.tolist())):
-        sources = live_slots_by_expert(row, slot_is_active)
-        chooser = ReplicaChooser(load_row, [len(sources.get(e, ())) for e in range(placement.num_experts)])
-        ckpt = layer_ids[layer]
+    slot_active = membership.active_cpu.repeat_interleave(slots)  # co-joiners are not active yet: no source
+    # live replicas per expert, every layer at once (tensor ops; the choices below are sequential)
+    key = torch.where((new_p2l != NO_EXPERT) & slot_active, new_p2l, num_experts)
+    live_counts = torch.zeros(num_layers, num_experts + 1, dtype=torch.int64).scatter_add_(
+        1, key, torch.ones_like(key))[:, :num_experts].tolist()
+    replicas = placement.logical_to_phys[:, :, :max(1, int(placement.replica_count.max()))]
+    slot_is_active = slot_active.tolist()
+    rows = new_p2l.tolist()
+    picks = []  # (layer, joiner, local slot, expert) in the order they were chosen
+    for layer, load_row in enumerate(load.tolist()):
+        chooser = ReplicaChooser(load_row, live_counts[layer])
         for r in ranks:
             chosen: set[int] = set()
-            for local in range(min(slots, placement.num_experts)):
+            for local in range(min(slots, num_experts)):
                 expert = chooser.take(chosen)
                 chosen.add(expert)
-                phys = r * slots + local
-                if expert in sources:
-                    src = min(sources[expert], key=lambda p: (source_use[p // slots], p))
-                    source_use[src // slots] += 1
-                    transfer = Transfer(layer, ckpt, expert, PEER, src // slots, src, r, phys, nbytes_of(ckpt, expert))
-                else:  # no live replica (only in an instance that lost coverage): the fastest tier that has it
-                    tier = next((t for t in tiers if t.has_expert(ckpt, expert)), None)
-                    transfer = Transfer(layer, ckpt, expert, tier.name if tier else HOST, None, None, r, phys,
-                                        nbytes_of(ckpt, expert))
-                transfers.append(transfer)
-                row[phys] = expert
-        new_p2l[layer] = torch.tensor(row, dtype=torch.int64)
+                picks.append((layer, r, local, expert))
+    listed_all = replicas[[p[0] for p in picks], [p[3] for p in picks]].tolist() if picks else []
+    transfers: list[Transfer] = []
+    source_use: dict[int, int] = defaultdict(int)  # spread the peer reads over the source ranks
+    for (layer, r, local, expert), listed in zip(picks, listed_all):
+        ckpt, phys = layer_ids[layer], r * slots + local
+        sources = [p for p in listed if p != NO_EXPERT and slot_is_active[p]]
+        if sources:
+            src = min(sources, key=lambda p: (source_use[p // slots], p))
+            source_use[src // slots] += 1
+            transfer = Transfer(layer, ckpt, expert, PEER, src // slots, src, r, phys, nbytes_of(ckpt, expert))
+        else:  # no live replica (only in an instance that lost coverage): the fastest tier that has it
+            tier = next((t for t in tiers if t.has_expert(ckpt, expert)), None)
+            transfer = Transfer(layer, ckpt, expert, tier.name if tier else HOST, None, None, r, phys,
+                                nbytes_of(ckpt, expert))
+        transfers.append(transfer)
+        rows[layer][phys] = expert
+    new_p2l = torch.tensor(rows, dtype=torch.int64)
 
     new_placement = ExpertPlacement.from_phys_to_logical(new_p2l, num_ranks=placement.num_ranks,
                                                          slots_per_rank=slots, num_experts=placement.num_experts)

@@ -105,23 +105,27 @@ def repair_coverage(placement: ExpertPlacement, membership: Membership, *,
         spare_all[[l for l in range(placement.num_layers) if l not in spare_by_layer]] = False
         for layer, phys in spare_all.nonzero().tolist():
             spare_by_layer[layer].setdefault(phys // slots, []).append(phys)
-    dead_list = slot_is_dead.tolist()
+    position = {rank: i for i, rank in enumerate(active_ranks)}  # round-robin order of the survivors
 
     assignments: list[SlotAssignment] = []
     uncovered: dict[int, list[int]] = {}
     num_missing_slots = 0
+    orphans_of: dict[int, list[int]] = {layer: [] for layer in layers_with_orphans}
+    for layer, expert in (counts_all == 0).nonzero().tolist():  # ascending (layer, expert)
+        orphans_of[layer].append(expert)
+    donors_of = (counts_all - 1).clamp(min=0).sum(1).tolist()  # replicas beyond the first, per layer
     for layer, counts in zip(layers_with_orphans, counts_all[layers_with_orphans].tolist()):
-        orphans = [e for e, c in enumerate(counts) if c == 0]
+        orphans = orphans_of[layer]
         spare_by_rank = spare_by_layer[layer]
         num_spare = sum(len(v) for v in spare_by_rank.values())
-        num_donor = sum(c - 1 for c in counts if c > 1)
+        num_donor = donors_of[layer]
         if len(orphans) > num_spare + num_donor:
             missing = len(orphans) - num_spare - num_donor
             if not allow_uncovered:
                 raise InsufficientSlotsError(layer, orphans, missing, num_spare + num_donor)
             orphans, uncovered[layer] = orphans[:num_spare + num_donor], orphans[num_spare + num_donor:]
             num_missing_slots = max(num_missing_slots, missing)
-        donors = _DonorQueue(counts, placement.logical_to_phys[layer], dead_list) if len(orphans) > num_spare else None
+        donors = _DonorQueue(counts, new_p2l[layer].tolist()) if len(orphans) > num_spare else None
 
         cursor = layer % len(active_ranks)
         for orphan in orphans:
@@ -130,10 +134,10 @@ def repair_coverage(placement: ExpertPlacement, membership: Membership, *,
                 phys = _take_spare(spare_by_rank, active_ranks, cursor)
                 num_spare -= 1
             else:
-                phys, old = donors.take(active_ranks, slots, cursor)
+                phys, old = donors.take(position, slots, cursor)
             rank = phys // slots
             assignments.append(SlotAssignment(layer, phys, rank, orphan, old))
-            cursor = (active_ranks.index(rank) + 1) % len(active_ranks)
+            cursor = (position[rank] + 1) % len(active_ranks)
     if assignments:
         index = torch.tensor([(a.layer, a.phys_slot, a.logical_expert_id) for a in assignments], dtype=torch.int64)
         new_p2l[index[:, 0], index[:, 1]] = index[:, 2]
@@ -159,26 +163,26 @@ def _take_spare(spare_by_rank: dict[int, list[int]], active_ranks: list[int], cu
 class _DonorQueue:
     """Replicas that may be given up: always of the expert with the most replicas (ties: lowest id)."""
 
-    def __init__(self, counts: list[int], old_logical_to_phys: torch.Tensor, slot_is_dead: list[bool]):
+    def __init__(self, counts: list[int], live_row: list[int]):
         self.counts = list(counts)
         self.heap = [(-c, e) for e, c in enumerate(self.counts) if c > 1]
         heapq.heapify(self.heap)
-        self.old_logical_to_phys = old_logical_to_phys
-        self.slot_is_dead = slot_is_dead
+        # each expert's live replicas in ascending slot order (the row has dead slots emptied already)
         self.slots_of: dict[int, list[int]] = {}
+        for phys, expert in enumerate(live_row):
+            if expert != NO_EXPERT and self.counts[expert] > 1:
+                self.slots_of.setdefault(expert, []).append(phys)
 
-    def take(self, active_ranks: list[int], slots: int, cursor: int) -> tuple[int, int]:
-        """Returns ``(phys_slot, donor_expert)``."""
+    def take(self, position: dict[int, int], slots: int, cursor: int) -> tuple[int, int]:
+        """Returns ``(phys_slot, donor_expert)``: the donor's replica on the first survivor in
+        round-robin order from ``cursor`` (``position``: survivor rank -> its place in that order)."""
         neg_count, donor = heapq.heappop(self.heap)
-        if donor not in self.slots_of:  # its live replicas, from the old table minus dead slots
-            self.slots_of[donor] = [p for p in self.old_logical_to_phys[donor].tolist()
-                                    if p != NO_EXPERT and not self.slot_is_dead[p]]
         held = self.slots_of[donor]
         if len(held) == 1:
             phys = held[0]
-        else:
-            by_rank = {p // slots: p for p in held}
-            phys = next(by_rank[r] for r in _round_robin(active_ranks, cursor) if r in by_rank)
+        else:  # at most one replica per rank: the nearest rank after the cursor holds it
+            n = len(position)
+            phys = min(held, key=lambda p: (position[p // slots] - cursor) % n)
         held.remove(phys)
         self.counts[donor] -= 1
         if self.counts[donor] > 1:

@@ -156,6 +156,9 @@ class RankWorker:
         self._paused_since = 0.0
         self._awaiting: list[int] = []  # members whose copies for this epoch are not done yet
         self._awaiting_since = 0.0
+        # the plan of the last prepare, computed while the coordinator collects the other acks:
+        # ((epoch, new active mask), plan), used at the commit if the commit matches the prepare
+        self._planned: tuple[tuple, CommitPlan] | None = None
 
     # ---- lifecycle ----
     def request_stop(self, reason: str) -> None:
@@ -273,13 +276,13 @@ class RankWorker:
             if kind == "shutdown":
                 self.request_stop("shutdown")
             elif kind == "prepare":
-                self._on_prepare(int(body["epoch"]))
+                self._on_prepare(int(body["epoch"]), list(body["active"]))
             elif kind == "commit":
                 self._on_commit(body)
         except (KeyError, TypeError, ValueError) as exc:
             log.error("rank %d: ignored a malformed decision %s: %s", self.rank, body, exc)
 
-    def _on_prepare(self, epoch: int) -> None:
+    def _on_prepare(self, epoch: int, active: list[bool]) -> None:
         if self.phase in (Phase.SERVING, Phase.HELD, Phase.AWAITING, Phase.PAUSED, Phase.STALLED) and epoch > self.epoch:
             key = store_key(self.run_id, Key.ACK, epoch, self.rank)
             self.store.set(key, self.sealer.seal(key, {"rank": self.rank, "incarnation": self.incarnation,
@@ -287,6 +290,13 @@ class RankWorker:
             if self.phase is not Phase.PAUSED:
                 self._paused_since = time.time()
             self.phase = Phase.PAUSED
+            # acked: plan the commit now, while the coordinator waits for the other members' acks
+            old = self.membership.active_cpu.tolist()
+            if active[self.rank]:
+                failed = [r for r, (a, b) in enumerate(zip(old, active)) if a and not b]
+                joined = [r for r, (a, b) in enumerate(zip(old, active)) if b and not a]
+                self._planned = ((epoch, tuple(active)),
+                                 self.rules.plan_commit(self.placement, old, failed, joined, epoch))
 
     def _on_commit(self, body: dict) -> None:
         epoch = int(body["epoch"])
@@ -309,8 +319,7 @@ class RankWorker:
         active = list(body["active"])
         plan = CommitPlan.from_wire(epoch, ExpertPlacement.from_dict(body["placement"]), body["plan"])
         expected = self._expected_plan(body, is_joiner)
-        if expected is not None and expected.to_wire() != body["plan"] or \
-                expected is not None and not expected.placement.equal(plan.placement):
+        if expected is not None and not expected.agrees_for(self.rank, plan):
             log.error("rank %d: epoch %d's plan differs from the coordinator's; using the published one",
                       self.rank, epoch)
             self.timeline.event("plan_mismatch", epoch=epoch)
@@ -369,6 +378,9 @@ class RankWorker:
         placement repaired for the absent ranks, which it recomputes as well."""
         epoch, active = int(body["epoch"]), list(body["active"])
         if not is_joiner:
+            planned, self._planned = self._planned, None
+            if planned is not None and planned[0] == (epoch, tuple(active)):
+                return planned[1]  # computed at the prepare: the same inputs
             return self.rules.plan_commit(self.placement, self.membership.active_cpu.tolist(), body["failed"],
                                           [int(r) for r in body["joined"]], epoch)
         if all(str(r) in body["joined"] for r, a in enumerate(active) if a):

@@ -74,6 +74,14 @@ class CommitPlan:
         return (f"{'; '.join(layers[:limit])}{more} have no replica on a live rank; {self.num_missing_slots} more "
                 f"expert slots per layer are needed (a rank has {self.placement.slots_per_rank})")
 
+    def agrees_for(self, rank: int, other: "CommitPlan") -> bool:
+        """Whether ``other`` (a published plan) gives the same maps, phases and coverage, and the same
+        copies into ``rank``: what a member checks of a commit (each checks the copies it makes)."""
+        mine = [[getattr(t, f) for f in _TRANSFER_FIELDS] for t in self.transfers_to(rank)]
+        theirs = [[getattr(t, f) for f in _TRANSFER_FIELDS] for t in other.transfers_to(rank)]
+        return (self.placement.equal(other.placement) and mine == theirs and self.phases == other.phases
+                and self.uncovered == other.uncovered and self.num_missing_slots == other.num_missing_slots)
+
     def to_wire(self) -> dict:
         """What a commit carries besides the placement: JSON-exact, so survivors compare it as is."""
         return {"transfers": [[getattr(t, f) for f in _TRANSFER_FIELDS] for t in self.transfers],
@@ -108,7 +116,8 @@ class RepairRules:
     def plan_commit(self, old: ExpertPlacement, old_active: list[bool], failed: Iterable[int],
                     joined: Iterable[int], epoch: int) -> CommitPlan:
         """The plan of a commit with continuing members (``old_active`` minus ``failed`` is not empty)."""
-        failed, joined = sorted(set(failed)), sorted(set(joined))
+        failed = sorted({r for r in failed if old_active[r]})  # a rank already out fails nothing more
+        joined = sorted(set(joined))
         membership = Membership(len(old_active), active=old_active, epoch=epoch - 1)
         placement, transfers, phases = old, [], []
         uncovered, missing = {}, 0
