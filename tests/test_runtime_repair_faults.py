@@ -6,7 +6,8 @@
 - a second rank SIGKILLed while the survivors' restores of the first repair are still copying
   (restores paced by ``restore_pace_gbps`` so the fault lands inside them): no healthy rank is
   failed for being busy, every answer is right;
-- a survivor SIGKILLed during a rejoin: one commit fails it and admits the joiner, planned together;
+- a survivor SIGKILLed during a rejoin: failed in the commit that admits the joiner (planned
+  together) or in the next one, every answer right;
 - the launcher (coordinator, store and supervisor in one process) SIGKILLed in the middle of a
   repair: the run ends by design, every rank exits within its bound, and a restarted launcher
   serves a new run from scratch;
@@ -21,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -111,17 +111,24 @@ def test_second_rank_killed_while_the_first_repair_is_copying(tmp_path):
     assert any(start < kill2 < end for start, end in windows), (kill2, windows)
 
 
-def test_survivor_killed_during_a_rejoin_is_failed_in_the_commit_that_admits_the_joiner(tmp_path):
+def test_survivor_killed_during_a_rejoin(tmp_path):
     cfg = _config(num_requests=500, restart_after_s=0.3, max_restarts=2)
     faults = [Fault("kill", 2, at_results=30), Fault("kill", 0, on_phase="prepare_join")]
     result = _run(cfg, faults, tmp_path)
     assert result.num_answered == cfg.num_requests
-    both = [d for d in _commits(result) if d["failed"] == [0] and "2" in d["joined"]]
-    assert both, [(d["epoch"], d["failed"], d["joined"]) for d in _commits(result)]
-    phases = [p["phase"] for p in both[0]["plan"]["phases"]]
-    assert phases[0] == "routing-only" and phases[-1] == "reintegration"
-    assert not any(t[4] == 0 for t in both[0]["plan"]["transfers"])  # nothing copies from the dead rank
-    assert _commits(result)[-1]["active"] == [True] * 4
+    commits = _commits(result)
+    summary = [(d["epoch"], d["failed"], sorted(d["joined"])) for d in commits]
+    rejoin = next(d for d in commits if "2" in d["joined"] and d["reason"] != "start")
+    fail0 = next(d for d in commits if 0 in d["failed"])
+    # Rank 0 is killed right after the join's prepare is published. If it had not acked yet, one
+    # commit fails it and admits the joiner, planned together; if its ack was already written, the
+    # join commits with it as a member and the next commit fails it (its exit is seen then).
+    assert fail0["epoch"] >= rejoin["epoch"], summary
+    if fail0 is rejoin:
+        phases = [p["phase"] for p in rejoin["plan"]["phases"]]
+        assert phases[0] == "routing-only" and phases[-1] == "reintegration"
+        assert not any(t[4] == 0 for t in rejoin["plan"]["transfers"])  # nothing copies from the dead rank
+    assert commits[-1]["active"] == [True] * 4, summary
 
 
 _DIES_DURING_REPAIR = """

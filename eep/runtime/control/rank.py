@@ -440,8 +440,8 @@ class RankWorker:
             req.last_token = token
             if len(req.tokens) >= req.num_new_tokens:
                 finished.append(req)
-        for req in finished:
-            self._publish(req)
+        if finished:
+            self._publish(finished)
         self.batch = [r for r in self.batch if r not in finished]
         self.timeline.step(self.step, self.epoch, len(next_tokens))
         self.step += 1
@@ -471,22 +471,29 @@ class RankWorker:
         owner = self.store.compare_set(store_key(self.run_id, Key.OWNER, request_id), "", me)
         return request_id if owner.decode() == me else None  # the coordinator took it back first
 
-    def _publish(self, req: Request) -> None:
-        # A fenced rank (e.g. SIGSTOPped past its failure) may finish a request the coordinator has
-        # since handed to another member: the owner key then names that member, and this answer is
-        # not written. (Answers are write-once: if both finish, the first write wins; both computed
-        # the same tokens under an epoch they were valid members of.)
-        owner = self.store.get(store_key(self.run_id, Key.OWNER, req.request_id)).decode().split(":")
-        if owner[:2] != [str(self.rank), str(self.incarnation)]:
-            self.timeline.event("stale_answer_dropped", request=req.request_id, owner=":".join(owner))
-            return
-        value = json.dumps({"tokens": req.tokens, "rank": self.rank, "incarnation": self.incarnation,
-                            "epoch": self.epoch, "t": time.time()})
-        got = self.store.compare_set(store_key(self.run_id, Key.RESULT, req.request_id), "", value)
-        if got.decode() == value:
-            self.store.add(store_key(self.run_id, Key.RESULTS_COUNT), 1)
-        else:
-            self.timeline.event("duplicate_suppressed", request=req.request_id)
+    def _publish(self, finished: list[Request]) -> None:
+        """Write the answers of ``finished`` requests this incarnation still owns, once each.
+
+        A fenced rank (e.g. SIGSTOPped past its failure) may finish a request the coordinator has
+        since handed to another member: the owner key then names that member, and this answer is not
+        written. (Answers are write-once: if both finish, the first write wins; both computed the same
+        tokens under an epoch they were valid members of.) One round trip reads every owner key."""
+        owners = self.store.multi_get([store_key(self.run_id, Key.OWNER, r.request_id) for r in finished])
+        accepted = 0
+        for req, owner in zip(finished, owners):
+            owner = owner.decode().split(":")
+            if owner[:2] != [str(self.rank), str(self.incarnation)]:
+                self.timeline.event("stale_answer_dropped", request=req.request_id, owner=":".join(owner))
+                continue
+            value = json.dumps({"tokens": req.tokens, "rank": self.rank, "incarnation": self.incarnation,
+                                "epoch": self.epoch, "t": time.time()})
+            got = self.store.compare_set(store_key(self.run_id, Key.RESULT, req.request_id), "", value)
+            if got.decode() == value:
+                accepted += 1
+            else:
+                self.timeline.event("duplicate_suppressed", request=req.request_id)
+        if accepted:
+            self.store.add(store_key(self.run_id, Key.RESULTS_COUNT), accepted)
 
     # ---- heartbeat and orphan watch (own thread, own store connection) ----
     def _heartbeat_loop(self) -> None:
