@@ -3,7 +3,8 @@
 #   bash tests/gpu/run_repair.sh [--out DIR]       (default /tmp/eep-gpu-out; logs and results there)
 # 1. host_tier_pin.py: a host tier in a local-disk file stays pageable with one warning and breaks no
 #    CUDA call; the stale error of a failed cudaHostRegister is consumed; a /dev/shm tier is pinned.
-# 2. the failure benchmark, 4 rank processes sharing GPU 0, 2 layers, with the host tier in a
+# 2. perf/bench_repair_plan.py (CPU only: the planning times on this host's CPU);
+# 3. the failure benchmark, 4 rank processes sharing GPU 0, 2 layers, with the host tier in a
 #    local-disk directory (EEP_HOST_TIER_DIR), then the same run with it in /dev/shm: both must lose
 #    and change no answer; the disk one may be slower (its restores are pageable copies).
 set -u
@@ -30,6 +31,8 @@ bench() {  # bench NAME HOST_TIER_DIR
   rm -rf "$WORK/$1" "$2"/eep-host-* 2>/dev/null
   return $rc
 }
+timeout -k 5 120 $PY perf/bench_repair_plan.py --json "$DIR/plan.json" > "$DIR/plan.log" 2>&1
+echo "=== bench_repair_plan rc=$? (the planner's time on this host's CPU)"; head -3 "$DIR/plan.log"
 bench disk-tier "$WORK/host-on-disk" || rc_all=1
 if [ "$(df -BG --output=avail /dev/shm | tail -1 | tr -dc 0-9)" -ge 2 ]; then
   bench shm-tier /dev/shm || rc_all=1
