@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from eep.repair.tiers import ExpertSource
 from weights_tools.errors import ExpertUnavailableError, ShardError
 from weights_tools.manifest import Manifest
 from weights_tools.safetensors_io import DTYPE_TO_TORCH
-from eep.repair.tiers import ExpertSource
 from weights_tools.tiers import DiskTier, tier_from_name
 
 log = logging.getLogger("weights_tools")

@@ -18,20 +18,20 @@ WORK=/tmp/eep-repair-gpu
 rc_all=0
 nvidia-smi -L | tee "$DIR/gpus.txt"; df -hT /tmp /dev/shm | tee -a "$DIR/gpus.txt"
 
-timeout -k 5 120 $PY tests/gpu/host_tier_pin.py --out "$DIR" --disk-dir /tmp > "$DIR/host_tier_pin.log" 2>&1
+timeout -k 5 90 $PY tests/gpu/host_tier_pin.py --out "$DIR" --disk-dir /tmp > "$DIR/host_tier_pin.log" 2>&1
 rc=$?; echo "=== host_tier_pin rc=$rc"; tail -25 "$DIR/host_tier_pin.log"; [ $rc -ne 0 ] && rc_all=1
 
 bench() {  # bench NAME HOST_TIER_DIR
   mkdir -p "$2"
-  EEP_HOST_TIER_DIR=$2 timeout -k 5 200 $PY perf/failure_bench.py --gpus 4 --layers 2 --engines fused \
+  EEP_HOST_TIER_DIR=$2 timeout -k 5 150 $PY perf/failure_bench.py --gpus 4 --layers 2 --engines fused \
     --steady-s 1.5 --fault-at-s 2 --after-fault-s 8 --skip restart --out "$DIR/$1" --workdir "$WORK/$1" \
-    --budget-s 180 > "$DIR/$1.log" 2>&1
+    --budget-s 130 > "$DIR/$1.log" 2>&1
   local rc=$?; echo "=== failure bench ($1, host tier in $2) rc=$rc"; tail -15 "$DIR/$1.log"
   (cd "$DIR/$1" 2>/dev/null && for d in steady-* failure; do [ -d "$d" ] && tar czf "$d.tgz" "$d" && rm -rf "$d"; done; true)
   rm -rf "$WORK/$1" "$2"/eep-host-* 2>/dev/null
   return $rc
 }
-timeout -k 5 120 $PY perf/bench_repair_plan.py --json "$DIR/plan.json" > "$DIR/plan.log" 2>&1
+timeout -k 5 60 $PY perf/bench_repair_plan.py --json "$DIR/plan.json" > "$DIR/plan.log" 2>&1
 echo "=== bench_repair_plan rc=$? (the planner's time on this host's CPU)"; head -3 "$DIR/plan.log"
 bench disk-tier "$WORK/host-on-disk" || rc_all=1
 if [ "$(df -BG --output=avail /dev/shm | tail -1 | tr -dc 0-9)" -ge 2 ]; then
