@@ -349,7 +349,8 @@ def run_failure(args, shard_dir: str, out: Path, tokens_per_s: float | None,
     s = result.summary
     entry: dict = {"engine": engine, "num_requests": num_requests, "wall_s": time.perf_counter() - t,
                    "timed_out": result.is_timed_out, "error": result.error, "answered": result.num_answered,
-                   "requests_lost": num_requests - result.num_answered, "summary": s,
+                   "requests_lost": num_requests - result.num_answered - result.num_refused,
+                   "requests_refused": result.num_refused, "summary": s,
                    "breakdown": bench_metrics.pause_breakdown(result.run_dir)}
     fault = (s.get("faults") or [{}])[0]
     entry["recovery_pause_s"] = fault.get("recovery_pause_s")
@@ -366,7 +367,7 @@ def run_failure(args, shard_dir: str, out: Path, tokens_per_s: float | None,
     entry["answers_checked"], entry["check_s"] = True, time.perf_counter() - t_check
     print(f"answers checked in {entry['check_s']:.1f} s (oracle {entry.get('oracle_s') or 0:.1f} s)", file=sys.stderr,
           flush=True)
-    entry["predicted"] = predict(cfg, args.kill_rank)
+    entry["predicted"] = predict(cfg, result, args.kill_rank)
     return entry, result.run_dir, cfg
 
 
@@ -473,46 +474,28 @@ def check_answers(args, cfg: RuntimeConfig, result, golden: dict[int, set[int]] 
                        for i, (a, m, g) in enumerate(zip(sample, margin, gap))]}
 
 
-def predict(cfg: RuntimeConfig, rank: int) -> dict:
-    """The planner's repair and reintegration predictions for this failure (default bandwidths)."""
-    from eep.repair import Bandwidth, plan_reintegration, plan_repair
-    from eep.runtime.control.rules import initial_placement
-    from eep.state import Membership
+def predict(cfg: RuntimeConfig, result, rank: int) -> dict:
+    """The planner's predictions for this failure and rejoin, as the run's commits carried them
+    (every commit holds the plan the coordinator made and the ranks checked: eep/runtime/control/rules.py)."""
+    from eep.runtime.control.rules import ORPHAN_RESTORE, REINTEGRATION, RepairRules, runtime_bandwidth
 
-    m = cfg.model
-    nbytes = 3 * m.hidden * m.intermediate * 2  # bf16 gate, up, down
-
-    class SizedTier:
-        def __init__(self, name: str):
-            self.name = name
-
-        def has_expert(self, layer: int, expert: int) -> bool:
-            return True
-
-        def expert_nbytes(self, layer: int, expert: int) -> int:
-            return nbytes
-
-        def copy_expert_into(self, *a, **k) -> int:  # the planner only plans
-            raise NotImplementedError
-
-    placement = initial_placement(m.num_layers, m.num_experts, cfg.num_ranks, cfg.slots_per_rank, cfg.num_redundant)
-    before = Membership(cfg.num_ranks, epoch=0)
-    after = Membership(cfg.num_ranks, active=[r != rank for r in range(cfg.num_ranks)], epoch=1)
-    bw = Bandwidth()
-    plan = plan_repair(placement, before, after, [SizedTier("host"), SizedTier("disk")], bw, expert_nbytes=nbytes,
-                       rereplicate=False)
-    out = {"bandwidth": bw.to_dict(), "repair_pause_s": plan.predicted_pause_s,
-           "repair_nbytes_by_tier": plan.nbytes_by_tier(), "repair_experts": len(plan.restores),
-           # the runtime's rejoiner loads its initial row from the host tier before it asks to join
-           "joiner_load_s": int((placement.phys_to_logical[:, rank * cfg.slots_per_rank:(rank + 1) * cfg.slots_per_rank]
-                                 >= 0).sum()) * nbytes / (bw.h2d_gbps * 1e9)}
-    try:
-        re = plan_reintegration(plan.placement, after, rank, tiers=[SizedTier("host")], bandwidth=bw,
-                                expert_nbytes=nbytes)
-        out["reintegration_s"] = re.predicted_s
-        out["reintegration_transfers"] = len(re.transfers)
-    except Exception as exc:  # noqa: BLE001 - a prediction failure must not lose the measured run
-        out["reintegration_error"] = str(exc)
+    commits = [d for d in result.decisions if d["kind"] == "commit"]
+    out: dict = {"bandwidth": runtime_bandwidth(cfg).to_dict()}
+    fail = next((d for d in commits if rank in d["failed"]), None)
+    if fail is not None:
+        phase = next((p for p in fail["plan"]["phases"] if p["phase"] == ORPHAN_RESTORE), None)
+        by_tier: dict[str, int] = {}
+        for t in fail["plan"]["transfers"]:  # fields of eep.repair.Transfer, in order
+            by_tier[t[3]] = by_tier.get(t[3], 0) + t[8]
+        out.update(repair_pause_s=phase["predicted_s"] if phase else 0.0, repair_nbytes_by_tier=by_tier,
+                   repair_experts=len(fail["plan"]["transfers"]), repair_valid=fail["plan"]["valid"])
+    join = next((d for d in commits if str(rank) in d["joined"] and d["reason"] != "start"), None)
+    if join is not None:
+        phase = next(p for p in join["plan"]["phases"] if p["phase"] == REINTEGRATION)
+        mine = [t for t in join["plan"]["transfers"] if t[6] == rank]
+        # the rejoiner loads its planned row from the host tier before it asks to join
+        out.update(reintegration_s=phase["predicted_s"], reintegration_transfers=phase["transfers"],
+                   joiner_load_s=len(mine) * RepairRules(cfg).expert_nbytes / (runtime_bandwidth(cfg).h2d_gbps * 1e9))
     return out
 
 

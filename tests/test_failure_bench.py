@@ -16,7 +16,7 @@ from eep.runtime.engines.shm import ShmEngine
 from eep.runtime.control.metrics import summarize
 from eep.runtime.engines.gpu import GpuEngine
 from eep.runtime.model import bench_weights
-from eep.runtime.control.rules import initial_placement
+from eep.runtime.control.rules import RepairRules
 from eep.state import ExpertPlacement, Membership
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "perf"))
@@ -59,7 +59,7 @@ def test_gpu_engine_local_matches_the_cpu_oracle(small_shards):
                                         "tiers": ["disk"]})
     engine = make_engine(cfg, 0, shm_path="", store=None, run_id="t", incarnation=0)
     assert isinstance(engine, GpuEngine)
-    placement = initial_placement(model.num_layers, model.num_experts, 1, cfg.slots_per_rank, 0)
+    placement = RepairRules(cfg).initial
     assert engine.load_missing(placement) == model.num_layers * model.num_experts
     assert engine.restore_stats["by_tier"]["disk"]["experts"] == model.num_layers * model.num_experts
     assert engine.load_missing(placement) == 0  # nothing differs any more
@@ -217,7 +217,7 @@ def test_pin_policy_spares_a_restarted_rank_the_registration():
 def test_redundancy_leaves_room_for_any_single_failure(num_ranks):
     from eep.state import repair_coverage
     slots, red = failure_bench.redundancy(128, num_ranks)
-    placement = initial_placement(2, 128, num_ranks, slots, red)
+    placement = ExpertPlacement.build(2, 128, num_ranks, slots, num_redundant=red)
     for dead in range(num_ranks):
         after = Membership(num_ranks, active=[r != dead for r in range(num_ranks)], epoch=1)
         repair_coverage(placement, after)  # raises when the survivors cannot hold every expert

@@ -112,6 +112,14 @@ def test_sigstop_past_timeout_is_fenced_then_rejoins(tmp_path, evidence):
     # no step of the stalled incarnation completed under an epoch it was not a member of
     member_epochs = {d["epoch"] for d in commits if d["active"][2]}
     assert all(e["epoch"] in member_epochs for e in events if "step" in e and "event" not in e)
+    # its late writes: no answer of it landed between the commit that fenced it and the one that
+    # took it back (what it finished after waking was re-queued elsewhere, and is dropped)
+    launcher_events = read_jsonl(Path(tmp_path) / "launcher.jsonl")
+    fenced_at = next(e["t"] for e in launcher_events if e.get("event") == "commit" and e["epoch"] == failed_at)
+    back_at = next(e["t"] for e in launcher_events if e.get("event") == "commit" and e["epoch"] == rejoined[0]["epoch"])
+    late = [q for q, (rank, inc, _) in result.served_by.items()
+            if (rank, inc) == (2, 0) and fenced_at < result.answered_at[q] < back_at]
+    assert not late, f"answers of the fenced rank landed after its fence: {late}"
 
 
 def test_forged_and_malformed_messages_are_ignored(tmp_path):

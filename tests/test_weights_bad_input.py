@@ -440,3 +440,46 @@ def test_package_never_unpickles():
         text = path.read_text()
         for banned in ("torch.load(", "import pickle", "pickle.load", "weights_only"):
             assert banned not in text, f"{path.name} uses {banned}"
+
+
+def _warnings(caplog, what: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and what in r.getMessage()]
+
+
+def test_host_tier_in_a_disk_file_stays_pageable_with_one_warning(shards, source, tmp_path, caplog):
+    from weights_tools.tiers import _MEMORY_FILESYSTEMS, _filesystem_type
+
+    if _filesystem_type(str(tmp_path)) in _MEMORY_FILESYSTEMS:
+        pytest.skip("the temporary directory is in memory here: no disk file to try")
+    with caplog.at_level(logging.WARNING, logger="weights_tools"):
+        host = HostTier(shards, path=str(tmp_path / "host.safetensors"), pin=True)  # asked to pin: cannot be
+        dst = _dst()
+        for expert in range(3):
+            assert host.copy_expert_into(1, expert, *dst) > 0
+            _assert_is_expert(dst, source[0], 1, expert)
+    assert not host.is_pinned and "disk filesystem" in host.pin_refusal
+    warned = _warnings(caplog, "stays pageable")
+    assert len(warned) == 1 and str(tmp_path / "host.safetensors") in warned[0] and "disk filesystem" in warned[0]
+    host.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the registration is tried for real")
+def test_host_tier_asked_to_pin_without_cuda_stays_pageable_with_one_warning(shards, source, caplog):
+    shm = "/dev/shm"
+    if not os.path.isdir(shm):
+        pytest.skip("no /dev/shm")
+    path = os.path.join(shm, f"eep-test-pin-{os.getpid()}.safetensors")
+    try:
+        with caplog.at_level(logging.WARNING, logger="weights_tools"):
+            host = HostTier(shards, path=path, pin=True)  # in memory: the registration itself is attempted
+            dst = _dst()
+            host.copy_expert_into(0, 5, *dst)
+            host.copy_expert_into(0, 6, *dst)
+        _assert_is_expert(dst, source[0], 0, 6)
+        assert not host.is_pinned and "CUDA is not usable" in host.pin_refusal
+        assert len(_warnings(caplog, "stays pageable")) == 1
+        host.close()
+    finally:
+        for leftover in (path, path + ".lock"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)

@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from eep.reference import ExpertParallelMoE
-from weights_tools import (DiskTier, ExpertStore, HostTier, Manifest, Tier, inspect_checkpoint, load_layer_experts,
+from eep.repair import ExpertSource
+from weights_tools import (DiskTier, ExpertStore, HostTier, Manifest, inspect_checkpoint, load_layer_experts,
                            prepare, verify_shards)
 from weights_tools.cli import main as cli_main
 
@@ -225,7 +226,7 @@ def test_console_script_entry_point(built, tmp_path):
 def test_tiers_follow_the_protocol(built, tmp_path):
     _, _, shards = built["qwen3_moe"]
     host = HostTier(shards, path=str(tmp_path / "host.safetensors"))
-    assert isinstance(host, Tier) and isinstance(DiskTier(shards), Tier)
+    assert isinstance(host, ExpertSource) and isinstance(DiskTier(shards), ExpertSource)
     assert host.name == "host" and DiskTier(shards).name == "disk"
     assert host.has_expert(1, 3) and not host.has_expert(5, 0)
     store = ExpertStore(shards, tiers=[host, "disk"])

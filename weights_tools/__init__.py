@@ -14,10 +14,10 @@ from weights_tools.errors import (CheckpointError, CorruptShardError, ExpertUnav
 from weights_tools.manifest import Manifest, TensorEntry
 from weights_tools.prepare import PrepareResult, prepare
 from weights_tools.store import ExpertStore, RestoreRecord, load_layer_experts
-from weights_tools.tiers import DiskTier, HostTier, Tier
+from weights_tools.tiers import DiskTier, HostTier
 from weights_tools.verify import ShardProblem, verify_shards
 
 __all__ = ["CheckpointError", "CheckpointLayout", "CorruptShardError", "DiskTier", "ExpertStore",
            "ExpertUnavailableError", "HostTier", "HostTierError", "Manifest", "ManifestError", "MissingShardError",
-           "PrepareResult", "RestoreRecord", "ShardError", "ShardProblem", "TensorEntry", "Tier",
+           "PrepareResult", "RestoreRecord", "ShardError", "ShardProblem", "TensorEntry",
            "inspect_checkpoint", "load_layer_experts", "prepare", "verify_shards"]

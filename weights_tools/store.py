@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from eep.fp8 import ExpertWeight, Fp8Weight, block_scale_shape
+from eep.repair.tiers import ExpertSource
 from weights_tools.errors import ExpertUnavailableError, ShardError
 from weights_tools.manifest import SCALE, Manifest
 from weights_tools.safetensors_io import DTYPE_TO_TORCH
-from weights_tools.tiers import DiskTier, Tier, destination_tensors, tier_from_name
+from weights_tools.tiers import DiskTier, destination_tensors, tier_from_name
 
 log = logging.getLogger("weights_tools")
 
@@ -46,14 +47,15 @@ class RestoreRecord:
 class ExpertStore:
     """Tiered access to the experts of one shard directory (see ``eep-shards prepare``).
 
-    ``tiers``: ``Tier`` objects or the names ``"host"``/``"disk"``, fastest first; default ``["disk"]``.
+    ``tiers``: ``eep.repair.ExpertSource`` objects (``HostTier``, ``DiskTier``) or the names
+    ``"host"``/``"disk"``, fastest first; default ``["disk"]``.
     ``records`` keeps every attempt, successful or not, in order.
     """
 
-    def __init__(self, shard_dir: str, *, tiers: Sequence[Tier | str] | None = None):
+    def __init__(self, shard_dir: str, *, tiers: Sequence[ExpertSource | str] | None = None):
         self.shard_dir = shard_dir
         self.manifest = Manifest.load(shard_dir)
-        self.tiers: list[Tier] = [tier_from_name(t, shard_dir, self.manifest) if isinstance(t, str) else t
+        self.tiers: list[ExpertSource] = [tier_from_name(t, shard_dir, self.manifest) if isinstance(t, str) else t
                                   for t in (tiers if tiers is not None else ["disk"])]
         if not self.tiers:
             raise ValueError("ExpertStore needs at least one tier")

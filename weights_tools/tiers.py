@@ -1,9 +1,9 @@
 """Restore tiers: places an expert's weights can be copied from, behind one small protocol.
 
-The protocol (``Tier``) is what ``ExpertStore`` and the repair planner call; a peer-GPU tier
-implements the same three members::
+``DiskTier`` and ``HostTier`` implement ``eep.repair.ExpertSource``, the one protocol the planner,
+the executors, ``ExpertStore`` and the runtime use::
 
-    name: str                                   # "host", "disk", "peer", ...
+    name: str                                   # "host", "disk"
     has_expert(layer, expert) -> bool           # cheap, no I/O beyond metadata
     copy_expert_into(layer, expert, w_gate_dst [I, H], w_up_dst [I, H], w_down_dst [H, I],
                      *, stream=None) -> int     # bytes copied; raises ShardError if the copy is bad
@@ -23,11 +23,16 @@ destinations are on a GPU, copies are enqueued on that stream and may still be i
   sha256 of every tensor.
 * ``HostTier`` is one flat file in shared memory (``/dev/shm`` by default), itself in safetensors
   format, mapped by every process of the node (``torch.from_file(shared=True)``) and page-locked
-  with ``cudaHostRegister`` when CUDA is present, so host->GPU copies are async DMA.
+  with ``cudaHostRegister`` when CUDA is present, so host->GPU copies are async DMA. A mapping that
+  cannot be page-locked (a file on a disk filesystem rather than in memory, no usable CUDA, or a
+  ``cudaHostRegister`` that fails, e.g. for its size) stays pageable: copies from it are synchronous,
+  staged by the driver, and the tier says why in one warning; it never fails a restore.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import fcntl
 import hashlib
 import logging
@@ -35,12 +40,12 @@ import os
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, runtime_checkable
 
 import torch
 
 from eep import envs
 from eep.fp8 import ExpertWeight, Fp8Weight, weight_nbytes
+from eep.repair.tiers import ExpertSource
 from weights_tools.errors import CorruptShardError, HostTierError, MissingShardError, ShardError
 from weights_tools.manifest import ROLES, SCALE, Manifest, TensorEntry, check_inside
 from weights_tools.safetensors_io import (DTYPE_SIZE, DTYPE_TO_TORCH, HeaderEntry, TensorToWrite, pread_into,
@@ -53,18 +58,6 @@ DEFAULT_HOST_DIR_ENV = "EEP_HOST_TIER_DIR"
 
 
 _HASH_CHUNK_NBYTES = 4 << 20  # small enough to overlap reads and hashing, large enough to amortise calls
-
-
-@runtime_checkable
-class Tier(Protocol):
-    """A source of expert weights (see the module docstring for the contract)."""
-
-    name: str
-
-    def has_expert(self, layer: int, expert: int) -> bool: ...
-
-    def copy_expert_into(self, layer: int, expert: int, w_gate_dst: ExpertWeight, w_up_dst: ExpertWeight,
-                         w_down_dst: ExpertWeight, *, stream: torch.cuda.Stream | None = None) -> int: ...
 
 
 def destination_tensors(manifest: Manifest, layer: int, expert: int, dsts: Sequence[ExpertWeight]
@@ -276,6 +269,7 @@ class HostTier:
         self.path = path or host_tier_path(self.manifest)
         self.verify = verify
         self.is_pinned = False
+        self.pin_refusal: str | None = None  # why the mapping is not page-locked, when pinning was asked
         self._buffer: torch.Tensor | None = None
         self._fd = -1
         wanted = None if experts is None else sorted({(int(l), int(e)) for l, e in experts})
@@ -426,13 +420,74 @@ class HostTier:
         self._buffer = torch.from_file(self.path, shared=True, size=self._size, dtype=torch.uint8)
 
     def _pin(self) -> None:
-        """Page-lock the mapping so GPU copies from it are async DMA; failure leaves it pageable."""
-        code = int(torch.cuda.cudart().cudaHostRegister(self._buffer.data_ptr(), self._size, 0))
-        if code == 0:
-            self.is_pinned = True
-        else:
-            log.warning("could not pin host tier %s (cudaHostRegister error %s); copies will be synchronous",
-                        self.path, code)
+        """Page-lock the mapping so GPU copies from it are async DMA; if it cannot be, it stays
+        pageable (copies synchronous) and one warning names the reason. Never raises."""
+        reason = _unpinnable_reason(self.path)
+        if reason is None:
+            try:
+                cudart = torch.cuda.cudart()
+            except (AssertionError, RuntimeError, AttributeError) as exc:  # no usable CUDA in this process
+                reason = f"CUDA is not usable here ({exc})"
+            else:
+                code = int(cudart.cudaHostRegister(self._buffer.data_ptr(), self._size, 0))
+                if code == 0:
+                    self.is_pinned = True
+                    return
+                _consume_cuda_error()
+                reason = (f"cudaHostRegister of {self._size / 1e9:.1f} GB failed with CUDA error {code} "
+                          f"({_cuda_error_name(cudart, code)})")
+        log.warning("host tier %s stays pageable: %s; copies from it to a GPU are synchronous", self.path, reason)
+        self.pin_refusal = reason
+
+
+# filesystems whose files live in memory: a MAP_SHARED mapping of such a file can be page-locked
+_MEMORY_FILESYSTEMS = {0x01021994: "tmpfs", 0x858458F6: "ramfs", 0x958458F6: "hugetlbfs"}
+
+
+def _filesystem_type(path: str) -> int | None:
+    """``statfs(path).f_type`` (Linux), or None where it cannot be read."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return None
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    buf = (ctypes.c_long * 32)()  # struct statfs begins with f_type; 256 bytes hold the whole struct
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        return None
+    return buf[0] & 0xFFFFFFFF
+
+
+def _unpinnable_reason(path: str) -> str | None:
+    """Why a mapping of ``path`` cannot be page-locked, known before trying, or None.
+
+    ``cudaHostRegister`` of a MAP_SHARED mapping of a file on a disk filesystem fails (measured on
+    an H200 host, ext4), and a failed registration used to leave its error behind for the next CUDA
+    call of the process to report."""
+    fs = _filesystem_type(path)
+    if fs is None or fs in _MEMORY_FILESYSTEMS:
+        return None
+    return (f"it is a file on a disk filesystem (statfs type {fs:#x}), not in memory (tmpfs such as /dev/shm; "
+            f"set {DEFAULT_HOST_DIR_ENV} to a tmpfs directory with room for it)")
+
+
+def _consume_cuda_error() -> None:
+    """Clear the error a failed CUDA runtime call left as the process's last error.
+
+    Torch checks the last error after each kernel launch, so an unconsumed one surfaces at an
+    unrelated operation (a failed host registration once crashed a rank at ``embed.to(device)``
+    with "invalid argument"). A throwaway launch reads and clears it."""
+    for _ in range(2):
+        try:
+            torch.ones(1, device="cuda").add_(1)
+            return
+        except RuntimeError:
+            continue
+
+
+def _cuda_error_name(cudart, code: int) -> str:
+    try:
+        return str(cudart.cudaGetErrorString(code))
+    except (AttributeError, RuntimeError, TypeError):
+        return "unknown"
 
 
 def _host_key(layer: int, expert: int, entry: TensorEntry) -> str:
@@ -444,13 +499,13 @@ def _reader(disk: DiskTier, entry: TensorEntry):
     return lambda: tensor_bytes(disk.read_tensor(entry))
 
 
-def tier_from_name(name: str, shard_dir: str, manifest: Manifest) -> Tier:
+def tier_from_name(name: str, shard_dir: str, manifest: Manifest) -> ExpertSource:
     """``"host"`` or ``"disk"`` -> a tier with default settings (what ``ExpertStore(tiers=[...])`` accepts)."""
     if name == "disk":
         return DiskTier(shard_dir, manifest=manifest)
     if name == "host":
         return HostTier(shard_dir, manifest=manifest)
-    raise ValueError(f"unknown tier {name!r}: expected 'host' or 'disk' or a Tier object")
+    raise ValueError(f"unknown tier {name!r}: expected 'host' or 'disk' or an eep.repair.ExpertSource")
 
 
-__all__ = ["DiskTier", "HostTier", "Tier", "default_host_dir", "host_tier_path", "tier_from_name"]
+__all__ = ["DiskTier", "HostTier", "default_host_dir", "host_tier_path", "tier_from_name"]

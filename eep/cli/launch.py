@@ -1,4 +1,10 @@
-"""``eep launch``: start an elastic run of N rank processes under one launcher."""
+"""``eep launch``: start an elastic run of N rank processes under one launcher.
+
+Exit status: 0 every request answered, each equal to the reference; 3 some requests refused with
+an error (an epoch lost coverage and no rejoin restored it: the error names the uncovered experts
+and the missing slots), every answer given equal to the reference; 1 anything else (an answer
+differs, a request lost, an epoch served while not EP-valid, a timeout, an interrupt).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import logging
 import sys
 
 from eep import envs
-from eep.cli.answers import check_run
+from eep.cli.answers import check_run, refusal_summary
 from eep.runtime.config import RuntimeConfig
 from eep.runtime.control.launcher import Fault, Launcher
 
@@ -53,10 +59,17 @@ def main(argv: list[str] | None = None) -> int:
         problems = check_run(cfg, result)
     if result.error is not None:
         problems.insert(0, result.error)
-    json.dump({"run_dir": str(result.run_dir), "answered": result.num_answered, "problems": problems,
+    refused = refusal_summary(result)
+    json.dump({"run_dir": str(result.run_dir), "answered": result.num_answered, "refused": refused["refused"],
+               "refusal_reasons": refused["reasons"], "problems": problems,
                "rejected_messages": result.num_rejected, "summary": result.summary}, sys.stdout, indent=1)
     print()
-    return 0 if not problems else 1
+    if problems:
+        return 1
+    return EXIT_REFUSED if refused["refused"] else 0
+
+
+EXIT_REFUSED = 3  # no problem, but requests were refused: the run could not serve them
 
 
 if __name__ == "__main__":

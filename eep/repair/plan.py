@@ -73,6 +73,14 @@ class RepairPlan:
     predicted_pause_s: float
     predicted_background_s: float
     num_dropped_slots: int
+    # only with ``allow_uncovered``: experts no slot could take ({layer: [expert]}) and the slots
+    # per layer that are missing for them. Such a plan's placement is not EP-valid: it must not serve.
+    uncovered: dict[int, list[int]] = field(default_factory=dict)
+    num_missing_slots: int = 0
+
+    @property
+    def is_covered(self) -> bool:
+        return not self.uncovered
 
     @property
     def steps(self) -> list[StepKind]:
@@ -100,7 +108,9 @@ class RepairPlan:
                 "restores": [asdict(t) for t in self.restores],
                 "rereplications": [asdict(t) for t in self.rereplications],
                 "bandwidth": self.bandwidth.to_dict(), "predicted_pause_s": self.predicted_pause_s,
-                "predicted_background_s": self.predicted_background_s, "steps": [s.value for s in self.steps]}
+                "predicted_background_s": self.predicted_background_s, "steps": [s.value for s in self.steps],
+                "uncovered": {str(layer): experts for layer, experts in self.uncovered.items()},
+                "num_missing_slots": self.num_missing_slots}
 
     def execute(self, executor: "RepairExecutor") -> "ExecutionReport":
         """Run the critical phase: stage every restore, then switch the maps in one commit."""
@@ -186,18 +196,22 @@ ExpertBytes = int | Callable[[int, int], int]
 def plan_repair(placement: ExpertPlacement, before: Membership, after: Membership,
                 tiers: Sequence[ExpertSource] | None = None, bandwidth: Bandwidth | None = None, *,
                 expert_nbytes: ExpertBytes | None = None, load: torch.Tensor | None = None,
-                layer_ids: Sequence[int] | None = None, rereplicate: bool = True) -> RepairPlan:
+                layer_ids: Sequence[int] | None = None, rereplicate: bool = True,
+                allow_uncovered: bool = False) -> RepairPlan:
     """Plan the repair of ``placement`` for the failures between ``before`` and ``after``.
 
     Parameters:
         placement: the maps in force under ``before``.
-        tiers: host/disk sources for orphans; ``None`` means only what survivors hold (an orphan
-            then raises ``RepairError`` naming it).
+        tiers: host/disk sources for orphans, as the planner knows them (``name``, ``has_expert``;
+            ``DeclaredTier`` when the bytes are in other processes); ``None`` means only what
+            survivors hold (an orphan then raises ``RepairError`` naming it).
         bandwidth: the link model; ``None`` means ``Bandwidth()`` defaults.
         expert_nbytes: bytes of one expert (int, or ``f(checkpoint_layer, expert)``); ``None``
             asks the tiers (``tier.expert_nbytes``) when a transfer needs it.
         load: ``[num_layers, num_experts]`` token counts, to aim re-replication at hot experts.
         layer_ids: checkpoint layer id of each placement layer (default ``0..num_layers-1``).
+        allow_uncovered: when the survivors' slots cannot hold every orphan, restore what fits and
+            report the rest in ``RepairPlan.uncovered`` instead of raising ``InsufficientSlotsError``.
     """
     _check_failure_transition(before, after)
     bandwidth = bandwidth or Bandwidth()
@@ -207,7 +221,7 @@ def plan_repair(placement: ExpertPlacement, before: Membership, after: Membershi
         raise PlacementError(f"layer_ids has {len(layer_ids)} entries for {placement.num_layers} placement layers")
     nbytes_of = _nbytes_function(expert_nbytes, tiers)
 
-    coverage = repair_coverage(placement, after)
+    coverage = repair_coverage(placement, after, allow_uncovered=allow_uncovered)
     restores = []
     for a in coverage.assignments:
         ckpt_layer = layer_ids[a.layer]
@@ -224,7 +238,8 @@ def plan_repair(placement: ExpertPlacement, before: Membership, after: Membershi
         rereplications, final = _plan_rereplication(coverage.placement, after, load, layer_ids, nbytes_of)
     rereplications, background_s = _predict(rereplications, bandwidth)
     return RepairPlan(after.epoch, placement, coverage.placement, final, restores, rereplications, bandwidth,
-                      pause_s, background_s, coverage.num_dropped_slots)
+                      pause_s, background_s, coverage.num_dropped_slots, coverage.uncovered,
+                      coverage.num_missing_slots)
 
 
 def _check_failure_transition(before: Membership, after: Membership) -> None:

@@ -39,6 +39,18 @@ class RuntimeConfig:
     warmup_steps: int = 3
     step_delay_s: float = 0.0  # artificial per-step work (demo pacing); 0 in tests
 
+    # repair (docs/runtime.md "Repair by plan"): the link model every process plans with (keys of
+    # eep.repair.Bandwidth; None: its defaults), never measured per process, so plans agree
+    bandwidth: dict | None = None
+    # an epoch that lost coverage serves nothing: its requests wait this long for a rejoin that
+    # restores coverage, then are refused naming the uncovered experts (at once if no rank can rejoin)
+    uncovered_hold_s: float = 10.0
+    # a member still copying its slots for an epoch may take this long before its peers report it
+    # (its heartbeat keeps it alive meanwhile; a dead or stopped one is caught by the usual evidence)
+    restore_timeout_s: float = 60.0
+    # tests only: pace each rank's restores to this many GB/s, so a fault can land while they run
+    restore_pace_gbps: float | None = None
+
     store_host: str = field(default_factory=envs.store_host)
     store_port: int = field(default_factory=envs.store_port)
 

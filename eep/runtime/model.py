@@ -15,9 +15,9 @@ transport in the engine; everything else is ``decode_step`` here, shared by both
 attention, so the next token depends only on the last one: a request can be re-run from its
 prompt on any rank and yields the same tokens, which is how a dead rank's requests are re-queued.
 
-Weights are generated from a seed (``generate_weights``). ``ExpertSource`` is the hook through
-which the runtime restores an orphaned expert (and a later step plugs in weights_tools' tiered
-``ExpertStore``: peer → host → disk shards).
+Weights are generated from a seed (``generate_weights``). A rank restores experts through
+``expert_source``: ``eep.repair.ExpertSource`` tiers (a ``TensorTier`` over the generated copy, or
+weights_tools' host and disk tiers over ``eep-shards prepare`` output).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from eep.mlp import dense_moe
+from eep.repair.tiers import ExpertSource, TensorTier
 from eep.routing import select_experts
 
 MoEFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -156,37 +157,47 @@ def make_request(config: TinyConfig, request_id: int, *, max_new_tokens: int = 1
     return prompt, num_new
 
 
-def expert_source(weights: TinyWeights, shard_dir: str | None = None):
-    """The restore hook a rank loads experts through: ``load(layer, expert) -> (w_gate, w_up, w_down)``.
-
-    ``shard_dir=None``: the generated host copy (``ExpertSource``). Otherwise weights_tools' tiered
-    ``ExpertStore`` over shards made by ``eep-shards prepare`` (host tier first, then disk), whose
-    ``load_expert`` has the same contract; the shards must hold the same experts as ``weights``
-    (the non-expert weights still come from ``weights``).
-    """
-    if shard_dir is None:
-        return ExpertSource(weights)
-    from weights_tools import ExpertStore  # lazily: the generated path needs no shards
-
-    store = ExpertStore(shard_dir, tiers=["host", "disk"])
-    moe_layers = store.moe_layers
-    store.load = lambda layer, expert: tuple(w.float() for w in store.load_expert(moe_layers[layer], expert))
-    return store
+def expert_source(weights: TinyWeights, shard_dir: str | None = None) -> "RankExperts":
+    """The experts a rank restores from: the generated host copy, or the shards in ``shard_dir``
+    (host tier first, then disk; the shards must hold the same experts as ``weights``)."""
+    return RankExperts(weights, shard_dir)
 
 
-class ExpertSource:
-    """Where a rank loads an expert's weights from (the restore hook), here the generated host copy.
+class RankExperts:
+    """A rank's expert sources, fastest first, in the model's layer numbering.
 
-    weights_tools' tiered ``ExpertStore`` takes its place through ``expert_source(..., shard_dir)``.
+    ``tiers`` are ``eep.repair.ExpertSource`` objects keyed by checkpoint layer (``layer_ids[l]``
+    for model layer ``l``): a ``TensorTier`` over the generated weights, or weights_tools'
+    ``HostTier`` and ``DiskTier`` over the shards, whose tiered ``ExpertStore`` then falls back from
+    a bad host copy to the disk. ``load`` returns one expert as fresh float32 tensors.
     """
 
-    def __init__(self, weights: TinyWeights):
-        self.weights = weights
+    def __init__(self, weights: TinyWeights, shard_dir: str | None = None):
+        self.store = None
+        if shard_dir is None:
+            self.layer_ids = list(range(weights.config.num_layers))
+            self.tiers: list[ExpertSource] = [TensorTier({layer: (weights.w_gate[layer], weights.w_up[layer],
+                                                                   weights.w_down[layer])
+                                                           for layer in self.layer_ids})]
+        else:
+            from weights_tools import DiskTier, ExpertStore, HostTier  # lazily: the generated path needs no shards
+
+            self.tiers = [HostTier(shard_dir), DiskTier(shard_dir)]
+            self.store = ExpertStore(shard_dir, tiers=self.tiers)
+            self.layer_ids = self.store.moe_layers
 
     def load(self, layer: int, logical_expert_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(w_gate [intermediate, hidden], w_up [intermediate, hidden], w_down [hidden, intermediate])``."""
-        w = self.weights
-        return w.w_gate[layer, logical_expert_id], w.w_up[layer, logical_expert_id], w.w_down[layer, logical_expert_id]
+        if self.store is not None:
+            return tuple(w.float() for w in self.store.load_expert(self.layer_ids[layer], logical_expert_id))
+        tier = self.tiers[0]
+        dsts = tuple(torch.empty_like(w[logical_expert_id]) for w in tier.weights_by_layer[layer])
+        tier.copy_expert_into(layer, logical_expert_id, *dsts)
+        return dsts
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
 
 
 def _min_margin(weights: TinyWeights) -> float:

@@ -236,10 +236,9 @@ def _derive_logical_to_phys(p2l: torch.Tensor, num_ranks: int, num_experts: int)
     sorted_expert = key.gather(1, order)
     run_start = counts_ext.cumsum(1) - counts_ext  # [L, E+1] first sorted index of each expert's run
     position = torch.arange(num_phys).expand(num_layers, -1) - run_start.gather(1, sorted_expert)
-    is_replica = sorted_expert < num_experts
-    layer_idx = torch.arange(num_layers).unsqueeze(1).expand(-1, num_phys)
+    layer_idx, sorted_idx = (sorted_expert < num_experts).nonzero(as_tuple=True)  # one pass over the mask
     l2p = torch.full((num_layers, num_experts, num_ranks), NO_EXPERT, dtype=torch.int64)
-    l2p[layer_idx[is_replica], sorted_expert[is_replica], position[is_replica]] = order[is_replica]
+    l2p[layer_idx, sorted_expert[layer_idx, sorted_idx], position[layer_idx, sorted_idx]] = order[layer_idx, sorted_idx]
     return l2p, counts_ext[:, :num_experts].contiguous()
 
 
@@ -271,6 +270,9 @@ def _replicate(load: torch.Tensor, num_redundant: int, num_ranks: int) -> list[i
     return counts
 
 
+_NEG_INF = float("-inf")
+
+
 class ReplicaChooser:
     """Hands out experts by highest load per live replica (ties: lowest id); no replicas ranks first.
 
@@ -280,12 +282,12 @@ class ReplicaChooser:
     def __init__(self, load_row: list[float], counts: list[int]):
         self.load_row = load_row
         self.counts = counts
-        self.heap = [(self._key(e), e) for e in range(len(counts))]
+        self.heap = [(-(load / c) if c else _NEG_INF, e) for e, (load, c) in enumerate(zip(load_row, counts))]
         heapq.heapify(self.heap)
 
     def _key(self, expert: int) -> float:
         c = self.counts[expert]
-        return -(self.load_row[expert] / c) if c else float("-inf")
+        return -(self.load_row[expert] / c) if c else _NEG_INF
 
     def take(self, excluded: set[int]) -> int | None:
         skipped = []

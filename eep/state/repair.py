@@ -12,7 +12,11 @@ Per layer:
   3. When no spare slot is left, it takes a donor slot: a replica of the expert that currently
      has the most replicas (ties: lowest id), on the first rank in round-robin order holding one.
   4. If neither exists the layer cannot be repaired: ``InsufficientSlotsError`` says how many
-     slots are missing. Nothing is applied in that case (the function is pure).
+     slots are missing. Nothing is applied in that case (the function is pure). With
+     ``allow_uncovered=True`` it repairs what the slots allow instead (every spare, then every
+     donor slot, orphans in ascending id) and lists the rest in ``CoverageRepair.uncovered``: an
+     instance in that state is not EP-valid and must not serve (the runtime holds its requests
+     until a rejoin covers them, or refuses them naming the experts and the missing slots).
 """
 
 from __future__ import annotations
@@ -47,23 +51,35 @@ class CoverageRepair:
     epoch: int
     assignments: list[SlotAssignment] = field(default_factory=list)
     num_dropped_slots: int = 0  # replicas lost on dead ranks (routing-only, no bytes)
+    # only with ``allow_uncovered``: {layer: experts with no replica left}, and the slots missing in
+    # the worst layer (a slot exists in every layer, so that many more slots would cover them all)
+    uncovered: dict[int, list[int]] = field(default_factory=dict)
+    num_missing_slots: int = 0
 
     @property
     def is_routing_only(self) -> bool:
         return not self.assignments
 
+    @property
+    def is_covered(self) -> bool:
+        return not self.uncovered
 
-def repair_coverage(placement: ExpertPlacement, membership: Membership) -> CoverageRepair:
+
+def repair_coverage(placement: ExpertPlacement, membership: Membership, *,
+                    allow_uncovered: bool = False) -> CoverageRepair:
     """New placement in which every logical expert has a replica on an active rank.
 
     Parameters:
         placement: the maps before the change (not modified).
         membership: the membership after the change.
+        allow_uncovered: when a layer has more orphans than slots, repair as many as fit and list
+            the rest in ``uncovered`` instead of raising.
     Returns:
         ``CoverageRepair`` with the new placement and the slot assignments whose weights must be
         restored (from a peer replica, host memory or disk: the repair planner decides).
     Raises:
-        InsufficientSlotsError: a layer has more orphans than spare plus donor slots.
+        InsufficientSlotsError: a layer has more orphans than spare plus donor slots (unless
+            ``allow_uncovered``).
     """
     if membership.num_ranks != placement.num_ranks:
         raise PlacementError(f"membership has {membership.num_ranks} rank slots, placement {placement.num_ranks}")
@@ -89,17 +105,27 @@ def repair_coverage(placement: ExpertPlacement, membership: Membership) -> Cover
         spare_all[[l for l in range(placement.num_layers) if l not in spare_by_layer]] = False
         for layer, phys in spare_all.nonzero().tolist():
             spare_by_layer[layer].setdefault(phys // slots, []).append(phys)
-    dead_list = slot_is_dead.tolist()
+    position = {rank: i for i, rank in enumerate(active_ranks)}  # round-robin order of the survivors
 
     assignments: list[SlotAssignment] = []
+    uncovered: dict[int, list[int]] = {}
+    num_missing_slots = 0
+    orphans_of: dict[int, list[int]] = {layer: [] for layer in layers_with_orphans}
+    for layer, expert in (counts_all == 0).nonzero().tolist():  # ascending (layer, expert)
+        orphans_of[layer].append(expert)
+    donors_of = (counts_all - 1).clamp(min=0).sum(1).tolist()  # replicas beyond the first, per layer
     for layer, counts in zip(layers_with_orphans, counts_all[layers_with_orphans].tolist()):
-        orphans = [e for e, c in enumerate(counts) if c == 0]
+        orphans = orphans_of[layer]
         spare_by_rank = spare_by_layer[layer]
         num_spare = sum(len(v) for v in spare_by_rank.values())
-        num_donor = sum(c - 1 for c in counts if c > 1)
+        num_donor = donors_of[layer]
         if len(orphans) > num_spare + num_donor:
-            raise InsufficientSlotsError(layer, orphans, len(orphans) - num_spare - num_donor, num_spare + num_donor)
-        donors = _DonorQueue(counts, placement.logical_to_phys[layer], dead_list) if len(orphans) > num_spare else None
+            missing = len(orphans) - num_spare - num_donor
+            if not allow_uncovered:
+                raise InsufficientSlotsError(layer, orphans, missing, num_spare + num_donor)
+            orphans, uncovered[layer] = orphans[:num_spare + num_donor], orphans[num_spare + num_donor:]
+            num_missing_slots = max(num_missing_slots, missing)
+        donors = _DonorQueue(counts, new_p2l[layer].tolist()) if len(orphans) > num_spare else None
 
         cursor = layer % len(active_ranks)
         for orphan in orphans:
@@ -108,17 +134,18 @@ def repair_coverage(placement: ExpertPlacement, membership: Membership) -> Cover
                 phys = _take_spare(spare_by_rank, active_ranks, cursor)
                 num_spare -= 1
             else:
-                phys, old = donors.take(active_ranks, slots, cursor)
+                phys, old = donors.take(position, slots, cursor)
             rank = phys // slots
             assignments.append(SlotAssignment(layer, phys, rank, orphan, old))
-            cursor = (active_ranks.index(rank) + 1) % len(active_ranks)
+            cursor = (position[rank] + 1) % len(active_ranks)
     if assignments:
         index = torch.tensor([(a.layer, a.phys_slot, a.logical_expert_id) for a in assignments], dtype=torch.int64)
         new_p2l[index[:, 0], index[:, 1]] = index[:, 2]
 
     new_placement = ExpertPlacement.from_phys_to_logical(
         new_p2l, num_ranks=placement.num_ranks, slots_per_rank=slots, num_experts=num_experts)
-    return CoverageRepair(placement, new_placement, membership.epoch, assignments, num_dropped)
+    return CoverageRepair(placement, new_placement, membership.epoch, assignments, num_dropped, uncovered,
+                          num_missing_slots)
 
 
 def _round_robin(active_ranks: list[int], cursor: int):
@@ -136,26 +163,26 @@ def _take_spare(spare_by_rank: dict[int, list[int]], active_ranks: list[int], cu
 class _DonorQueue:
     """Replicas that may be given up: always of the expert with the most replicas (ties: lowest id)."""
 
-    def __init__(self, counts: list[int], old_logical_to_phys: torch.Tensor, slot_is_dead: list[bool]):
+    def __init__(self, counts: list[int], live_row: list[int]):
         self.counts = list(counts)
         self.heap = [(-c, e) for e, c in enumerate(self.counts) if c > 1]
         heapq.heapify(self.heap)
-        self.old_logical_to_phys = old_logical_to_phys
-        self.slot_is_dead = slot_is_dead
+        # each expert's live replicas in ascending slot order (the row has dead slots emptied already)
         self.slots_of: dict[int, list[int]] = {}
+        for phys, expert in enumerate(live_row):
+            if expert != NO_EXPERT and self.counts[expert] > 1:
+                self.slots_of.setdefault(expert, []).append(phys)
 
-    def take(self, active_ranks: list[int], slots: int, cursor: int) -> tuple[int, int]:
-        """Returns ``(phys_slot, donor_expert)``."""
+    def take(self, position: dict[int, int], slots: int, cursor: int) -> tuple[int, int]:
+        """Returns ``(phys_slot, donor_expert)``: the donor's replica on the first survivor in
+        round-robin order from ``cursor`` (``position``: survivor rank -> its place in that order)."""
         neg_count, donor = heapq.heappop(self.heap)
-        if donor not in self.slots_of:  # its live replicas, from the old table minus dead slots
-            self.slots_of[donor] = [p for p in self.old_logical_to_phys[donor].tolist()
-                                    if p != NO_EXPERT and not self.slot_is_dead[p]]
         held = self.slots_of[donor]
         if len(held) == 1:
             phys = held[0]
-        else:
-            by_rank = {p // slots: p for p in held}
-            phys = next(by_rank[r] for r in _round_robin(active_ranks, cursor) if r in by_rank)
+        else:  # at most one replica per rank: the nearest rank after the cursor holds it
+            n = len(position)
+            phys = min(held, key=lambda p: (position[p // slots] - cursor) % n)
         held.remove(phys)
         self.counts[donor] -= 1
         if self.counts[donor] > 1:

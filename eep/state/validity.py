@@ -88,26 +88,48 @@ def check_validity(membership: Membership, placement: ExpertPlacement, *,
     if current is not None and tuple(current.shape) != tuple(p2l.shape):
         raise ValueError(f"weights_current has shape {tuple(current.shape)}, expected {tuple(p2l.shape)}")
 
-    for layer in range(placement.num_layers):
-        for expert in range(placement.num_experts):
-            n = int(counts[layer, expert])
-            replicas = l2p[layer, expert, :n].tolist()
-            serving = [p for p in replicas if active[p // slots] and (current is None or bool(current[layer, p]))]
-            if not serving:
-                live_stale = [p for p in replicas if active[p // slots]]
-                why = (f"replicas in slots {live_stale} hold stale weights" if live_stale
-                       else "no replica on an active rank" + (f" (lost slots {replicas})" if replicas else ""))
-                report.problems.append(Problem(Clause.COVERAGE, why, layer=layer, expert=expert))
-            for p in replicas:
-                if not active[p // slots]:
-                    report.problems.append(Problem(Clause.ROUTING, f"routing table names slot {p} on inactive rank",
-                                                   layer=layer, expert=expert, rank=p // slots))
-                elif int(p2l[layer, p]) != expert:
-                    report.problems.append(Problem(Clause.ROUTING, f"logical_to_phys names slot {p}, which holds "
-                                                   f"expert {int(p2l[layer, p])}", layer=layer, expert=expert))
-            if bool((l2p[layer, expert, n:] != NO_EXPERT).any()):
-                report.problems.append(Problem(Clause.ROUTING, "entries past replica_count are not NO_EXPERT",
-                                               layer=layer, expert=expert))
+    # Vectorised over every (layer, expert) first; only the pairs with a problem are described one
+    # by one (in layer, expert order), so a valid placement costs a few tensor ops, not a Python
+    # loop over every expert of every layer (this check runs before every epoch serves).
+    num_layers, num_experts = counts.shape
+    width = max(1, min(int(counts.max()) if counts.numel() else 1, l2p.shape[2]))  # columns in use
+    slot_active = torch.tensor(active, dtype=torch.bool).repeat_interleave(slots)
+    listed = torch.arange(width) < counts.unsqueeze(-1)  # [L, E, width]: entries within replica_count
+    beyond = (l2p[:, :, width:] != NO_EXPERT).any(-1)  # padding columns that name a slot
+    l2p = l2p[:, :, :width]
+    index = l2p.clamp(min=0)
+    on_active = listed & (l2p >= 0) & slot_active[index]
+    held = p2l.gather(1, index.view(num_layers, -1)).view(num_layers, num_experts, width)
+    serving = on_active if current is None else \
+        on_active & current.gather(1, index.view(num_layers, -1)).view(num_layers, num_experts, width)
+    expert_ids = torch.arange(num_experts).view(1, -1, 1)
+    bad = (~serving.any(-1) | (listed & ((l2p < 0) | ~slot_active[index])).any(-1)
+           | (on_active & (held != expert_ids)).any(-1)
+           | (~listed & (l2p != NO_EXPERT)).any(-1) | beyond)
+    l2p = placement.logical_to_phys.cpu()
+    for layer, expert in bad.nonzero().tolist():
+        n = int(counts[layer, expert])
+        replicas = l2p[layer, expert, :n].tolist()
+        serving_now = [p for p in replicas
+                       if p >= 0 and active[p // slots] and (current is None or bool(current[layer, p]))]
+        if not serving_now:
+            live_stale = [p for p in replicas if p >= 0 and active[p // slots]]
+            why = (f"replicas in slots {live_stale} hold stale weights" if live_stale
+                   else "no replica on an active rank" + (f" (lost slots {replicas})" if replicas else ""))
+            report.problems.append(Problem(Clause.COVERAGE, why, layer=layer, expert=expert))
+        for k, p in enumerate(replicas):
+            if p < 0:
+                report.problems.append(Problem(Clause.ROUTING, f"replica_count is {n} but logical_to_phys entry {k} "
+                                               "names no slot", layer=layer, expert=expert))
+            elif not active[p // slots]:
+                report.problems.append(Problem(Clause.ROUTING, f"routing table names slot {p} on inactive rank",
+                                               layer=layer, expert=expert, rank=p // slots))
+            elif int(p2l[layer, p]) != expert:
+                report.problems.append(Problem(Clause.ROUTING, f"logical_to_phys names slot {p}, which holds "
+                                               f"expert {int(p2l[layer, p])}", layer=layer, expert=expert))
+        if bool((l2p[layer, expert, n:] != NO_EXPERT).any()):
+            report.problems.append(Problem(Clause.ROUTING, "entries past replica_count are not NO_EXPERT",
+                                           layer=layer, expert=expert))
 
     if reachable is not None:
         reach = reachable.cpu().bool()

@@ -20,6 +20,20 @@ A decision is two messages in the append-only decision log:
      that step under the new epoch. Joining ranks (named with their join nonce) start there too.
 A member that dies between 1 and 2 is added to ``failed`` and the decision re-proposed.
 
+Every commit carries its plan (``rules.RepairRules``: ``eep.plan_repair`` for failures,
+``eep.plan_reintegration`` for joins): the new maps, every copy that makes them true with its
+source and predicted seconds, and whether the epoch is EP-valid. A failure the survivors' slots
+cannot cover is still committed (the dead ranks must be fenced and their requests re-queued), as an
+epoch that serves nothing: its requests are *held* until a rejoin restores coverage, and refused
+(``refuse_unanswered``, each request's answer replaced by an error naming the uncovered experts and
+the missing slots) when ``uncovered_hold_s`` passes first or no rank can rejoin. No answer ever
+comes from an invalid epoch: ranks check ``eep.check_validity`` themselves before they serve.
+
+A member still copying its slots for the last commit (heartbeat phase ``restoring`` / ``awaiting``)
+cannot ack a new prepare until its copies are done; while its heartbeat keeps changing it is given
+up to ``restore_timeout_s`` instead of the suspicion window, so a second failure during a repair
+does not also fail the healthy ranks that are repairing.
+
 Requests are re-queued at commit time: any unanswered request whose owner is not a continuing
 member (or that was taken but never marked owned) is handed round-robin to continuing members.
 
@@ -33,6 +47,7 @@ dropped from the waiting set.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -41,7 +56,7 @@ from eep.errors import InsufficientSlotsError
 from eep.runtime.control.auth import Sealer
 from eep.runtime.config import RuntimeConfig
 from eep.runtime.control.keys import Key, store_key
-from eep.runtime.control.rules import initial_placement, next_placement
+from eep.runtime.control.rules import CommitPlan, RepairRules
 from eep.runtime.control.timeline import Timeline
 from eep.state import ExpertPlacement, Membership
 
@@ -53,9 +68,8 @@ class Coordinator:
                  is_dead: Callable[[int], bool], on_phase: Callable[[str, dict], None] = lambda name, info: None):
         self.cfg, self.store, self.sealer, self.run_id, self.timeline = cfg, store, sealer, run_id, timeline
         self.is_dead, self.on_phase = is_dead, on_phase
-        self.initial = initial_placement(cfg.model.num_layers, cfg.model.num_experts, cfg.num_ranks,
-                                         cfg.slots_per_rank, cfg.num_redundant)
-        self.placement: ExpertPlacement = self.initial.clone()
+        self.rules = RepairRules(cfg)
+        self.placement: ExpertPlacement = self.rules.initial.clone()
         self.membership: Membership | None = None
         self.epoch = -1
         self.num_decisions = 0
@@ -67,6 +81,12 @@ class Coordinator:
         self.joins_seen = 0
         self.reports_seen = 0
         self.heartbeat_seen: dict[int, tuple[int, float]] = {}  # rank -> (seq, monotonic time it changed)
+        self.heartbeat_phase: dict[int, str] = {}  # rank -> phase its last heartbeat named
+        # coverage lost: since when (monotonic) the committed epoch serves nothing, and why
+        self.held_since: float | None = None
+        self.hold_reason: str | None = None
+        self.lost_ranks: set[int] = set()  # failed while coverage was lost
+        self.refusal: str | None = None  # set once the unanswered requests were refused
         self.answered_below = 0  # every request id below this has an answer
         self.decisions: list[dict] = []
         self._last_bad: dict[str, bytes] = {}
@@ -77,20 +97,27 @@ class Coordinator:
         return self.membership.active_cpu.tolist() if self.membership is not None else [False] * self.cfg.num_ranks
 
     # ---- start ----
-    def start(self, timeout_s: float, *, is_alive: Callable[[], bool] = lambda: True) -> None:
-        """Wait for every rank's first join request, then commit epoch 0 with all of them."""
+    def start(self, timeout_s: float, *, dead: Callable[[], list[int]] = lambda: []) -> None:
+        """Wait for every rank's first join request, then commit epoch 0 with all of them.
+
+        Raises ``StartupError`` at once when a rank process died first (``dead()`` names them; the
+        launcher adds their exit codes and errors), or after ``timeout_s`` naming the silent ones."""
         deadline = time.monotonic() + timeout_s
         while len(self.pending_joins) < self.cfg.num_ranks:
-            if time.monotonic() > deadline or not is_alive():
+            died = dead()
+            if died:
+                raise StartupError(died, f"ranks {died} died during start-up")
+            if time.monotonic() > deadline:
                 missing = sorted(set(range(self.cfg.num_ranks)) - set(self.pending_joins))
-                raise TimeoutError(f"ranks {missing} did not ask to join within {timeout_s:.0f} s")
+                raise StartupError([], f"ranks {missing} did not ask to join within {timeout_s:.0f} s")
             self._read_joins()
             time.sleep(0.002)
         joined = dict(self.pending_joins)
         self.pending_joins.clear()
         self.epoch = 0
         self.membership = Membership(self.cfg.num_ranks, epoch=0)
-        self._commit(0, failed=[], joined=joined, start_step=0, requeue={}, reason="start")
+        self._commit(0, self.rules.plan_start([True] * self.cfg.num_ranks, 0), failed=[], joined=joined,
+                     start_step=0, requeue={}, reason="start")
 
     # ---- steady state ----
     def poll(self) -> None:
@@ -152,21 +179,20 @@ class Coordinator:
                 return False
             epoch = self.epoch + 1
             new_active = [r in continuing or r in joined for r in range(self.cfg.num_ranks)]
+            t_plan = time.perf_counter()
             try:
-                placement = next_placement(self.placement, old_active, failed, joined, self.initial, epoch) \
-                    if continuing else self._placement_for(new_active, epoch)
-            except InsufficientSlotsError as exc:
-                if not continuing:  # only joiners: they wait for more joiners (``_propose_joins``)
-                    self.uncoverable = frozenset(joined)
-                    log.warning("epoch %d: joiners %s alone cannot cover every expert (%s); waiting for more",
-                                epoch, sorted(joined), exc)
-                else:
-                    log.error("epoch %d: cannot repair coverage after losing ranks %s: %s", epoch, sorted(failed),
-                              exc)
+                # every member new: the initial placement repaired for the absent ranks
+                plan = self.rules.plan_commit(self.placement, old_active, failed, joined, epoch) if continuing \
+                    else self.rules.plan_start(new_active, epoch)
+            except InsufficientSlotsError as exc:  # only joiners: they wait for more joiners (``_propose_joins``)
+                self.uncoverable = frozenset(joined)
+                log.warning("epoch %d: joiners %s alone cannot cover every expert (%s); waiting for more",
+                            epoch, sorted(joined), exc)
                 self.timeline.event("unrepairable", epoch=epoch, failed=sorted(failed), joined=sorted(joined),
                                     error=str(exc))
                 self._drop_members(failed)
                 return False
+            plan_s = time.perf_counter() - t_plan
             self.epoch = epoch  # consumed even if re-proposed: epochs only grow
             self._publish({"kind": "prepare", "epoch": epoch, "active": new_active})
             self.timeline.event("prepare", epoch=epoch, reason=reason, failed=sorted(failed), joined=sorted(joined))
@@ -181,33 +207,29 @@ class Coordinator:
             if any(self.is_dead(r) for r in joined):
                 continue  # a joiner died during its join: propose again without it
             start_step = max(acks.values(), default=0)
-            requeue = self._requeue(set(continuing), new_active, epoch)
+            requeue = self._requeue(set(continuing), new_active, epoch, joined)
             # a fault hook (launcher ``Fault(on_phase="commit_...")``): a rank killed here is committed
             # as a member, as when it dies between the last check above and the commit reaching ranks
             self.on_phase(f"commit_{'fail' if failed else reason}", {"epoch": epoch, "failed": sorted(failed),
                                                                      "joined": sorted(joined)})
             self.membership = Membership(self.cfg.num_ranks, active=new_active, epoch=epoch)
-            self.placement = placement
-            self._commit(epoch, failed=sorted(failed), joined=joined, start_step=start_step, requeue=requeue,
-                         reason=reason)
+            self._commit(epoch, plan, failed=sorted(failed), joined=joined, start_step=start_step, requeue=requeue,
+                         reason=reason, plan_s=plan_s)
             self.heartbeat_seen = {r: v for r, v in self.heartbeat_seen.items() if new_active[r]}
             return True
-
-    def _placement_for(self, new_active: list[bool], epoch: int) -> ExpertPlacement:
-        # Every member is new: start again from the initial placement, repaired for the absent ranks.
-        absent = [r for r, a in enumerate(new_active) if not a]
-        return next_placement(self.initial, [True] * self.cfg.num_ranks, absent, [], self.initial, epoch)
 
     def _drop_members(self, failed: set[int]) -> None:
         if self.membership is not None:
             mask = [a and r not in failed for r, a in enumerate(self.active)]
-            # No member left: nothing serves until a rank joins (then ``_placement_for`` starts afresh).
+            # No member left: nothing serves until a rank joins (then ``RepairRules.plan_start`` starts afresh).
             self.membership = Membership(self.cfg.num_ranks, active=mask, epoch=self.epoch) if any(mask) else None
 
     def _collect_acks(self, epoch: int, expected: list[int], suspects: set[int]) -> tuple[dict[int, int], list[int]]:
-        deadline = time.monotonic() + self.cfg.suspicion_window_s
+        start = time.monotonic()
+        deadline = start + self.cfg.suspicion_window_s
         acks: dict[int, int] = {}
         next_beat_check = 0.0
+        busy: list[int] = []  # waiting members still copying their slots, heartbeat alive
         while True:
             for r in expected:
                 if r in acks:
@@ -228,24 +250,72 @@ class Coordinator:
                     self.timeline.event("corroborated", epoch=epoch, ranks=dead)
             if dead:
                 return acks, dead  # fail them now; the others are re-asked in the next proposal
-            if not waiting or time.monotonic() > deadline:
+            if not waiting:
                 return acks, waiting
+            if now > deadline:
+                # members still restoring for the last commit ack once their copies are done; they get
+                # restore_timeout_s as long as their heartbeats keep changing
+                busy = [r for r in waiting if now - self._observe_heartbeat(r, now) <= self.cfg.suspicion_window_s
+                        and self.heartbeat_phase.get(r) in ("restoring", "awaiting")
+                        and now - start < self.cfg.restore_timeout_s]
+                if len(busy) < len(waiting):
+                    return acks, [r for r in waiting if r not in busy]
+                deadline = now + self.cfg.heartbeat_interval_s
             time.sleep(0.0005)
 
-    def _commit(self, epoch: int, *, failed: list[int], joined: dict[int, dict], start_step: int,
-                requeue: dict[int, list[int]], reason: str) -> None:
+    def _commit(self, epoch: int, plan: CommitPlan, *, failed: list[int], joined: dict[int, dict], start_step: int,
+                requeue: dict[int, list[int]], reason: str, plan_s: float = 0.0) -> None:
         self.uncoverable = frozenset()  # the membership changed: any set of joiners may be tried again
+        self.placement = plan.placement
         for r, body in joined.items():
             self.incarnation[r] = int(body["incarnation"])
             self.heartbeat_seen[r] = (-1, time.monotonic())
         body = {"kind": "commit", "epoch": epoch, "active": self.active, "failed": failed,
                 "joined": {str(r): b["nonce"] for r, b in joined.items()}, "start_step": start_step,
-                "placement": self.placement.to_dict(), "requeue": {str(r): q for r, q in requeue.items()},
-                "reason": reason}
+                "placement": self.placement.to_dict(), "plan": plan.to_wire(),
+                "requeue": {str(r): q for r, q in requeue.items()}, "reason": reason}
         self._publish(body)
         self.decisions.append(body)
         self.timeline.event("commit", epoch=epoch, reason=reason, failed=failed, joined=sorted(joined),
-                            start_step=start_step, num_requeued=sum(len(q) for q in requeue.values()))
+                            start_step=start_step, num_requeued=sum(len(q) for q in requeue.values()),
+                            plan_s=plan_s, plan=plan.timeline())
+        self._track_coverage(epoch, plan, failed)
+
+    def _track_coverage(self, epoch: int, plan: CommitPlan, failed: list[int]) -> None:
+        """Start or end a hold: an epoch that lost coverage serves nothing until one restores it."""
+        if plan.is_valid:
+            if self.held_since is not None:
+                log.warning("epoch %d: coverage restored; the held requests are served", epoch)
+                self.timeline.event("coverage_restored", epoch=epoch, held_s=time.monotonic() - self.held_since)
+            self.held_since, self.hold_reason, self.lost_ranks = None, None, set()
+            return
+        if self.held_since is None:
+            self.held_since = time.monotonic()
+        self.lost_ranks |= set(failed)
+        self.hold_reason = (f"epoch {epoch} cannot serve: after ranks {sorted(self.lost_ranks)} failed, "
+                            f"{plan.describe_uncovered()}")
+        log.error("%s; requests are held until a rejoin restores coverage (at most %.1f s)", self.hold_reason,
+                  self.cfg.uncovered_hold_s)
+        self.timeline.event("coverage_lost", epoch=epoch, uncovered={str(k): v for k, v in plan.uncovered.items()},
+                            missing_slots=plan.num_missing_slots, failed=sorted(self.lost_ranks))
+
+    def refuse_unanswered(self, why: str) -> int:
+        """Answer every request that has no answer yet with an error saying ``why``; returns how many.
+
+        Requests not handed out yet are taken first (so no rank claims one afterwards); each
+        refusal is written once with the same compare-and-set as an answer, so a request is
+        either answered or refused, never both."""
+        num = self.cfg.num_requests
+        self.store.add(store_key(self.run_id, Key.QUEUE_NEXT), num)  # every id handed out: nothing left to claim
+        value = json.dumps({"refused": why})
+        refused = 0
+        for q in range(self.advance_answered(), num):
+            got = self.store.compare_set(store_key(self.run_id, Key.RESULT, q), "", value)
+            refused += got.decode() == value
+        self.refusal = why
+        log.error("refused %d unanswered requests: %s", refused, why)
+        self.timeline.event("refused", num=refused, reason=why)
+        return refused
 
     def _publish(self, body: dict) -> None:
         self.num_decisions += 1
@@ -253,8 +323,12 @@ class Coordinator:
         self.store.set(key, self.sealer.seal(key, body))
 
     # ---- requests ----
-    def _requeue(self, continuing: set[int], new_active: list[bool], epoch: int) -> dict[int, list[int]]:
-        """Unanswered requests whose owner is not a continuing member, dealt to the new members."""
+    def _requeue(self, continuing: set[int], new_active: list[bool], epoch: int,
+                 joined: dict[int, dict]) -> dict[int, list[int]]:
+        """Unanswered requests whose owner is not a continuing member, dealt to the new members.
+
+        The owner key names the incarnation that will serve it (a joiner's is in its join request):
+        a rank publishes an answer only while the owner key names it."""
         orphans = []
         for q in self._unanswered():
             owner_key = store_key(self.run_id, Key.OWNER, q)
@@ -267,7 +341,7 @@ class Coordinator:
         for i, q in enumerate(orphans):
             r = targets[i % len(targets)]
             requeue.setdefault(r, []).append(q)
-            inc = self.incarnation.get(r, 0)
+            inc = int(joined[r]["incarnation"]) if r in joined else self.incarnation.get(r, 0)
             self.store.set(store_key(self.run_id, Key.OWNER, q), f"{r}:{inc}:{epoch}")
         return requeue
 
@@ -358,6 +432,7 @@ class Coordinator:
             if body is not None and body.get("rank") == rank and body.get("incarnation") == self.incarnation.get(rank) \
                     and body.get("seq") != seq:
                 seq, since = body.get("seq"), now
+                self.heartbeat_phase[rank] = str(body.get("phase"))
         self.heartbeat_seen[rank] = (seq, since)
         return since
 
@@ -370,3 +445,11 @@ class Coordinator:
             self._last_bad[key] = raw
             self.timeline.event("rejected_message", key=key)
         return body
+
+
+class StartupError(RuntimeError):
+    """Ranks died (``ranks``) or stayed silent before the first epoch could be committed."""
+
+    def __init__(self, ranks: list[int], message: str):
+        self.ranks = ranks
+        super().__init__(message)

@@ -2,6 +2,7 @@
 
     eep/<run>/decision/<i>          coordinator -> ranks, i = 1, 2, ... (append-only log, sealed)
     eep/<run>/ack/<epoch>/<rank>    rank -> coordinator: paused at a step boundary (sealed)
+    eep/<run>/restored/<epoch>/<rank>  rank -> members: its copies for that epoch are done (sealed)
     eep/<run>/hb/<rank>             rank heartbeat (sealed)
     eep/<run>/join/count, join/<i>  join requests, append-only (sealed)
     eep/<run>/report/count, report/<i>   transport-timeout evidence, append-only (sealed)
@@ -19,6 +20,7 @@ import enum
 class Key(enum.Enum):
     DECISION = "decision"
     ACK = "ack"
+    RESTORED = "restored"
     HEARTBEAT = "hb"
     JOIN = "join"
     REPORT = "report"

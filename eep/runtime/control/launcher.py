@@ -13,7 +13,13 @@
   when the answered-request count reaches a value, right after a prepare of a given kind, just
   before a commit of a given kind, or some seconds after the previous fault.
 - If every rank process has exited and no restart is scheduled, nothing can ever answer again:
-  the run ends at once with ``RunResult.error`` saying so, instead of waiting for its timeout.
+  the run ends at once with ``RunResult.error`` saying so, instead of waiting for its timeout. A
+  rank that dies during start-up ends the start at once too, with its exit code and its error.
+- An epoch that lost coverage serves nothing (docs/runtime.md "Coverage lost"): its requests are
+  held until a rejoin restores coverage; when no rank can rejoin (none restarting, none waiting)
+  or ``uncovered_hold_s`` passes, every unanswered request is refused with an error naming the
+  uncovered experts and the missing slots. A run that ends early (``RunResult.error``) refuses what
+  it did not answer with that error. Every request is answered or refused, none lost silently.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import torch.distributed as dist
 from eep import envs
 from eep.runtime.control.auth import Sealer
 from eep.runtime.config import RuntimeConfig
-from eep.runtime.control.coordinator import Coordinator
+from eep.runtime.control.coordinator import Coordinator, StartupError
 from eep.runtime.control.keys import Key, store_key
 from eep.runtime.control.rank import RankSpec, rank_main
 from eep.runtime.control.timeline import Timeline
@@ -88,11 +94,17 @@ class RunResult:
     is_interrupted: bool
     exit_codes: dict[str, int | None]
     summary: dict
-    error: str | None = None  # why the run ended early (every rank exited, none to restart)
+    error: str | None = None  # why the run ended early (a rank died at start-up, every rank exited...)
+    refused: dict[int, str] = field(default_factory=dict)  # request id -> why it was not answered
+    answered_at: dict[int, float] = field(default_factory=dict)  # request id -> wall time its answer was written
 
     @property
     def num_answered(self) -> int:
         return len(self.results)
+
+    @property
+    def num_refused(self) -> int:
+        return len(self.refused)
 
 
 class Launcher:
@@ -138,7 +150,14 @@ class Launcher:
             for r in range(cfg.num_ranks):
                 self._spawn(r)
             self._write_pids()
-            self.coordinator.start(cfg.startup_timeout_s, is_alive=lambda: not any(self._is_dead(r) for r in self.procs))
+            try:
+                self.coordinator.start(cfg.startup_timeout_s, dead=lambda: [r for r in self.procs if self._is_dead(r)])
+            except StartupError as exc:
+                error = self._startup_error(exc)
+                log.error("run %s: %s", self.run_id, error)
+                self.timeline.event("startup_failed", error=error, ranks=exc.ranks)
+                self.coordinator.refuse_unanswered(error)
+                raise _RunOver from None
             self._serving_since = time.monotonic()
             results_key = store_key(self.run_id, Key.RESULTS_COUNT)
             next_scan = 0.0
@@ -149,6 +168,7 @@ class Launcher:
                 self._restart_due()
                 self._fire_due_faults()
                 self.coordinator.poll()
+                self._end_hold_if_hopeless()
                 if self.store.add(results_key, 0) >= cfg.num_requests or self._stop_requested:
                     break
                 if time.monotonic() >= next_scan:
@@ -159,23 +179,26 @@ class Launcher:
                 if error is not None:
                     log.error("run %s: %s", self.run_id, error)
                     self.timeline.event("no_rank_left", error=error)
+                    self.coordinator.refuse_unanswered(error)
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     is_timed_out = True
                     log.error("run %s timed out after %.1f s", self.run_id, timeout_s)
                     break
+        except _RunOver:
+            pass
         except KeyboardInterrupt:
             is_interrupted = True
         finally:
             self._shutdown()
         from eep.runtime.control.metrics import summarize
-        results, served_by = self._collect_results()
+        results, served_by, refused, answered_at = self._collect_results()
         self.store = self.coordinator.store = None  # closes the store server: the run is over
         summary = summarize(self.run_dir)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return RunResult(self.run_dir, results, served_by, self.coordinator.decisions,
                          self.coordinator.sealer.num_rejected, is_timed_out, is_interrupted, dict(self.exit_codes),
-                         summary, error)
+                         summary, error, refused, answered_at)
 
     # ---- processes ----
     def _spawn(self, rank: int) -> None:
@@ -213,6 +236,33 @@ class Launcher:
                 self.coordinator.propose(failed=set(), joined={}, reason="resync")
             if self.cfg.restart_after_s is not None and self.num_restarts[rank] < self.cfg.max_restarts:
                 self.restart_at[rank] = time.monotonic() + self.cfg.restart_after_s
+
+    def _startup_error(self, exc: StartupError) -> str:
+        """``exc`` with each dead rank's exit code and the error its process recorded (if any)."""
+        if not exc.ranks:
+            return str(exc)
+        parts = []
+        for r in exc.ranks:
+            code = self.procs[r].exitcode if self.procs[r] is not None else None
+            crash = _crash_of(self.run_dir / f"rank{r}-{self.incarnations[r]}.jsonl")
+            parts.append(f"rank {r} exited with code {code}" + (f": {crash}" if crash else " before recording an error"))
+        return f"{exc}: " + "; ".join(parts)
+
+    def _end_hold_if_hopeless(self) -> None:
+        """Refuse the held requests of an epoch that lost coverage once no rejoin can restore it in time."""
+        coordinator = self.coordinator
+        if coordinator.held_since is None or coordinator.refusal is not None:
+            return
+        can_rejoin = bool(self.restart_at or coordinator.pending_joins) or any(
+            p is not None and p.exitcode is None and not coordinator.active[r] for r, p in self.procs.items())
+        waited = time.monotonic() - coordinator.held_since
+        if not can_rejoin:
+            why = "no rank can rejoin (none is restarting or waiting to join)"
+        elif waited > self.cfg.uncovered_hold_s:
+            why = f"no rejoin restored coverage within uncovered_hold_s={self.cfg.uncovered_hold_s:g} s"
+        else:
+            return
+        coordinator.refuse_unanswered(f"{coordinator.hold_reason}; {why}")
 
     def _no_rank_left(self) -> str | None:
         """Why no request can be answered any more (every rank exited, none will restart), or None."""
@@ -318,20 +368,39 @@ class Launcher:
         self.timeline.event("shutdown")
         self.timeline.close()
 
-    def _collect_results(self) -> tuple[dict[int, list[int]], dict[int, tuple[int, int, int]]]:
-        results, served_by = {}, {}
+    def _collect_results(self) -> tuple[dict, dict, dict, dict]:
+        """``(results, served_by, refused, answered_at)`` as ``RunResult`` holds them."""
+        results, served_by, refused, answered_at = {}, {}, {}, {}
         num_handed_out = min(self.store.add(store_key(self.run_id, Key.QUEUE_NEXT), 0), self.cfg.num_requests)
         for q in range(num_handed_out):
             key = store_key(self.run_id, Key.RESULT, q)
             if self.store.check([key]):
                 value = json.loads(self.store.get(key))
+                if "refused" in value:
+                    refused[q] = value["refused"]
+                    continue
                 results[q] = value["tokens"]
                 served_by[q] = (value["rank"], value["incarnation"], value["epoch"])
-        return results, served_by
+                answered_at[q] = value["t"]
+        return results, served_by, refused, answered_at
 
     def _capacity_nbytes(self) -> int:
         from eep.runtime.engines.base import transport_capacity_nbytes
         return transport_capacity_nbytes(self.cfg)
+
+
+class _RunOver(Exception):
+    """The run cannot go on (its reason is already recorded): leave the serving loop."""
+
+
+def _crash_of(timeline_path: Path) -> str | None:
+    """The error a rank process recorded before it died (its ``crash`` event), if any."""
+    from eep.runtime.control.timeline import read_jsonl
+
+    if not timeline_path.exists():
+        return None
+    crashes = [e for e in read_jsonl(timeline_path) if e.get("event") == "crash"]
+    return crashes[-1]["error"] if crashes else None
 
 
 def _is_stopped(pid: int) -> bool:

@@ -9,7 +9,11 @@
   every rank: a 0.5 s pre-fault window once read 4% low by chance on 4xH100, which let a run whose
   survivors held 91% of the 3 s mean count as recovered;
 - degraded fraction: the survivors' throughput from ``window_s`` after the repair until the failed
-  rank is back, over the same pre-fault mean.
+  rank is back, over the same pre-fault mean;
+- coverage: each time an epoch lost coverage (it serves nothing): when, the uncovered experts'
+  count, and how it ended (restored by a rejoin after ``held_s``, or requests refused);
+- repair plans: each commit's phases with their predicted seconds, beside the observed copy time
+  of the slowest member (``restore_s`` in the ranks' commit events).
 """
 
 from __future__ import annotations
@@ -98,4 +102,30 @@ def summarize(run_dir: str | Path, *, bin_s: float = 0.05, window_s: float = 1.0
             survivors = {w for w in survivors_of(c["epoch"]) if w[0] not in c["joined"]}
             summary["rejoins"].append({"t_s": c["t"] - t0, "ranks": c["joined"], "epoch": c["epoch"],
                                        "reintegration_pause_s": _pause(steps, survivors, c["epoch"])})
+    summary["coverage"] = _coverage(launcher, t0)
+    summary["plans"] = _plans(commits, ranks)
     return summary
+
+
+def _coverage(launcher: list[dict], t0: float) -> list[dict]:
+    out = []
+    for e in launcher:
+        if e.get("event") == "coverage_lost" and (not out or out[-1].get("end") is not None):
+            out.append({"t_s": e["t"] - t0, "epoch": e["epoch"], "missing_slots": e["missing_slots"],
+                        "uncovered_experts": sum(len(v) for v in e["uncovered"].values()), "end": None})
+        elif e.get("event") in ("coverage_restored", "refused") and out and out[-1]["end"] is None:
+            out[-1]["end"] = "restored" if e["event"] == "coverage_restored" else f"refused {e['num']} requests"
+            out[-1]["held_s"] = e["t"] - t0 - out[-1]["t_s"]
+    return out
+
+
+def _plans(commits: list[dict], ranks: list[dict]) -> list[dict]:
+    """Per commit with copies: predicted seconds per phase and the slowest member's observed copy time."""
+    observed: dict[int, float] = {}
+    for e in ranks:
+        if e.get("event") == "commit" and e.get("restored"):
+            observed[e["epoch"]] = max(observed.get(e["epoch"], 0.0), e["restore_s"])
+    return [{"epoch": c["epoch"], "reason": c["reason"],
+             "predicted_s": {p["phase"]: p["predicted_s"] for p in c["plan"]["phases"]},
+             "observed_restore_s": observed.get(c["epoch"])}
+            for c in commits if c.get("plan", {}).get("num_transfers")]

@@ -2,13 +2,23 @@
 
 Life of a rank (``Phase``):
 
-    WARMUP  load this slot's initial experts (host tier), map the transport, run the experts on
-            random rows in isolation, then post an authenticated join request
-    JOINING wait for the commit that names this request's nonce
-    SERVING one decode step per loop: claim requests, decode, publish finished answers
-    PAUSED  acked a ``prepare``; waits for its ``commit`` (survivors apply it at the same step)
-    STALLED a receive missed a peer, or a commit's new member could not be mapped (dead or
-            stopped during the join): evidence reported, no further step until a new decision
+    WARMUP    load the experts this slot will hold once it joins (the row the coordinator's
+              rejoin plan gives it, from the latest commit; its initial row at the start), map the
+              transport, run the experts on random rows in isolation, post an authenticated join request
+    JOINING   wait for the commit that names this request's nonce
+    RESTORING (inside a commit) copy the slots the commit's plan assigns to this rank
+    AWAITING  copies done; wait until every member that had copies to make is done too (each posts
+              ``restored/<epoch>/<rank>``), so no step waits on a peer still copying
+    SERVING   one decode step per loop: claim requests, decode, publish finished answers
+    HELD      a member of an epoch that is not EP-valid (coverage lost): no step, requests kept,
+              until a commit restores coverage (or the coordinator refuses the requests)
+    PAUSED    acked a ``prepare``; waits for its ``commit`` (survivors apply it at the same step)
+    STALLED   a receive missed a peer, or a commit's new member could not be mapped (dead or
+              stopped during the join): evidence reported, no further step until a new decision
+
+Every commit carries its plan (``rules.RepairRules``). A survivor recomputes it from its own maps
+and checks it against the commit; a joiner takes it. Either way the rank serves an epoch only after
+``eep.check_validity`` passes for it: an epoch that lost coverage is HELD, never served.
 
 A commit that leaves this rank out (it was declared dead while stalled, e.g. SIGSTOPped) fences
 it: it drops its requests (the coordinator re-queued them) and goes back to WARMUP to rejoin.
@@ -30,6 +40,7 @@ import secrets
 import signal
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,19 +53,23 @@ from eep.runtime.engines.shm import StepAborted
 from eep.runtime.engines.base import make_engine
 from eep.runtime.control.keys import Key, store_key
 from eep.runtime.model import make_request
-from eep.runtime.control.rules import initial_placement, next_placement
+from eep.runtime.control.rules import CommitPlan, RepairRules
 from eep.runtime.control.timeline import Timeline
-from eep.state import ExpertPlacement, Membership
+from eep.state import ExpertPlacement, Membership, check_validity
 
 log = logging.getLogger("eep.runtime.control.rank")
 
 EXIT_ORPHANED = 3
+EXIT_CRASHED = 4
 
 
 class Phase(enum.Enum):
     WARMUP = "warmup"
     JOINING = "joining"
+    RESTORING = "restoring"
+    AWAITING = "awaiting"
     SERVING = "serving"
+    HELD = "held"
     PAUSED = "paused"
     STALLED = "stalled"
 
@@ -87,10 +102,31 @@ def rank_main(spec: RankSpec) -> None:
     torch.set_num_threads(1)  # several ranks share few cores
     from eep import envs
     logging.basicConfig(level=envs.log_level(), format=f"[rank {spec.rank}.{spec.incarnation}] %(levelname)s %(message)s")
-    worker = RankWorker(spec)
-    signal.signal(signal.SIGTERM, lambda *_: worker.request_stop("SIGTERM"))
-    code = worker.run()
+    worker = None
+    try:
+        worker = RankWorker(spec)
+        signal.signal(signal.SIGTERM, lambda *_: worker.request_stop("SIGTERM"))
+        code = worker.run()
+    except BaseException as exc:  # noqa: BLE001 - recorded for the launcher, which reports it at once
+        _record_crash(spec, worker, exc)
+        code = EXIT_CRASHED
     os._exit(code)  # skip interpreter teardown: nothing left to flush, and it is slow with torch
+
+
+def _record_crash(spec: RankSpec, worker: "RankWorker | None", exc: BaseException) -> None:
+    """Log ``exc`` and write it as a ``crash`` event where the launcher looks for it."""
+    error = f"{type(exc).__name__}: {exc}"
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    if where is not None:
+        error += f" (at {os.path.basename(where.filename)}:{where.lineno} in {where.name})"
+    log.error("rank %d crashed: %s\n%s", spec.rank, error, "".join(traceback.format_exception(exc)))
+    try:
+        timeline = worker.timeline if worker is not None else \
+            Timeline(Path(spec.run_dir) / f"rank{spec.rank}-{spec.incarnation}.jsonl", spec.rank, spec.incarnation)
+        timeline.event("crash", error=error)
+        timeline.close()
+    except OSError:
+        pass
 
 
 class RankWorker:
@@ -118,6 +154,11 @@ class RankWorker:
         self._stalled_since = 0.0
         self._stalled_on: list[int] = []  # the peers the last report named (repeated with it)
         self._paused_since = 0.0
+        self._awaiting: list[int] = []  # members whose copies for this epoch are not done yet
+        self._awaiting_since = 0.0
+        # the plan of the last prepare, computed while the coordinator collects the other acks:
+        # ((epoch, new active mask), plan), used at the commit if the commit matches the prepare
+        self._planned: tuple[tuple, CommitPlan] | None = None
 
     # ---- lifecycle ----
     def request_stop(self, reason: str) -> None:
@@ -132,8 +173,7 @@ class RankWorker:
         self.engine = make_engine(cfg, self.rank, shm_path=self.spec.shm_path, store=self.store,
                                   run_id=self.run_id, incarnation=self.incarnation)
         self.timeline.event("engine_ready", engine=cfg.engine, phases=getattr(self.engine, "init_phases", None))
-        self.initial = initial_placement(cfg.model.num_layers, cfg.model.num_experts, cfg.num_ranks,
-                                         cfg.slots_per_rank, cfg.num_redundant)
+        self.rules = RepairRules(cfg)
         threading.Thread(target=self._heartbeat_loop, name="eep-heartbeat", daemon=True).start()
         self.timeline.event("start", pid=os.getpid())
         try:
@@ -145,6 +185,8 @@ class RankWorker:
                     break
                 if self.phase is Phase.SERVING:
                     self._serve_step()
+                elif self.phase is Phase.AWAITING:
+                    self._await_restores()
                 else:
                     if self.phase is Phase.STALLED and time.monotonic() - self._stalled_since > 2 * cfg.transport_timeout_s:
                         self._stalled_since = time.monotonic()  # the report may have been lost: repeat it
@@ -171,7 +213,7 @@ class RankWorker:
     def _warmup_and_request_join(self) -> None:
         self.phase = Phase.WARMUP
         t0 = time.time()
-        loaded = self._load_missing(self.initial)
+        loaded = self._load_missing(self.rules.preload_placement(self._latest_commit(), self.rank))
         t_loaded = time.time()
         self.engine.warmup()
         self.nonce = secrets.token_hex(8)
@@ -184,7 +226,23 @@ class RankWorker:
                             load_s=t_loaded - t0, restore_by_tier=getattr(self.engine, "restore_stats", None))
 
     def _load_missing(self, placement: ExpertPlacement) -> int:
-        return self.engine.load_missing(placement)
+        t0 = time.perf_counter()
+        restored = self.engine.load_missing(placement)
+        if self.cfg.restore_pace_gbps and restored:  # tests: as long as copies at that rate would take
+            pace_s = restored * self.rules.expert_nbytes / (self.cfg.restore_pace_gbps * 1e9)
+            time.sleep(max(0.0, pace_s - (time.perf_counter() - t0)))
+        return restored
+
+    def _latest_commit(self) -> tuple[ExpertPlacement, list[bool]] | None:
+        """The maps and membership of the newest authenticated commit in the decision log, if any."""
+        latest, index = None, 1
+        while (body := self._read_decision(index)) is not None:
+            if body.get("kind") == "commit":
+                latest = body
+            index += 1
+        if latest is None:
+            return None
+        return ExpertPlacement.from_dict(latest["placement"]), list(latest["active"])
 
     # ---- decisions ----
     def _poll_decisions(self) -> list[dict]:
@@ -218,20 +276,27 @@ class RankWorker:
             if kind == "shutdown":
                 self.request_stop("shutdown")
             elif kind == "prepare":
-                self._on_prepare(int(body["epoch"]))
+                self._on_prepare(int(body["epoch"]), list(body["active"]))
             elif kind == "commit":
                 self._on_commit(body)
         except (KeyError, TypeError, ValueError) as exc:
             log.error("rank %d: ignored a malformed decision %s: %s", self.rank, body, exc)
 
-    def _on_prepare(self, epoch: int) -> None:
-        if self.phase in (Phase.SERVING, Phase.PAUSED, Phase.STALLED) and epoch > self.epoch:
+    def _on_prepare(self, epoch: int, active: list[bool]) -> None:
+        if self.phase in (Phase.SERVING, Phase.HELD, Phase.AWAITING, Phase.PAUSED, Phase.STALLED) and epoch > self.epoch:
             key = store_key(self.run_id, Key.ACK, epoch, self.rank)
             self.store.set(key, self.sealer.seal(key, {"rank": self.rank, "incarnation": self.incarnation,
                                                        "epoch": epoch, "step": self.step}))
             if self.phase is not Phase.PAUSED:
                 self._paused_since = time.time()
             self.phase = Phase.PAUSED
+            # acked: plan the commit now, while the coordinator waits for the other members' acks
+            old = self.membership.active_cpu.tolist()
+            if active[self.rank]:
+                failed = [r for r, (a, b) in enumerate(zip(old, active)) if a and not b]
+                joined = [r for r, (a, b) in enumerate(zip(old, active)) if b and not a]
+                self._planned = ((epoch, tuple(active)),
+                                 self.rules.plan_commit(self.placement, old, failed, joined, epoch))
 
     def _on_commit(self, body: dict) -> None:
         epoch = int(body["epoch"])
@@ -249,54 +314,54 @@ class RankWorker:
 
     def _adopt(self, body: dict, *, is_joiner: bool) -> None:
         t0 = time.time()
+        was = self.phase
         epoch = int(body["epoch"])
-        published = ExpertPlacement.from_dict(body["placement"])
-        if is_joiner:
-            active = list(body["active"])
-            if all(str(r) in body["joined"] for r, a in enumerate(active) if a):
-                # Every member is new (the start, or a restart after every member died): the rule is
-                # the coordinator's ``_placement_for``, the initial placement repaired for the absent
-                # ranks, so this rank's slots may hold orphans of theirs. Recomputed, as survivors do.
-                absent = [r for r, a in enumerate(active) if not a]
-                expected = next_placement(self.initial, [True] * self.cfg.num_ranks, absent, [], self.initial, epoch)
-                is_expected = expected.equal(published)
-            else:  # joining members: it takes back its initial row
-                s = self.cfg.slots_per_rank
-                mine = slice(self.rank * s, (self.rank + 1) * s)
-                is_expected = bool((published.phys_to_logical[:, mine] == self.initial.phys_to_logical[:, mine]).all())
-            if not is_expected:
-                raise RuntimeError(f"rank {self.rank}: commit of epoch {epoch} gives this rank slots that differ "
-                                   "from the rule's (its initial row, or the initial placement repaired)")
-            placement = published
-        else:
-            placement = next_placement(self.placement, self.membership.active_cpu.tolist(), body["failed"],
-                                       [int(r) for r in body["joined"]], self.initial, epoch)
-            if not placement.equal(published):
-                log.error("rank %d: epoch %d placement differs from the coordinator's; using the published one",
-                          self.rank, epoch)
-                placement = published
+        active = list(body["active"])
+        plan = CommitPlan.from_wire(epoch, ExpertPlacement.from_dict(body["placement"]), body["plan"])
+        expected = self._expected_plan(body, is_joiner)
+        if expected is not None and not expected.agrees_for(self.rank, plan):
+            log.error("rank %d: epoch %d's plan differs from the coordinator's; using the published one",
+                      self.rank, epoch)
+            self.timeline.event("plan_mismatch", epoch=epoch)
+        membership = Membership(self.cfg.num_ranks, active=active, epoch=epoch)
+        # the rank's own check: no step of an epoch whose maps are not EP-valid, whatever the commit says
+        validity = check_validity(membership, plan.placement)
         t_restore = time.time()
-        restored = self._load_missing(placement)
+        self.phase = Phase.RESTORING
+        restored = self._load_missing(plan.placement)
         t_switch = time.time()
         unmapped: list[int] = []
         try:
-            self.engine.on_commit(active=list(body["active"]), joined=[int(r) for r in body["joined"]], epoch=epoch,
+            self.engine.on_commit(active=active, joined=[int(r) for r in body["joined"]], epoch=epoch,
                                   start_step=int(body["start_step"]), is_joiner=is_joiner)
         except StepAborted as exc:  # a member's buffer could not be mapped: its failure, not this rank's
             unmapped = list(exc.missed)
         t_done = time.time()
-        self.membership = Membership(self.cfg.num_ranks, active=body["active"], epoch=epoch)
-        self.placement = placement
+        self.membership = membership
+        self.placement = plan.placement
         self.epoch = epoch
         self.step = int(body["start_step"])
         self.pending.extend(int(q) for q in body["requeue"].get(str(self.rank), []))
-        was = self.phase
-        self.phase = Phase.SERVING
+        copying = sorted({t.dst_rank for t in plan.transfers} - {self.rank})
+        key = store_key(self.run_id, Key.RESTORED, epoch, self.rank)
+        self.store.set(key, self.sealer.seal(key, {"rank": self.rank, "epoch": epoch, "restored": restored}))
+        if not validity.ok:
+            self.phase = Phase.HELD
+        elif copying:
+            self.phase, self._awaiting, self._awaiting_since = Phase.AWAITING, copying, time.monotonic()
+        else:
+            self.phase = Phase.SERVING
         self.timeline.event("commit", epoch=epoch, reason=body["reason"], start_step=self.step,
                             restored=restored, requeued=len(body["requeue"].get(str(self.rank), [])),
                             was=was.value, paused_s=(t0 - self._paused_since) if was is Phase.PAUSED else None,
+                            valid=validity.ok,
                             plan_s=t_restore - t0, restore_s=t_switch - t_restore, switch_s=t_done - t_switch,
+                            predicted_restore_s=plan.predicted_s_for(self.rank),
+                            planned_copies=len(plan.transfers_to(self.rank)), phases=plan.phases,
                             restore_by_tier=getattr(self.engine, "restore_stats", None) if restored else None)
+        if not validity.ok:
+            log.error("rank %d: epoch %d is not EP-valid (%s); holding its requests", self.rank, epoch,
+                      validity.summary(limit=3).replace("\n", ";"))
         if unmapped:
             # Never serve with a member unmapped (a kernel would write through a missing peer
             # mapping): stall and report it as a deadline miss is reported; the coordinator's resync
@@ -304,6 +369,37 @@ class RankWorker:
             self._stall(unmapped, where="connect")
             log.warning("rank %d: epoch %d: could not map ranks %s; reported them, not serving", self.rank,
                         epoch, unmapped)
+
+    def _expected_plan(self, body: dict, is_joiner: bool) -> CommitPlan | None:
+        """The plan this rank computes for the commit itself, or None where it must take the commit's.
+
+        Survivors recompute from their own maps. A joiner has no history, except when every member
+        is new (the start, or a restart after every member died): the rule is then the initial
+        placement repaired for the absent ranks, which it recomputes as well."""
+        epoch, active = int(body["epoch"]), list(body["active"])
+        if not is_joiner:
+            planned, self._planned = self._planned, None
+            if planned is not None and planned[0] == (epoch, tuple(active)):
+                return planned[1]  # computed at the prepare: the same inputs
+            return self.rules.plan_commit(self.placement, self.membership.active_cpu.tolist(), body["failed"],
+                                          [int(r) for r in body["joined"]], epoch)
+        if all(str(r) in body["joined"] for r, a in enumerate(active) if a):
+            return self.rules.plan_start(active, epoch)
+        return None
+
+    def _await_restores(self) -> None:
+        """AWAITING: serve once every member that had copies to make posted ``restored`` for this epoch."""
+        keys = {r: store_key(self.run_id, Key.RESTORED, self.epoch, r) for r in self._awaiting}
+        self._awaiting = [r for r in self._awaiting if not self.store.check([keys[r]])]
+        if not self._awaiting:
+            self.phase = Phase.SERVING
+            return
+        if time.monotonic() - self._awaiting_since > self.cfg.restore_timeout_s:
+            # as long as a peer's heartbeat shows it copying, the coordinator waits for it; past this
+            # bound report it like a peer that missed a deadline
+            self._stall(list(self._awaiting), where="restore")
+            return
+        time.sleep(0.0005)
 
     def _fence(self, epoch: int) -> None:
         dropped = [r.request_id for r in self.batch] + self.pending
@@ -344,8 +440,8 @@ class RankWorker:
             req.last_token = token
             if len(req.tokens) >= req.num_new_tokens:
                 finished.append(req)
-        for req in finished:
-            self._publish(req)
+        if finished:
+            self._publish(finished)
         self.batch = [r for r in self.batch if r not in finished]
         self.timeline.step(self.step, self.epoch, len(next_tokens))
         self.step += 1
@@ -375,14 +471,29 @@ class RankWorker:
         owner = self.store.compare_set(store_key(self.run_id, Key.OWNER, request_id), "", me)
         return request_id if owner.decode() == me else None  # the coordinator took it back first
 
-    def _publish(self, req: Request) -> None:
-        value = json.dumps({"tokens": req.tokens, "rank": self.rank, "incarnation": self.incarnation,
-                            "epoch": self.epoch})
-        got = self.store.compare_set(store_key(self.run_id, Key.RESULT, req.request_id), "", value)
-        if got.decode() == value:
-            self.store.add(store_key(self.run_id, Key.RESULTS_COUNT), 1)
-        else:
-            self.timeline.event("duplicate_suppressed", request=req.request_id)
+    def _publish(self, finished: list[Request]) -> None:
+        """Write the answers of ``finished`` requests this incarnation still owns, once each.
+
+        A fenced rank (e.g. SIGSTOPped past its failure) may finish a request the coordinator has
+        since handed to another member: the owner key then names that member, and this answer is not
+        written. (Answers are write-once: if both finish, the first write wins; both computed the same
+        tokens under an epoch they were valid members of.) One round trip reads every owner key."""
+        owners = self.store.multi_get([store_key(self.run_id, Key.OWNER, r.request_id) for r in finished])
+        accepted = 0
+        for req, owner in zip(finished, owners):
+            owner = owner.decode().split(":")
+            if owner[:2] != [str(self.rank), str(self.incarnation)]:
+                self.timeline.event("stale_answer_dropped", request=req.request_id, owner=":".join(owner))
+                continue
+            value = json.dumps({"tokens": req.tokens, "rank": self.rank, "incarnation": self.incarnation,
+                                "epoch": self.epoch, "t": time.time()})
+            got = self.store.compare_set(store_key(self.run_id, Key.RESULT, req.request_id), "", value)
+            if got.decode() == value:
+                accepted += 1
+            else:
+                self.timeline.event("duplicate_suppressed", request=req.request_id)
+        if accepted:
+            self.store.add(store_key(self.run_id, Key.RESULTS_COUNT), accepted)
 
     # ---- heartbeat and orphan watch (own thread, own store connection) ----
     def _heartbeat_loop(self) -> None:

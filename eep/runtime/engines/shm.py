@@ -71,13 +71,15 @@ class ShmEngine:
         return len(missing)
 
     def warmup(self) -> None:
-        """Run every loaded expert on random rows, alone: no exchange, no peer sees it."""
+        """Run every loaded expert on random rows, alone: no exchange, no peer sees it. Each (slot,
+        source) block holds what a full batch delivers on average, so the rows fit the stage's capacity."""
         gen = torch.Generator().manual_seed(self.rank)
-        R, h = self.cfg.num_ranks, self.cfg.model.hidden
-        x = torch.randn(self.S, R, self.M, h, generator=gen)
+        c, R = self.cfg.model, self.cfg.num_ranks
+        x = torch.randn(self.S, R, self.M, c.hidden, generator=gen)
+        per_block = max(1, self.M * min(c.top_k, self.S) // self.S)
         for _ in range(self.cfg.warmup_steps):
-            for layer in range(self.cfg.model.num_layers):
-                count = torch.where(self.loaded[layer] >= 0, self.M, 0).to(torch.int32)  # empty slots stay idle
+            for layer in range(c.num_layers):
+                count = torch.where(self.loaded[layer] >= 0, per_block, 0).to(torch.int32)  # empty slots stay idle
                 count = count.unsqueeze(1).expand(-1, R).contiguous()
                 y = self.stage(x, count, self.w13[layer], self.w2[layer])
                 live = torch.arange(self.M) < count.unsqueeze(-1)
