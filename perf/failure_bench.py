@@ -633,6 +633,22 @@ def summary_text(results: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_failure_timeline(results: dict, run_dir: Path, path: Path) -> None:
+    """The failure run's throughput with the SIGKILL, detection, repair, restart and rejoin named."""
+    from eep.cli.plot import PlotUnavailable, plot_timeline
+
+    f, cfg = results["failure"], results["config"]
+    degraded = results["args"].get("degraded_tokens")
+    title = (f"failure benchmark: {results['device']}, {cfg['num_ranks']} ranks, {f['engine']} engine, "
+             f"{cfg['model']['num_experts']} experts x {cfg['model']['num_layers']} layers"
+             + (f", survivors absorb up to {degraded} tokens" if degraded else ""))
+    try:
+        plot_timeline(path, run_dir, title=title,
+                      end_label=f"end of run ({f['answered']} of {f['num_requests']} answered)")
+    except (PlotUnavailable, ValueError) as exc:
+        print(f"no timeline plot: {exc}", file=sys.stderr)
+
+
 def device_name(args) -> str:
     if args.dry_run or not torch.cuda.is_available():
         return f"CPU ({os.cpu_count()} cores), dry run"
@@ -711,10 +727,7 @@ def main(argv: list[str] | None = None) -> dict:
         if got is not None:
             results["failure"], run_dir, _ = got
             save()
-            from eep.cli.plot import plot_timeline
-            series, markers = bench_metrics.throughput_markers(run_dir, 0.1 if args.dry_run else 0.25)
-            if series:
-                plot_timeline(out / "timeline.png", series, markers)
+            plot_failure_timeline(results, run_dir, out / "timeline.png")
     # the restart is the ratio's denominator: before the variants, which only add comparisons
     if "restart" not in args.skip and not over_budget("restart"):
         got = guarded("restart", lambda: run_restart(args, shard_dir, out))

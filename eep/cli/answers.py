@@ -39,3 +39,18 @@ def check_run(cfg: RuntimeConfig, result) -> list[str]:
         if not report.ok:
             problems.append(report.summary())
     return problems
+
+
+
+def check_faults_fired(faults: list, num_answered: int) -> list[str]:
+    """Problems for faults (``eep.runtime.control.launcher.Fault``) that never reached their rank:
+    the run ended before the trigger, or the rank had already exited when it fired."""
+    problems = []
+    for f in faults:
+        when = f"at {f.at_results} answers" if f.at_results is not None else "as scheduled"
+        if f.fired_at is None:
+            problems.append(f"fault {f.action} rank {f.rank} {when} never fired: the run ended first "
+                            f"({num_answered} requests answered)")
+        elif f.is_skipped:
+            problems.append(f"fault {f.action} rank {f.rank} {when} was not sent: the rank had already exited")
+    return problems
