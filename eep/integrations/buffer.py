@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from eep.errors import RoutingError
+from eep.routing import check_finite_rows
 from eep.transport.base import Transport
 
 DISPATCH_CHANNEL, COMBINE_CHANNEL = 0, 1
@@ -166,6 +167,7 @@ class Buffer:
         ``[num_local_experts, num_ranks * M, hidden]`` in ``x.dtype`` or, with ``use_fp8``,
         ``(x_fp8, scales)``; ``recv_count`` int32 ``[num_local_experts]``.
         """
+        check_finite_rows(x, "dispatch x")  # NaN/inf rows named here (host tensors; eep.routing.finite)
         m = num_max_dispatch_tokens_per_rank
         local = self._check_dispatch(x, topk_idx, active_ranks, m, num_experts, use_fp8)
         if self.fused is not None:
@@ -222,6 +224,7 @@ class Buffer:
         ``(combined_x [num_tokens, hidden], event, hook)``; contributions of ranks that missed the
         deadline are absent (and cleared in ``active_ranks``).
         """
+        check_finite_rows(topk_weights, "topk_weights")  # NaN/inf rows named here (eep.routing.finite)
         m, local = handle.num_max_dispatch_tokens_per_rank, handle.num_experts // self.num_ranks
         if self.fused is not None:
             return self._fused_combine(x, topk_weights, active_ranks, timeout_us, handle, out)
@@ -282,6 +285,8 @@ class Buffer:
         ``num_recv_tokens_per_expert`` a list of entries per local expert. A rank that misses the
         deadline is cleared in ``active_ranks`` and sends nothing.
         """
+        check_finite_rows(topk_weights, "topk_weights")  # NaN/inf rows named here (eep.routing.finite)
+        check_finite_rows(x, "prefill_dispatch x")
         local = self._check_prefill(x, topk_idx, topk_weights, active_ranks, num_experts)
         if self.prefill is not None:
             return self._fused_prefill_dispatch(x, topk_idx, topk_weights, active_ranks, local, timeout_us)
