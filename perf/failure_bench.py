@@ -39,7 +39,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eep.cli.answers import transitions_of  # noqa: E402
 from eep.runtime import Fault, Launcher, RuntimeConfig, TinyConfig  # noqa: E402
+from eep.runtime.model import write_random_checkpoint  # noqa: E402
 import bench_metrics  # noqa: E402
 
 GPU_ENGINES = ("fused", "fused_fixed", "nccl")
@@ -194,47 +196,6 @@ def runtime_config(args, engine: str, shard_dir: str, *, num_requests: int, rest
 
 # ---- shards ---------------------------------------------------------------------------------
 
-def write_random_checkpoint(root: str, model: TinyConfig, *, seed: int = 0, device: str = "cpu",
-                            workers: int = 4) -> int:
-    """A Qwen3-MoE-format checkpoint of random bf16 experts, one file per layer; returns bytes written.
-
-    Random values are drawn on ``device`` (a GPU draws 58 GB in seconds) from a generator seeded
-    per layer, and ``workers`` layers are written at a time (one at a time, 38 GB took 41 s), so host
-    memory holds a few layers at most.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from safetensors.torch import save_file
-
-    os.makedirs(root, exist_ok=True)
-    h, i, e, n = model.hidden, model.intermediate, model.num_experts, model.num_layers
-
-    def write_layer(layer: int) -> tuple[str, list[str], int]:
-        gen = torch.Generator(device=device).manual_seed(seed * 100003 + layer)
-        name = f"model-{layer + 1:05d}-of-{n:05d}.safetensors"
-        gate_up = (torch.randn(e, 2, i, h, generator=gen, device=device) / h ** 0.5).to(torch.bfloat16).cpu()
-        down = (torch.randn(e, h, i, generator=gen, device=device) / i ** 0.5).to(torch.bfloat16).cpu()
-        tensors = {f"model.layers.{layer}.mlp.gate.weight": torch.zeros(e, h, dtype=torch.bfloat16)}
-        for x in range(e):
-            pre = f"model.layers.{layer}.mlp.experts.{x}."
-            tensors[pre + "gate_proj.weight"] = gate_up[x, 0].contiguous()
-            tensors[pre + "up_proj.weight"] = gate_up[x, 1].contiguous()
-            tensors[pre + "down_proj.weight"] = down[x].contiguous()
-        save_file(tensors, os.path.join(root, name))
-        return name, list(tensors), os.path.getsize(os.path.join(root, name))
-
-    weight_map, total = {}, 0
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for name, keys, size in pool.map(write_layer, range(n)):
-            weight_map.update({k: name for k in keys})
-            total += size
-    json.dump({"weight_map": weight_map}, open(os.path.join(root, "model.safetensors.index.json"), "w"))
-    json.dump({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": h,
-               "moe_intermediate_size": i, "num_experts": e, "num_experts_per_tok": model.top_k,
-               "num_hidden_layers": n, "norm_topk_prob": True}, open(os.path.join(root, "config.json"), "w"))
-    return total
-
-
 def preflight(model: TinyConfig, workdir: Path) -> int:
     """Refuse early (naming the directory) when the checkpoint, shards or host tier cannot fit."""
     from eep import envs
@@ -384,21 +345,6 @@ def control_log(run_dir: Path) -> dict:
     stalls = [{"t": round(e["t"] - t0, 4), "rank": e.get("rank"), "epoch": e.get("epoch"), "step": e.get("step"),
                "where": e.get("where"), "missed": e.get("missed")} for e in ranks if e.get("event") == "stalled"]
     return {"control_log": decisions, "stalls": stalls}
-
-
-def transitions_of(cfg: RuntimeConfig, results: dict[int, list[int]]) -> tuple[dict, dict]:
-    """Each token's successors seen in the answers, and the requests that passed through it. The
-    benchmark model has no attention state, so a correct engine maps a token to one successor."""
-    from eep.runtime.model import make_request
-
-    transitions: dict[int, set[int]] = {}
-    owners: dict[int, set[int]] = {}
-    for q, tokens in results.items():
-        prompt, _ = make_request(cfg.model, q, max_new_tokens=cfg.max_new_tokens)
-        for a, b in zip([prompt] + tokens, tokens):
-            transitions.setdefault(a, set()).add(b)
-            owners.setdefault(a, set()).add(q)
-    return transitions, owners
 
 
 # A sampled token counts against the oracle only where rounding cannot decide it: the oracle run

@@ -25,12 +25,12 @@ def eep(*args: str, tmp_path: Path, timeout: float = 120) -> subprocess.Complete
 def test_help_lists_every_command(tmp_path):
     got = eep("--help", tmp_path=tmp_path)
     assert got.returncode == 0, got.stderr
-    for command in ("demo", "launch"):
+    for command in ("demo", "launch", "build-gemm"):
         line = next((line for line in got.stdout.splitlines() if line.strip().startswith(command)), "")
         assert len(line.split()) > 1, f"no one-line description of {command!r} in:\n{got.stdout}"
 
 
-@pytest.mark.parametrize("command", ["demo", "launch"])
+@pytest.mark.parametrize("command", ["demo", "launch", "build-gemm"])
 def test_every_option_has_help_and_shows_its_default(command):
     from eep.cli import build_parser
 

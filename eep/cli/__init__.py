@@ -1,5 +1,5 @@
-"""The applications on top of every layer: the ``eep`` console script (``eep demo``, ``eep launch``),
-the demo, and the answer check against the reference (docs/design.md "Layers")."""
+"""The applications on top of every layer: the ``eep`` console script (``eep demo``, ``eep launch``,
+``eep build-gemm``), the demos (CPU and GPU) and the answer checks (docs/design.md "Layers")."""
 
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ the instance shrinks around the dead rank, restores its experts, and takes it ba
 
 
 def build_parser() -> Parser:
-    from eep.cli import demo, launch
+    from eep.cli import build_gemm, demo, launch
 
     parser = Parser(prog="eep", description=DESCRIPTION,
                     epilog="Run 'eep COMMAND --help' for the options of a command.")
     parser.add_argument("--version", action="version", version=f"eep {_version()}")
-    commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", parser_class=Parser)
+    commands = parser.add_subparsers(title="commands", dest="command", parser_class=Parser)
     demo.add_parser(commands)
     launch.add_parser(commands)
+    build_gemm.add_parser(commands)
     return parser
 
 
@@ -29,9 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    commands = next(a for a in parser._actions if a.dest == "command")
     if args.command is None:
         parser.print_help(sys.stderr)
-        fail("a command is required: demo or launch")
+        fail("a command is required: " + ", ".join(commands.choices))
     try:
         return args.run(args)
     except CliError as exc:

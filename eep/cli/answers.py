@@ -30,15 +30,17 @@ def check_run(cfg: RuntimeConfig, result) -> list[str]:
                          f"{tokens[pos] if pos < len(tokens) else None}, reference {expected[pos] if pos < len(expected) else None}")
     if wrong:
         problems.append(f"{len(wrong)} answers differ from the reference: " + "; ".join(wrong[:3]))
+    return problems + check_final_membership(cfg, result)
+
+
+def check_final_membership(cfg: RuntimeConfig, result) -> list[str]:
+    """The last committed membership and placement are EP-valid (``eep.check_validity``)."""
     last = next((d for d in reversed(result.decisions) if d["kind"] == "commit"), None)
     if last is None:
-        problems.append("no membership was ever committed")
-    else:
-        report = check_validity(Membership(cfg.num_ranks, active=last["active"], epoch=last["epoch"]),
-                                ExpertPlacement.from_dict(last["placement"]))
-        if not report.ok:
-            problems.append(report.summary())
-    return problems
+        return ["no membership was ever committed"]
+    report = check_validity(Membership(cfg.num_ranks, active=last["active"], epoch=last["epoch"]),
+                            ExpertPlacement.from_dict(last["placement"]))
+    return [] if report.ok else [report.summary()]
 
 
 
@@ -54,3 +56,16 @@ def check_faults_fired(faults: list, num_answered: int) -> list[str]:
         elif f.is_skipped:
             problems.append(f"fault {f.action} rank {f.rank} {when} was not sent: the rank had already exited")
     return problems
+
+
+def transitions_of(cfg: RuntimeConfig, results: dict[int, list[int]]) -> tuple[dict, dict]:
+    """Each token's successors seen in the answers, and the requests that passed through it. The
+    benchmark model has no attention state, so a correct engine maps a token to one successor."""
+    transitions: dict[int, set[int]] = {}
+    owners: dict[int, set[int]] = {}
+    for q, tokens in results.items():
+        prompt, _ = make_request(cfg.model, q, max_new_tokens=cfg.max_new_tokens)
+        for a, b in zip([prompt] + tokens, tokens):
+            transitions.setdefault(a, set()).add(b)
+            owners.setdefault(a, set()).add(q)
+    return transitions, owners

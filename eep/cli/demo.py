@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,13 +27,14 @@ writes timeline.png and summary.json to --out.
 
 
 def add_parser(commands) -> None:
-    p = commands.add_parser("demo", help="watch a rank die and the instance recover (CPU, or --gpu)",
+    p = commands.add_parser("demo", help="watch a rank die and the instance recover",
                             description=DESCRIPTION)
     p.add_argument("--ranks", type=int_at_least(2), default=4, metavar="N", help="EP ranks (simulated in part 1, processes in part 2)")
     p.add_argument("--kill-rank", type=int_at_least(0), default=1, metavar="RANK", help="the rank that fails")
     p.add_argument("--requests", type=int_at_least(3), default=None, metavar="N",
-                   help="requests served in part 2; the kill comes after a third are answered "
-                        "(default: 1200 on the CPU, 6000 with --gpu)")
+                   help="requests served in part 2 on the CPU, the kill coming after a third are answered "
+                        "(default: 1200; with --gpu the kill comes 5 s into serving and the run stops 5 s "
+                        "after the rejoin)")
     p.add_argument("--restart-after", type=seconds, default=0.5, metavar="SECONDS",
                    help="restart the killed rank this long after it exits")
     p.add_argument("--out", default="eep-demo-out", metavar="DIR", help="where timeline.png and summary.json go")
@@ -52,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
                        f"(ranks are 0..{args.ranks - 1}, --ranks {args.ranks})")
     if args.gpu and args.reference_only:
         raise CliError("--gpu runs part 2 on GPUs; --reference-only skips part 2")
+    if args.gpu and args.requests is not None:
+        raise CliError("--requests sets the CPU run's length; with --gpu the run stops 5 s after the rejoin")
     logging.basicConfig(level=logging.ERROR, format="%(name)s %(levelname)s %(message)s")
     ok = True
     if not args.skip_reference:
@@ -68,20 +72,29 @@ def run(args: argparse.Namespace) -> int:
         # busy machine's scheduling hiccups from being read as deaths
         cfg = RuntimeConfig(num_ranks=args.ranks, num_requests=num_requests, heartbeat_interval_s=0.05,
                             suspect_misses=20, transport_timeout_s=1.0, restart_after_s=args.restart_after)
-        setup = DemoSetup(cfg, f"{args.ranks} rank processes on the CPU, shared-memory transport, TCPStore "
-                          "control plane", check=lambda result: check_run(cfg, result), timeout_s=120)
+        setup = DemoSetup(cfg, f"{args.ranks} rank processes on the CPU, shared-memory transport",
+                          check=lambda result: check_run(cfg, result), timeout_s=120)
     with setup:
         ok &= run_runtime_demo(setup, kill_rank=args.kill_rank, out_dir=Path(args.out), keep=args.keep)
     return 0 if ok else 1
 
 
 class DemoSetup:
-    """What part 2 runs: the config, a one-line description, the answer check, and a bound on the
-    run; a context manager so a set-up that made files (shards) removes them."""
+    """What part 2 runs: the config, a one-line description, the answer check and its label, when
+    the fault comes (after a third of the answers, or ``fault_at_s`` into serving), whether the run
+    is stopped ``stop_after_rejoin_s`` after the rejoin (endless requests), and a bound on the run.
+    A context manager, so a set-up that made files (shards) removes them."""
 
-    def __init__(self, cfg: RuntimeConfig, description: str, *, check, timeout_s: float, env: dict | None = None):
+    def __init__(self, cfg: RuntimeConfig, description: str, *, check, timeout_s: float,
+                 fault_at_s: float | None = None, stop_after_rejoin_s: float | None = None,
+                 answer_label: str = "answers equal to the single-process reference, token by token"):
         self.cfg, self.description, self.check, self.timeout_s = cfg, description, check, timeout_s
-        self.env = env or {}
+        self.fault_at_s, self.stop_after_rejoin_s, self.answer_label = fault_at_s, stop_after_rejoin_s, answer_label
+
+    def fault(self, rank: int) -> Fault:
+        if self.fault_at_s is not None:
+            return Fault("kill", rank, at_s=self.fault_at_s)
+        return Fault("kill", rank, at_results=max(1, self.cfg.num_requests // 3))
 
     def __enter__(self) -> "DemoSetup":
         return self
@@ -92,22 +105,27 @@ class DemoSetup:
 
 def run_runtime_demo(setup: DemoSetup, *, kill_rank: int, out_dir: Path, keep: bool) -> bool:
     cfg = setup.cfg
-    at = max(1, cfg.num_requests // 3)
-    check_faults([Fault("kill", kill_rank, at_results=at)], num_ranks=cfg.num_ranks, num_requests=cfg.num_requests)
+    fault = setup.fault(kill_rank)
+    if fault.at_results is not None:
+        check_faults([fault], num_ranks=cfg.num_ranks, num_requests=cfg.num_requests)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_dir = out_dir / "run" if keep else Path(tempfile.mkdtemp(prefix="eep-demo-run-"))
     if keep:
         shutil.rmtree(run_dir, ignore_errors=True)  # a previous demo's timelines would be read as this one's
     m = cfg.model
+    when = (f"after {fault.at_results} answers" if fault.at_results is not None else f"{fault.at_s:.0f} s into serving")
+    requests = (f"requests until {setup.stop_after_rejoin_s:.0f} s after the rejoin" if setup.stop_after_rejoin_s
+                else f"{cfg.num_requests} requests")
     print(f"\n=== eep runtime: {setup.description} ===")
     print(f"model: hidden {m.hidden}, {m.num_experts} experts, top-{m.top_k}, {m.num_layers} layers; "
           f"{cfg.slots_per_rank} expert slots per rank ({cfg.num_redundant} redundant replicas per layer); "
-          f"{cfg.num_requests} requests; SIGKILL rank {kill_rank} after {at} answers, restart "
-          f"{cfg.restart_after_s} s after it exits")
-    fault = Fault("kill", kill_rank, at_results=at)
+          f"{requests}; SIGKILL rank {kill_rank} {when}, restart {cfg.restart_after_s} s after it exits", flush=True)
     t_start = time.monotonic()
     try:
-        result = Launcher(cfg, run_dir=run_dir, faults=[fault]).run(timeout_s=setup.timeout_s)
+        launcher = Launcher(cfg, run_dir=run_dir, faults=[fault])
+        if setup.stop_after_rejoin_s is not None:
+            _stop_after_rejoin(launcher, kill_rank, setup.stop_after_rejoin_s)
+        result = launcher.run(timeout_s=setup.timeout_s)
         ok = _report(setup, result, fault, out_dir, time.monotonic() - t_start)
     finally:
         if not keep:
@@ -115,6 +133,23 @@ def run_runtime_demo(setup: DemoSetup, *, kill_rank: int, out_dir: Path, keep: b
     if keep:
         print(f"per-rank JSONL timelines: {run_dir}")
     return ok
+
+
+def _stop_after_rejoin(launcher: Launcher, rank: int, seconds: float) -> None:
+    """Stop ``launcher`` ``seconds`` after ``rank`` rejoins (a watcher thread; the run's own timeout
+    bounds the case where it never does)."""
+    def watch() -> None:
+        while not launcher._stop_requested:
+            coordinator = getattr(launcher, "coordinator", None)
+            decisions = list(coordinator.decisions) if coordinator is not None else []
+            if any(d.get("kind") == "commit" and rank in {int(r) for r in d.get("joined", {})} and d["epoch"] > 0
+                   for d in decisions):
+                time.sleep(seconds)
+                launcher.stop()
+                return
+            time.sleep(0.1)
+
+    threading.Thread(target=watch, name="eep-demo-stop", daemon=True).start()
 
 
 def _report(setup: DemoSetup, result: RunResult, fault: Fault, out_dir: Path, wall_s: float) -> bool:
@@ -147,7 +182,9 @@ def _report(setup: DemoSetup, result: RunResult, fault: Fault, out_dir: Path, wa
 
     problems = [result.error] if result.error else []
     if result.is_timed_out:
-        problems.append(f"the run did not finish within {setup.timeout_s:.0f} s")
+        problems.append(f"the run did not finish within {setup.timeout_s:.0f} s (start-up included)")
+    elif result.is_interrupted:
+        problems.append("interrupted")
     else:
         problems += setup.check(result)
     problems += check_faults_fired([fault], result.num_answered)
@@ -156,15 +193,21 @@ def _report(setup: DemoSetup, result: RunResult, fault: Fault, out_dir: Path, wa
     if fault.fired_at is not None and not repaired:
         problems.append(f"no repair of rank {fault.rank} was committed before the run ended")
     print("\nvalidity checks:")
-    print(f"  requests answered: {result.num_answered} of {cfg.num_requests} (each answer written once, by compare-and-set)")
-    print("  answers equal to the single-process reference, token by token: "
-          f"{'NO' if any('differ' in p for p in problems) else 'yes'}")
+    if setup.stop_after_rejoin_s is None:
+        print(f"  requests answered: {result.num_answered} of {cfg.num_requests} (each answer written once, "
+              "by compare-and-set)")
+    else:
+        print(f"  requests answered: {result.num_answered}, each once, by compare-and-set (stopped "
+              f"{setup.stop_after_rejoin_s:.0f} s after the rejoin; none lost: "
+              f"{'NO' if any('never answered' in p for p in problems) else 'yes'})")
+    print(f"  {setup.answer_label}: {'NO' if any('differ' in p for p in problems) else 'yes'}")
     print("  final membership EP-valid: "
           f"{'NO' if any('EP INVALID' in p or 'no membership' in p for p in problems) else 'yes'}")
     for p in problems:
         print(f"  PROBLEM: {p}")
 
-    summary = {"description": setup.description, "requests": cfg.num_requests, "answered": result.num_answered,
+    requests = None if setup.stop_after_rejoin_s is not None else cfg.num_requests
+    summary = {"description": setup.description, "requests": requests, "answered": result.num_answered,
                "problems": problems, "wall_s": wall_s, "config": cfg.to_dict(), "summary": s}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     _plot(setup, result, fault, out_dir)
@@ -185,11 +228,12 @@ def _plot(setup: DemoSetup, result: RunResult, fault: Fault, out_dir: Path) -> N
     from eep.cli.plot import PlotUnavailable, plot_timeline
 
     png = out_dir / "timeline.png"
-    title = (f"eep demo: {setup.description}; SIGKILL rank {fault.rank}, restarted after "
+    title = (f"eep demo: {setup.description}\nSIGKILL rank {fault.rank}, restarted after "
              f"{setup.cfg.restart_after_s} s")
     try:
-        plot = plot_timeline(png, result.run_dir, title=title,
-                             end_label=f"end of run ({result.num_answered} of {setup.cfg.num_requests} answered)")
+        end = (f"{result.num_answered} of {setup.cfg.num_requests} answered" if setup.stop_after_rejoin_s is None
+               else f"stopped, {result.num_answered} answered")
+        plot = plot_timeline(png, result.run_dir, title=title, end_label=f"end of run ({end})")
     except PlotUnavailable as exc:
         print(f"\ntimeline: not drawn ({exc})")
         return

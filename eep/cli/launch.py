@@ -27,7 +27,7 @@ example: eep launch --ranks 4 --requests 2000 --kill 1@500 --restart-after 0.5
 
 
 def add_parser(commands) -> None:
-    p = commands.add_parser("launch", help="run N rank processes, inject faults, check every answer",
+    p = commands.add_parser("launch", help="run N rank processes, inject faults, check answers",
                             description=DESCRIPTION)
     p.add_argument("--ranks", type=int_at_least(2), default=4, metavar="N", help="rank processes (EP ranks)")
     p.add_argument("--requests", type=int_at_least(1), default=1000, metavar="N", help="requests to serve; the run ends when all are answered")

@@ -18,7 +18,7 @@ class Parser(argparse.ArgumentParser):
     to the subcommand's help instead of the usage block; every option's default is in its help."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("formatter_class", lambda prog: HelpFormatter(prog, max_help_position=30))
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:

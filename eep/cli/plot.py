@@ -90,13 +90,13 @@ def plot_timeline(path: str | Path, run_dir: str | Path, *, title: str, bin_s: f
     kinds = [k for k in EVENT_KINDS if any(m.kind == k for m in events)]
     handles += [Line2D([], [], color=EVENT_STYLE[k][0], linestyle=EVENT_STYLE[k][1], label=EVENT_KINDS[k])
                 for k in kinds]
-    handles.append(Line2D([], [], color=EVENT_STYLE["end"][0], linestyle="--", label="end of run (last answer)"))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=8.5,
+    handles.append(Line2D([], [], color=EVENT_STYLE["end"][0], linestyle="--", label="end of run"))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=3, fontsize=8.5,
               frameon=False)
     # room above the axes for the rows of event names and the title, in points
     height_pt = fig.get_figheight() * 72
-    top = 1 - (rows * LABEL_ROW_PT + 34) / height_pt
-    fig.subplots_adjust(left=0.08, right=0.97, top=top, bottom=0.26)
+    top = 1 - (rows * LABEL_ROW_PT + 20 + 14 * (title.count("\n") + 1)) / height_pt
+    fig.subplots_adjust(left=0.08, right=0.97, top=top, bottom=0.27)
     fig.suptitle(title, y=1 - 8 / height_pt, va="top", fontsize=11)
     fig.savefig(path, dpi=110)
     plt.close(fig)
