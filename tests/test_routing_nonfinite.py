@@ -98,3 +98,35 @@ def test_check_finite_rows_lists_at_most_eight_rows_and_skips_integer_tensors():
     with pytest.raises(RoutingError, match=r"10 token row\(s\): \[0, 2, 4, 6, 8, 10, 12, 14, \.\.\.\]"):
         check_finite_rows(t, "router_logits")
     check_finite_rows(torch.arange(6).view(3, 2), "topk_ids")  # integer tensors cannot hold NaN
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_flag_records_inside_a_cuda_graph_without_waiting(monkeypatch):
+    monkeypatch.delenv("EEP_CHECK_DEVICE_INPUT", raising=False)
+    dev = torch.device("cuda")
+    weights = torch.rand(64, 8, device=dev)
+    flag = NonFiniteRows(dev)
+    check_finite_rows(weights, "topk_weights")  # a device tensor: not read back by default
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        flag.record(weights)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    flag.raise_if_seen("topk_weights")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        flag.record(weights)
+    weights[10, 3] = float("nan")
+    weights[40, 0] = float("inf")
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    with pytest.raises(RoutingError, match=r"4 token row\(s\) since the last check, the first in row 10"):
+        flag.raise_if_seen("topk_weights")
+    bad = weights.clone()
+    check_finite_rows(bad, "router_logits")  # still not read back
+    monkeypatch.setenv("EEP_CHECK_DEVICE_INPUT", "1")
+    with pytest.raises(RoutingError, match=r"\[10, 40\]"):
+        check_finite_rows(bad, "router_logits")

@@ -152,3 +152,22 @@ def _label_events(fig, ax, marks: list[RunEvent]) -> int:
                         textcoords="offset points", annotation_clip=False,
                         arrowprops={"arrowstyle": "-", "color": color, "linewidth": 0.8, "shrinkA": 0, "shrinkB": 0})
     return 1 + max(r for r, _, _ in names)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m eep.cli.plot RUN_DIR [--png PATH] [--title TEXT]``: draw a kept run's timeline."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m eep.cli.plot", description=main.__doc__)
+    parser.add_argument("run_dir", help="a run directory kept by 'eep launch --run-dir' or 'eep demo --keep'")
+    parser.add_argument("--png", default=None, help="output file (default: RUN_DIR/../timeline.png)")
+    parser.add_argument("--title", default="eep run timeline", help="the plot's title")
+    args = parser.parse_args(argv)
+    png = Path(args.png) if args.png else Path(args.run_dir).resolve().parent / "timeline.png"
+    plot = plot_timeline(png, args.run_dir, title=args.title)
+    print(f"{png}: {plot.duration_s:.1f} s, " + ", ".join(f"{e.label} at {e.t_s:.2f} s" for e in plot.events))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
