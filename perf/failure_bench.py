@@ -1,12 +1,11 @@
-"""The failure benchmark (issue 8): steady state, SIGKILL recovery, reintegration, full restart.
+"""The failure benchmark: steady state, SIGKILL recovery, reintegration, full restart.
 
 One invocation runs everything on one machine and writes ``results.json``, ``timeline.png`` (the
-failure run's throughput) and ``summary.txt`` to ``--out`` (default ``$OUT`` or
-``perf/failure_bench_out``). Design, what each number means and what has been run:
-docs/failure_bench.md.
+failure run's throughput) and ``summary.txt`` to ``--out`` (default ``perf/failure_bench_out``).
+Design, what each number means and what has been run: docs/failure_bench.md.
 
-    # GPUs (4 H100, one device call, < 10 min):
-    .venv/bin/python perf/failure_bench.py --gpus 4 --out $OUT
+    # 4 GPUs (< 10 min; perf/run_failure_bench_gpu.sh adds a smoke run and picks the layer count):
+    python perf/failure_bench.py --gpus 4 --out /tmp/eep-failure-bench
     # CPU end to end at the tiny shape (shm engine, ~20 s); GpuEngine's code on CPU exchanges:
     .venv/bin/python perf/failure_bench.py --dry-run --out /tmp/fb
     .venv/bin/python perf/failure_bench.py --dry-run --engines shm,gloo,cpu_elastic --failure-engine cpu_elastic
@@ -56,7 +55,7 @@ CPU_ENGINES = ("shm", "gloo", "cpu_elastic")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", type=int, default=4, help="rank processes, one GPU each (2, 4 or 8)")
-    ap.add_argument("--out", default=os.environ.get("OUT", "perf/failure_bench_out"))
+    ap.add_argument("--out", default="perf/failure_bench_out", help="results.json, summary.txt, timeline.png, logs")
     ap.add_argument("--dry-run", action="store_true", help="CPU: tiny shape, shm engine, short runs")
     ap.add_argument("--workdir", default=None,
                     help="checkpoint and shards, on local disk, never under --out (default: a fresh temp dir, removed)")
@@ -296,7 +295,7 @@ def run_failure(args, shard_dir: str, out: Path, tokens_per_s: float | None,
                 golden: dict[int, set[int]] | None = None,
                 on_measured: Callable[[dict], None] | None = None) -> tuple[dict, Path, RuntimeConfig]:
     """The failure run; ``on_measured(entry)`` gets the timings before the answers are checked (the
-    check takes tens of seconds: a device call cut short there still keeps the pauses)."""
+    check takes tens of seconds: a run cut short there still keeps the pauses)."""
     engine = args.failure_engine
     mean_new = (max(1, args.max_new_tokens // 3) + args.max_new_tokens) / 2
     span = args.fault_at_s + args.after_fault_s
@@ -351,7 +350,7 @@ def control_log(run_dir: Path) -> dict:
 # with three float32 accumulation orders (split_k 1, 2, 4) gives one answer, and its smallest router
 # top-k gap and final logit margin are above these (router logits have std 2, final logits std 4).
 # Why three orders: a random 48-layer model is chaotic, a 1e-6 difference can grow into a router
-# flip, and the engine's GEMM order is just one more valid order (perf/RESULTS.md, issue 8).
+# flip, and the engine's GEMM order is just one more valid order (perf/RESULTS.md, "Failure benchmark").
 ORACLE_SPLITS = (1, 2, 4)
 ROUTER_GAP_TOL = 2e-3
 MARGIN_TOL = 1e-2
@@ -633,7 +632,7 @@ def main(argv: list[str] | None = None) -> dict:
     shard_dir = results["shards"]["shard_dir"]
     save()
     def guarded(name: str, fn):
-        """One run's failure is recorded and the next run still happens (one device call, many runs)."""
+        """One run's failure is recorded and the next run still happens (one invocation, many runs)."""
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001
@@ -656,7 +655,7 @@ def main(argv: list[str] | None = None) -> dict:
     first = [e for e in args.engines if e in ("fused", "fused_fixed", "shm", args.failure_engine)]
     steady(first)
     if args.expert_backend == "cutlass" and f"steady-{args.failure_engine}" in results.get("errors", {}):
-        # one device call buys one try: the rest of it still measures the runs on the stage known to work
+        # one invocation, one try: the rest of it still measures the runs on the stage known to work
         print("the CUTLASS expert stage failed in the engine: every run falls back to grouped_mm", file=sys.stderr)
         failed = {k: results["errors"].pop(k) for k in [f"steady-{e}" for e in first] if k in results["errors"]}
         results["backend_fallback"] = {"from": "cutlass", "to": "grouped_mm", "errors": failed}
