@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from eep.cli.options import CliError, Parser, fail
+from eep.errors import EEPError
 
 DESCRIPTION = """\
 eep keeps a Mixture-of-Experts serving instance alive when one of its expert-parallel ranks dies:
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except CliError as exc:
         fail(str(exc))
+    except (EEPError, OSError) as exc:  # bad input found while running, or the machine refused (a port, a disk)
+        fail(f"{type(exc).__name__}: {exc}", code=1)
     except KeyboardInterrupt:
         print("eep: interrupted", file=sys.stderr)
         return 130

@@ -123,9 +123,13 @@ def run_runtime_demo(setup: DemoSetup, *, kill_rank: int, out_dir: Path, keep: b
     t_start = time.monotonic()
     try:
         launcher = Launcher(cfg, run_dir=run_dir, faults=[fault])
+        is_over = threading.Event()
         if setup.stop_after_rejoin_s is not None:
-            _stop_after_rejoin(launcher, kill_rank, setup.stop_after_rejoin_s)
-        result = launcher.run(timeout_s=setup.timeout_s)
+            _stop_after_rejoin(launcher, kill_rank, setup.stop_after_rejoin_s, is_over)
+        try:
+            result = launcher.run(timeout_s=setup.timeout_s)
+        finally:
+            is_over.set()
         ok = _report(setup, result, fault, out_dir, time.monotonic() - t_start)
     finally:
         if not keep:
@@ -135,19 +139,18 @@ def run_runtime_demo(setup: DemoSetup, *, kill_rank: int, out_dir: Path, keep: b
     return ok
 
 
-def _stop_after_rejoin(launcher: Launcher, rank: int, seconds: float) -> None:
-    """Stop ``launcher`` ``seconds`` after ``rank`` rejoins (a watcher thread; the run's own timeout
-    bounds the case where it never does)."""
+def _stop_after_rejoin(launcher: Launcher, rank: int, seconds: float, is_over: threading.Event) -> None:
+    """Stop ``launcher`` ``seconds`` after ``rank`` rejoins (a watcher thread, until ``is_over``; the
+    run's own timeout bounds the case where the rank never rejoins)."""
     def watch() -> None:
-        while not launcher._stop_requested:
-            coordinator = getattr(launcher, "coordinator", None)
+        while not is_over.wait(0.1):
+            coordinator = getattr(launcher, "coordinator", None)  # made when the run starts
             decisions = list(coordinator.decisions) if coordinator is not None else []
             if any(d.get("kind") == "commit" and rank in {int(r) for r in d.get("joined", {})} and d["epoch"] > 0
                    for d in decisions):
-                time.sleep(seconds)
-                launcher.stop()
+                if not is_over.wait(seconds):
+                    launcher.stop()
                 return
-            time.sleep(0.1)
 
     threading.Thread(target=watch, name="eep-demo-stop", daemon=True).start()
 
