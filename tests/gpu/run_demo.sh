@@ -1,21 +1,14 @@
 #!/usr/bin/env bash
 # `eep demo --gpu` on a GPU machine, plus the GPU check of the device-side NaN flag, in one go.
-#   bash tests/gpu/run_demo.sh [--out DIR] [--ranks N]      (default DIR /tmp/eep-gpu-demo, N 4)
+#   bash tests/gpu/run_demo.sh [NUM_RANKS=4] [--out DIR]      (default DIR /tmp/eep-gpu-demo)
 # Writes DIR/demo.log (the demo's output), DIR/demo/{timeline.png,summary.json,run/} and
 # DIR/pytest.log. With fewer GPUs than ranks the rank processes share them (rank r on GPU r mod G).
 # The CUTLASS expert-GEMM library is built with nvcc on first use; a prebuilt one (`eep build-gemm
 # --cache-dir build/gemm-cache`, which needs no GPU) is used from build/gemm-cache, with the CUTLASS
 # headers from build/cutlass when the nvidia-cutlass package is not installed.
 set -u
-OUT_DIR=/tmp/eep-gpu-demo; RANKS=4
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --out) OUT_DIR=$2; shift 2;;
-    --ranks) RANKS=$2; shift 2;;
-    *) echo "usage: bash tests/gpu/run_demo.sh [--out DIR] [--ranks N]" >&2; exit 2;;
-  esac
-done
-mkdir -p "$OUT_DIR"
+source tests/gpu/out_option.sh /tmp/eep-gpu-demo "$@"; set -- ${ARGS[@]+"${ARGS[@]}"}
+RANKS=${1:-4}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EEP_FUSED_CACHE_DIR=${EEP_FUSED_CACHE_DIR:-/tmp/eep-cache}
 [ -d build/cutlass ] && export EEP_CUTLASS_DIR=$PWD/build/cutlass
