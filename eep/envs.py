@@ -15,6 +15,7 @@ explicitly through ``eep.runtime.RuntimeConfig`` rather than through the environ
 | ``EEP_TRANSPORT_TIMEOUT_MS`` | ``1000`` | bounded wait of a receive for one active peer |
 | ``EEP_SHM_DIR`` | ``/dev/shm`` | where the shared-memory transport file lives |
 | ``EEP_LOG_LEVEL`` | ``WARNING`` | logging level of the runtime loggers |
+| ``EEP_CHECK_DEVICE_INPUT`` | ``0`` | ``1``: check device tensors of routing input for NaN/inf on the host too (one sync per call; ``eep.routing.finite``) |
 | ``EEP_GEMM_CACHE_DIR`` | ``~/.cache/eep/gemm`` | where the nvcc-built CUTLASS expert-GEMM library is cached |
 | ``EEP_CUTLASS_DIR`` | (the ``nvidia-cutlass`` wheel's copy) | CUTLASS tree holding ``include/`` and ``tools/util/include`` |
 | ``EEP_EXPERT_BACKEND`` | ``auto`` | expert stage of ``eep.fused``: ``cutlass``, ``grouped_mm``, ``loop`` or ``auto`` |
@@ -87,6 +88,10 @@ def shm_dir() -> str:
 
 def log_level() -> str:
     return os.environ.get("EEP_LOG_LEVEL") or "WARNING"
+
+
+def check_device_input() -> bool:
+    return os.environ.get("EEP_CHECK_DEVICE_INPUT", "0") not in ("", "0")
 
 
 def gemm_cache_dir() -> str:

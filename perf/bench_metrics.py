@@ -9,8 +9,9 @@
 - ``startup``: a (re)started instance from its launch to its first completed step (the full
   restart baseline), split into process start, engine init (weights), warm-up/capture, agreement.
 
-Timeline records are described in ``eep/runtime/timeline.py``; rank ``commit`` events carry
-``plan_s``, ``restore_s``, ``switch_s`` and ``restore_by_tier`` (see ``eep/runtime/rank.py``).
+Timeline records are described in ``eep/runtime/control/timeline.py``; rank ``commit`` events carry
+``plan_s``, ``restore_s``, ``switch_s`` and ``restore_by_tier`` (see ``eep/runtime/control/rank.py``).
+The timeline picture (throughput with every event named) is ``eep.cli.plot.plot_timeline``.
 """
 
 from __future__ import annotations
@@ -162,18 +163,3 @@ def startup(run_dir: str | Path, t_launch: float) -> dict:
             out[f"{a}->{b}_s"] = marks[b] - marks[a]
     return out
 
-
-def throughput_markers(run_dir: str | Path, bin_s: float) -> tuple[list[tuple[float, float]], list[tuple[float, str]]]:
-    """Series and markers for ``eep.cli.plot.plot_timeline`` (red fault, orange repair, green rejoin)."""
-    from eep.runtime.control.metrics import throughput_series
-
-    launcher, ranks = load_run(run_dir)
-    steps = _steps(ranks)
-    if not steps:
-        return [], []
-    t0, t1 = min(s["t"] for s in steps), max(s["t"] for s in steps)
-    series = throughput_series(steps, t0, t1, bin_s)
-    markers = [(e["t"] - t0, "fault") for e in launcher if e.get("event") == "fault"]
-    markers += [(e["t"] - t0, "rejoin" if e["reason"] == "join" else "repair") for e in launcher
-                if e.get("event") == "commit" and e["reason"] != "start"]
-    return series, markers

@@ -4,7 +4,7 @@
     disk-tier restore  vs  a raw sequential read of the same expert files into a preallocated buffer
     host-tier restore  vs  memcpy (torch copy_) of the same number of bytes, one expert at a time
 
-Targets (issue 3): prepare <= 1.5x copy time; disk restore >= 70% of raw read rate; host restore
+Targets: prepare <= 1.5x copy time; disk restore >= 70% of raw read rate; host restore
 >= 50% of memcpy rate. Warm page cache unless --cold (posix_fadvise DONTNEED before each read run).
 
     .venv/bin/python perf/bench_weights.py [--hidden 1024 --inter 256 --experts 32 --layers 4] [--repeats 5]

@@ -1,12 +1,11 @@
-"""The failure benchmark (issue 8): steady state, SIGKILL recovery, reintegration, full restart.
+"""The failure benchmark: steady state, SIGKILL recovery, reintegration, full restart.
 
 One invocation runs everything on one machine and writes ``results.json``, ``timeline.png`` (the
-failure run's throughput) and ``summary.txt`` to ``--out`` (default ``$OUT`` or
-``perf/failure_bench_out``). Design, what each number means and what has been run:
-docs/failure_bench.md.
+failure run's throughput) and ``summary.txt`` to ``--out`` (default ``perf/failure_bench_out``).
+Design, what each number means and what has been run: docs/failure_bench.md.
 
-    # GPUs (4 H100, one device call, < 10 min):
-    .venv/bin/python perf/failure_bench.py --gpus 4 --out $OUT
+    # 4 GPUs (< 10 min; perf/run_failure_bench_gpu.sh adds a smoke run and picks the layer count):
+    python perf/failure_bench.py --gpus 4 --out /tmp/eep-failure-bench
     # CPU end to end at the tiny shape (shm engine, ~20 s); GpuEngine's code on CPU exchanges:
     .venv/bin/python perf/failure_bench.py --dry-run --out /tmp/fb
     .venv/bin/python perf/failure_bench.py --dry-run --engines shm,gloo,cpu_elastic --failure-engine cpu_elastic
@@ -39,7 +38,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eep.cli.answers import transitions_of  # noqa: E402
 from eep.runtime import Fault, Launcher, RuntimeConfig, TinyConfig  # noqa: E402
+from eep.runtime.model import write_random_checkpoint  # noqa: E402
 import bench_metrics  # noqa: E402
 
 GPU_ENGINES = ("fused", "fused_fixed", "nccl")
@@ -54,7 +55,7 @@ CPU_ENGINES = ("shm", "gloo", "cpu_elastic")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", type=int, default=4, help="rank processes, one GPU each (2, 4 or 8)")
-    ap.add_argument("--out", default=os.environ.get("OUT", "perf/failure_bench_out"))
+    ap.add_argument("--out", default="perf/failure_bench_out", help="results.json, summary.txt, timeline.png, logs")
     ap.add_argument("--dry-run", action="store_true", help="CPU: tiny shape, shm engine, short runs")
     ap.add_argument("--workdir", default=None,
                     help="checkpoint and shards, on local disk, never under --out (default: a fresh temp dir, removed)")
@@ -194,47 +195,6 @@ def runtime_config(args, engine: str, shard_dir: str, *, num_requests: int, rest
 
 # ---- shards ---------------------------------------------------------------------------------
 
-def write_random_checkpoint(root: str, model: TinyConfig, *, seed: int = 0, device: str = "cpu",
-                            workers: int = 4) -> int:
-    """A Qwen3-MoE-format checkpoint of random bf16 experts, one file per layer; returns bytes written.
-
-    Random values are drawn on ``device`` (a GPU draws 58 GB in seconds) from a generator seeded
-    per layer, and ``workers`` layers are written at a time (one at a time, 38 GB took 41 s), so host
-    memory holds a few layers at most.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from safetensors.torch import save_file
-
-    os.makedirs(root, exist_ok=True)
-    h, i, e, n = model.hidden, model.intermediate, model.num_experts, model.num_layers
-
-    def write_layer(layer: int) -> tuple[str, list[str], int]:
-        gen = torch.Generator(device=device).manual_seed(seed * 100003 + layer)
-        name = f"model-{layer + 1:05d}-of-{n:05d}.safetensors"
-        gate_up = (torch.randn(e, 2, i, h, generator=gen, device=device) / h ** 0.5).to(torch.bfloat16).cpu()
-        down = (torch.randn(e, h, i, generator=gen, device=device) / i ** 0.5).to(torch.bfloat16).cpu()
-        tensors = {f"model.layers.{layer}.mlp.gate.weight": torch.zeros(e, h, dtype=torch.bfloat16)}
-        for x in range(e):
-            pre = f"model.layers.{layer}.mlp.experts.{x}."
-            tensors[pre + "gate_proj.weight"] = gate_up[x, 0].contiguous()
-            tensors[pre + "up_proj.weight"] = gate_up[x, 1].contiguous()
-            tensors[pre + "down_proj.weight"] = down[x].contiguous()
-        save_file(tensors, os.path.join(root, name))
-        return name, list(tensors), os.path.getsize(os.path.join(root, name))
-
-    weight_map, total = {}, 0
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for name, keys, size in pool.map(write_layer, range(n)):
-            weight_map.update({k: name for k in keys})
-            total += size
-    json.dump({"weight_map": weight_map}, open(os.path.join(root, "model.safetensors.index.json"), "w"))
-    json.dump({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": h,
-               "moe_intermediate_size": i, "num_experts": e, "num_experts_per_tok": model.top_k,
-               "num_hidden_layers": n, "norm_topk_prob": True}, open(os.path.join(root, "config.json"), "w"))
-    return total
-
-
 def preflight(model: TinyConfig, workdir: Path) -> int:
     """Refuse early (naming the directory) when the checkpoint, shards or host tier cannot fit."""
     from eep import envs
@@ -335,7 +295,7 @@ def run_failure(args, shard_dir: str, out: Path, tokens_per_s: float | None,
                 golden: dict[int, set[int]] | None = None,
                 on_measured: Callable[[dict], None] | None = None) -> tuple[dict, Path, RuntimeConfig]:
     """The failure run; ``on_measured(entry)`` gets the timings before the answers are checked (the
-    check takes tens of seconds: a device call cut short there still keeps the pauses)."""
+    check takes tens of seconds: a run cut short there still keeps the pauses)."""
     engine = args.failure_engine
     mean_new = (max(1, args.max_new_tokens // 3) + args.max_new_tokens) / 2
     span = args.fault_at_s + args.after_fault_s
@@ -387,26 +347,11 @@ def control_log(run_dir: Path) -> dict:
     return {"control_log": decisions, "stalls": stalls}
 
 
-def transitions_of(cfg: RuntimeConfig, results: dict[int, list[int]]) -> tuple[dict, dict]:
-    """Each token's successors seen in the answers, and the requests that passed through it. The
-    benchmark model has no attention state, so a correct engine maps a token to one successor."""
-    from eep.runtime.model import make_request
-
-    transitions: dict[int, set[int]] = {}
-    owners: dict[int, set[int]] = {}
-    for q, tokens in results.items():
-        prompt, _ = make_request(cfg.model, q, max_new_tokens=cfg.max_new_tokens)
-        for a, b in zip([prompt] + tokens, tokens):
-            transitions.setdefault(a, set()).add(b)
-            owners.setdefault(a, set()).add(q)
-    return transitions, owners
-
-
 # A sampled token counts against the oracle only where rounding cannot decide it: the oracle run
 # with three float32 accumulation orders (split_k 1, 2, 4) gives one answer, and its smallest router
 # top-k gap and final logit margin are above these (router logits have std 2, final logits std 4).
 # Why three orders: a random 48-layer model is chaotic, a 1e-6 difference can grow into a router
-# flip, and the engine's GEMM order is just one more valid order (perf/RESULTS.md, issue 8).
+# flip, and the engine's GEMM order is just one more valid order (perf/RESULTS.md, "Failure benchmark").
 ORACLE_SPLITS = (1, 2, 4)
 ROUTER_GAP_TOL = 2e-3
 MARGIN_TOL = 1e-2
@@ -616,6 +561,22 @@ def summary_text(results: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_failure_timeline(results: dict, run_dir: Path, path: Path) -> None:
+    """The failure run's throughput with the SIGKILL, detection, repair, restart and rejoin named."""
+    from eep.cli.plot import PlotUnavailable, plot_timeline
+
+    f, cfg = results["failure"], results["config"]
+    degraded = results["args"].get("degraded_tokens")
+    title = (f"failure benchmark: {results['device']}, {cfg['num_ranks']} ranks, {f['engine']} engine, "
+             f"{cfg['model']['num_experts']} experts x {cfg['model']['num_layers']} layers"
+             + (f", survivors absorb up to {degraded} tokens" if degraded else ""))
+    try:
+        plot_timeline(path, run_dir, title=title,
+                      end_label=f"end of run ({f['answered']} of {f['num_requests']} answered)")
+    except (PlotUnavailable, ValueError) as exc:
+        print(f"no timeline plot: {exc}", file=sys.stderr)
+
+
 def device_name(args) -> str:
     if args.dry_run or not torch.cuda.is_available():
         return f"CPU ({os.cpu_count()} cores), dry run"
@@ -654,7 +615,7 @@ def main(argv: list[str] | None = None) -> dict:
     shard_dir = results["shards"]["shard_dir"]
     save()
     def guarded(name: str, fn):
-        """One run's failure is recorded and the next run still happens (one device call, many runs)."""
+        """One run's failure is recorded and the next run still happens (one invocation, many runs)."""
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001
@@ -677,7 +638,7 @@ def main(argv: list[str] | None = None) -> dict:
     first = [e for e in args.engines if e in ("fused", "fused_fixed", "shm", args.failure_engine)]
     steady(first)
     if args.expert_backend == "cutlass" and f"steady-{args.failure_engine}" in results.get("errors", {}):
-        # one device call buys one try: the rest of it still measures the runs on the stage known to work
+        # one invocation, one try: the rest of it still measures the runs on the stage known to work
         print("the CUTLASS expert stage failed in the engine: every run falls back to grouped_mm", file=sys.stderr)
         failed = {k: results["errors"].pop(k) for k in [f"steady-{e}" for e in first] if k in results["errors"]}
         results["backend_fallback"] = {"from": "cutlass", "to": "grouped_mm", "errors": failed}
@@ -694,10 +655,7 @@ def main(argv: list[str] | None = None) -> dict:
         if got is not None:
             results["failure"], run_dir, _ = got
             save()
-            from eep.cli.plot import plot_timeline
-            series, markers = bench_metrics.throughput_markers(run_dir, 0.1 if args.dry_run else 0.25)
-            if series:
-                plot_timeline(out / "timeline.png", series, markers)
+            plot_failure_timeline(results, run_dir, out / "timeline.png")
     # the restart is the ratio's denominator: before the variants, which only add comparisons
     if "restart" not in args.skip and not over_budget("restart"):
         got = guarded("restart", lambda: run_restart(args, shard_dir, out))

@@ -205,25 +205,34 @@ def plot(rows: list[dict], path: str) -> bool:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedLocator, NullLocator
     except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+        print('matplotlib is not installed: no plot (pip install "eep[plot]")', file=sys.stderr)
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    labels = {"1": "1 rank failed", "4": "4 ranks failed", "16": "16 ranks failed", "node": "a node (8 ranks) lost"}
     for ax, shape in zip(axes, ("deepseek-v3", "qwen3-30b-a3b")):
+        eps = set()
         for failed in ("1", "4", "16", "node"):
             pts = [(r["config"]["ep"], r["recovery_pause_s"]) for r in rows
                    if r["feasible"] and r["config"]["shape"] == shape and r["config"]["failed"] == failed
                    and r["config"]["redundancy"] == 0.5]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{failed} failed" if failed != "node" else "node lost")
+                ax.plot(*zip(*pts), marker="o", label=labels[failed])
+                eps.update(ep for ep, _ in pts)
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{shape}, redundancy 0.5, host tier")
-        ax.set_xlabel("EP size (ranks)")
+        ax.xaxis.set_major_locator(FixedLocator(sorted(eps)))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([str(ep) for ep in sorted(eps)])
+        ax.set_title(f"{shape}: 1.5 slots per expert, host tier", fontsize=10)
+        ax.set_xlabel("EP size (ranks, 8 per node)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("predicted recovery pause (s), incl. 1 s detection")
-    axes[0].legend()
+    axes[0].set_ylabel("predicted recovery pause (s)\nincluding 1 s of failure detection")
+    axes[0].legend(title="failure", fontsize=9)
+    fig.suptitle("Recovery simulator: the repair planner over simulated clusters (perf/recovery_sim.py)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return True
 
 

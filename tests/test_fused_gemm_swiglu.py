@@ -21,7 +21,7 @@ def test_swiglu_is_opt_in_and_leaves_the_default_build_alone():
     assert build.source_files(build.DEFAULT_CONFIGS) == build.SOURCE_FILES
     for text in build.generated_sources(build.DEFAULT_CONFIGS).values():
         assert "swiglu" not in text and '#include "grouped_gemm.cuh"' in text
-    # The default key must not depend on the SwiGLU files: the carried library stays valid.
+    # The default key must not depend on the SwiGLU files: a library built before them stays valid.
     key = build.cache_key(build.DEFAULT_CONFIGS, cutlass="4.2.0", nvcc="x")
     fused = build.DEFAULT_CONFIGS + build.SWIGLU_CONFIGS
     assert build.cache_key(fused, cutlass="4.2.0", nvcc="x") != key

@@ -1,8 +1,8 @@
-"""GPU tests of the fused data plane (run through the device tool; skipped without GPUs).
+"""GPU tests of the fused data plane (on a machine with GPUs; skipped without them).
 
 Each test starts one process per rank through tests/gpu/launch.py (never torchrun) and fails
 with the ranks' own error messages. tests/gpu/run_all.sh runs the same scenarios plus the
-benchmarks in one device call.
+benchmarks in one script.
 """
 
 import os

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint_dir")
     p.add_argument("out_dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--force", action="store_true", help="rewrite even if OUT_DIR is up to date")
+    p.add_argument("--force", action="store_true",
+                   help="rewrite even if OUT_DIR is up to date, and write into a non-empty OUT_DIR that is not a shard set")
     p.add_argument("--workers", type=int, default=None, help="files written in parallel (default min(4, CPUs))")
     v = sub.add_parser("verify", help="check every file and checksum against the manifest")
     v.add_argument("out_dir")

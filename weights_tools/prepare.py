@@ -80,11 +80,14 @@ def prepare(checkpoint_dir: str, out_dir: str, *, quiet: bool = False, force: bo
             num_workers: int | None = None, progress_stream: TextIO | None = None) -> PrepareResult:
     """Write per-expert shards, ``non_expert.safetensors``, ``config.json`` and ``manifest.json`` to ``out_dir``.
 
-    Raises ``CheckpointError`` for a checkpoint that cannot be converted (nothing is written then).
+    Raises ``CheckpointError`` for a checkpoint that cannot be converted, and ``ShardError`` for a
+    non-empty ``out_dir`` that is not a shard set unless ``force`` (nothing is written then).
     """
     start = time.perf_counter()
     if os.path.realpath(checkpoint_dir) == os.path.realpath(out_dir):
         raise CheckpointError(f"{out_dir}: OUT_DIR must differ from CHECKPOINT_DIR", path=out_dir)
+    if not force:
+        _check_out_dir(out_dir)
     layout = inspect_checkpoint(checkpoint_dir)
     if not force:
         current = _up_to_date(out_dir, layout)
@@ -214,6 +217,32 @@ class _SourceReader:
             os.close(fd)
         self._fds.clear()
         self._handles.clear()
+
+
+_TMP_RE = re.compile(r"\.tmp-\d+$")
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """Refuse a non-empty OUT_DIR that is not a shard set (what prepare writes, maybe half-written
+    by an interrupted run), naming what is there: prepare would overwrite a ``config.json`` or a
+    ``manifest.json`` of the user's own."""
+    if not os.path.isdir(out_dir):
+        return
+    names = sorted(os.listdir(out_dir))
+    ours = {MANIFEST_NAME, "config.json", NON_EXPERT_FILE, "experts"}
+    foreign = [n for n in names if n not in ours and not _TMP_RE.search(n)]
+    experts_dir = os.path.join(out_dir, "experts")
+    if os.path.isdir(experts_dir):
+        foreign += [f"experts/{n}" for n in sorted(os.listdir(experts_dir)) if not _EXPERT_FILE_RE.match(n)]
+    elif os.path.exists(experts_dir):
+        foreign.append("experts (not a directory)")
+    is_shard_set = MANIFEST_NAME in names or os.path.isdir(experts_dir)
+    if names and (foreign or not is_shard_set):
+        named = foreign if is_shard_set else names + [n for n in foreign if n not in names]
+        shown = ", ".join(named[:6]) + (", ..." if len(named) > 6 else "")
+        raise ShardError(f"{out_dir}: OUT_DIR is not empty and is not an eep shard set (it holds {shown}); "
+                         f"prepare would overwrite files there: choose a new or empty directory, or pass "
+                         f"--force to write into it anyway", path=out_dir)
 
 
 def _up_to_date(out_dir: str, layout: CheckpointLayout) -> Manifest | None:

@@ -32,6 +32,13 @@ def check_run(cfg: RuntimeConfig, result) -> list[str]:
                          f"{tokens[pos] if pos < len(tokens) else None}, reference {expected[pos] if pos < len(expected) else None}")
     if wrong:
         problems.append(f"{len(wrong)} answers differ from the reference: " + "; ".join(wrong[:3]))
+    return problems + check_commits(cfg, result)
+
+
+def check_commits(cfg: RuntimeConfig, result) -> list[str]:
+    """Problems with the committed epochs: none committed; one declared fit to serve whose maps are
+    not EP-valid (``eep.check_validity``); an answer published under an epoch that is not EP-valid."""
+    problems = []
     commits = [d for d in result.decisions if d["kind"] == "commit"]
     if not commits:
         problems.append("no membership was ever committed")
@@ -53,3 +60,30 @@ def refusal_summary(result) -> dict:
     """How many requests were refused and the distinct reasons (each names the uncovered experts)."""
     reasons = sorted(set(result.refused.values()))
     return {"refused": len(result.refused), "reasons": reasons}
+
+
+def check_faults_fired(faults: list, num_answered: int) -> list[str]:
+    """Problems for faults (``eep.runtime.control.launcher.Fault``) that never reached their rank:
+    the run ended before the trigger, or the rank had already exited when it fired."""
+    problems = []
+    for f in faults:
+        when = f"at {f.at_results} answers" if f.at_results is not None else "as scheduled"
+        if f.fired_at is None:
+            problems.append(f"fault {f.action} rank {f.rank} {when} never fired: the run ended first "
+                            f"({num_answered} requests answered)")
+        elif f.is_skipped:
+            problems.append(f"fault {f.action} rank {f.rank} {when} was not sent: the rank had already exited")
+    return problems
+
+
+def transitions_of(cfg: RuntimeConfig, results: dict[int, list[int]]) -> tuple[dict, dict]:
+    """Each token's successors seen in the answers, and the requests that passed through it. The
+    benchmark model has no attention state, so a correct engine maps a token to one successor."""
+    transitions: dict[int, set[int]] = {}
+    owners: dict[int, set[int]] = {}
+    for q, tokens in results.items():
+        prompt, _ = make_request(cfg.model, q, max_new_tokens=cfg.max_new_tokens)
+        for a, b in zip([prompt] + tokens, tokens):
+            transitions.setdefault(a, set()).add(b)
+            owners.setdefault(a, set()).add(q)
+    return transitions, owners

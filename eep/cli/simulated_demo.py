@@ -1,16 +1,16 @@
-"""The README demo: a 4-rank simulated EP MoE layer on CPU loses a rank and keeps its outputs.
+"""Part 1 of ``eep demo``: a simulated EP MoE layer on the CPU loses a rank and keeps its outputs.
 
-Shape ``tiny`` from DESIGN.md (hidden 64, intermediate 32, 16 experts, top-4), random weights,
-6 slots per rank: 16 primaries + 4 redundant replicas + 4 spare slots.
+Shape ``tiny`` (hidden 64, intermediate 32, 16 experts, top-4), random weights, slots per rank and
+redundant replicas as the runtime chooses them (``eep.state.placement.default_slots_per_rank``):
+at 4 ranks, 8 slots each = 16 primaries + 8 redundant replicas + 8 spare slots.
 """
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from eep.reference import ExpertParallelMoE, dense_moe
+from eep.state.placement import default_num_redundant, default_slots_per_rank
 
 
 def run_demo(*, num_ranks: int = 4, failed_rank: int = 1, seed: int = 0, num_tokens: int = 64) -> bool:
@@ -23,8 +23,9 @@ def run_demo(*, num_ranks: int = 4, failed_rank: int = 1, seed: int = 0, num_tok
     x = torch.randn(num_tokens, hidden, generator=gen)
     logits = torch.randn(num_tokens, num_experts, generator=gen)
 
-    moe = ExpertParallelMoE(w_gate, w_up, w_down, num_ranks=num_ranks, slots_per_rank=6, top_k=top_k,
-                            num_redundant=4)
+    slots = default_slots_per_rank(num_experts, num_ranks)
+    moe = ExpertParallelMoE(w_gate, w_up, w_down, num_ranks=num_ranks, slots_per_rank=slots, top_k=top_k,
+                            num_redundant=default_num_redundant(num_experts, num_ranks, slots))
     oracle = dense_moe(x, w_gate, w_up, w_down, router_logits=logits, top_k=top_k)
     print(f"eep demo: {num_ranks} simulated EP ranks, {num_experts} experts, top-{top_k}, "
           f"{moe.placement.num_phys_slots} physical slots")
@@ -69,10 +70,3 @@ def _print_placement(moe: ExpertParallelMoE) -> None:
         cells = " ".join("  ." if e < 0 else f"{e:3d}" for e in row[rank * s:(rank + 1) * s])
         print(f"  rank {rank} [{state}] slots: {cells}")
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="eep demo", description=__doc__)
-    parser.add_argument("--failed-rank", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    return 0 if run_demo(failed_rank=args.failed_rank, seed=args.seed) else 1

@@ -47,6 +47,7 @@ from eep.fp8 import BLOCK as FP8_BLOCK
 from eep.exchange.layout import DispatchHandle, PackedHandle
 from eep.exchange.protocol import DecodeExchange, PrefillExchange
 from eep.state import Membership
+from eep.routing import check_finite_rows
 from eep.transport.base import Transport
 
 DECODE_CHANNELS, PREFILL_CHANNELS = (0, 1), (2, 3)
@@ -176,6 +177,7 @@ class Buffer:
         ``(x_fp8, scales [num_local_experts, num_ranks * M, hidden // 128])``; ``recv_count`` int32
         ``[num_local_experts]``.
         """
+        check_finite_rows(x, "dispatch x")  # NaN/inf rows named here (host tensors; eep.routing.finite)
         m = num_max_dispatch_tokens_per_rank
         local = self._check_dispatch(x, topk_idx, active_ranks, m, num_experts, use_fp8)
         exchange = self._decode_exchange(m, local, x.shape[1], x.dtype, use_fp8)
@@ -201,6 +203,7 @@ class Buffer:
         ``(combined_x [num_tokens, hidden], event, hook)``; contributions of ranks that missed the
         deadline are absent (and cleared in ``active_ranks``).
         """
+        check_finite_rows(topk_weights, "topk_weights")  # NaN/inf rows named here (eep.routing.finite)
         m, local = handle.num_max_dispatch_tokens_per_rank, handle.num_experts // self.num_ranks
         if tuple(x.shape) != (local, self.num_ranks * m, handle.hidden):
             raise RoutingError(f"combine x has shape {tuple(x.shape)}, expected "
@@ -227,6 +230,8 @@ class Buffer:
         ``num_recv_tokens_per_expert`` a list of entries per local expert. A rank that misses the
         deadline is cleared in ``active_ranks`` and sends nothing.
         """
+        check_finite_rows(topk_weights, "topk_weights")  # NaN/inf rows named here (eep.routing.finite)
+        check_finite_rows(x, "prefill_dispatch x")
         local = self._check_prefill(x, topk_idx, topk_weights, active_ranks, num_experts)
         exchange = self._prefill_exchange(local, x, topk_idx.shape[1])
         self._mask_in(exchange, active_ranks, timeout_us)

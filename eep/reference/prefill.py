@@ -1,6 +1,6 @@
 """Reference packed ("normal" / prefill) dispatch -> experts -> combine, ``num_ranks`` ranks in one process.
 
-The specification for the fused prefill kernels (issue 6, docs/fused.md "Prefill mode"). The
+The specification for the fused prefill kernels (docs/fused.md "Prefill mode"). The
 low-latency layout of ``eep.reference.dispatch`` reserves ``max_tokens_per_rank`` rows for every
 (local slot, source) pair: at 4096 tokens and 64 slots that is 64x the rows a rank can receive per
 source. Prefill instead sends **one copy of a token to each destination rank** that hosts at least

@@ -7,7 +7,7 @@ Link kinds, each a rate in GB/s (1e9 bytes per second):
 - ``disk_gbps``  a node's disk, shared by every rank of the node: a safetensors shard -> host;
 - ``nic_gbps``   one GPU's network port (one NIC per GPU, as on H100 nodes), in or out: a peer
                  copy between ranks on different nodes. Used only when ``ranks_per_node`` is set
-                 (0 means every rank is on one node, as on the lent machines).
+                 (0 means every rank is on one node).
 
 What moves is one expert's weights: ``expert_weight_nbytes(hidden, inter, fp8=...)`` counts them as a
 tier stores them, block-scaled FP8 included (e4m3 weights plus their float32 128x128 block scales,
@@ -15,7 +15,7 @@ about half the bf16 bytes), so predicted pauses follow the checkpoint's format.
 
 ``Bandwidth.measure()`` times each link once at start-up on the machine it runs on (CPU
 stand-ins where there is no GPU: a memcpy for both copy links). The defaults are the rates
-measured on the lent 4xH100 machine (DESIGN.md: one peer copy 384 GB/s, pinned host->device
+measured on a 4 x H100 NVLink machine (DESIGN.md: one peer copy 384 GB/s, pinned host->device
 52 GB/s) and a conservative 2 GB/s NVMe read. The model travels with every plan, so predicted
 and observed pauses can be compared.
 """

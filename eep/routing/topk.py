@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from eep.errors import RoutingError
+from eep.routing.finite import check_finite_rows
 from eep.routing.route import check_topk
 
 
@@ -17,6 +18,8 @@ def select_experts(router_logits: torch.Tensor, top_k: int, *, renormalize: bool
     Returns:
         ``(topk_weights [num_tokens, top_k] float32, topk_ids [num_tokens, top_k] int64)``.
         The softmax runs in float32 whatever the logits' dtype, as the HF models do.
+    Raises ``RoutingError`` naming the token rows whose logits hold NaN or inf (host tensors; device
+    tensors as ``eep.routing.finite`` says, without waiting for the device by default).
     """
     if router_logits.dim() != 2:
         raise RoutingError(f"router_logits has shape {tuple(router_logits.shape)}, expected [num_tokens, num_experts]")
@@ -24,6 +27,7 @@ def select_experts(router_logits: torch.Tensor, top_k: int, *, renormalize: bool
         raise RoutingError(f"router_logits has dtype {router_logits.dtype}, expected a floating type")
     if not 1 <= top_k <= router_logits.shape[1]:
         raise RoutingError(f"top_k={top_k} must be in [1, num_experts={router_logits.shape[1]}]")
+    check_finite_rows(router_logits, "router_logits")
     probs = torch.softmax(router_logits.float(), dim=-1)
     topk_weights, topk_ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
@@ -48,4 +52,5 @@ def resolve_routing(hidden: torch.Tensor, num_experts: int, router_logits: torch
     if topk_ids is None or topk_weights is None:
         raise RoutingError("pass router_logits, or both topk_ids and topk_weights")
     check_topk(topk_ids, num_experts, hidden.shape[0], topk_weights=topk_weights)
+    check_finite_rows(topk_weights, "topk_weights")
     return topk_weights, topk_ids.long()

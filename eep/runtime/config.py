@@ -5,14 +5,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from eep import envs
+from eep.state.placement import default_num_redundant, default_slots_per_rank
 from eep.runtime.model import TinyConfig
 
 
 @dataclass
 class RuntimeConfig:
     num_ranks: int = 4
-    slots_per_rank: int = 8  # 32 slots for 16 experts: two ranks may die together and still fit
-    num_redundant: int = 8  # 16 primaries + 8 redundant replicas + 8 spare slots
+    # None: chosen from num_ranks and the model (eep.state.placement.default_slots_per_rank and
+    # default_num_redundant); at 4 ranks and 16 experts, 8 slots per rank = 16 primaries + 8
+    # redundant replicas + 8 spare slots, and any two ranks may die together
+    slots_per_rank: int | None = None
+    num_redundant: int | None = None
     max_tokens_per_rank: int = 8  # decode batch per rank (one token per request per step)
     # batch per rank while a rank slot is inactive: survivors absorb the missing rank's share
     # (engines size their buffers for it and capture a graph for it); None: max_tokens_per_rank
@@ -53,6 +57,12 @@ class RuntimeConfig:
 
     store_host: str = field(default_factory=envs.store_host)
     store_port: int = field(default_factory=envs.store_port)
+
+    def __post_init__(self):
+        if self.slots_per_rank is None:
+            self.slots_per_rank = default_slots_per_rank(self.model.num_experts, self.num_ranks)
+        if self.num_redundant is None:
+            self.num_redundant = default_num_redundant(self.model.num_experts, self.num_ranks, self.slots_per_rank)
 
     @property
     def suspicion_window_s(self) -> float:
@@ -98,3 +108,4 @@ class RuntimeConfig:
         data = dict(data)
         data["model"] = TinyConfig(**data["model"])
         return cls(**data)
+

@@ -22,6 +22,8 @@ weights_tools' host and disk tiers over ``eep-shards prepare`` output).
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -220,6 +222,8 @@ def _min_margin(weights: TinyWeights) -> float:
 
 
 # ---- the bench model: the same decode model at a real MoE shape, served by the GPU engine ----
+# (non-expert weights from a seed, bench_weights; experts from eep-shards output of a checkpoint such
+# as write_random_checkpoint writes: the failure benchmark and `eep demo --gpu` serve it)
 
 QWEN3_30B_A3B = TinyConfig(hidden=2048, intermediate=768, num_experts=128, top_k=8, num_layers=48, vocab_size=1024)
 QWEN3_ATTN_WIDTH = 4096 + 512 + 512 + 4096  # q, k, v, o projection columns at hidden 2048
@@ -243,3 +247,44 @@ def bench_weights(config: TinyConfig) -> BenchWeights:
     return BenchWeights(embed=torch.randn(v, h, generator=gen),
                         router=torch.randn(n, e, h, generator=gen) / h ** 0.5 * 2.0,
                         lm_head=torch.randn(v, h, generator=gen) / h ** 0.5 * 4.0)
+
+
+def write_random_checkpoint(root: str, model: TinyConfig, *, seed: int = 0, device: str = "cpu",
+                            workers: int = 4) -> int:
+    """A Qwen3-MoE-format checkpoint of random bf16 experts, one file per layer; returns bytes written.
+
+    Random values are drawn on ``device`` (a GPU draws 58 GB in seconds) from a generator seeded
+    per layer, and ``workers`` layers are written at a time (one at a time, 38 GB took 41 s), so host
+    memory holds a few layers at most.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import save_file  # lazily: serving never writes a checkpoint
+
+    os.makedirs(root, exist_ok=True)
+    h, i, e, n = model.hidden, model.intermediate, model.num_experts, model.num_layers
+
+    def write_layer(layer: int) -> tuple[str, list[str], int]:
+        gen = torch.Generator(device=device).manual_seed(seed * 100003 + layer)
+        name = f"model-{layer + 1:05d}-of-{n:05d}.safetensors"
+        gate_up = (torch.randn(e, 2, i, h, generator=gen, device=device) / h ** 0.5).to(torch.bfloat16).cpu()
+        down = (torch.randn(e, h, i, generator=gen, device=device) / i ** 0.5).to(torch.bfloat16).cpu()
+        tensors = {f"model.layers.{layer}.mlp.gate.weight": torch.zeros(e, h, dtype=torch.bfloat16)}
+        for x in range(e):
+            pre = f"model.layers.{layer}.mlp.experts.{x}."
+            tensors[pre + "gate_proj.weight"] = gate_up[x, 0].contiguous()
+            tensors[pre + "up_proj.weight"] = gate_up[x, 1].contiguous()
+            tensors[pre + "down_proj.weight"] = down[x].contiguous()
+        save_file(tensors, os.path.join(root, name))
+        return name, list(tensors), os.path.getsize(os.path.join(root, name))
+
+    weight_map, total = {}, 0
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for name, keys, size in pool.map(write_layer, range(n)):
+            weight_map.update({k: name for k in keys})
+            total += size
+    json.dump({"weight_map": weight_map}, open(os.path.join(root, "model.safetensors.index.json"), "w"))
+    json.dump({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": h,
+               "moe_intermediate_size": i, "num_experts": e, "num_experts_per_tok": model.top_k,
+               "num_hidden_layers": n, "norm_topk_prob": True}, open(os.path.join(root, "config.json"), "w"))
+    return total

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,3 +333,20 @@ def _pack(load: torch.Tensor, counts: list[int], num_ranks: int, slots_per_rank:
     for rank, experts in enumerate(rank_experts):
         row[rank * slots_per_rank: rank * slots_per_rank + len(experts)] = torch.tensor(experts, dtype=torch.int64)
     return row
+
+
+def default_slots_per_rank(num_experts: int, num_ranks: int) -> int:
+    """Slots per rank such that any two ranks may die together and the rest still hold every
+    expert, ``ceil(E / (N - 2))``; at 2 or 3 ranks, where one survivor may be all that is left, E.
+    Every rank count from 2 up therefore repairs a failure in place."""
+    if num_ranks < 2:
+        return num_experts
+    return math.ceil(num_experts / max(1, num_ranks - 2))
+
+
+def default_num_redundant(num_experts: int, num_ranks: int, slots_per_rank: int) -> int:
+    """Redundant replicas per layer: half the slots beyond one replica per expert, at most one per
+    two experts (a failed rank's experts then often live elsewhere already); the other half stay
+    empty, landing room for orphans."""
+    spare = num_ranks * slots_per_rank - num_experts
+    return max(0, min(num_experts // 2, spare // 2))

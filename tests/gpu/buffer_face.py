@@ -1,6 +1,6 @@
 """eep.Buffer (the DeepEP/Mooncake face) over the fused GPU buffer, against eep.reference.
 
-    python tests/gpu/buffer_face.py --num-ranks 4 --out $OUT/face     # launcher: one process per GPU
+    python tests/gpu/buffer_face.py --num-ranks 4 --out /tmp/eep-face     # launcher: one process per GPU
 
 Each rank checks, in order:
   1. eager dispatch/combine, all ranks active: receive rows and counts equal the reference exactly,

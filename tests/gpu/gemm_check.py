@@ -1,4 +1,4 @@
-"""GPU differential checks of the expert stage (run by tests/gpu/run_gemm.sh through the device tool).
+"""GPU differential checks of the expert stage (run by tests/gpu/run_gemm.sh on a GPU machine).
 
 Each check prints ``CHECK <name> ok|FAIL <detail>``; the exit code is the number of failures.
 Reference: ``eep.reference`` in float32 on upcast inputs; bf16 tolerance 1e-2 (METHOD.md).

@@ -13,23 +13,23 @@
 #
 #   bash tests/gpu/run_fp8.sh [--out DIR] [--skip-bf16] [--bench-args "..."]     (default DIR /tmp/eep-fp8-out)
 set -u
-OUT=/tmp/eep-fp8-out
+OUT_DIR=/tmp/eep-fp8-out
 SKIP_BF16=0
 BENCH_ARGS=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --out) OUT=$2; shift 2 ;;
+    --out) OUT_DIR=$2; shift 2 ;;
     --skip-bf16) SKIP_BF16=1; shift ;;
     --bench-args) BENCH_ARGS=$2; shift 2 ;;
     *) echo "unknown option $1 (expected --out DIR, --skip-bf16, --bench-args ARGS)"; exit 2 ;;
   esac
 done
-mkdir -p "$OUT"
+mkdir -p "$OUT_DIR"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 [ -d build/cutlass/include ] && export EEP_CUTLASS_DIR=$PWD/build/cutlass
 export EEP_GEMM_CACHE_DIR=${EEP_GEMM_CACHE_DIR:-$PWD/build/gemm-cache}
-LOG=$OUT/fp8_log.txt
+LOG=$OUT_DIR/fp8_log.txt
 : > "$LOG"
 PY=python3
 START=$(date +%s); BUDGET=${EEP_GPU_BUDGET_S:-460}
@@ -51,11 +51,11 @@ if [ "$SKIP_BF16" = 0 ]; then
   step bf16 110 $PY tests/gpu/gemm_check.py
   RC[bf16]=$?
 fi
-step bench 260 $PY perf/bench_fp8_experts.py --out "$OUT/fp8_bench.jsonl" $BENCH_ARGS
+step bench 260 $PY perf/bench_fp8_experts.py --out "$OUT_DIR/fp8_bench.jsonl" $BENCH_ARGS
 RC[bench]=$?
 
 {
-  echo "=== RESULT (log: $LOG, benchmark rows: $OUT/fp8_bench.jsonl)"
+  echo "=== RESULT (log: $LOG, benchmark rows: $OUT_DIR/fp8_bench.jsonl)"
   printf "%-8s %-6s %s\n" step result detail
   for name in build fp8 bf16 bench; do
     [ -z "${RC[$name]+x}" ] && continue
@@ -79,4 +79,4 @@ RC[bench]=$?
   grep -E "^GPU .*copy|^  ceiling" "$LOG"
   awk '/^SUMMARY$/ {on = 1; next} on' "$LOG" | head -30
   echo "total $(( $(date +%s) - START )) s"
-} | tee "$OUT/fp8_result.txt"
+} | tee "$OUT_DIR/fp8_result.txt"

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Expert-stage GPU work in one device call: build (or reuse the carried build), differential checks,
-# benchmark. Logs and JSON under $OUT.   bash tests/gpu/run_gemm.sh [quick|bench|swiglu]
+# Expert-stage GPU work in one script: build (or reuse a build in build/gemm-cache), differential
+# checks, benchmark. Logs and JSON under --out (default /tmp/eep-gemm-out).
+#   bash tests/gpu/run_gemm.sh [quick|bench|swiglu] [--out DIR]
 #   EEP_GEMM_BENCH_ARGS adds arguments to perf/bench_expert_gemm.py (e.g. "--fused-swiglu --configs X").
 #   swiglu: only the opt-in SwiGLU-epilogue GEMM1 (build DEFAULT_CONFIGS + SWIGLU_CONFIGS, its checks,
 #   and perf/bench_swiglu_epilogue.py fused vs unfused) -- nothing else.
-# Carry build/cutlass (CUTLASS headers) and build/gemm-cache (the library built on the CPU machine).
+# build/cutlass (CUTLASS headers, when the nvidia-cutlass package is absent) and build/gemm-cache (the
+# library, `eep build-gemm --cache-dir build/gemm-cache`, which needs nvcc but no GPU) are used when present.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-export EEP_CUTLASS_DIR=$PWD/build/cutlass EEP_GEMM_CACHE_DIR=$PWD/build/gemm-cache
-OUT=${OUT:-/tmp/eep-gemm-out}; mkdir -p "$OUT"
-LOG=$OUT/gemm_log.txt
+[ -d build/cutlass ] && export EEP_CUTLASS_DIR=$PWD/build/cutlass
+export EEP_GEMM_CACHE_DIR=$PWD/build/gemm-cache
+source tests/gpu/out_option.sh /tmp/eep-gemm-out "$@"; set -- ${ARGS[@]+"${ARGS[@]}"}
+LOG=$OUT_DIR/gemm_log.txt
 PY=python3
 START=$(date +%s); BUDGET=${EEP_GPU_BUDGET_S:-420}
 STEP_MIN_LEFT=15
@@ -22,7 +25,7 @@ import time; t = time.time()
 from eep.fused.gemm.build import build_library, DEFAULT_CONFIGS, SWIGLU_CONFIGS
 print(build_library(DEFAULT_CONFIGS + SWIGLU_CONFIGS), f'{time.time() - t:.1f} s')"
   step check_swiglu 150 $PY tests/gpu/gemm_check.py --swiglu
-  step bench_swiglu 200 $PY perf/bench_swiglu_epilogue.py --out $OUT/swiglu_bench.jsonl
+  step bench_swiglu 200 $PY perf/bench_swiglu_epilogue.py --out $OUT_DIR/swiglu_bench.jsonl
   echo "=== SUMMARY"
   grep -E "^(=== .* rc=|CHECK .*FAIL|SUMMARY|GPU|  *(qwen3|deepseek|shape))" "$LOG" | tail -60
   grep -c "^CHECK .* ok" "$LOG" | sed 's/^/checks ok: /'
@@ -34,7 +37,7 @@ from eep.fused.gemm.build import build_library
 print(build_library(), f'{time.time() - t:.1f} s')"
 [ "${1:-}" != bench ] && step check 150 $PY tests/gpu/gemm_check.py
 if [ "${1:-}" != quick ]; then
-  step bench 300 $PY perf/bench_expert_gemm.py --out $OUT/gemm_bench.jsonl --reps 20 ${EEP_GEMM_BENCH_ARGS:-}
+  step bench 300 $PY perf/bench_expert_gemm.py --out $OUT_DIR/gemm_bench.jsonl --reps 20 ${EEP_GEMM_BENCH_ARGS:-}
 fi
 echo "=== SUMMARY"
 grep -E "^(=== .* rc=|CHECK .*(FAIL|ok)|SUMMARY|GPU|qwen3|deepseek|  \()" "$LOG" | grep -v "^CHECK .* ok" | grep -v -E " (gemm[12]|gather|swiglu) +cutlass" | tail -80

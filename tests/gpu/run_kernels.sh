@@ -17,12 +17,12 @@
 #   --gpus N: use GPUs 0..N-1 (the scenarios' 4 ranks spread over them, the timings at N ranks); the
 #             multi-GPU comparison of the two sets is `--gpus 4` (and `--gpus 2`) on an NVLink machine
 set -u
-OUT=/tmp/eep-gpu-out
+OUT_DIR=/tmp/eep-gpu-out
 MODE=all
 GPUS=1
 while [ $# -gt 0 ]; do
   case "$1" in
-    --out) OUT=$2; shift 2 ;;
+    --out) OUT_DIR=$2; shift 2 ;;
     --bench-only) MODE=bench; shift ;;
     --gpus) GPUS=$2; shift 2 ;;
     -h|--help) sed -n 2,18p "$0"; exit 0 ;;
@@ -33,14 +33,14 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EEP_FUSED_CACHE_DIR=${EEP_FUSED_CACHE_DIR:-$PWD/build/fused-cache}
 # rank r of a scenario runs on GPU r mod GPUS (one GPU: 4 processes share it)
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((GPUS - 1)))}
-mkdir -p "$OUT"
-LOG=$OUT/log.txt
+mkdir -p "$OUT_DIR"
+LOG=$OUT_DIR/log.txt
 PY=${PYTHON:-python3}
 START=$(date +%s); BUDGET=${EEP_GPU_BUDGET_S:-480}
 source tests/gpu/steps.sh
 L=tests/gpu/launch.py
-B="perf/bench_dispatch.py --num-ranks $GPUS --out $OUT/bench"
-P="perf/bench_prefill.py --num-ranks $GPUS --out $OUT/bench"
+B="perf/bench_dispatch.py --num-ranks $GPUS --out $OUT_DIR/bench"
+P="perf/bench_prefill.py --num-ranks $GPUS --out $OUT_DIR/bench"
 nvidia-smi -L 2>&1 | tee -a "$LOG"
 $PY -c "import torch, cuda.bindings; print('torch', torch.__version__, 'cuda-bindings', cuda.bindings.__version__)" 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
@@ -51,7 +51,7 @@ step compile 120 $PY tests/gpu/compile_kernels.py --arch "$ARCH"
 
 one() {  # one scenario with 4 rank processes sharing the GPU: NAME SECONDS SCENARIO ARGS...
   local name=$1 secs=$2 scenario=$3; shift 3
-  step "$name" "$secs" $PY $L --scenario "$scenario" --num-ranks 4 --out $OUT/res "$@"
+  step "$name" "$secs" $PY $L --scenario "$scenario" --num-ranks 4 --out $OUT_DIR/res "$@"
 }
 V2="--kernels v2"
 if [ "$MODE" = all ]; then
@@ -62,7 +62,7 @@ fi
 
 # 3. timings: v1 and v2 in the same rounds
 step bench-ds-bf16 90 $PY $B --model deepseek-v3
-step bench-ds-fp8 90 $PY $B --model deepseek-v3 --fp8 --profile $OUT/prof
+step bench-ds-fp8 90 $PY $B --model deepseek-v3 --fp8 --profile $OUT_DIR/prof
 step bench-qw-bf16 90 $PY $B --model qwen3-30b-a3b
 step bench-prefill-ds 120 $PY $P --model deepseek-v3 --combine-variant spread,pull,pull-copy
 step bench-prefill-qw 90 $PY $P --model qwen3-30b-a3b --combine-variant spread,pull,pull-copy
@@ -75,7 +75,7 @@ if [ "$MODE" = all ]; then
   one v2-prefill-ds 100 prefill --hidden 7168 --slots 4 --max-tokens 128 $V2
   one v2-diff-fixed 80 diff --hidden 2048 --slots 8 --max-tokens 128 --fixed $V2
   # 16 blocks: several tokens per block (the default grid gives each block at most one decode token)
-  step v2-diff-fp8-b16 80 env EEP_FUSED_BLOCKS=16 $PY $L --scenario diff --num-ranks 4 --out $OUT/res --hidden 7168 \
+  step v2-diff-fp8-b16 80 env EEP_FUSED_BLOCKS=16 $PY $L --scenario diff --num-ranks 4 --out $OUT_DIR/res --hidden 7168 \
     --slots 4 --max-tokens 64 --fp8 $V2
   one v1-diff 80 diff --hidden 2048 --slots 8 --max-tokens 128
   one v1-prefill 80 prefill --hidden 2048 --slots 8 --max-tokens 256
@@ -87,9 +87,9 @@ if [ "$MODE" = bench ]; then  # v2's grid size (EEP_FUSED_BLOCKS; default one bl
   done
 fi
 
-[ -d $OUT/prof ] && tar czf $OUT/prof.tgz -C $OUT prof && rm -rf $OUT/prof
-[ -d $OUT/res ] && tar czf $OUT/res.tgz -C $OUT res && rm -rf $OUT/res
-grep -E "^(\| |[a-z0-9-]+, .*us|prefill .*us|v2_over_v1|NOT TIMED)" "$LOG" > $OUT/tables.md
+[ -d $OUT_DIR/prof ] && tar czf $OUT_DIR/prof.tgz -C $OUT_DIR prof && rm -rf $OUT_DIR/prof
+[ -d $OUT_DIR/res ] && tar czf $OUT_DIR/res.tgz -C $OUT_DIR res && rm -rf $OUT_DIR/res
+grep -E "^(\| |[a-z0-9-]+, .*us|prefill .*us|v2_over_v1|NOT TIMED)" "$LOG" > $OUT_DIR/tables.md
 echo "=== SUMMARY ($(( $(date +%s) - START )) s)"
 grep -E "^(=== .* rc=|SCENARIO|compiled)" "$LOG"
-cat $OUT/tables.md
+cat $OUT_DIR/tables.md

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Repair on one GPU, in one device call (docs/runtime.md "Repair by plan", docs/weights.md "HostTier"):
+# Repair on one GPU, in one run (docs/runtime.md "Repair by plan", docs/weights.md "HostTier"):
 #   bash tests/gpu/run_repair.sh [--out DIR]       (default /tmp/eep-gpu-out; logs and results there)
 # 1. host_tier_pin.py: a host tier in a local-disk file stays pageable with one warning and breaks no
 #    CUDA call; the stale error of a failed cudaHostRegister is consumed; a /dev/shm tier is pinned.

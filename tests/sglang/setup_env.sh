@@ -29,17 +29,38 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] && "$PY" -c "import importl
   exit 0
 fi
 
-[[ -x "$PY" ]] || "$PYTHON" -m venv "$VENV"
-PIP=("$PY" -m pip install -q)
+LOG="$(mktemp -t eep-sglang-setup.XXXXXX)"
+trap 'rm -f "$LOG"' EXIT
+# One line per step; a step's own output (pip's progress and resolver notes) is shown only when it fails.
+step() {
+  local name="$1"; shift
+  local start=$SECONDS
+  if "$@" >"$LOG" 2>&1; then
+    echo "setup_env: $name ($((SECONDS - start)) s)"
+  else
+    echo "setup_env: $name FAILED; its output:" >&2
+    tail -n 60 "$LOG" >&2
+    exit 1
+  fi
+}
+PIP=("$PY" -m pip install -q --disable-pip-version-check)
+have_torch() { "$PY" -c "import torch" 2>/dev/null || "${PIP[@]}" "$TORCH_REQ"; }
+# sglang --no-deps beside its short requirement list: pip's resolver then lists sglang's other
+# (GPU-only) requirements as missing; that is expected and kept out of the output unless pip fails.
+no_torchvision() { "$PY" -m pip uninstall -q -y torchvision 2>/dev/null || true; }
+imports() {
+  "$PY" -c "import sys; sys.path.insert(0, 'tests/sglang'); import cpu_shims; cpu_shims.install()
+import sglang.srt.layers.moe.token_dispatcher, sglang.srt.elastic_ep.elastic_ep, sglang.srt.plugins, eep"
+}
+
+[[ -x "$PY" ]] || step "virtual environment $VENV" "$PYTHON" -m venv "$VENV"
 # torch first, so nothing below pulls a CUDA build (the CPU wheel lies on local disk).
-"$PY" -c "import torch" 2>/dev/null || "${PIP[@]}" "$TORCH_REQ"
-"${PIP[@]}" --no-deps "$SGLANG_REQ"
-"${PIP[@]}" "$TORCH_REQ" "${DEPS[@]}"
-"${PIP[@]}" --no-deps -e .
+step "$TORCH_REQ" have_torch
+step "$SGLANG_REQ (--no-deps)" "${PIP[@]}" --no-deps "$SGLANG_REQ"
+step "sglang's CPU-side requirements (${#DEPS[@]} packages)" "${PIP[@]}" "$TORCH_REQ" "${DEPS[@]}"
+step "eep (editable, --no-deps)" "${PIP[@]}" --no-deps -e .
 # transformers must see torchvision as absent (its CPU wheel breaks imports here).
-"$PY" -m pip uninstall -q -y torchvision 2>/dev/null || true
-"$PY" -c "import sys; sys.path.insert(0, 'tests/sglang'); import cpu_shims; cpu_shims.install()
-import sglang.srt.layers.moe.token_dispatcher, sglang.srt.elastic_ep.elastic_ep, sglang.srt.plugins, eep" 2>/dev/null \
-  || { echo "setup_env: sglang modules do not import in $VENV" >&2; exit 1; }
+step "torchvision absent" no_torchvision
+step "sglang modules import on the CPU" imports
 echo "$WANT" > "$STAMP"
 echo "setup_env: $VENV ready"

@@ -142,6 +142,17 @@ def test_a_mask_longer_than_the_expert_layout_is_refused(tmp_path):
         run_step(d, xs[0], ids[0], ws[0], 0, weights)
 
 
+def test_nan_router_output_is_refused_before_anything_is_sent(tmp_path):
+    from eep.errors import RoutingError
+
+    d = make_dispatcher(0, Buffer(0, NUM_RANKS, transport=SharedMemoryTransport(_shm(tmp_path), 0)), use_fp8=True)
+    xs, ids, ws, weights = make_inputs(5)
+    ws[0][2, 1] = float("nan")
+    with pytest.raises(RoutingError, match=r"topk_weights holds NaN or inf in 1 token row\(s\): \[2\]"):
+        run_step(d, xs[0], ids[0], ws[0], 0, weights)
+    assert d._stage.name == "INITIAL"  # the stage did not move: a retry with good input is allowed
+
+
 @pytest.mark.slow
 def test_sigkilled_rank_clears_sglang_active_ranks_in_place_and_survivors_match_the_reference(tmp_path):
     path = _shm(tmp_path)

@@ -27,6 +27,12 @@ Membership: the mask passed to every dispatch/combine is SGLang's own
 ``ElasticEPStateManager.instance().active_ranks`` tensor (elastic EP on), so a peer that misses the
 deadline is cleared *in that tensor* — the evidence SGLang's ``maybe_recover_ep_ranks`` reads.
 Without elastic EP a private all-ones mask is kept (one tensor, reused, so evidence is not lost).
+
+Non-finite router output (NaN/inf ``topk_weights``, from NaN router logits): refused before anything
+is sent. Host tensors are checked at once (``RoutingError`` naming the token rows). On the GPU each
+dispatch records non-finite rows in a device-side flag (``eep.routing.NonFiniteRows``: a few tensor
+ops, captured with the step's graph, no wait for the device) and the host raises the same error
+at the next eager ``dispatch_a``, naming the count and the first row (docs/integrations.md).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from sglang.srt.utils import get_int_env_var
 
 from eep.integrations.buffer import Buffer
 from eep.integrations.sglang.ep_buffer import BufferSpec, EepEPBuffer
+from eep.routing import NonFiniteRows, check_finite_rows
 
 # SGLang's Mooncake knob, honoured so eep is a drop-in (same default, same variable).
 NUM_MAX_DISPATCH_TOKENS_ENV = "SGLANG_MOONCAKE_EP_NUM_MAX_DISPATCH_TOKENS_PER_RANK"
@@ -114,6 +121,7 @@ class EepDispatcher(BaseDispatcher):
         self._dispatch_state: tuple | None = None
         self._combine_state: tuple | None = None
         self._normal = False  # the mode the running step resolved to
+        self._nonfinite: NonFiniteRows | None = None  # device-side record of NaN/inf topk_weights rows
 
     # ---- SGLang's dispatcher interface ----
     def dispatch(self, hidden_states: torch.Tensor, topk_output: TopKOutput) -> DispatchOutput:
@@ -125,6 +133,7 @@ class EepDispatcher(BaseDispatcher):
         self._expect(Stage.INITIAL, "dispatch_a")
         topk_ids = topk_output.topk_ids.to(torch.int64)
         topk_weights = topk_output.topk_weights
+        self._check_finite(topk_weights)
         buffer, active_ranks = self._get_buffer(), self.active_ranks()
         if buffer.num_ranks * self.num_local_experts != self.num_experts:
             # e.g. --max-ep-size > --ep-size: SGLang's mask has reserved slots its expert layout lacks
@@ -210,6 +219,17 @@ class EepDispatcher(BaseDispatcher):
         return self._own_active_ranks
 
     # ---- internals ----
+    def _check_finite(self, topk_weights: torch.Tensor) -> None:
+        """NaN/inf rows of ``topk_weights``: at once on the host, through a device flag on the GPU."""
+        if topk_weights.device.type == "cpu":
+            check_finite_rows(topk_weights, "topk_weights")
+            return
+        if self._nonfinite is None:
+            self._nonfinite = NonFiniteRows(topk_weights.device)
+        if not torch.cuda.is_current_stream_capturing():
+            self._nonfinite.raise_if_seen("topk_weights")  # what earlier steps (and graph replays) recorded
+        self._nonfinite.record(topk_weights)
+
     def _get_buffer(self) -> Buffer:
         if self._buffer is not None:
             return self._buffer

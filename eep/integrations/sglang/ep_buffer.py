@@ -9,8 +9,8 @@ Backends (the seam): ``make_buffer`` picks one by the device of SGLang's ``activ
 - CUDA: not wired yet; ``make_buffer`` says so rather than running the host transport on device
   tensors. ``eep.Buffer(rank, num_ranks, fused=FusedBuffer(...))`` is the face to build here
   (``FusedBuffer`` wants ``slots_per_rank=num_local_experts``, ``max_tokens_per_rank=M``, ``top_k``
-  and a ``store``: SGLang's global TCPStore); it needs a GPU run with SGLang, which the lent
-  machines cannot install.
+  and a ``store``: SGLang's global TCPStore); it needs a GPU run with SGLang installed, which has
+  not been done.
 """
 
 from __future__ import annotations

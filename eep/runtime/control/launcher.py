@@ -75,6 +75,7 @@ class Fault:
     after_s: float | None = None
     at_s: float | None = None
     fired_at: float | None = field(default=None, compare=False)
+    is_skipped: bool = field(default=False, compare=False)  # fired when the rank had already exited
 
     def __post_init__(self):
         if self.action not in _SIGNALS:
@@ -193,6 +194,8 @@ class Launcher:
             self._shutdown()
         from eep.runtime.control.metrics import summarize
         results, served_by, refused, answered_at = self._collect_results()
+        if error is not None:  # counted from the answers themselves, as RunResult.num_answered is
+            error += f"; {len(results)} of {cfg.num_requests} requests answered"
         self.store = self.coordinator.store = None  # closes the store server: the run is over
         summary = summarize(self.run_dir)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -273,8 +276,7 @@ class Launcher:
             return None
         codes = {f"{r}.{self.incarnations[r]}": p.exitcode for r, p in self.procs.items() if p is not None}
         return (f"every rank process has exited (exit codes {codes}) and none will restart "
-                f"(restart_after_s={self.cfg.restart_after_s}, max_restarts={self.cfg.max_restarts}); "
-                f"{self.coordinator.advance_answered()} of {self.cfg.num_requests} requests answered")
+                f"(restart_after_s={self.cfg.restart_after_s}, max_restarts={self.cfg.max_restarts})")
 
     def _restart_due(self) -> None:
         now = time.monotonic()
@@ -330,6 +332,7 @@ class Launcher:
         fault.fired_at = self._last_fault_at = time.monotonic()
         proc = self.procs[fault.rank]
         if proc is None or proc.exitcode is not None:
+            fault.is_skipped = True
             self.timeline.event("fault_skipped", action=fault.action, target=fault.rank)
             return
         os.kill(proc.pid, _SIGNALS[fault.action])

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from eep.runtime.control.timeline import read_jsonl
@@ -33,14 +34,82 @@ def load_run(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
 
 
 def throughput_series(steps: list[dict], t0: float, t1: float, bin_s: float) -> list[tuple[float, float]]:
-    """``[(bin start - t0, tokens per second)]`` over ``[t0, t1)``."""
-    num_bins = max(1, int((t1 - t0) / bin_s) + 1)
+    """``[(bin start - t0, tokens per second)]`` over ``[t0, t1]``.
+
+    The last bin is as long as what is left of the run, and its rate is over that length: a full
+    bin's width would read the run's end as a drop in throughput. A remainder under half a bin is
+    folded into the bin before it.
+    """
+    span = max(t1 - t0, 0.0)
+    num_bins = max(1, int(span / bin_s))
+    if span - num_bins * bin_s >= bin_s / 2:
+        num_bins += 1
+    edges = [i * bin_s for i in range(num_bins)] + [max(span, 1e-9)]
     tokens = [0] * num_bins
     for s in steps:
-        i = int((s["t"] - t0) / bin_s)
-        if 0 <= i < num_bins:
+        i = min(num_bins - 1, int((s["t"] - t0) / bin_s))
+        if 0 <= s["t"] - t0 <= span:
             tokens[i] += s["tokens"]
-    return [(i * bin_s, n / bin_s) for i, n in enumerate(tokens)]
+    return [(edges[i], n / (edges[i + 1] - edges[i])) for i, n in enumerate(tokens)]
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """One moment of a run worth marking on its timeline; ``t_s`` counts from the first step."""
+
+    t_s: float
+    kind: str  # a key of EVENT_KINDS
+    label: str  # what a reader sees next to the marker, e.g. "SIGKILL rank 1"
+
+
+EVENT_KINDS = {  # kind -> legend text
+    "fault": "fault injected (SIGKILL / SIGSTOP)",
+    "detected": "failure detected (first evidence acted on)",
+    "repair": "repair committed (new epoch, survivors serve)",
+    "restart": "rank process restarted",
+    "rejoin": "restarted rank rejoined",
+}
+
+
+def run_events(launcher: list[dict], t0: float) -> list[RunEvent]:
+    """The launcher timeline's faults, detections, repairs, restarts and rejoins, in time order.
+
+    Detection of a fault is the first evidence the coordinator acted on after it: the process exit,
+    a peer's report corroborated by silence, or a prepare that fails the rank on missed heartbeats.
+    """
+    out: list[RunEvent] = []
+    faults = [e for e in launcher if e.get("event") == "fault"]
+    signal_names = {"kill": "SIGKILL", "stop": "SIGSTOP", "cont": "SIGCONT", "term": "SIGTERM"}
+    for fault in faults:
+        rank = fault["target"]
+        out.append(RunEvent(fault["t"] - t0, "fault", f"{signal_names.get(fault['action'], fault['action'])} rank {rank}"))
+        if fault["action"] not in ("kill", "stop", "term"):
+            continue
+        evidence = [(e["t"], why) for e in launcher if e["t"] >= fault["t"] for why in [_evidence_of(e, rank)] if why]
+        if evidence:
+            t, why = min(evidence)
+            out.append(RunEvent(t - t0, "detected", f"rank {rank} detected ({why})"))
+    for e in launcher:
+        if e.get("event") == "commit" and e.get("reason") != "start":
+            if e.get("failed"):
+                out.append(RunEvent(e["t"] - t0, "repair", f"repair committed (epoch {e['epoch']})"))
+            if e.get("joined"):
+                ranks = ", ".join(str(r) for r in e["joined"])
+                out.append(RunEvent(e["t"] - t0, "rejoin", f"rank {ranks} rejoined (epoch {e['epoch']})"))
+        elif e.get("event") == "spawn" and e.get("incarnation", 0) > 0:
+            out.append(RunEvent(e["t"] - t0, "restart", f"rank {e['target']} restarted"))
+    return sorted(out, key=lambda ev: ev.t_s)
+
+
+def _evidence_of(record: dict, rank: int) -> str | None:
+    event = record.get("event")
+    if event == "exit" and record.get("target") == rank:
+        return "process exit"
+    if event == "corroborated" and rank in record.get("ranks", []):
+        return "peer report + silence"
+    if event == "prepare" and record.get("reason") == "heartbeat" and rank in record.get("failed", []):
+        return "heartbeats missed"
+    return None
 
 
 def _pause(steps: list[dict], survivors: set[tuple[int, int]], epoch: int) -> float | None:
