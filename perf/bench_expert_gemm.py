@@ -90,22 +90,34 @@ def reference_block(x_block: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     return (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ w2.float().T
 
 
-def check(name: str, y: torch.Tensor, x, counts, w13, w2, inter: int, gen: torch.Generator) -> float:
-    """Worst relative error over sampled non-empty blocks (and the hottest one); raises on NaN."""
+def sample_blocks(counts: torch.Tensor, gen: torch.Generator, num: int = 6) -> list[tuple[int, int]]:
+    """``num`` random non-empty (slot, source) blocks and the hottest one."""
     nonzero = (counts > 0).nonzero().tolist()
-    pick = [nonzero[i] for i in torch.randperm(len(nonzero), generator=gen)[:6].tolist()]
-    pick.append(divmod(int(counts.flatten().argmax()), counts.shape[1]))
+    picks = [tuple(nonzero[i]) for i in torch.randperm(len(nonzero), generator=gen)[:num].tolist()]
+    return picks + [divmod(int(counts.flatten().argmax()), counts.shape[1])]
+
+
+def worst_block_error(name: str, y: torch.Tensor, counts, picks, reference, *, tol: float = 1e-2) -> float:
+    """Worst relative error of the sampled blocks of ``y`` against ``reference(slot, src, n)``;
+    raises on NaN in a block (an unwritten row of a poisoned output) or an error over ``tol``."""
     worst = 0.0
-    for slot, src in pick:
+    for slot, src in picks:
         n = int(counts[slot, src])
         got = y[slot, src, :n].double()
         if got.isnan().any():
             raise AssertionError(f"{name}: NaN in block (slot {slot}, source {src})")
-        ref = reference_block(x[slot, src, :n], w13[slot], w2[slot], inter).double()
+        ref = reference(slot, src, n).double()
         worst = max(worst, float((got - ref).norm() / ref.norm()))
-    if worst > 1e-2:
-        raise AssertionError(f"{name}: relative error {worst:.2e} over the bf16 tolerance 1e-2")
+    if worst > tol:
+        raise AssertionError(f"{name}: relative error {worst:.2e} over the tolerance {tol}")
     return worst
+
+
+def check(name: str, y: torch.Tensor, x, counts, w13, w2, inter: int, gen: torch.Generator) -> float:
+    """Worst relative error over sampled non-empty blocks (and the hottest one) against the bf16
+    reference; raises on NaN or over 1e-2."""
+    return worst_block_error(name, y, counts, sample_blocks(counts, gen),
+                             lambda slot, src, n: reference_block(x[slot, src, :n], w13[slot], w2[slot], inter))
 
 
 def random_stage_inputs(model: str, batch: str, device, gen):

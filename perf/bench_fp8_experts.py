@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_expert_gemm import (BATCHES, MODELS, NUM_RANKS, TOP_K, ceilings, check, graph_ms,  # noqa: E402
+                               sample_blocks, worst_block_error,
                                random_counts, shape_arguments, time_ms)
 
 from eep.fp8 import BLOCK, FP8_DTYPE, FP8_MAX, Fp8Weight, quantize_rows, quantize_weight  # noqa: E402
@@ -148,25 +149,13 @@ def fp8_check(name: str, y: torch.Tensor, values, scales, counts, w13: Fp8Weight
               picks: list[tuple[int, int]], *, tol: float = 1e-2) -> float:
     """Worst relative error over sampled blocks against the FP8 oracle; raises on NaN or over ``tol``."""
     blocks = inter // BLOCK
-    worst = 0.0
-    for slot, src in picks:
-        n = int(counts[slot, src])
-        got = y[slot, src, :n].double()
-        if got.isnan().any():
-            raise AssertionError(f"{name}: NaN in block (slot {slot}, source {src})")
+
+    def reference(slot: int, src: int, n: int) -> torch.Tensor:
         gate = Fp8Weight(w13.weight[slot, :inter], w13.scale[slot, :blocks])
         up = Fp8Weight(w13.weight[slot, inter:], w13.scale[slot, blocks:])
-        ref = swiglu_fp8(values[slot, src, :n], scales[slot, src, :n], gate, up, w2[slot]).double()
-        worst = max(worst, float((got - ref).norm() / ref.norm()))
-    if worst > tol:
-        raise AssertionError(f"{name}: relative error {worst:.2e} over the tolerance {tol}")
-    return worst
+        return swiglu_fp8(values[slot, src, :n], scales[slot, src, :n], gate, up, w2[slot])
 
-
-def sample_blocks(counts: torch.Tensor, gen: torch.Generator) -> list[tuple[int, int]]:
-    nonzero = (counts > 0).nonzero().tolist()
-    picks = [tuple(nonzero[i]) for i in torch.randperm(len(nonzero), generator=gen)[:5].tolist()]
-    return picks + [divmod(int(counts.flatten().argmax()), counts.shape[1])]
+    return worst_block_error(name, y, counts, picks, reference, tol=tol)
 
 
 def sweep_variants(batch: str) -> list:
@@ -205,7 +194,7 @@ def bench_case(model: str, batch: str, device, gen, *, reps: int) -> list[dict]:
     base = {"model": model, "batch": batch, "tokens_per_rank": tokens, "rows": rows, "rows_per_block": rows_per_block,
             "gpu": torch.cuda.get_device_name()}
     flops = 2 * rows * 3 * hidden * inter
-    picks = sample_blocks(counts.cpu(), gen)
+    picks = sample_blocks(counts.cpu(), gen, num=5)
     results = []
 
     def record(stage: str, t: dict, weight_nbytes: int, **extra) -> None:

@@ -125,6 +125,17 @@ def moe_layers(model) -> list[int]:
     return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
 
 
+def routed_tokens(model, num_tokens: int, gen: torch.Generator):
+    """For each MoE layer: ``(layer, block, x [num_tokens, hidden], topk_weights, topk_ids)`` with the
+    model's own router (``block.gate``) deciding where fresh random tokens go."""
+    for layer in moe_layers(model):
+        block = model.model.layers[layer].mlp
+        x = torch.randn(num_tokens, model.config.hidden_size, generator=gen)
+        with torch.no_grad():
+            _, topk_weights, topk_ids = block.gate(x)
+        yield layer, block, x, topk_weights, topk_ids
+
+
 def model_expert(model, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(w_gate [I, H], w_up [I, H], w_down [H, I])`` straight from the model's parameters.
 

@@ -24,7 +24,8 @@ from weights_tools.safetensors_io import read_header
 
 pytest.importorskip("transformers", minversion="5.0")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_weights_fixtures import FP8_LAYOUTS, NUM_EXPERTS, TOP_K, moe_layers, make_model, save_fp8  # noqa: E402
+from test_weights_fixtures import (FP8_LAYOUTS, NUM_EXPERTS, TOP_K, make_model,  # noqa: E402
+                                   routed_tokens, save_fp8)
 
 # hidden 320 = 2.5 blocks of 128: every weight has a partial block on its hidden side
 HIDDEN, INTER = 320, 128
@@ -118,11 +119,7 @@ def test_fp8_reference_through_failure_and_rejoin(model, built, tmp_path):
     _, shards = built["hub"]
     manifest = Manifest.load(shards)
     gen = torch.Generator().manual_seed(6)
-    for layer in moe_layers(model):
-        block = model.model.layers[layer].mlp
-        x = torch.randn(24, HIDDEN, generator=gen)
-        with torch.no_grad():
-            _, topk_weights, topk_ids = block.gate(x)
+    for layer, block, x, topk_weights, topk_ids in routed_tokens(model, 24, gen):
         weights = load_layer_experts(shards, layer)
         want = dense_moe(x, *weights, topk_ids=topk_ids, topk_weights=topk_weights.float())
         host = HostTier(shards, path=str(tmp_path / f"host-{layer}.safetensors"), experts=[(layer, 0), (layer, 1)])

@@ -23,7 +23,7 @@ from weights_tools.cli import main as cli_main
 pytest.importorskip("transformers", minversion="5.0")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared fixtures module beside this file
 from test_weights_fixtures import (HIDDEN, INTER, NUM_EXPERTS, TOP_K, make_model, model_expert,  # noqa: E402
-                                   moe_layers, save)
+                                   moe_layers, routed_tokens, save)
 
 # variant -> (architecture, how the checkpoint is written, expected layout)
 VARIANTS = {
@@ -153,11 +153,8 @@ def test_routed_experts_agree_given_the_models_own_routing(built, variant):
     """Qwen2-MoE adds a gated shared expert and DeepSeek-V3 routes by sigmoid groups: feed eep their top-k."""
     model, _, shards = built[variant]
     gen = torch.Generator().manual_seed(4)
-    for layer in moe_layers(model):
-        block = model.model.layers[layer].mlp
-        x = torch.randn(20, HIDDEN, generator=gen)
+    for layer, block, x, topk_weights, topk_ids in routed_tokens(model, 20, gen):
         with torch.no_grad():
-            _, topk_weights, topk_ids = block.gate(x)
             want = block.experts(x, topk_ids, topk_weights)
         ep = ExpertParallelMoE(*load_layer_experts(shards, layer), num_ranks=2, slots_per_rank=5, top_k=TOP_K)
         got = ep(x, topk_ids=topk_ids, topk_weights=topk_weights.float())
