@@ -16,8 +16,9 @@ captured for:
   fixed cost (launches, routing-table pass, flags, counts).
 combine = both - dispatch. Combine takes bf16 expert outputs: ``recv.x`` itself for bf16 dispatch, a
 separate random bf16 tensor for FP8 dispatch (recv.x is e4m3 there). All graphs of all sets are
-replayed in turn in each of ``rounds`` rounds; times are CUDA events around one replay, divided by
-``iters``; the median over rounds of the slowest rank is reported. NCCL: ``all_to_all_single`` of every
+replayed in turn in each of ``rounds`` rounds; times are CUDA events around the second of two
+back-to-back replays (``ep_bench.time_replay``: steady state), divided by ``iters``; the median over
+rounds of the slowest rank is reported. NCCL: ``all_to_all_single`` of every
 top-k copy (``[tokens * top_k, hidden]`` bf16, equal splits), one direction. With ``--with-symm-mem``
 also ``torch.ops.symm_mem.all_to_all_vdev_2d`` of the same rows (NVSHMEM), one direction.
 ``--decode-variant pull`` adds v1's experimental pull path (``FusedBuffer(decode="pull")``) as the set
@@ -186,8 +187,9 @@ def worker(args) -> None:
                "kernel_sets": sets, "not_timed_missed_deadlines": broken, "us": us, "ratios": ratios,
                "per_rank_aware_both": {k: [m[f"{k}.aware_both"] for m in gathered] for k in sets},
                "misses": misses, "symm_mem": {k: v for k, v in symm.items() if k != "run"}}
-        print_table(f"{args.model}, {dtype} dispatch, {R} rank(s), {T} tokens/rank, top-{K}, {gpu}: us per step "
-                    f"(CUDA-graph replay of {args.iters} steps, median of {args.rounds} rounds, slowest rank); "
+        print_table(f"{args.model}, {dtype} dispatch, {R} rank(s), {T} tokens/rank, top-{K}, {gpu}, grid "
+                    f"{bufs[sets[0]].num_blocks} blocks: us per step (CUDA-graph replay of {args.iters} steps, the "
+                    f"second of two back to back, median of {args.rounds} rounds, slowest rank); "
                     f"NCCL all_to_all_single one way {us['baseline']['nccl_a2a']} us", TABLE_HEADER, rows)
         for name, r in ratios.items():
             print(f"{name}: " + ", ".join(f"{m} {v}" for m, v in r.items()), flush=True)

@@ -11,8 +11,8 @@ counts it: bytes of token rows a rank receives — one copy per token and destin
 included — over the kernel time; the slowest rank's median over ``rounds`` is reported.
 - eep: one ``PrefillBuffer`` per kernel set (``--kernels``); CUDA graphs of ``iters`` steps of dispatch
   alone and of dispatch + combine (a static partial-row tensor standing in for the experts), with the
-  aware and the fixed-membership kernels on the same buffer, all replayed in turn in each round;
-  combine = both - dispatch; ``aware_both_again`` is the A/A repeat (noise floor). Kernel set v1 also
+  aware and the fixed-membership kernels on the same buffer, all replayed in turn in each round (each
+  timing the second of two back-to-back replays, ``ep_bench.time_replay``); combine = both - dispatch; ``aware_both_again`` is the A/A repeat (noise floor). Kernel set v1 also
   times ``--combine-variant`` (its experimental combine paths, docs/fused.md "Prefill combine: where
   the time goes") beside its default ``push``: ``spread``, ``pull`` (partial rows written in the
   buffer's ``combine_input()``, no copy) and ``pull-copy`` (the same kernels given a separate partial
@@ -181,8 +181,9 @@ def worker(args) -> None:
                "gbps": gbps, "received_bytes_per_rank": [m["recv_bytes"] for m in gathered],
                "symm_mem": {k: v for k, v in symm.items() if k != "run"}, "misses": misses}
         print_table(f"prefill {args.model}, {R} rank(s), {T} tokens/rank, top-{K}, {nbytes / 1e6:.1f} MB received "
-                    f"per rank, {gpu}: us (GB/s) per step (CUDA-graph replay of {args.iters} steps, median of "
-                    f"{args.rounds} rounds, slowest rank)", TABLE_HEADER, rows)
+                    f"per rank, {gpu}, grid {bufs[sets[0]].num_blocks} blocks: us (GB/s) per step (CUDA-graph replay of "
+                    f"{args.iters} steps, the second of two back to back, median of {args.rounds} rounds, slowest rank)",
+                    TABLE_HEADER, rows)
         write_result(args.out, f"prefill-{args.model}-R{R}-T{T}", row)
     dist.barrier()
     for buf in bufs.values():

@@ -13,7 +13,8 @@
 # Every step logs to OUT/log.txt and the run goes on after a failure; tables in OUT/tables.md, JSON in
 # OUT/bench/, per-rank results in OUT/res.tgz, a kernel trace of the deepseek-v3 FP8 run in OUT/prof.tgz.
 #   bash tests/gpu/run_kernels.sh [--out DIR] [--bench-only] [--gpus N]
-#   --bench-only: compile, then the timings only (plus a grid-size sweep of v2), ~4 minutes
+#   --bench-only: compile, a short correctness check of v2 (diff bf16, diff FP8 with 16 blocks, prefill,
+#                 late; 4 ranks sharing the GPU), then the timings (plus a grid-size sweep of v2), ~4 minutes
 #   --gpus N: use GPUs 0..N-1 (the scenarios' 4 ranks spread over them, the timings at N ranks); the
 #             multi-GPU comparison of the two sets is `--gpus 4` (and `--gpus 2`) on an NVLink machine
 set -u
@@ -25,7 +26,7 @@ while [ $# -gt 0 ]; do
     --out) OUT_DIR=$2; shift 2 ;;
     --bench-only) MODE=bench; shift ;;
     --gpus) GPUS=$2; shift 2 ;;
-    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,19p "$0"; exit 0 ;;
     *) echo "run_kernels.sh: unknown option $1 (use --out DIR, --bench-only, --gpus N)"; exit 2 ;;
   esac
 done
@@ -54,11 +55,18 @@ one() {  # one scenario with 4 rank processes sharing the GPU: NAME SECONDS SCEN
   step "$name" "$secs" $PY $L --scenario "$scenario" --num-ranks 4 --out $OUT_DIR/res "$@"
 }
 V2="--kernels v2"
+fp8_b16() {  # 16 blocks: several tokens per block (the default grid gives each block at most one decode token)
+  step v2-diff-fp8-b16 80 env EEP_FUSED_BLOCKS=16 $PY $L --scenario diff --num-ranks 4 --out $OUT_DIR/res --hidden 7168 \
+    --slots 4 --max-tokens 64 --fp8 $V2
+}
+one v2-diff 100 diff --hidden 2048 --slots 8 --max-tokens 128 $V2
 if [ "$MODE" = all ]; then
-  one v2-diff 100 diff --hidden 2048 --slots 8 --max-tokens 128 $V2
   one v2-diff-fp8 100 diff --hidden 7168 --slots 4 --max-tokens 64 --fp8 $V2
-  one v2-prefill 100 prefill --hidden 2048 --slots 8 --max-tokens 256 $V2
+else  # the timed kernels, briefly: several tokens per block, prefill, a late rank (every wait's deadline path)
+  fp8_b16
 fi
+one v2-prefill 100 prefill --hidden 2048 --slots 8 --max-tokens 256 $V2
+[ "$MODE" = bench ] && one v2-late 80 late --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $V2
 
 # 3. timings: v1 and v2 in the same rounds
 step bench-ds-bf16 90 $PY $B --model deepseek-v3
@@ -74,17 +82,17 @@ if [ "$MODE" = all ]; then
   one v2-kill 100 kill --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $V2
   one v2-prefill-ds 100 prefill --hidden 7168 --slots 4 --max-tokens 128 $V2
   one v2-diff-fixed 80 diff --hidden 2048 --slots 8 --max-tokens 128 --fixed $V2
-  # 16 blocks: several tokens per block (the default grid gives each block at most one decode token)
-  step v2-diff-fp8-b16 80 env EEP_FUSED_BLOCKS=16 $PY $L --scenario diff --num-ranks 4 --out $OUT_DIR/res --hidden 7168 \
-    --slots 4 --max-tokens 64 --fp8 $V2
+  fp8_b16
   one v1-diff 80 diff --hidden 2048 --slots 8 --max-tokens 128
   one v1-prefill 80 prefill --hidden 2048 --slots 8 --max-tokens 256
 fi
 if [ "$MODE" = bench ]; then  # v2's grid size (EEP_FUSED_BLOCKS; default one block per SM)
   for blocks in 66 264; do
     step bench-ds-fp8-v2-b$blocks 60 env EEP_FUSED_BLOCKS=$blocks $PY $B --model deepseek-v3 --fp8 --kernels v2 --rounds 5
+    step bench-qw-bf16-v2-b$blocks 60 env EEP_FUSED_BLOCKS=$blocks $PY $B --model qwen3-30b-a3b --kernels v2 --rounds 5
     step bench-prefill-ds-v2-b$blocks 60 env EEP_FUSED_BLOCKS=$blocks $PY $P --model deepseek-v3 --kernels v2 --rounds 3
   done
+  step bench-ds-bf16-v2-b32 60 env EEP_FUSED_BLOCKS=32 $PY $B --model deepseek-v3 --kernels v2 --rounds 5
 fi
 
 [ -d $OUT_DIR/prof ] && tar czf $OUT_DIR/prof.tgz -C $OUT_DIR prof && rm -rf $OUT_DIR/prof

@@ -3,13 +3,17 @@
 // counts, FP8 rows + one float32 scale per row), in ONE launch for bf16 and FP8 alike.
 //
 // Block b of G owns a contiguous range of tokens and a contiguous range of slots:
+//   0. it issues every load that depends on nothing else at once (control block, mask, peer table,
+//      the first routing entries of each thread, its first token's row): the step's fixed cost is a
+//      chain of round trips, so independent ones overlap;
 //   1. it reads the routing table once (T x top_k int64) and keeps only what it writes: per slot, how
 //      many tokens before its range chose it (where its tokens' rows start), and the totals of the
 //      slots it owns (their counts and -1 tails);
 //   2. one warp assigns its tokens' rows in token order;
-//   3. each of its tokens is read once (FP8: the whole block takes the row's amax and quantizes it,
-//      x / (amax / 448) rounded to e4m3, the arithmetic of eep_quantize and torch), then stored once
-//      per choice into the destination's receive block (NVLink stores to peers);
+//   3. each of its tokens is read once, the next one's row in flight meanwhile (FP8: the whole block
+//      takes the row's amax and quantizes it, x / (amax / 448) rounded to e4m3, the arithmetic of
+//      eep_quantize and torch), then stored once per choice into the destination's receive block
+//      (NVLink stores to peers);
 //   4. it writes the counts and -1 tails of its slots, then raises its flag in every active rank;
 //   5. the last block waits (bounded) for every source's flags, publishes the counts of the sources
 //      that arrived, hides the rest, and advances dispatch_seq (every block has read it by then: it
@@ -18,12 +22,34 @@
 #include "signals_v2.cuh"
 
 #define EEP2_ROW_VECS ((EEP_DISPATCH_VEC_PER_ROW + EEP2_THREADS - 1) / EEP2_THREADS)  // sent vectors per thread
+#if EEP_USE_FP8
+#define EEP2_IN_VECS (2 * EEP2_ROW_VECS)  // sent vector q is read from bf16 vectors 2q and 2q + 1
+#else
+#define EEP2_IN_VECS EEP2_ROW_VECS
+#endif
 
 // Dynamic shared memory of eep2_dispatch, in int32 words (layout.dispatch_v2_smem_bytes mirrors it).
 __device__ __forceinline__ int eep2_dispatch_tokens_per_block(int M, int G) { return (M + G - 1) / G; }
 __device__ __forceinline__ int eep2_dispatch_slots_per_block(int num_slots, int G) { return (num_slots + G - 1) / G; }
 
-extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_dispatch(const EepParams p, const EepSignals sig) {
+// The bf16 vectors of token t this thread sends (FP8: the pairs it quantizes), loaded without waiting.
+__device__ __forceinline__ void eep2_load_row(const EepVec* x, int t, EepVec* in) {
+  const EepVec* xrow = x + (u64)t * EEP_VEC_PER_ROW;
+#pragma unroll
+  for (int j = 0; j < EEP2_ROW_VECS; ++j) {
+    const int q = threadIdx.x + j * EEP2_THREADS;
+    if (q < EEP_DISPATCH_VEC_PER_ROW) {
+#if EEP_USE_FP8
+      in[2 * j] = xrow[2 * q];
+      in[2 * j + 1] = xrow[2 * q + 1];
+#else
+      in[j] = xrow[q];
+#endif
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(EEP2_THREADS, 1) eep2_dispatch(const EepParams p, const EepSignals sig) {
   // s_slot_dst[NS] | s_next[NS] (rows taken so far per slot) | s_total[spb] | s_dst[tpb*K] | s_brow[tpb*K] |
   // s_sent[tpb] (the token goes somewhere)
   extern __shared__ int s_dyn[];
@@ -39,8 +65,8 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_dispatch(const E
   const int G = gridDim.x, b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   EepCtrl* ctrl = (EepCtrl*)p.ctrl;
   const i64* phys = (const i64*)p.phys;
+  const EepVec* x = (const EepVec*)p.x;
   int* handle_pos = (int*)p.handle_pos;
-  const u64 seq = *(volatile u64*)&ctrl->dispatch_seq + 1;
   const int t0 = (int)((i64)b * T / G), t1 = (int)((i64)(b + 1) * T / G);
   const int s0 = (int)((i64)b * NS / G), s1 = (int)((i64)(b + 1) * NS / G);
   const int tpb = eep2_dispatch_tokens_per_block(M, G), spb = eep2_dispatch_slots_per_block(NS, G);
@@ -51,16 +77,31 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_dispatch(const E
   int* s_brow = s_dst + tpb * K;
   int* s_sent = s_brow + tpb * K;
 
+  // 0. every load that depends on nothing else, issued before anything waits (one round trip, not
+  //    one per step below): the control block, this thread's first routing entries, the block's
+  //    first token row; the mask and peer table follow in eep2_load_state
+  const Eep2Ctrl c = eep2_read_ctrl(ctrl, R);
+  i64 first_choices[8];
+  if ((int)threadIdx.x < T) eep2_load_choices(phys, threadIdx.x, K, 0, first_choices);
+  EepVec row[EEP2_IN_VECS];
+  if (t0 < t1) eep2_load_row(x, t0, row);
+
   for (int i = threadIdx.x; i < NS; i += blockDim.x) s_next[i] = 0;
   for (int i = threadIdx.x; i < spb; i += blockDim.x) s_total[i] = 0;
   eep2_load_state((const int*)p.active, (const u64*)p.peer_base, R, S, NS, s_active, s_peer, s_slot_dst);
+  const u64 seq = c.dispatch_seq + 1;
 
   // 1. one pass over the routing table: rows before this block's tokens, totals of its slots
   for (int t = threadIdx.x; t < T; t += blockDim.x) {
     const bool own = t >= t0 && t < t1;
     for (int k0 = 0; k0 < K; k0 += 8) {
       i64 slot[8];
-      eep2_load_choices(phys, t, K, k0, slot);
+      if (t == (int)threadIdx.x && k0 == 0) {
+#pragma unroll
+        for (int u = 0; u < 8; ++u) slot[u] = first_choices[u];
+      } else {
+        eep2_load_choices(phys, t, K, k0, slot);
+      }
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
         if (k0 + u >= K) break;
@@ -96,68 +137,62 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_dispatch(const E
   }
   __syncthreads();
 
-  // 3. each token read once, stored once per choice
+  // 3. each token read once (the next token's row is loaded while this one is stored), stored once
+  //    per choice
   for (int i = 0; i < t1 - t0; ++i) {
-    if (!s_sent[i]) continue;  // every choice NO_EXPERT or on an inactive rank (block-uniform)
-    const int t = t0 + i;
-    EepVec v[EEP2_ROW_VECS];
+    EepVec next[EEP2_IN_VECS];
+    if (t0 + i + 1 < t1) eep2_load_row(x, t0 + i + 1, next);
+    if (s_sent[i]) {  // else every choice NO_EXPERT or on an inactive rank (block-uniform)
+      const int t = t0 + i;
+      EepVec v[EEP2_ROW_VECS];
 #if EEP_USE_FP8
-    // vector q of the e4m3 row = bf16 vectors 2q and 2q + 1 of the token
-    const EepVec* xrow = (const EepVec*)p.x + (u64)t * EEP_VEC_PER_ROW;
-    EepVec lo[EEP2_ROW_VECS], hi[EEP2_ROW_VECS];
-    float amax = 0.f;
+      float amax = 0.f;
 #pragma unroll
-    for (int j = 0; j < EEP2_ROW_VECS; ++j) {
-      const int q = threadIdx.x + j * EEP2_THREADS;
-      if (q < EEP_DISPATCH_VEC_PER_ROW) {
-        lo[j] = xrow[2 * q];
-        hi[j] = xrow[2 * q + 1];
-        amax = fmaxf(amax, fmaxf(eep_bf16x8_absmax(lo[j]), eep_bf16x8_absmax(hi[j])));
-      }
-    }
+      for (int j = 0; j < EEP2_ROW_VECS; ++j)
+        if (threadIdx.x + j * EEP2_THREADS < EEP_DISPATCH_VEC_PER_ROW)
+          amax = fmaxf(amax, fmaxf(eep_bf16x8_absmax(row[2 * j]), eep_bf16x8_absmax(row[2 * j + 1])));
 #pragma unroll
-    for (int d = 16; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
-    if (lane == 0) s_amax[warp] = amax;
-    __syncthreads();
-    amax = 0.f;
+      for (int d = 16; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+      if (lane == 0) s_amax[warp] = amax;
+      __syncthreads();
+      amax = 0.f;
 #pragma unroll
-    for (int w = 0; w < EEP2_THREADS / 32; ++w) amax = fmaxf(amax, s_amax[w]);
-    const float scale = amax > 0.f ? __fdiv_rn(amax, 448.f) : 1.f;
-#pragma unroll
-    for (int j = 0; j < EEP2_ROW_VECS; ++j) {
-      if (threadIdx.x + j * EEP2_THREADS < EEP_DISPATCH_VEC_PER_ROW) {
-        u32 words[4];
-        eep_quantize_bf16x8(lo[j], scale, words);
-        eep_quantize_bf16x8(hi[j], scale, words + 2);
-        v[j] = EepVec{words[0], words[1], words[2], words[3]};
-      }
-    }
-    __syncthreads();  // s_amax is reused by the next token
-#else
-    const EepVec* xrow = (const EepVec*)p.x + (u64)t * EEP_VEC_PER_ROW;
-#pragma unroll
-    for (int j = 0; j < EEP2_ROW_VECS; ++j) {
-      const int q = threadIdx.x + j * EEP2_THREADS;
-      if (q < EEP_DISPATCH_VEC_PER_ROW) v[j] = xrow[q];
-    }
-#endif
-    for (int k = 0; k < K; ++k) {
-      const int dst = s_dst[i * K + k];
-      if (dst < 0) continue;
-      const u64 brow = (u64)s_brow[i * K + k];
-      EepVec* to = (EepVec*)(s_peer[dst] + p.off_recv_x) + brow * EEP_DISPATCH_VEC_PER_ROW;
+      for (int w = 0; w < EEP2_THREADS / 32; ++w) amax = fmaxf(amax, s_amax[w]);
+      const float scale = amax > 0.f ? __fdiv_rn(amax, 448.f) : 1.f;
 #pragma unroll
       for (int j = 0; j < EEP2_ROW_VECS; ++j) {
-        const int q = threadIdx.x + j * EEP2_THREADS;
-        if (q < EEP_DISPATCH_VEC_PER_ROW) to[q] = v[j];
+        if (threadIdx.x + j * EEP2_THREADS < EEP_DISPATCH_VEC_PER_ROW) {
+          u32 words[4];
+          eep_quantize_bf16x8(row[2 * j], scale, words);
+          eep_quantize_bf16x8(row[2 * j + 1], scale, words + 2);
+          v[j] = EepVec{words[0], words[1], words[2], words[3]};
+        }
       }
-      if (threadIdx.x == k) {  // one thread per choice: the row's source token (and scale)
-        ((int*)(s_peer[dst] + p.off_src_token))[brow] = t;
-#if EEP_USE_FP8
-        ((float*)(s_peer[dst] + p.off_recv_scale))[brow] = scale;
+      __syncthreads();  // s_amax is reused by the next token
+#else
+#pragma unroll
+      for (int j = 0; j < EEP2_ROW_VECS; ++j) v[j] = row[j];
 #endif
+      for (int k = 0; k < K; ++k) {
+        const int dst = s_dst[i * K + k];
+        if (dst < 0) continue;
+        const u64 brow = (u64)s_brow[i * K + k];
+        EepVec* to = (EepVec*)(s_peer[dst] + p.off_recv_x) + brow * EEP_DISPATCH_VEC_PER_ROW;
+#pragma unroll
+        for (int j = 0; j < EEP2_ROW_VECS; ++j) {
+          const int q = threadIdx.x + j * EEP2_THREADS;
+          if (q < EEP_DISPATCH_VEC_PER_ROW) to[q] = v[j];
+        }
+        if (threadIdx.x == k) {  // one thread per choice: the row's source token (and scale)
+          ((int*)(s_peer[dst] + p.off_src_token))[brow] = t;
+#if EEP_USE_FP8
+          ((float*)(s_peer[dst] + p.off_recv_scale))[brow] = scale;
+#endif
+        }
       }
     }
+#pragma unroll
+    for (int j = 0; j < EEP2_IN_VECS; ++j) row[j] = next[j];
   }
 
   // 4. counts and -1 tails of this block's slots, then this block's flags
@@ -169,11 +204,11 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_dispatch(const E
     int* src_token = (int*)(s_peer[dst] + p.off_src_token) + (u64)block * M;
     for (int row = count + lane; row < M; row += 32) src_token[row] = -1;
   }
-  eep2_raise(s_peer, me, R, s_active, sig.off_dispatch_signal, seq, G, true, nullptr);
+  eep2_raise(s_peer, me, R, s_active, sig.off_dispatch_signal, seq, G, true, false);
   if (b != G - 1) return;
 
   // 5. the last block: wait for every source, publish what arrived, hide what did not
-  eep2_dispatch_arrivals(ctrl, me, R, s_active, s_peer[me], sig.off_dispatch_signal, seq, s_ok);
+  eep2_dispatch_arrivals(ctrl, c, me, R, s_active, s_peer[me], sig.off_dispatch_signal, seq, s_ok);
   int* vis_count = (int*)p.vis_count;
   const int* raw_count = (const int*)(s_peer[me] + p.off_raw_count);
   for (int pair = threadIdx.x; pair < NS; pair += blockDim.x) {

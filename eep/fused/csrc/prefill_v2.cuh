@@ -5,7 +5,8 @@
 // eep2_prefill_dispatch: block b of G owns a contiguous range of tokens. It counts, per destination
 //   rank, the tokens before its range (warp ballots over the routing table), assigns its tokens'
 //   rows in token order, then moves 4 KiB chunks of each token's row: loaded once, stored once per
-//   destination rank the token has a choice on (so a row is read from HBM once, not once per rank).
+//   destination rank the token has a choice on (so a row is read from HBM once, not once per rank);
+//   each warp's first chunk is loaded before the count, which then hides its latency.
 //   The last block alone knows the totals: it writes the counts and the tails, then waits (bounded)
 //   for every source's flags and publishes what arrived.
 // eep2_prefill_combine: blocks [0, num_send_blocks) push partial rows home to the other ranks, rows
@@ -21,6 +22,15 @@
 #define EEP2_CHUNKS_PER_ROW ((EEP_VEC_PER_ROW + EEP2_CHUNK_VECS - 1) / EEP2_CHUNK_VECS)
 #define EEP2_REDUCE_UNROLL 4                                      // output vectors a reducing thread has in flight
 #define EEP2_SCAN_UNROLL 4                                        // tokens a thread reads at once when counting
+
+// One lane's vectors of chunk `chunk` of token t's row (lanes interleaved), every load issued at once.
+__device__ __forceinline__ void eep2_load_chunk(const EepVec* x, int t, int chunk, EepVec* v) {
+  const EepVec* from = x + (u64)t * EEP_VEC_PER_ROW;
+  const int first = chunk * EEP2_CHUNK_VECS + (threadIdx.x & 31);
+#pragma unroll
+  for (int j = 0; j < EEP2_CHUNK_VECS_PER_LANE; ++j)
+    if (first + j * 32 < EEP_VEC_PER_ROW) v[j] = from[first + j * 32];
+}
 
 __device__ __forceinline__ u64 eep2_warp_or(u64 bits) {
   const u32 lo = __reduce_or_sync(0xffffffffu, (u32)bits), hi = __reduce_or_sync(0xffffffffu, (u32)(bits >> 32));
@@ -51,7 +61,8 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_dispatch
   EepCtrl* ctrl = (EepCtrl*)p.ctrl;
   const i64* phys = (const i64*)p.phys;
   int* dst_row = (int*)p.dst_row;
-  const u64 seq = *(volatile u64*)&ctrl->dispatch_seq + 1;
+  const Eep2Ctrl c = eep2_read_ctrl(ctrl, R);  // issued with the mask and peer table loads
+  const u64 seq = c.dispatch_seq + 1;
   const int t0 = (int)((i64)b * T / G), t1 = (int)((i64)(b + 1) * T / G), ntok = t1 - t0;
   const int tpb = (M + G - 1) / G;
   u64* s_ranks = s_dyn64;
@@ -59,6 +70,10 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_dispatch
   int* s_slot = s_row + tpb * R;
   int* s_slot_dst = s_slot + tpb * K;
 
+  // the row chunk of this warp's first item, loaded now: its latency hides behind the count below
+  const EepVec* x = (const EepVec*)p.x;
+  EepVec first_chunk[EEP2_CHUNK_VECS_PER_LANE];
+  if (warp < ntok * EEP2_CHUNKS_PER_ROW) eep2_load_chunk(x, t0 + warp / EEP2_CHUNKS_PER_ROW, warp % EEP2_CHUNKS_PER_ROW, first_chunk);
   for (int r = threadIdx.x; r < R; r += blockDim.x) s_next[r] = 0;
   eep2_load_state((const int*)p.active, (const u64*)p.peer_base, R, S, NS, s_active, s_peer, s_slot_dst);
 
@@ -129,18 +144,19 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_dispatch
   }
 
   // 3. rows: work item = (token, 4 KiB chunk), loaded once, stored to every destination rank of the token
-  const EepVec* x = (const EepVec*)p.x;
   const float* weights = (const float*)p.weights;
   for (int item = warp; item < ntok * EEP2_CHUNKS_PER_ROW; item += warps) {
     const int i = item / EEP2_CHUNKS_PER_ROW, chunk = item - i * EEP2_CHUNKS_PER_ROW;
     const u64 ranks = s_ranks[i];
     if (ranks == 0) continue;
     const int t = t0 + i, first = chunk * EEP2_CHUNK_VECS + lane;
-    const EepVec* from = x + (u64)t * EEP_VEC_PER_ROW;
     EepVec v[EEP2_CHUNK_VECS_PER_LANE];
+    if (item == warp) {
 #pragma unroll
-    for (int j = 0; j < EEP2_CHUNK_VECS_PER_LANE; ++j)
-      if (first + j * 32 < EEP_VEC_PER_ROW) v[j] = from[first + j * 32];
+      for (int j = 0; j < EEP2_CHUNK_VECS_PER_LANE; ++j) v[j] = first_chunk[j];
+    } else {
+      eep2_load_chunk(x, t, chunk, v);
+    }
     for (u64 left = ranks; left; left &= left - 1) {
       const int d = __ffsll((long long)left) - 1;
       const u64 region_row = (u64)me * M + s_row[i * R + d];
@@ -179,11 +195,11 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_dispatch
     }
     for (int e = T * R + threadIdx.x; e < M * R; e += blockDim.x) dst_row[e] = -1;  // handle rows past T
   }
-  eep2_raise(s_peer, me, R, s_active, sig.off_dispatch_signal, seq, G, true, nullptr);
+  eep2_raise(s_peer, me, R, s_active, sig.off_dispatch_signal, seq, G, true, false);
   if (!last) return;
 
   // 5. the last block: wait for every source, publish what arrived, hide what did not
-  eep2_dispatch_arrivals(ctrl, me, R, s_active, s_peer[me], sig.off_dispatch_signal, seq, s_ok);
+  eep2_dispatch_arrivals(ctrl, c, me, R, s_active, s_peer[me], sig.off_dispatch_signal, seq, s_ok);
   const int* raw_count = (const int*)(s_peer[me] + p.off_raw_count);
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
     ((int*)p.vis_count)[r] = s_ok[r] ? min(max(eep_ld_volatile(&raw_count[r]), 0), M) : 0;
@@ -209,8 +225,9 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_combine(
   const int R = (int)p.num_ranks, M = (int)p.max_tokens, T = (int)p.num_tokens, me = (int)p.my_rank;
   const int num_send = (int)sig.num_send_blocks;
   EepCtrl* ctrl = (EepCtrl*)p.ctrl;
-  const u64 seq = *(volatile u64*)&ctrl->dispatch_seq;  // the step of the dispatch this combine answers
+  const Eep2Ctrl c = eep2_read_ctrl(ctrl, R);  // issued with the mask and peer table loads
   eep2_load_state((const int*)p.active, (const u64*)p.peer_base, R, 1, 0, s_active, s_peer, nullptr);
+  const u64 seq = c.dispatch_seq;  // the step of the dispatch this combine answers
   const EepVec* partial = (const EepVec*)p.x;  // [R(src), M, hidden] this rank's partial rows per source
 
   if ((int)blockIdx.x < num_send) {  // ---- push partial rows home to the other ranks
@@ -228,13 +245,13 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_combine(
       EepVec* to = (EepVec*)(s_peer[src] + p.off_comb_x) + ((u64)me * M + row) * EEP_VEC_PER_ROW;
       eep_copy_chunk<EEP_VEC_PER_ROW>(to, partial + ((u64)src * M + row) * EEP_VEC_PER_ROW, chunk, lane);
     }
-    eep2_raise(s_peer, me, R, s_active, sig.off_combine_signal, seq, num_send, false, ctrl->dispatch_ok);
+    eep2_raise(s_peer, me, R, s_active, sig.off_combine_signal, seq, num_send, false, c.dispatch_ok == 0);
     return;
   }
 
   // ---- reduce: the first reducing block settles which ranks' rows arrived
   const int rb = blockIdx.x - num_send, num_reduce = gridDim.x - num_send;
-  eep2_rows_to_add(ctrl, me, R, s_active, s_peer[me], sig.off_combine_signal, seq, rb == 0, s_use);
+  eep2_rows_to_add(ctrl, c, me, R, s_active, s_peer[me], sig.off_combine_signal, seq, rb == 0, s_use);
 
   const int* dst_row = (const int*)p.dst_row;
   const EepVec* comb = (const EepVec*)(s_peer[me] + p.off_comb_x);  // [R(dst), M, hidden]

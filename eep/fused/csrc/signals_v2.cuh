@@ -6,13 +6,16 @@
 // the rest of its grid before anything is signalled, and there is no block counter. A flag's value
 // carries the step, the sender's grid size (so the receiver knows how many flags to expect, whatever
 // grid each rank launched) and, for combine, whether the sender gave up on the receiver's tokens at
-// that step's dispatch. Values only grow with the step, so a late flag of an old step never matches.
+// that step's dispatch. Values only grow with the step, so a late flag of an old step never matches
+// (the flag keeps a tag's low 48 bits: two tags match only 2^48 apart, 256 epochs).
 //
 // Waiting. One block per launch (the "waiter") waits, bounded by one deadline, for every expected
 // source's flags and records misses exactly as the v1 kernels do (miss_count, last_miss_seq,
-// suspect; a suspect is not waited for again). Blocks only ever wait on other ranks or on blocks of
-// their own grid with a lower index (dispatch: the last block waits for the others; combine: the
-// reducing blocks wait for the first reducing block). The hardware dispatches a grid's blocks in
+// suspect; a suspect is not waited for again). It polls every flag of a source at once (relaxed
+// system-scope loads, a lane has up to 8 in flight) and acquires once, with a fence, after all of
+// them carried the step: one round trip per poll instead of one per flag. Blocks only ever wait on
+// other ranks or on blocks of their own grid with a lower index (dispatch: the last block waits for
+// the others; combine: the reducing blocks wait for the first reducing block). The hardware dispatches a grid's blocks in
 // index order, so a waiting block never holds a slot a block it waits for still needs (the same
 // property a decoupled look-back scan relies on); every wait is bounded regardless.
 #pragma once
@@ -33,6 +36,30 @@ struct EepSignals {
 // A flag: step in bits 63..16, "dropped" in bit 15, the sender's number of sending blocks in 14..0.
 __device__ __forceinline__ u64 eep2_signal_value(u64 seq, bool dropped, int num_blocks) {
   return (seq << 16) | (dropped ? EEP_SIGNAL_DROPPED : 0ull) | (u64)num_blocks;
+}
+
+// The step a flag of step `seq` carries: its low 48 bits (a tag's epoch reaches bit 48 from epoch
+// 255 on, and comparing the whole tag would then never match).
+__device__ __forceinline__ u64 eep2_signal_step(u64 seq) { return seq & ((1ull << 48) - 1); }
+
+// What a block reads from the control block, issued with its first loads so that their latency
+// overlaps instead of adding up (nothing else writes these while the kernel runs: only this rank's
+// earlier kernels and the host, in stream order). Thread r < R holds rank r's entries.
+struct Eep2Ctrl {
+  u64 dispatch_seq;  // the last completed dispatch step
+  u64 timeout_ns;
+  u64 suspect;       // suspect[threadIdx.x]
+  u64 dispatch_ok;   // dispatch_ok[threadIdx.x]
+};
+
+__device__ __forceinline__ Eep2Ctrl eep2_read_ctrl(const EepCtrl* ctrl, int R) {
+  Eep2Ctrl c;
+  c.dispatch_seq = *(const volatile u64*)&ctrl->dispatch_seq;
+  c.timeout_ns = *(const volatile u64*)&ctrl->timeout_ns;
+  const bool mine = (int)threadIdx.x < R;
+  c.suspect = mine ? *(const volatile u64*)&ctrl->suspect[threadIdx.x] : 0ull;
+  c.dispatch_ok = mine ? *(const volatile u64*)&ctrl->dispatch_ok[threadIdx.x] : 0ull;
+  return c;
 }
 
 // A 16-byte load that never hits a line cached in L1 (data other GPUs write during this kernel).
@@ -70,61 +97,91 @@ __device__ __forceinline__ void eep2_load_choices(const i64* phys, int t, int K,
   for (int u = 0; u < 8; ++u) out[u] = k0 + u < K ? phys[(i64)t * K + k0 + u] : -1;
 }
 
-// This block's writes of step `seq` are done: after a block barrier, raise its flag in the `off_signal`
-// array of every active rank (this rank's own too when `include_self`): a system fence, then a
-// system-scope release, so a receiver that acquires the flag sees every write the block made.
-// `dispatch_ok` (combine only, else null): a destination this rank gave up on at dispatch gets the
-// DROPPED bit — its rows here were hidden, so it must add nothing from this rank.
+// This block's writes of step `seq` are done: after a block barrier, thread r raises the block's flag
+// in the `off_signal` array of active rank r (this rank's own too when `include_self`; R <=
+// EEP_MAX_RANKS <= blockDim, so one thread per rank). A system-scope release store: the barrier puts
+// every write of the block before it, and the release makes them visible to a receiver that acquires
+// the flag (st.release.sys is a system-wide memory barrier, then the store). `dropped` (combine: the
+// calling thread's rank was given up on at dispatch) sets the DROPPED bit — that rank's rows here were
+// hidden, so it must add nothing from this rank.
 __device__ __forceinline__ void eep2_raise(const u64* s_peer, int me, int R, const int* s_active, u64 off_signal,
-                                           u64 seq, int num_blocks, bool include_self, const u64* dispatch_ok) {
+                                           u64 seq, int num_blocks, bool include_self, bool dropped) {
   __syncthreads();
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    if (!eep_rank_active(s_active, r) || (!include_self && r == me)) continue;
-    const bool dropped = dispatch_ok != nullptr && dispatch_ok[r] == 0;
-    __threadfence_system();
-    eep_st_release_sys((u64*)(s_peer[r] + off_signal) + (u64)me * EEP_MAX_SIGNAL_BLOCKS + blockIdx.x,
-                       eep2_signal_value(seq, dropped, num_blocks));
-  }
+  const int r = threadIdx.x;
+  if (r >= R || !eep_rank_active(s_active, r) || (!include_self && r == me)) return;
+  eep_st_release_sys((u64*)(s_peer[r] + off_signal) + (u64)me * EEP_MAX_SIGNAL_BLOCKS + blockIdx.x,
+                     eep2_signal_value(seq, dropped, num_blocks));
 }
 
-// Poll one flag until it carries step `seq` (true, value in *value) or the deadline passes (false).
-__device__ __forceinline__ bool eep2_poll(const u64* flag, u64 seq, u64 deadline, u64* value) {
-  while (true) {
-    const u64 v = eep_ld_acquire_sys(flag);
-    if ((v >> 16) == seq) {
-      *value = v;
-      return true;
-    }
-    if (eep_globaltimer() > deadline) return false;
-  }
+#define EEP2_FLAGS_PER_LANE (EEP_MAX_SIGNAL_BLOCKS / 32)  // a warp polls a source's 256 flags at once
+
+// Flags f[0], f[32], ..., f[224]: eight strong (relaxed, system-scope) loads in one asm statement, so
+// that they are issued back to back and wait together (one round trip, not eight).
+__device__ __forceinline__ void eep2_load_flags(const u64* f, u64* v) {
+  static_assert(EEP2_FLAGS_PER_LANE == 8, "eep2_load_flags reads eight flags");
+  asm volatile(
+      "ld.relaxed.sys.global.u64 %0, [%8];\n\t"
+      "ld.relaxed.sys.global.u64 %1, [%8+256];\n\t"
+      "ld.relaxed.sys.global.u64 %2, [%8+512];\n\t"
+      "ld.relaxed.sys.global.u64 %3, [%8+768];\n\t"
+      "ld.relaxed.sys.global.u64 %4, [%8+1024];\n\t"
+      "ld.relaxed.sys.global.u64 %5, [%8+1280];\n\t"
+      "ld.relaxed.sys.global.u64 %6, [%8+1536];\n\t"
+      "ld.relaxed.sys.global.u64 %7, [%8+1792];"
+      : "=l"(v[0]), "=l"(v[1]), "=l"(v[2]), "=l"(v[3]), "=l"(v[4]), "=l"(v[5]), "=l"(v[6]), "=l"(v[7])
+      : "l"(f)
+      : "memory");
 }
 
 // The waiter (one whole block): for every rank r with s_expect[r], wait until each of its sending
 // blocks raised step `seq` in this rank's `off_signal` array, all against one deadline (now +
-// timeout). s_ok[r]: all arrived; s_dropped[r]: the sender marked this rank dropped. A rank that
+// timeout_ns). s_ok[r]: all arrived; s_dropped[r]: the sender marked this rank dropped. A rank that
 // missed is recorded (miss_count, last_miss_seq, suspect: not waited for again). A warp per rank:
-// lane 0 reads the sender's block count from its block 0's flag, then the lanes share the rest.
+// lane l polls flags l, l + 32, ... together (strong relaxed loads at system scope, past L1);
+// every flag of a launch carries the sender's grid size, so once any flag of the step is seen the
+// flags past it are no longer polled. After the polls, one acquire fence in every warp that polled
+// (the acquire pattern: strong reads that saw the release stores, then fence.acq_rel), then a block
+// barrier: every thread of the block may read what the senders wrote before their flags.
 __device__ void eep2_wait_senders(EepCtrl* ctrl, u64 my_base, int R, const int* s_expect, u64 off_signal, u64 seq,
-                                  int* s_ok, int* s_dropped) {
+                                  u64 timeout_ns, int* s_ok, int* s_dropped) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
-  const u64 deadline = eep_globaltimer() + *(volatile u64*)&ctrl->timeout_ns;
+  const u64 deadline = eep_globaltimer() + timeout_ns, step = eep2_signal_step(seq);
   const u64* flags = (const u64*)(my_base + off_signal);
+  bool polled = false;
   for (int src = warp; src < R; src += num_warps) {
     bool ok = false, dropped = false;
     if (s_expect[src]) {
-      const u64* f = flags + (u64)src * EEP_MAX_SIGNAL_BLOCKS;
-      u64 first = 0;
-      bool got = lane == 0 && eep2_poll(f, seq, deadline, &first);
-      got = __shfl_sync(0xffffffffu, got, 0);
-      first = __shfl_sync(0xffffffffu, first, 0);
-      if (got) {
-        const int blocks = (int)(first & EEP_SIGNAL_BLOCKS_MASK);
-        bool mine = blocks >= 1 && blocks <= EEP_MAX_SIGNAL_BLOCKS;
-        u64 v;
-        for (int b = 1 + lane; mine && b < blocks; b += 32) mine = eep2_poll(f + b, seq, deadline, &v);
-        ok = __all_sync(0xffffffffu, mine);
-        dropped = (first & EEP_SIGNAL_DROPPED) != 0;
+      polled = true;
+      const u64* f = flags + (u64)src * EEP_MAX_SIGNAL_BLOCKS + lane;
+      u32 pending = (1u << EEP2_FLAGS_PER_LANE) - 1;  // bit j: flag lane + 32 j not yet seen at this step
+      int blocks = 0;                                 // the sender's grid (0: no flag of this step seen yet)
+      while (true) {
+        u64 v[EEP2_FLAGS_PER_LANE];
+        eep2_load_flags(f, v);  // all eight, seen or not: they share one round trip
+        int seen = 0;
+#pragma unroll
+        for (int j = 0; j < EEP2_FLAGS_PER_LANE; ++j) {
+          if (((pending >> j) & 1u) && (v[j] >> 16) == step) {
+            pending &= ~(1u << j);
+            seen = (int)(v[j] & EEP_SIGNAL_BLOCKS_MASK);
+            if (seen == 0) seen = EEP_MAX_SIGNAL_BLOCKS + 1;  // no v2 launch has an empty grid
+            dropped |= (v[j] & EEP_SIGNAL_DROPPED) != 0;
+          }
+        }
+        blocks = (int)__reduce_max_sync(0xffffffffu, (u32)max(blocks, seen));
+        if (blocks > EEP_MAX_SIGNAL_BLOCKS) break;  // not a flag a v2 launch writes: a miss, no wait
+        if (blocks > 0) {
+#pragma unroll
+          for (int j = 0; j < EEP2_FLAGS_PER_LANE; ++j)
+            if (lane + 32 * j >= blocks) pending &= ~(1u << j);
+        }
+        if (__all_sync(0xffffffffu, pending == 0u)) {
+          ok = blocks >= 1;
+          break;
+        }
+        if (__any_sync(0xffffffffu, eep_globaltimer() > deadline)) break;
       }
+      dropped = __any_sync(0xffffffffu, dropped);
       if (!ok && lane == 0) eep_record_miss(ctrl, src, seq);
     }
     if (lane == 0) {
@@ -132,25 +189,28 @@ __device__ void eep2_wait_senders(EepCtrl* ctrl, u64 my_base, int R, const int* 
       s_dropped[src] = dropped;
     }
   }
+  if (polled) asm volatile("fence.acq_rel.sys;" ::: "memory");  // the barrier passes it on to the block
   __syncthreads();
 }
 
 // The dispatch's waiting block: which sources' rows arrived (s_ok[r], also dispatch_ok[r]). This
-// rank's own blocks are always waited for; another rank when active and not a suspect.
-__device__ __forceinline__ void eep2_dispatch_arrivals(EepCtrl* ctrl, int me, int R, const int* s_active, u64 my_base,
-                                                       u64 off_signal, u64 seq, int* s_ok) {
+// rank's own blocks are always waited for; another rank when active and not a suspect (`c`: the
+// control block as read at launch).
+__device__ __forceinline__ void eep2_dispatch_arrivals(EepCtrl* ctrl, const Eep2Ctrl& c, int me, int R,
+                                                       const int* s_active, u64 my_base, u64 off_signal, u64 seq,
+                                                       int* s_ok) {
   __shared__ int s_expect[EEP_MAX_RANKS], s_dropped[EEP_MAX_RANKS];
-  for (int r = threadIdx.x; r < R; r += blockDim.x)
-    s_expect[r] = eep_rank_active(s_active, r) && (r == me || !*(volatile u64*)&ctrl->suspect[r]);
+  const int r = threadIdx.x;
+  if (r < R) s_expect[r] = eep_rank_active(s_active, r) && (r == me || !c.suspect);
   __syncthreads();
-  eep2_wait_senders(ctrl, my_base, R, s_expect, off_signal, seq, s_ok, s_dropped);
-  for (int r = threadIdx.x; r < R; r += blockDim.x) ctrl->dispatch_ok[r] = (u64)s_ok[r];
+  eep2_wait_senders(ctrl, my_base, R, s_expect, off_signal, seq, c.timeout_ns, s_ok, s_dropped);
+  if (r < R) ctrl->dispatch_ok[r] = (u64)s_ok[r];
 }
 
 // A reducing block's wait for the waiter's verdict: `*word` reaches `seq` (acquire). Bounded by
 // twice the timeout plus 1 ms (the waiter itself waits at most one timeout); false if that passes.
-__device__ __forceinline__ bool eep2_wait_verdict(const EepCtrl* ctrl, const u64* word, u64 seq) {
-  const u64 deadline = eep_globaltimer() + 2 * *(const volatile u64*)&ctrl->timeout_ns + 1000000ull;
+__device__ __forceinline__ bool eep2_wait_verdict(const u64* word, u64 seq, u64 timeout_ns) {
+  const u64 deadline = eep_globaltimer() + 2 * timeout_ns + 1000000ull;
   while (eep_ld_acquire_sys(word) != seq) {
     if (eep_globaltimer() > deadline) return false;
     __nanosleep(64);
@@ -160,9 +220,11 @@ __device__ __forceinline__ bool eep2_wait_verdict(const EepCtrl* ctrl, const u64
 
 // The combine waiter's verdict for the other reducing blocks, then its release: combine_ok[r] (the
 // expert rank's rows arrived; this rank's own are read in place), combine_dropped (bit r: rank r
-// hid this rank's tokens at dispatch), combine_seq, and combine_ready_seq = seq last.
+// hid this rank's tokens at dispatch), combine_seq, and combine_ready_seq = seq last (a release: it
+// orders the peers' rows too, which the waiter acquired before, causality order being transitive);
+// with no other rank active no block reads the verdict (`readers` false) and a plain store does.
 __device__ __forceinline__ void eep2_publish_verdict(EepCtrl* ctrl, int me, int R, const int* s_ok,
-                                                     const int* s_dropped, u64 seq) {
+                                                     const int* s_dropped, u64 seq, bool readers) {
   for (int r = threadIdx.x; r < R; r += blockDim.x) ctrl->combine_ok[r] = r == me ? 1ull : (u64)s_ok[r];
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -170,8 +232,8 @@ __device__ __forceinline__ void eep2_publish_verdict(EepCtrl* ctrl, int me, int 
     for (int r = 0; r < R; ++r) dropped |= (u64)(s_dropped[r] != 0) << r;
     ctrl->combine_dropped = dropped;
     *(volatile u64*)&ctrl->combine_seq = seq;
-    __threadfence();
-    eep_st_release_sys(&ctrl->combine_ready_seq, seq);
+    if (readers) eep_st_release_sys(&ctrl->combine_ready_seq, seq);
+    else *(volatile u64*)&ctrl->combine_ready_seq = seq;
   }
 }
 
@@ -181,26 +243,28 @@ __device__ __forceinline__ void eep2_publish_verdict(EepCtrl* ctrl, int me, int 
 // others acquire that verdict — only when another rank is active, so one rank never waits. A block
 // adds its own rank's rows (read in place, if its dispatch kept them) and every other rank's whose
 // rows arrived and that did not drop this rank; only its own when the verdict never came (bounded).
-__device__ __forceinline__ void eep2_rows_to_add(EepCtrl* ctrl, int me, int R, const int* s_active, u64 my_base,
-                                                 u64 off_signal, u64 seq, bool is_waiter, int* s_use) {
+// `c`: the control block as read at launch (thread me holds this rank's dispatch_ok).
+__device__ __forceinline__ void eep2_rows_to_add(EepCtrl* ctrl, const Eep2Ctrl& c, int me, int R,
+                                                 const int* s_active, u64 my_base, u64 off_signal, u64 seq,
+                                                 bool is_waiter, int* s_use) {
   __shared__ int s_expect[EEP_MAX_RANKS], s_ok[EEP_MAX_RANKS], s_dropped[EEP_MAX_RANKS];
   __shared__ int s_verdict;
   bool any_remote = false;
   for (int r = 0; r < R; ++r) any_remote |= r != me && eep_rank_active(s_active, r);
+  const int r = threadIdx.x;
   if (is_waiter) {
-    for (int r = threadIdx.x; r < R; r += blockDim.x)
-      s_expect[r] = r != me && eep_rank_active(s_active, r) && !*(volatile u64*)&ctrl->suspect[r];
+    if (r < R) s_expect[r] = r != me && eep_rank_active(s_active, r) && !c.suspect;
     __syncthreads();
-    eep2_wait_senders(ctrl, my_base, R, s_expect, off_signal, seq, s_ok, s_dropped);
-    eep2_publish_verdict(ctrl, me, R, s_ok, s_dropped, seq);
+    eep2_wait_senders(ctrl, my_base, R, s_expect, off_signal, seq, c.timeout_ns, s_ok, s_dropped);
+    eep2_publish_verdict(ctrl, me, R, s_ok, s_dropped, seq, any_remote);
   } else {
-    if (threadIdx.x == 0) s_verdict = any_remote && eep2_wait_verdict(ctrl, &ctrl->combine_ready_seq, seq);
+    if (threadIdx.x == 0) s_verdict = any_remote && eep2_wait_verdict(&ctrl->combine_ready_seq, seq, c.timeout_ns);
     __syncthreads();
   }
-  const u64 dropped = is_waiter ? 0ull : *(const volatile u64*)&ctrl->combine_dropped;
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+  if (r < R) {
+    const u64 dropped = !is_waiter && s_verdict ? *(const volatile u64*)&ctrl->combine_dropped : 0ull;
     int use;
-    if (r == me) use = ctrl->dispatch_ok[me] != 0;
+    if (r == me) use = c.dispatch_ok != 0;
     else if (!eep_rank_active(s_active, r)) use = 0;
     else if (is_waiter) use = s_ok[r] && !s_dropped[r];
     else use = s_verdict && *(const volatile u64*)&ctrl->combine_ok[r] != 0 && !((dropped >> r) & 1ull);
