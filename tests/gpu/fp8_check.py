@@ -30,6 +30,12 @@ from gemm_check import GEN, count_cases, moe_layer_graph_errors, rel_err, report
 
 DEV = torch.device("cuda")
 TOL = 1e-2
+# A whole MoE layer against the dense FP8 oracle: each output row sums top_k expert rows, each of
+# which carries the stage's e4m3 requantisation flips (3.7e-3 - 7.0e-3 per expert at the small
+# shapes here, 5e-3 at the model shapes); measured 1.1e-2 - 1.5e-2 on one H200 at this layer size.
+# With the torch FP8 stage on the CPU the same layer is 1.2e-6 from the oracle, so the layer adds
+# nothing; a routing or repair fault moves whole rows (errors of order 1).
+TOL_MOE = 2e-2
 SMALL = ExpertStageShape(slots_per_rank=6, num_ranks=4, max_tokens_per_rank=96, hidden=512, inter=256, top_k=4)
 # 3 x 128 hidden (a partial 128x256 N tile of GEMM2, a 3-block K for GEMM1), 384 inter
 WIDE = ExpertStageShape(slots_per_rank=6, num_ranks=3, max_tokens_per_rank=48, hidden=384, inter=384, top_k=3)
@@ -173,8 +179,6 @@ def check_moe_layer() -> None:
     from eep.reference import dense_moe
 
     def run() -> str:
-        # several 128-blocks per row, as at the model shapes: with one or two blocks, one flipped e4m3
-        # rounding of the requantised SwiGLU output moves a whole row's error past the tolerance
         e, i, h = 16, 512, 1024
         w = _fp8_experts(e, i, h)
         x = torch.randn(96, h, generator=GEN).bfloat16()
@@ -187,14 +191,16 @@ def check_moe_layer() -> None:
             errs.append(rel_err(layer(x, logits).cpu(), oracle))
         picked = type(next(iter(layer._stages.values()))).__name__
         assert picked == "CutlassFp8ExpertStage", picked
-        assert max(errs) < TOL, errs
-        return f"rel_err {max(errs):.2e} over fail 1, fail 2, join 1, join 2"
+        assert max(errs) < TOL_MOE, errs
+        # the same logical experts compute every state's output, only their hosts move: one error
+        assert max(errs) - min(errs) < 1e-4, f"the output moved across fail/join: {errs}"
+        return f"rel_err {max(errs):.2e}, the same before and after fail 1, fail 2, join 1, join 2"
     report("MoELayer(cutlass FP8) vs dense_moe FP8 through fail/join", run)
 
     def run_graph() -> str:
         w = _fp8_experts(16, 512, 1024)
         errs = moe_layer_graph_errors(w, lambda x, logits: dense_moe(x, *w, router_logits=logits, top_k=4))
-        assert max(errs) < TOL, errs
+        assert max(errs) < TOL_MOE, errs
         return f"replays rel_err {max(errs):.2e} (fresh inputs; after fail(1); after join(1)), no recapture"
     report("MoELayer(cutlass FP8) captured once, replayed through fail/join", run_graph)
 
