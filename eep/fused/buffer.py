@@ -26,7 +26,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -106,14 +106,11 @@ class FusedBuffer:
         self.kernel_set = kernels or envs.fused_kernels()
         variant = KernelVariant(hidden, fixed_membership, vec_per_lane or envs.fused_vec_per_lane(), use_fp8,
                                 decode=decode, kernels=self.kernel_set)
-        if self.kernel_set == "v2":
-            check_v2_top_k(top_k)
-
-            def smem(blocks: int) -> dict[str, int]:
-                return {"eep2_dispatch": layout.dispatch_v2_smem_bytes(top_k, v2_send_blocks(blocks)),
-                        "eep2_combine": layout.combine_send_smem_bytes()}
-        else:
-            smem = {"eep_dispatch": layout.dispatch_smem_bytes(), "eep_combine_send": layout.combine_send_smem_bytes()}
+        smem = kernel_smem(self.kernel_set, top_k,
+                           {"eep_dispatch": layout.dispatch_smem_bytes(),
+                            "eep_combine_send": layout.combine_send_smem_bytes()},
+                           lambda send_blocks: {"eep2_dispatch": layout.dispatch_v2_smem_bytes(top_k, send_blocks),
+                                                "eep2_combine": layout.combine_send_smem_bytes()})
         if decode == "pull":
             smem["eep_combine_stage"] = layout.combine_send_smem_bytes()
         self._open(rank, layout, variant, store=store, group=group, connect=connect, timeout_s=timeout_s,
@@ -439,6 +436,16 @@ class FusedBuffer:
 def v2_send_blocks(num_blocks: int) -> int:
     """Sending blocks of a v2 launch: the grid, capped by the flags each (destination, source) has."""
     return max(1, min(num_blocks, MAX_SIGNAL_BLOCKS))
+
+
+def kernel_smem(kernel_set: str, top_k: int, v1: dict[str, int],
+                v2: Callable[[int], dict[str, int]]) -> dict[str, int] | Callable[[int], dict[str, int]]:
+    """Dynamic shared memory per kernel of a buffer: kernel set v1's fixed sizes, or v2's as a function
+    of the grid (``v2`` takes the number of sending blocks; ``_open`` resolves it once the grid is known)."""
+    if kernel_set != "v2":
+        return v1
+    check_v2_top_k(top_k)
+    return lambda blocks: v2(v2_send_blocks(blocks))
 
 
 def check_v2_top_k(top_k: int) -> None:

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 
 from eep import envs
-from eep.fused.buffer import FusedBuffer, check_v2_top_k, v2_send_blocks
+from eep.fused.buffer import FusedBuffer, kernel_smem, v2_send_blocks
 from eep.fused.layout import PackedRegions, check_ranks_and_hidden, make_signal_params, signal_regions
 from eep.exchange.layout import PackedHandle, PackedReceive
 from eep.state import Membership
@@ -140,13 +140,9 @@ class PrefillBuffer(FusedBuffer):
         self.kernel_set = kernels or envs.fused_kernels()
         variant = KernelVariant(hidden, fixed_membership, vec_per_lane or envs.fused_vec_per_lane(), False,
                                 prefill_combine=combine_variant, kernels=self.kernel_set)
-        if self.kernel_set == "v2":
-            check_v2_top_k(top_k)
-
-            def smem(blocks: int) -> dict[str, int]:
-                return {"eep2_prefill_dispatch": layout.dispatch_v2_smem_bytes(slots_per_rank, v2_send_blocks(blocks))}
-        else:
-            smem = {"eep_prefill_dispatch": layout.dispatch_smem_bytes()}
+        smem = kernel_smem(self.kernel_set, top_k, {"eep_prefill_dispatch": layout.dispatch_smem_bytes()},
+                           lambda send_blocks: {"eep2_prefill_dispatch":
+                                                layout.dispatch_v2_smem_bytes(slots_per_rank, send_blocks)})
         self._open(rank, layout, variant, store=store, group=group, connect=connect, timeout_s=timeout_s,
                    num_blocks=num_blocks, device=device, smem=smem, membership=membership)
         self.vis_count = torch.zeros(num_ranks, dtype=torch.int32, device=self.device)
