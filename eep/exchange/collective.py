@@ -32,6 +32,7 @@ class CollectiveExchange:
 
     is_membership_aware = False
     is_graph_safe = False
+    use_fp8 = False  # rows travel in the activations' dtype
 
     def __init__(self, rank: int, num_ranks: int, *, slots_per_rank: int, max_tokens_per_rank: int, hidden: int,
                  store: Any, group: str, backend: str = "nccl", device: torch.device | str = "cpu",

@@ -21,6 +21,7 @@ class LocalExchange:
 
     is_membership_aware = True
     is_graph_safe = True
+    use_fp8 = False  # rows travel in the activations' dtype
     rank, num_ranks = 0, 1
     connected = frozenset({0})
 

@@ -103,7 +103,15 @@ class Exchange(Protocol):
 
 @runtime_checkable
 class DecodeExchange(Exchange, Protocol):
-    """Low-latency mode: a top-k copy of a token per selected slot, in per-(slot, source) blocks."""
+    """Low-latency mode: a top-k copy of a token per selected slot, in per-(slot, source) blocks.
+
+    Its receive layout's shape: ``slots_per_rank``, ``max_tokens_per_rank`` (rows per (slot, source)
+    block, and the most tokens one rank dispatches), ``hidden``; ``use_fp8``: rows travel as e4m3."""
+
+    slots_per_rank: int
+    max_tokens_per_rank: int
+    hidden: int
+    use_fp8: bool
 
     def dispatch(self, x: torch.Tensor, phys: torch.Tensor) -> tuple[RankReceive, DispatchHandle]:
         """Send every (token, k) copy to the rank hosting physical slot ``phys[token, k]``.
@@ -122,7 +130,12 @@ class DecodeExchange(Exchange, Protocol):
 
 @runtime_checkable
 class PrefillExchange(Exchange, Protocol):
-    """Prefill ("normal") mode: one copy of a token per destination rank, packed per source."""
+    """Prefill ("normal") mode: one copy of a token per destination rank, packed per source
+    (``max_tokens_per_rank`` rows per source region, ``slots_per_rank`` local slots, ``hidden``)."""
+
+    slots_per_rank: int
+    max_tokens_per_rank: int
+    hidden: int
 
     def dispatch(self, x: torch.Tensor, phys: torch.Tensor,
                  topk_weights: torch.Tensor) -> tuple[PackedReceive, PackedHandle]:

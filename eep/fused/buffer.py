@@ -103,6 +103,7 @@ class FusedBuffer:
             raise ValueError(f"rank={rank} outside [0, num_ranks={num_ranks})")
         layout = BufferLayout(num_ranks, slots_per_rank, max_tokens_per_rank, hidden)
         self.top_k, self.use_fp8, self.decode = top_k, use_fp8, decode
+        self.slots_per_rank, self.max_tokens_per_rank, self.hidden = slots_per_rank, max_tokens_per_rank, hidden
         self.kernel_set = kernels or envs.fused_kernels()
         variant = KernelVariant(hidden, fixed_membership, vec_per_lane or envs.fused_vec_per_lane(), use_fp8,
                                 decode=decode, kernels=self.kernel_set)

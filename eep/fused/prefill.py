@@ -136,6 +136,7 @@ class PrefillBuffer(FusedBuffer):
         if combine_variant not in COMBINE_VARIANTS:
             raise ValueError(f"combine_variant={combine_variant!r} must be one of {COMBINE_VARIANTS}")
         self.top_k, self.use_fp8, self.slots_per_rank = top_k, False, slots_per_rank
+        self.max_tokens_per_rank, self.hidden = max_tokens_per_rank, hidden
         self.combine_variant = combine_variant
         self.kernel_set = kernels or envs.fused_kernels()
         variant = KernelVariant(hidden, fixed_membership, vec_per_lane or envs.fused_vec_per_lane(), False,
