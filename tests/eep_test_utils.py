@@ -25,6 +25,19 @@ def on_every_rank(step, ranks) -> dict:
     return results
 
 
+class StubGroup:
+    """Stands in for an EP process group where only its rank and size are asked (SGLang's dispatcher)."""
+
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
 def random_experts(num_experts: int, inter: int, hidden: int, *, generator: torch.Generator,
                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fresh random SwiGLU expert weights scaled so activations stay O(1)."""
@@ -38,13 +51,14 @@ def prefill_partials(recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_w: torch
                      num_local_experts: int, weights: tuple) -> torch.Tensor:
     """A normal-mode MoE runner's output for packed rows: each row's local experts (SwiGLU of
     ``weights[e]``, ``e = rank * num_local_experts + recv_idx``) weighted by ``recv_w`` and summed in
-    k order in float32, as ``eep.reference.prefill.partial_combine`` specifies."""
+    k order in float32, as ``eep.reference.prefill.partial_combine`` specifies. On ``recv_x``'s device."""
     from eep.reference import swiglu
 
-    acc = torch.zeros(recv_x.shape[0], recv_x.shape[1])
+    acc = torch.zeros(recv_x.shape[0], recv_x.shape[1], device=recv_x.device)
+    idx = recv_idx.tolist()
     for k in range(recv_idx.shape[1]):
         for row in range(recv_x.shape[0]):
-            i = int(recv_idx[row, k])
+            i = idx[row][k]
             if i >= 0:
                 e = rank * num_local_experts + i
                 y = swiglu(recv_x[row:row + 1], weights[0][e], weights[1][e], weights[2][e])[0]

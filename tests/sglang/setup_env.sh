@@ -38,7 +38,7 @@ PIP=("$PY" -m pip install -q)
 "${PIP[@]}" --no-deps -e .
 # transformers must see torchvision as absent (its CPU wheel breaks imports here).
 "$PY" -m pip uninstall -q -y torchvision 2>/dev/null || true
-"$PY" -c "import sys; sys.path.insert(0, 'tests/sglang'); import cpu_shims; cpu_shims.install()
+"$PY" -c "import sys; sys.path.insert(0, 'tests/sglang'); import sglang_shims; sglang_shims.install()
 import sglang.srt.layers.moe.token_dispatcher, sglang.srt.elastic_ep.elastic_ep, sglang.srt.plugins, eep" 2>/dev/null \
   || { echo "setup_env: sglang modules do not import in $VENV" >&2; exit 1; }
 echo "$WANT" > "$STAMP"
