@@ -13,6 +13,7 @@
 # (a full run needs more than one 10-minute call: run quick, then bench)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if [ "${1:-}" = sglang ]; then shift; exec bash tests/gpu/run_sglang.sh "$@"; fi  # SGLang on one GPU
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EEP_FUSED_CACHE_DIR=/tmp/eep-cache
 OUT=${OUT:-/tmp/eep-out}; mkdir -p "$OUT"
 LOG=$OUT/log.txt
