@@ -221,7 +221,8 @@ class EepDispatcher(BaseDispatcher):
     def get_buffer(self) -> Buffer:
         """The process-wide ``eep.Buffer`` (``ep_buffer.make_buffer``), made at the first call: the first
         dispatch, or earlier where a process must publish its buffers first (a rejoining rank, before
-        SGLang's member refresh lets the survivors map them)."""
+        SGLang's member refresh lets the survivors map them), once SGLang's quant method has set the
+        dispatcher's quant config (it decides FP8 or bf16 rows, which every rank must agree on)."""
         if self._buffer is not None:
             return self._buffer
         active_ranks = self.active_ranks()
@@ -233,7 +234,6 @@ class EepDispatcher(BaseDispatcher):
         return EepEPBuffer.get_ep_buffer(self.group, spec, active_ranks)
 
     # ---- internals ----
-
     def _dispatch_fp8(self) -> bool:
         # SGLang's quant method asks DeepEP-style dispatchers for bf16 when its experts take bf16 input.
         return self.use_fp8 and self.quant_config.get("dispatcher_output_dtype") != "bf16"
