@@ -80,10 +80,16 @@ def ensure_sglang(wheels: str, site: str) -> str | None:
     if not any(os.path.basename(f).startswith("sglang-") for f in files):
         raise SystemExit(f"sglang is not importable and {wheels!r} holds no sglang wheel "
                          "(tests/gpu/sglang_wheels.py makes that folder)")
+    stamp, wanted = os.path.join(site, ".installed-wheels.json"), [[os.path.basename(f), os.path.getsize(f)]
+                                                                    for f in files]
+    if os.path.exists(stamp) and json.load(open(stamp)) == wanted:  # a run before this one installed them
+        return site
     shutil.rmtree(site, ignore_errors=True)
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", site, *files],
                    check=True)
+    with open(stamp, "w") as f:
+        json.dump(wanted, f)
     print(f"installed {len(files)} wheels into {site} in {time.time() - t0:.1f} s", flush=True)
     return site
 
@@ -186,7 +192,7 @@ class Rank:
             torch.backends.cuda.matmul.allow_tf32 = False
         else:
             self.device = torch.device("cpu")
-            torch.set_num_threads(1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // (R + 1)))  # five processes share the cores
         import sglang_case  # installs the stand-ins SGLang's imports need here (sglang_shims), then imports SGLang
         from sglang.srt.distributed.utils import set_global_tcp_store
         from sglang.srt.elastic_ep.elastic_ep import ElasticEPStateManager
