@@ -25,8 +25,9 @@ explicitly through ``eep.runtime.RuntimeConfig`` rather than through the environ
 | ``EEP_FUSED_KERNELS`` | ``v1`` | kernel set of the fused buffers built without an explicit ``kernels=``: ``v1`` or ``v2`` |
 | ``EEP_FUSED_CACHE_DIR`` | ``~/.cache/eep/fused`` | NVRTC cubin cache of the fused kernels |
 | ``EEP_HOST_TIER_DIR`` | ``/dev/shm`` | where weights_tools' shared host tier file lives |
-| ``EEP_SGLANG_SHM_PATH`` | (agreed through SGLang's store) | transport file of the SGLang plugin |
+| ``EEP_SGLANG_SHM_PATH`` | (agreed through SGLang's store) | transport file of the SGLang plugin (CPU) |
 | ``EEP_SGLANG_REPLACE`` | ``mooncake`` | SGLang a2a backends the plugin replaces (comma-separated) |
+| ``EEP_SGLANG_CONNECT_TIMEOUT_S`` | ``300`` | the SGLang plugin's bound on mapping the peers' buffers when it builds its own |
 """
 
 from __future__ import annotations
@@ -130,9 +131,21 @@ def host_tier_dir() -> str:
     return os.environ.get("EEP_HOST_TIER_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp")
 
 
+# The SGLang plugin's variables by name: its messages and tests name them too.
+SGLANG_SHM_PATH = "EEP_SGLANG_SHM_PATH"
+SGLANG_REPLACE = "EEP_SGLANG_REPLACE"
+SGLANG_CONNECT_TIMEOUT_S = "EEP_SGLANG_CONNECT_TIMEOUT_S"
+
+
 def sglang_shm_path() -> str | None:
-    return os.environ.get("EEP_SGLANG_SHM_PATH") or None
+    return os.environ.get(SGLANG_SHM_PATH) or None
 
 
 def sglang_replace(default: str) -> str:
-    return os.environ.get("EEP_SGLANG_REPLACE", default)
+    return os.environ.get(SGLANG_REPLACE, default)
+
+
+def sglang_connect_timeout_s() -> float:
+    """Ranks reach their first MoE layer (where the plugin builds its buffers) minutes apart when
+    their weights load at different speeds, hence the long default."""
+    return _float(SGLANG_CONNECT_TIMEOUT_S, 300.0)

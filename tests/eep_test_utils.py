@@ -25,6 +25,19 @@ def on_every_rank(step, ranks) -> dict:
     return results
 
 
+class StubGroup:
+    """Stands in for an EP process group where only its rank and size are asked (SGLang's dispatcher)."""
+
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
 def random_experts(num_experts: int, inter: int, hidden: int, *, generator: torch.Generator,
                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fresh random SwiGLU expert weights scaled so activations stay O(1)."""
@@ -38,17 +51,19 @@ def prefill_partials(recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_w: torch
                      num_local_experts: int, weights: tuple) -> torch.Tensor:
     """A normal-mode MoE runner's output for packed rows: each row's local experts (SwiGLU of
     ``weights[e]``, ``e = rank * num_local_experts + recv_idx``) weighted by ``recv_w`` and summed in
-    k order in float32, as ``eep.reference.prefill.partial_combine`` specifies."""
+    k order in float32, as ``eep.reference.prefill.partial_combine`` specifies. Every local expert
+    runs on every row (a few large products instead of one per entry, and no host sync: it runs as
+    fast on a GPU shared by several rank processes); an entry takes its expert's row."""
     from eep.reference import swiglu
 
-    acc = torch.zeros(recv_x.shape[0], recv_x.shape[1])
+    experts = range(rank * num_local_experts, (rank + 1) * num_local_experts)
+    ys = torch.stack([swiglu(recv_x, weights[0][e], weights[1][e], weights[2][e]) for e in experts])
+    rows = torch.arange(recv_x.shape[0], device=recv_x.device)
+    acc = torch.zeros(recv_x.shape[0], recv_x.shape[1], device=recv_x.device)
     for k in range(recv_idx.shape[1]):
-        for row in range(recv_x.shape[0]):
-            i = int(recv_idx[row, k])
-            if i >= 0:
-                e = rank * num_local_experts + i
-                y = swiglu(recv_x[row:row + 1], weights[0][e], weights[1][e], weights[2][e])[0]
-                acc[row] = acc[row] + recv_w[row, k] * y.float()
+        local = recv_idx[:, k]
+        contribution = recv_w[:, k:k + 1].float() * ys[local.clamp(min=0), rows].float()
+        acc = acc + torch.where((local >= 0).unsqueeze(1), contribution, 0.0)
     return acc.to(recv_x.dtype)
 
 

@@ -14,6 +14,7 @@
 # (a full run takes more than 10 minutes: run quick, then bench)
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if [ "${1:-}" = sglang ]; then shift; exec bash tests/gpu/run_sglang.sh "$@"; fi  # SGLang on one GPU
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EEP_FUSED_CACHE_DIR=/tmp/eep-cache
 source tests/gpu/out_option.sh /tmp/eep-gpu-out "$@"; set -- ${ARGS[@]+"${ARGS[@]}"}
 LOG=$OUT_DIR/log.txt

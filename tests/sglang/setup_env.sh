@@ -49,7 +49,7 @@ have_torch() { "$PY" -c "import torch" 2>/dev/null || "${PIP[@]}" "$TORCH_REQ"; 
 # (GPU-only) requirements as missing; that is expected and kept out of the output unless pip fails.
 no_torchvision() { "$PY" -m pip uninstall -q -y torchvision 2>/dev/null || true; }
 imports() {
-  "$PY" -c "import sys; sys.path.insert(0, 'tests/sglang'); import cpu_shims; cpu_shims.install()
+  "$PY" -c "import sys; sys.path.insert(0, 'tests/sglang'); import sglang_shims; sglang_shims.install()
 import sglang.srt.layers.moe.token_dispatcher, sglang.srt.elastic_ep.elastic_ep, sglang.srt.plugins, eep"
 }
 

@@ -13,15 +13,15 @@ if not HAS_SGLANG:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
 from sglang_case import (HIDDEN, LOCAL, M, NUM_EXPERTS, NUM_RANKS, TOP_K, make_dispatcher, make_inputs,
-                         rank_worker, reference_outputs, relative_error, run_step)
+                         ll_output_errors, normal_output_errors, rank_worker, reference_outputs, relative_error,
+                         run_normal_step, run_step)
 from sglang.srt.elastic_ep.elastic_ep import ElasticEPStateManager
 from sglang.srt.layers.moe.token_dispatcher import (BaseDispatcher, CombineInput, CombineInputChecker,
-                                                    DeepEPLLCombineInput, DeepEPLLDispatchOutput, DispatchOutput,
-                                                    DispatchOutputChecker, MooncakeEPDispatcher)
+                                                    DeepEPLLCombineInput, DispatchOutput, MooncakeEPDispatcher)
 
 from eep.integrations.buffer import Buffer
 from eep.integrations.sglang.dispatcher import EepDispatcher
-from eep_test_utils import on_every_rank, prefill_partials
+from eep_test_utils import on_every_rank
 from eep.transport.shm import SharedMemoryTransport, create_shm_file
 
 
@@ -81,26 +81,10 @@ def test_four_ranks_match_the_reference_and_outputs_are_sglang_deepep_ll(tmp_pat
     (xs, ids, ws, weights), results = _run_threads(_shm(tmp_path, use_fp8), 11 + use_fp8, use_fp8, return_recv_hook,
                                                    quant_config)
     use_fp8 = use_fp8 and quant_config is None
-    refs = reference_outputs(xs, ids, ws, weights, [True] * NUM_RANKS)
     for rank in range(NUM_RANKS):
         out, combined, dispatcher = results[rank]
-        assert type(out) is DeepEPLLDispatchOutput and isinstance(out, DispatchOutput)
-        assert DispatchOutputChecker.format_is_deepep_ll(out) and out.format.is_deepep_ll()
-        assert tuple(out.hidden_states.shape) == (LOCAL, NUM_RANKS * M, HIDDEN)
-        if use_fp8:
-            assert out.hidden_states.dtype == torch.float8_e4m3fn
-            assert out.hidden_states_scale.dtype == torch.float32
-            assert tuple(out.hidden_states_scale.shape) == (LOCAL, NUM_RANKS * M, HIDDEN // 128)
-        else:
-            assert out.hidden_states.dtype == torch.bfloat16 and out.hidden_states_scale is None
-        assert out.masked_m.dtype == torch.int32 and tuple(out.masked_m.shape) == (LOCAL,)
-        # masked_m counts exactly the copies whose physical expert lives here
-        expected_counts = torch.stack([torch.bincount(i.flatten(), minlength=NUM_EXPERTS) for i in ids]).sum(0)
-        assert out.masked_m.tolist() == expected_counts[rank * LOCAL:(rank + 1) * LOCAL].tolist()
-        assert out.expected_m == (xs[rank].shape[0] * NUM_RANKS * TOP_K + NUM_EXPERTS) // NUM_EXPERTS
-        assert torch.equal(out.topk_ids, ids[rank]) and torch.equal(out.topk_weights, ws[rank])
-        assert tuple(combined.shape) == (xs[rank].shape[0], HIDDEN) and combined.dtype == torch.bfloat16
-        assert relative_error(combined, refs[rank]) < (0.06 if use_fp8 else 0.01), rank
+        assert isinstance(out, DispatchOutput) and out.format.is_deepep_ll()
+        assert not ll_output_errors(out, combined, rank, xs, ids, ws, weights, [True] * NUM_RANKS, use_fp8=use_fp8)
         assert dispatcher.active_ranks().tolist() == [1] * NUM_RANKS
     combine_input = DeepEPLLCombineInput(results[0][0].hidden_states, ids[0], ws[0])
     assert isinstance(combine_input, CombineInput) and CombineInputChecker.format_is_deepep_ll(combine_input)
@@ -115,14 +99,9 @@ def test_topk_ids_are_physical_and_never_routed_again(tmp_path, monkeypatch):
     monkeypatch.setattr(eep.routing, "route_to_phys", forbidden)
     monkeypatch.setattr(eep.routing, "select_experts", forbidden)
     (xs, ids, ws, weights), results = _run_threads(_shm(tmp_path, False), 5, False)
-    for rank in range(NUM_RANKS):
-        out = results[rank][0]
-        for i in range(LOCAL):  # rows arrive at the physical expert SGLang named, nowhere else
-            phys = rank * LOCAL + i
-            for src in range(NUM_RANKS):
-                tokens = (ids[src] == phys).any(1).nonzero().flatten()
-                rows = out.hidden_states[i, src * M:src * M + len(tokens)]
-                assert torch.equal(rows, xs[src][tokens])
+    for rank in range(NUM_RANKS):  # rows arrive at the physical expert SGLang named, nowhere else
+        out, combined, _ = results[rank]
+        assert not ll_output_errors(out, combined, rank, xs, ids, ws, weights, [True] * NUM_RANKS, use_fp8=False)
 
 
 def test_stage_machine_names_the_misuse(tmp_path):
@@ -184,16 +163,9 @@ def test_sigkilled_rank_clears_sglang_active_ranks_in_place_and_survivors_match_
         assert same_tensor and passed_sglangs, rank  # written in place, never replaced
 
 
-def _partial_rows(out, rank, weights):
-    """What SGLang's normal-mode MoE runner returns for the received rows."""
-    return prefill_partials(out.hidden_states, out.topk_ids, out.topk_weights, rank, LOCAL, weights)
-
-
 @pytest.mark.parametrize("mode", ["normal", "auto-extend"])
 def test_normal_mode_returns_sglang_deepep_normal_and_matches_the_reference(tmp_path, mode):
     from sglang.srt.layers.dp_attention import set_is_extend_in_batch
-    from sglang.srt.layers.moe.token_dispatcher.deepep import DeepEPNormalCombineInput, DeepEPNormalDispatchOutput
-    from sglang.srt.layers.moe.topk import StandardTopKOutput
     from sglang.srt.layers.moe.utils import DeepEPMode
 
     path = str(tmp_path / "ep.shm")
@@ -205,21 +177,10 @@ def test_normal_mode_returns_sglang_deepep_normal_and_matches_the_reference(tmp_
         d = make_dispatcher(rank, Buffer(rank, NUM_RANKS, transport=SharedMemoryTransport(path, rank)), use_fp8=False)
         d.deepep_mode = DeepEPMode.NORMAL if mode == "normal" else DeepEPMode.AUTO
         set_is_extend_in_batch(mode == "auto-extend")  # per thread, as SGLang's forward thread sets it
-        d.dispatch_a(hidden_states=xs[rank], topk_output=StandardTopKOutput(ws[rank], ids[rank], None))
-        out = d.dispatch_b()
-        d.combine_a(DeepEPNormalCombineInput(_partial_rows(out, rank, weights), out.topk_ids, out.topk_weights))
-        return out, d.combine_b()
+        return run_normal_step(d, xs[rank], ids[rank], ws[rank], rank, weights)
 
     results = _on_every_rank(step)
     refs = reference_outputs(xs, ids, ws, weights, [True] * NUM_RANKS)
     for rank in range(NUM_RANKS):
         out, combined = results[rank]
-        assert type(out) is DeepEPNormalDispatchOutput and out.format.is_deepep_normal()
-        # one row per (source token, this rank) pair; local expert ids, -1 for choices elsewhere
-        expected_rows = sum(int(((i // LOCAL) == rank).any(-1).sum()) for i in ids)
-        assert out.hidden_states.shape == (expected_rows, HIDDEN) and out.hidden_states_scale is None
-        assert int(out.topk_ids.max()) < LOCAL and int(out.topk_ids.min()) >= -1
-        expected_counts = torch.stack([torch.bincount(i.flatten(), minlength=NUM_EXPERTS) for i in ids]).sum(0)
-        assert out.num_recv_tokens_per_expert == expected_counts[rank * LOCAL:(rank + 1) * LOCAL].tolist()
-        assert tuple(combined.shape) == (xs[rank].shape[0], HIDDEN) and combined.dtype == torch.bfloat16
-        assert relative_error(combined, refs[rank]) < 0.01, rank
+        assert not normal_output_errors(out, combined, rank, xs, ids, ws, weights, [True] * NUM_RANKS, refs=refs)

@@ -18,6 +18,7 @@ from sglang.srt.plugins import hook_registry
 from sglang.srt.plugins.hook_registry import HookRegistry
 from sglang.srt.runtime_context import get_flags
 
+from eep import envs
 from eep.integrations.buffer import Buffer
 from eep.integrations.sglang import hooks
 from eep.integrations.sglang.dispatcher import EepDispatcher
@@ -81,7 +82,7 @@ def test_other_backends_and_an_empty_replace_list_keep_sglang_dispatchers(plugin
     _use_backend(monkeypatch, MoeA2ABackend.NONE)
     monkeypatch.setattr(moe_layer, "StandardDispatcher", lambda config: "standard")  # needs a published config
     assert moe_layer.create_moe_dispatcher(_config(), None) == "standard"
-    monkeypatch.setenv(hooks.REPLACE_ENV, "")
+    monkeypatch.setenv(envs.SGLANG_REPLACE, "")
     _use_backend(monkeypatch, MoeA2ABackend.MOONCAKE)
     captured = {}
     monkeypatch.setattr(moe_layer, "MaybeTboDeepEPDispatcher", lambda **kw: captured.update(kw) or "sglang's")
@@ -136,3 +137,20 @@ def test_member_refresh_names_the_ranks_sglang_is_recovering(plugin_loaded, tmp_
     state.active_ranks[1] = 1  # a rejoiner's view (SGLang's _init_joiner_state): only itself
     elastic_ep._refresh_ep_members()
     assert calls[-1]["joined"] == [0, 2, 3]
+
+
+@pytest.mark.slow
+def test_gpu_scenario_over_the_shared_memory_backend(tmp_path):
+    """tests/gpu/sglang_gpu.py with --device cpu: the plugin builds its buffers through SGLang's store on
+    SGLang's mask, four rank processes match eep.reference, a SIGKILL is cleared in SGLang's
+    active_ranks, a new process rejoins through SGLang's member refresh (one epoch, the rank mapped)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, os.path.join(root, "tests", "gpu", "sglang_gpu.py"), "--device", "cpu",
+                           "--hidden", "256", "--out", str(tmp_path), "--timeout-s", "200"],
+                          capture_output=True, text=True, timeout=260, env={**os.environ, "EEP_SHM_DIR": str(tmp_path)})
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("SCENARIO")]
+    assert proc.returncode == 0 and summary and "PASS" in summary[0], proc.stdout[-6000:] + proc.stderr[-3000:]

@@ -33,6 +33,10 @@ is sent. Host tensors are checked at once (``RoutingError`` naming the token row
 dispatch records non-finite rows in a device-side flag (``eep.routing.NonFiniteRows``: a few tensor
 ops, captured with the step's graph, no wait for the device) and the host raises the same error
 at the next eager ``dispatch_a``, naming the count and the first row (docs/integrations.md).
+
+The process-wide buffer (``ep_buffer``) adopts that tensor as its membership's device mirror: the
+fused GPU kernels read SGLang's mask at every launch, and a membership change is written into it in
+place, so a CUDA graph captured around ``dispatch_a`` .. ``combine_b`` needs no recapture.
 """
 
 from __future__ import annotations
@@ -134,11 +138,12 @@ class EepDispatcher(BaseDispatcher):
         topk_ids = topk_output.topk_ids.to(torch.int64)
         topk_weights = topk_output.topk_weights
         self._check_finite(topk_weights)
-        buffer, active_ranks = self._get_buffer(), self.active_ranks()
-        if buffer.num_ranks * self.num_local_experts != self.num_experts:
+        active_ranks = self.active_ranks(hidden_states.device)
+        if active_ranks.numel() * self.num_local_experts != self.num_experts:
             # e.g. --max-ep-size > --ep-size: SGLang's mask has reserved slots its expert layout lacks
-            raise ValueError(f"eep.Buffer has {buffer.num_ranks} rank slots (len(active_ranks)) x "
+            raise ValueError(f"SGLang's active_ranks has {active_ranks.numel()} rank slots x "
                              f"{self.num_local_experts} local experts != num_experts={self.num_experts}")
+        buffer = self.get_buffer()
         mode = self.deepep_mode  # AUTO resolves per batch, as SGLang's DeepEPDispatcher does
         self._normal = (mode.resolve(get_is_extend_in_batch()) if mode == DeepEPMode.AUTO else mode) == DeepEPMode.NORMAL
         if self._normal:
@@ -185,13 +190,13 @@ class EepDispatcher(BaseDispatcher):
         hidden_states, topk_ids, topk_weights = combine_input
         self._expect(Stage.AFTER_DISPATCH_B, "combine_a")
         if self._normal:  # DeepEPNormalCombineInput: the runner's per-row weighted sums
-            combined, event = self._get_buffer().prefill_combine(hidden_states, self._handle, self.active_ranks(),
+            combined, event = self.get_buffer().prefill_combine(hidden_states, self._handle, self.active_ranks(),
                                                                  self._current_timeout_us())
             self._is_first_step, self._handle = False, None
             self._combine_state = (combined, event, lambda: None)
             self._stage = Stage.AFTER_COMBINE_A
             return
-        combined, event, hook = self._get_buffer().combine(
+        combined, event, hook = self.get_buffer().combine(
             hidden_states, topk_ids, topk_weights, self.active_ranks(), self._current_timeout_us(), self._handle,
             async_finish=not self.return_recv_hook, return_recv_hook=self.return_recv_hook)
         self._is_first_step = False
@@ -209,14 +214,34 @@ class EepDispatcher(BaseDispatcher):
         return combined
 
     # ---- membership ----
-    def active_ranks(self) -> torch.Tensor:
-        """SGLang's ``active_ranks`` (int32 ``[num_ranks]``) itself, never a copy: evidence lands there."""
+    def active_ranks(self, device: torch.device | None = None) -> torch.Tensor:
+        """SGLang's ``active_ranks`` (int32 ``[num_ranks]``) itself, never a copy: evidence lands there.
+
+        Without elastic EP: a private all-ones mask, made once on ``device`` (the activations'; default
+        the current CUDA device when there is one) and reused, so evidence is not lost."""
         state = ElasticEPStateManager.instance()
         if state is not None and state.active_ranks is not None:
             return state.active_ranks
         if self._own_active_ranks is None:
-            self._own_active_ranks = torch.ones(self.group.size(), dtype=torch.int32)
+            if device is None:
+                device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+            self._own_active_ranks = torch.ones(self.group.size(), dtype=torch.int32, device=device)
         return self._own_active_ranks
+
+    def get_buffer(self) -> Buffer:
+        """The process-wide ``eep.Buffer`` (``ep_buffer.make_buffer``), made at the first call: the first
+        dispatch, or earlier where a process must publish its buffers first (a rejoining rank, before
+        SGLang's member refresh lets the survivors map them), once SGLang's quant method has set the
+        dispatcher's quant config (it decides FP8 or bf16 rows, which every rank must agree on)."""
+        if self._buffer is not None:
+            return self._buffer
+        active_ranks = self.active_ranks()
+        spec = BufferSpec(num_ranks=active_ranks.numel(), hidden_size=self.hidden_size,
+                          num_max_dispatch_tokens_per_rank=self.num_max_dispatch_tokens_per_rank,
+                          num_experts=self.num_experts, use_fp8=self._dispatch_fp8(), top_k=self.router_topk,
+                          low_latency=self.deepep_mode.enable_low_latency(), normal=self.deepep_mode.enable_normal(),
+                          dtype=self.params_dtype or torch.bfloat16)
+        return EepEPBuffer.get_ep_buffer(self.group, spec, active_ranks)
 
     # ---- internals ----
     def _check_finite(self, topk_weights: torch.Tensor) -> None:
@@ -229,15 +254,6 @@ class EepDispatcher(BaseDispatcher):
         if not torch.cuda.is_current_stream_capturing():
             self._nonfinite.raise_if_seen("topk_weights")  # what earlier steps (and graph replays) recorded
         self._nonfinite.record(topk_weights)
-
-    def _get_buffer(self) -> Buffer:
-        if self._buffer is not None:
-            return self._buffer
-        active_ranks = self.active_ranks()
-        spec = BufferSpec(num_ranks=active_ranks.numel(), hidden_size=self.hidden_size,
-                          num_max_dispatch_tokens_per_rank=self.num_max_dispatch_tokens_per_rank,
-                          num_experts=self.num_experts, use_fp8=self._dispatch_fp8(), top_k=self.router_topk)
-        return EepEPBuffer.get_ep_buffer(self.group, spec, active_ranks)
 
     def _dispatch_fp8(self) -> bool:
         # SGLang's quant method asks DeepEP-style dispatchers for bf16 when its experts take bf16 input.

@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 CREATE_MOE_DISPATCHER = "sglang.srt.layers.moe.fused_moe_triton.layer.create_moe_dispatcher"
 REFRESH_EP_MEMBERS = "sglang.srt.elastic_ep.elastic_ep._refresh_ep_members"
 BROADCAST_EXPERT_LOCATION = "sglang.srt.eplb.expert_location.broadcast_global_expert_location_metadata"
-REPLACE_ENV = "EEP_SGLANG_REPLACE"
 DEFAULT_REPLACED_BACKENDS = "mooncake"
 
 
@@ -83,7 +82,9 @@ def joined_ranks(rank: int) -> list[int]:
 
     SGLang refreshes members before it resets the mask (``maybe_recover_ep_ranks`` resets after its
     broadcast), so on a survivor these are the recovered ranks; on a rejoiner, whose mask holds only
-    itself, every other rank. The CPU transport needs no mapping; the fused GPU buffer does.
+    itself, every other rank. Both backends map a peer's new incarnation (the GPU: its peer buffers,
+    read from SGLang's store; the CPU: a handshake over the transport file), so the joined rank must
+    have built its buffers (``EepDispatcher.get_buffer``) before the refresh.
     """
     from sglang.srt.elastic_ep.elastic_ep import ElasticEPStateManager
 
