@@ -80,6 +80,7 @@ def test_device_flag_counts_rows_and_names_the_first_then_clears():
     flag.raise_if_seen("topk_weights")  # nothing recorded: no error
     good = torch.rand(6, K)
     flag.record(good)
+    flag.record(torch.rand(0, K))  # a rank with no tokens this step
     flag.raise_if_seen("topk_weights")
     bad = good.clone()
     bad[4, 0] = float("nan")

@@ -64,6 +64,8 @@ class NonFiniteRows:
                                  pin_memory=self.device.type == "cuda")
 
     def record(self, tensor: torch.Tensor) -> None:
+        if tensor.numel() == 0:  # a rank with no tokens this step: nothing to record (a fixed shape)
+            return
         bad = ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
         rows = torch.arange(tensor.shape[0], device=tensor.device)
         count = bad.sum()
