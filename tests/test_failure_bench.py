@@ -15,6 +15,7 @@ from eep.runtime.engines.base import ENGINES, make_engine
 from eep.runtime.engines.shm import ShmEngine
 from eep.runtime.control.metrics import summarize
 from eep.runtime.engines.gpu import GpuEngine
+from eep.runtime.engines.slots import PlanPart
 from eep.runtime.model import bench_weights
 from eep.runtime.control.rules import RepairRules
 from eep.state import ExpertPlacement, Membership
@@ -59,10 +60,14 @@ def test_gpu_engine_local_matches_the_cpu_oracle(small_shards):
                                         "tiers": ["disk"]})
     engine = make_engine(cfg, 0, shm_path="", store=None, run_id="t", incarnation=0)
     assert isinstance(engine, GpuEngine)
-    placement = RepairRules(cfg).initial
-    assert engine.load_missing(placement) == model.num_layers * model.num_experts
-    assert engine.restore_stats["by_tier"]["disk"]["experts"] == model.num_layers * model.num_experts
-    assert engine.load_missing(placement) == 0  # nothing differs any more
+    plan = RepairRules(cfg).preload(None, 0)  # the start: the initial row from the fastest tier
+    placement = plan.placement
+    part = PlanPart(plan.epoch, placement, [True], plan.transfers_to(0))
+    report = engine.execute(part)
+    assert report.num_copied == model.num_layers * model.num_experts
+    assert report.by_tier(part.transfers)["disk"]["experts"] == model.num_layers * model.num_experts
+    assert [b["transfers"] for b in report.batches] == [model.num_experts] * model.num_layers  # one batch per layer
+    assert engine.execute(part).num_copied == 0  # every slot holds its expert already
     engine.warmup()
     engine.on_commit(active=[True], joined=[0], epoch=0, start_step=0, is_joiner=True)
     tokens = torch.randperm(model.vocab_size, generator=torch.Generator().manual_seed(9))[:13]

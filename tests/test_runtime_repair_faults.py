@@ -202,3 +202,30 @@ def test_ranks_that_die_during_start_up_are_reported_at_once_with_their_error(tm
     assert result.num_answered == 0 and result.num_refused == cfg.num_requests
     # every refusal carries the error (the run's message adds how many were answered)
     assert all(result.error.startswith(reason) and "died during start-up" in reason for reason in result.refused.values())
+
+
+def test_rereplication_makes_the_second_failure_routing_only(tmp_path):
+    """Kill rank 1; the survivors re-replicate from each other's slots into their spare slots while they
+    serve, and a commit switches the maps; then kill rank 2: its repair moves no bytes."""
+    cfg = _config(num_requests=300, slots_per_rank=12)  # 48 slots: after one failure every expert fits twice
+    faults = [Fault("kill", 1, at_results=40), Fault("kill", 2, on_phase="committed_rereplicate")]
+    result = _run(cfg, faults, tmp_path)
+    assert result.num_answered == cfg.num_requests
+    commits = _commits(result)
+    assert [(d["reason"], d["failed"]) for d in commits[:4]] == [("start", []), ("exit", [1]), ("rereplicate", []),
+                                                                ("exit", [2])], commits
+    first, switch, second = commits[1:4]
+    assert [p["phase"] for p in first["plan"]["phases"]] == ["routing-only", "orphan-restore"]
+    rep = switch["plan"]["transfers"]  # Transfer fields: layer, ckpt layer, expert, tier, src rank, src slot, dst..
+    assert rep and all(t[3] == "peer" and t[4] in (0, 2, 3) and t[6] in (0, 2, 3) for t in rep)
+    assert [p["phase"] for p in second["plan"]["phases"]] == ["routing-only"] and not second["plan"]["transfers"]
+    # the copies were made while serving (from peers' slots), so the switch itself copied nothing
+    events = [e for p in tmp_path.glob("rank*.jsonl") for e in read_jsonl(p)]
+    copied = [e for e in events if e.get("event") == "rereplicated" and e["epoch"] == first["epoch"]]
+    assert sum(e["copies"] for e in copied) == len(rep)
+    assert all(set(e["restore_by_tier"]["by_tier"]) == {"peer"} for e in copied)
+    at_switch = [e for e in events if e.get("event") == "commit" and e["epoch"] == switch["epoch"]]
+    assert at_switch and all(e["restored"] == 0 for e in at_switch)
+    served = [e for e in events if "step" in e and "event" not in e and e["epoch"] == first["epoch"]]
+    started = min(e["t"] for e in events if e.get("event") == "rereplication_start")
+    assert any(s["t"] > started for s in served), "no step was served while the copies ran"

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from eep.fused.cuda_util import check
 
 
@@ -99,3 +101,45 @@ class ImportedAllocation:
             _unmap(self.ptr, self.nbytes)
             check(driver.cuMemRelease(self.handle), "cuMemRelease")
             self.ptr = 0
+
+
+class _CudaArray:
+    """Minimal ``__cuda_array_interface__`` so torch can view VMM memory without a copy."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
+                                         "version": 3, "strides": None, "stream": None}
+
+
+def tensor_at(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 tensor of ``nbytes`` at device address ``ptr`` (VMM memory torch did not allocate)."""
+    return torch.as_tensor(_CudaArray(ptr, nbytes), device=device)
+
+
+class DeviceRegion:
+    """Device memory that other processes can map: a ``VmmAllocation`` of this process viewed as one
+    uint8 tensor (``exported``), or a peer's mapped from the fd its ``FdServer`` handed over
+    (``imported``). The host counterpart is ``eep.transport.shared_region.HostRegion``; a peer's
+    imported region stays readable after the peer died (measured on 4xH100), which nothing relies on."""
+
+    def __init__(self, allocation, device: torch.device) -> None:
+        self._allocation = allocation
+        self.nbytes = allocation.nbytes
+        self.tensor = tensor_at(allocation.ptr, allocation.nbytes, device)
+
+    @classmethod
+    def exported(cls, nbytes: int, device: torch.device) -> "DeviceRegion":
+        return cls(VmmAllocation(nbytes, device.index), device)
+
+    @classmethod
+    def imported(cls, fd: int, nbytes: int, device: torch.device) -> "DeviceRegion":
+        return cls(ImportedAllocation(fd, nbytes, device.index), device)
+
+    @property
+    def fd(self) -> int:
+        return self._allocation.fd
+
+    def close(self) -> None:
+        """Unmap (the caller made sure no copy in flight still reads or writes it)."""
+        self.tensor = None
+        self._allocation.close()
