@@ -288,8 +288,9 @@ def test_exit_code_and_fault_trigger_validation():
 
 
 def test_gpu_engine_through_a_sigkill_and_rejoin_on_the_shm_transport(tmp_path):
-    """GpuEngine's failure path on CPU (membership-aware shm exchange): repair, rejoin, 0 lost, 0 wrong."""
-    args = failure_bench.parse_args(["--dry-run", "--gpus", "3", "--failure-engine", "cpu_elastic",
+    """GpuEngine's failure path on CPU (membership-aware shm exchange): repair, re-replication from peers'
+    slots, rejoin filled from peers, 0 lost, 0 wrong; predicted vs observed per phase and replica counts."""
+    args = failure_bench.parse_args(["--dry-run", "--gpus", "3", "--failure-engine", "cpu_elastic", "--extra-slots", "2",
                                      "--fault-at-s", "1.0", "--after-fault-s", "2.5", "--out", str(tmp_path)])
     shards = failure_bench.prepare_shards(args, tmp_path / "work")
     try:
@@ -305,6 +306,20 @@ def test_gpu_engine_through_a_sigkill_and_rejoin_on_the_shm_transport(tmp_path):
     repair = entry["breakdown"][0]
     assert repair["repair_by_tier"], repair  # survivors restored orphans through weights_tools tiers
     assert entry["recovery_pause_s"] is not None and entry["reintegration_pause_s"] is not None
+    phases = {p["phase"]: p for c in entry["phases"] for p in c["phases"]}
+    assert set(phases) == {"routing-only", "orphan-restore", "re-replication", "reintegration"}, entry["phases"]
+    for p in phases.values():
+        assert p["predicted_s"] >= 0 and p["observed_s"] is not None and p["observed_s"] >= 0, p
+    assert set(phases["orphan-restore"]["by_tier"]) == {"host"}
+    assert set(phases["re-replication"]["by_tier"]) == {"peer"} and phases["re-replication"]["left_at_commit"] == 0
+    assert set(phases["reintegration"]["by_tier"]) == {"peer"}  # the joiner copied survivors' replicas
+    r = entry["replicas"]
+    assert list(r) == ["before_fault", "after_repair", "after_rereplication", "after_rejoin"], r
+    assert r["after_rereplication"]["single"] < r["after_repair"]["single"] and r["after_repair"]["uncovered"] == 0
+    assert entry["rereplication_pause_s"] is not None
+    text = failure_bench.summary_text({"device": "cpu", "args": vars(args), "failure": entry,
+                                       "config": {"num_ranks": 3, "model": {}, "slots_per_rank": 0, "num_redundant": 0}})
+    assert "re-replication" in text and "after re-replication" in text and "predicted -> observed" in text
 
 
 def test_survivors_absorb_the_missing_ranks_batch_then_give_it_back(tmp_path):
@@ -330,8 +345,9 @@ def test_survivors_absorb_the_missing_ranks_batch_then_give_it_back(tmp_path):
     launcher, ranks = load_run(run_dir)
     commits = [e for e in launcher if e.get("event") == "commit" and e.get("reason") != "start"]
     degraded_epoch = next(e["epoch"] for e in commits if e.get("failed"))
+    rejoin_epoch = next(e["epoch"] for e in commits if e.get("joined"))
     steps = [r for r in ranks if "step" in r and "event" not in r]
-    during = [s["tokens"] for s in steps if s["epoch"] == degraded_epoch]
+    during = [s["tokens"] for s in steps if degraded_epoch <= s["epoch"] < rejoin_epoch]
     assert max(during) > args.max_tokens, f"survivors never took more than {args.max_tokens} tokens: {max(during)}"
     assert max(s["tokens"] for s in steps) <= args.degraded_tokens
     assert all(s["tokens"] <= args.max_tokens for s in steps if s["epoch"] < degraded_epoch)
