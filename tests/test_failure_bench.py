@@ -320,6 +320,13 @@ def test_gpu_engine_through_a_sigkill_and_rejoin_on_the_shm_transport(tmp_path):
     text = failure_bench.summary_text({"device": "cpu", "args": vars(args), "failure": entry,
                                        "config": {"num_ranks": 3, "model": {}, "slots_per_rank": 0, "num_redundant": 0}})
     assert "re-replication" in text and "after re-replication" in text and "predicted -> observed" in text
+    # the GPU script's closing summary (tests/gpu/run_repair.sh) reads the same entry
+    import repair_summary
+    run = repair_summary.run_summary({"failure": entry})
+    assert repair_summary.is_ok(run) and run["phases"]["re-replication"]["copies"] > 0
+    lines = repair_summary.summary_lines({"disk-tier": run, "shm-tier": run})
+    assert lines[-1].startswith("host tier on local disk vs /dev/shm: orphan restores 1.00x"), lines
+    assert not repair_summary.is_ok({**run, "changed": 1})
 
 
 def test_survivors_absorb_the_missing_ranks_batch_then_give_it_back(tmp_path):

@@ -129,10 +129,12 @@ class DeviceRegion:
 
     @classmethod
     def exported(cls, nbytes: int, device: torch.device) -> "DeviceRegion":
+        _primary_context(device)
         return cls(VmmAllocation(nbytes, device.index), device)
 
     @classmethod
     def imported(cls, fd: int, nbytes: int, device: torch.device) -> "DeviceRegion":
+        _primary_context(device)
         return cls(ImportedAllocation(fd, nbytes, device.index), device)
 
     @property
@@ -143,3 +145,12 @@ class DeviceRegion:
         """Unmap (the caller made sure no copy in flight still reads or writes it)."""
         self.tensor = None
         self._allocation.close()
+
+
+def _primary_context(device: torch.device) -> None:
+    """torch's primary context of ``device``, current on this thread for the driver calls (as the
+    fused buffer makes it before its own VMM allocation)."""
+    from eep.fused.cuda_util import ensure_context
+
+    torch.zeros(1, device=device)  # torch creates the primary context first
+    ensure_context(device.index)
