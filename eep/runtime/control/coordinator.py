@@ -183,7 +183,11 @@ class Coordinator:
             self.timeline.event("rereplicate", epoch=self.committed_epoch, plan=plan.timeline())
             return
         pending = self.rereplication
-        if time.monotonic() - pending["since"] > self.cfg.restore_timeout_s:
+        now = time.monotonic()
+        if now < pending.get("next_check", 0.0):
+            return  # throttled: each check is a store round trip per destination
+        pending["next_check"] = now + self.cfg.heartbeat_interval_s / 10
+        if now - pending["since"] > self.cfg.restore_timeout_s:
             log.warning("epoch %d: ranks %s did not finish re-replicating within %.0f s; given up",
                         pending["epoch"], sorted(pending["waiting"]), self.cfg.restore_timeout_s)
             self.timeline.event("rereplication_failed", epoch=pending["epoch"], ranks=sorted(pending["waiting"]),
