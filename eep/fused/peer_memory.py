@@ -112,8 +112,17 @@ class _CudaArray:
 
 
 def tensor_at(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
-    """A uint8 tensor of ``nbytes`` at device address ``ptr`` (VMM memory torch did not allocate)."""
-    return torch.as_tensor(_CudaArray(ptr, nbytes), device=device)
+    """A uint8 tensor of ``nbytes`` at device address ``ptr`` (VMM memory torch did not allocate), on
+    ``device``: the device whose context mapped it, which for a peer's allocation is not the device
+    that holds its pages. Why not ``torch.as_tensor`` of a ``__cuda_array_interface__`` alone: torch
+    asks the driver which device holds the pointer and, when that is another GPU, copies the whole
+    allocation to ``device`` (a snapshot, not a view). The storage is made for ``device`` as torch's
+    own CUDA-graph trees make theirs (it owns nothing); the interface path stays as the fallback."""
+    construct = getattr(torch._C, "_construct_storage_from_data_pointer", None)
+    if construct is None:
+        return torch.as_tensor(_CudaArray(ptr, nbytes), device=device)
+    storage = construct(int(ptr), torch.device(device), int(nbytes))
+    return torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (nbytes,), (1,))
 
 
 class DeviceRegion:

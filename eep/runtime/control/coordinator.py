@@ -29,6 +29,10 @@ epoch that serves nothing: its requests are *held* until a rejoin restores cover
 the missing slots) when ``uncovered_hold_s`` passes first or no rank can rejoin. No answer ever
 comes from an invalid epoch: ranks check ``eep.check_validity`` themselves before they serve.
 
+After a repair the coordinator publishes a re-replication (``_rereplicate``): members copy extra
+replicas into their spare slots from live peers while they serve, then a normal prepare/commit
+switches the maps; a failure or join voids it first, and it is planned again from the new maps.
+
 A member still copying its slots for the last commit (heartbeat phase ``restoring`` / ``awaiting``)
 cannot ack a new prepare until its copies are done; while its heartbeat keeps changing it is given
 up to ``restore_timeout_s`` instead of the suspicion window, so a second failure during a repair

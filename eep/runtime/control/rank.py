@@ -2,14 +2,16 @@
 
 Life of a rank (``Phase``):
 
-    WARMUP    load the experts this slot will hold once it joins (the row the coordinator's
-              rejoin plan gives it, from the latest commit; its initial row at the start), map the
-              transport, run the experts on random rows in isolation, post an authenticated join request
+    WARMUP    copy the experts this slot will hold once it joins (the coordinator's rejoin plan
+              from the latest commit: survivors' replicas first, then the tiers; its initial row
+              from the fastest tier at the start), map the transport, run the experts on random
+              rows in isolation, post an authenticated join request
     JOINING   wait for the commit that names this request's nonce
-    RESTORING (inside a commit) copy the slots the commit's plan assigns to this rank
-    AWAITING  copies done; wait until every member that had copies to make is done too (each posts
-              ``restored/<epoch>/<rank>``), so no step waits on a peer still copying
-    SERVING   one decode step per loop: claim requests, decode, publish finished answers
+    RESTORING (inside a commit) run this rank's part of the commit's plan (``engine.execute``)
+    AWAITING  copies done and maps switched; wait until every other member is too (each posts
+              ``restored/<epoch>/<rank>``), so no step waits on a peer still copying or mapping
+    SERVING   one decode step per loop: claim requests, decode, publish finished answers; a
+              re-replication in progress copies one layer batch between steps
     HELD      a member of an epoch that is not EP-valid (coverage lost): no step, requests kept,
               until a commit restores coverage (or the coordinator refuses the requests)
     PAUSED    acked a ``prepare``; waits for its ``commit`` (survivors apply it at the same step)
