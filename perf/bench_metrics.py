@@ -7,7 +7,12 @@
   (survivors restoring slots, bytes and seconds by tier), table switch (placement check + engine
   membership switch), warm-up (adopted -> first step completed), and the survivors' pause;
 - ``startup``: a (re)started instance from its launch to its first completed step (the full
-  restart baseline), split into process start, engine init (weights), warm-up/capture, agreement.
+  restart baseline), split into process start, engine init (weights), warm-up/capture, agreement;
+- ``repair_phases``: every planned phase of every commit (routing-only, orphan-restore,
+  re-replication, reintegration), the planner's predicted seconds beside the observed ones;
+- ``replica_points`` / ``replica_counts``: live replicas per expert (min / mean / max, experts
+  with a single replica, experts with none) before a fault, after its repair, after re-replication
+  and after the rejoin.
 
 Timeline records are described in ``eep/runtime/control/timeline.py``; rank ``commit`` events carry
 ``plan_s``, ``restore_s``, ``switch_s`` and ``restore_by_tier`` (see ``eep/runtime/control/rank.py``).
@@ -18,7 +23,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from eep.runtime.control.metrics import load_run
+from eep.state import NO_EXPERT, ExpertPlacement
 
 
 def _steps(ranks: list[dict]) -> list[dict]:
@@ -81,7 +89,7 @@ def pause_breakdown(run_dir: str | Path) -> list[dict]:
     out = []
     for commit in (e for e in launcher if e.get("event") == "commit" and e.get("reason") != "start"):
         epoch = commit["epoch"]
-        kind = "rejoin" if commit.get("reason") == "join" else "repair"
+        kind = {"join": "rejoin", "rereplicate": "rereplication"}.get(commit.get("reason"), "repair")
         prepare = next((e for e in reversed(launcher) if e.get("event") == "prepare" and e["epoch"] == epoch
                         and e["t"] <= commit["t"]), None)
         adopted = [e for e in events if e["event"] == "commit" and e.get("epoch") == epoch
@@ -163,3 +171,96 @@ def startup(run_dir: str | Path, t_launch: float) -> dict:
             out[f"{a}->{b}_s"] = marks[b] - marks[a]
     return out
 
+
+
+def repair_phases(decisions: list[dict], run_dir: str | Path) -> list[dict]:
+    """Each non-start commit's planned phases, predicted and observed (seconds).
+
+    Observed, per phase: ``routing-only`` the slowest member's table switch (plan check + engine
+    switch); ``orphan-restore`` the slowest member's copies until its maps switched (``restore_s``)
+    and their copy time alone (``copy_s``, the copy stream's time on a GPU); ``re-replication`` the
+    slowest member's background copies (from the decision to its last copy done, while serving);
+    ``reintegration`` the joiner's copies before it asked to join plus those left at the commit.
+    Phases predict with the run's ``Bandwidth`` (peer links for peer copies)."""
+    _, ranks = load_run(run_dir)
+    events = [r for r in ranks if "event" in r]
+    commits = [d for d in decisions if d.get("kind") == "commit"]
+    out = []
+    for previous, commit in zip(commits, commits[1:]):
+        epoch = commit["epoch"]
+        adopted = [e for e in events if e["event"] == "commit" and e.get("epoch") == epoch]
+        survivors = [e for e in adopted if e.get("was") not in ("joining", "warmup")]
+        phases = []
+        for p in commit["plan"]["phases"]:
+            entry = {"phase": p["phase"], "predicted_s": p["predicted_s"], "transfers": p["transfers"],
+                     "nbytes": p["nbytes"], "observed_s": None}
+            if p["phase"] == "routing-only":
+                entry["observed_s"] = max(((e.get("plan_s") or 0.0) + (e.get("switch_s") or 0.0) for e in survivors),
+                                          default=None)
+            elif p["phase"] == "orphan-restore":
+                copying = [e for e in survivors if e.get("restored")]
+                entry["observed_s"] = max((e["restore_s"] for e in copying), default=None)
+                entry["copy_s"] = max((_batch_seconds(e) for e in copying), default=None)
+                entry["by_tier"] = _merge_tiers([e.get("restore_by_tier") for e in copying])
+            elif p["phase"] == "re-replication":
+                copied = [e for e in events if e["event"] == "rereplicated" and e.get("epoch") == previous["epoch"]]
+                entry["observed_s"] = max((e["observed_s"] for e in copied), default=None)
+                entry["copy_s"] = max((_batch_seconds(e) for e in copied), default=None)
+                entry["by_tier"] = _merge_tiers([e.get("restore_by_tier") for e in copied])
+                entry["left_at_commit"] = sum(e.get("restored") or 0 for e in adopted)
+            elif p["phase"] == "reintegration":
+                joiners = {int(r) for r in commit.get("joined", {})}
+                before, at_commit, stats = [], [], []
+                for r in joiners:
+                    mine = [e for e in adopted if e["rank"] == r]
+                    request = next((e for e in reversed(events) if e["event"] == "join_request" and e["rank"] == r
+                                    and (not mine or e["incarnation"] == mine[0]["incarnation"])), None)
+                    if request is not None:
+                        before.append((request.get("restore_by_tier") or {}).get("seconds") or 0.0)
+                        stats.append(request.get("restore_by_tier"))
+                    at_commit += [e.get("restore_s") or 0.0 for e in mine]
+                    stats += [e.get("restore_by_tier") for e in mine]
+                entry["before_join_s"] = max(before, default=None)
+                entry["at_commit_s"] = max(at_commit, default=None)
+                entry["observed_s"] = (entry["before_join_s"] or 0.0) + (entry["at_commit_s"] or 0.0)
+                entry["by_tier"] = _merge_tiers(stats)
+            phases.append(entry)
+        out.append({"epoch": epoch, "reason": commit["reason"], "failed": commit.get("failed", []),
+                    "joined": sorted(int(r) for r in commit.get("joined", {})), "phases": phases})
+    return out
+
+
+def _batch_seconds(event: dict) -> float:
+    return sum(b["seconds"] for b in ((event.get("restore_by_tier") or {}).get("batches") or []))
+
+
+def replica_counts(commit: dict) -> dict:
+    """Live replicas per (layer, expert) under one commit's maps (slots of active ranks)."""
+    placement = ExpertPlacement.from_dict(commit["placement"])
+    active = torch.tensor(commit["active"], dtype=torch.bool).repeat_interleave(placement.slots_per_rank)
+    p2l = placement.phys_to_logical
+    key = torch.where((p2l != NO_EXPERT) & active, p2l, placement.num_experts)
+    counts = torch.zeros(placement.num_layers, placement.num_experts + 1, dtype=torch.int64).scatter_add_(
+        1, key, torch.ones_like(key))[:, :placement.num_experts]
+    return {"epoch": commit["epoch"], "min": int(counts.min()), "mean": round(float(counts.float().mean()), 3),
+            "max": int(counts.max()), "single": int((counts == 1).sum()), "uncovered": int((counts == 0).sum()),
+            "experts": counts.numel()}
+
+
+def replica_points(decisions: list[dict], rank: int) -> dict:
+    """``replica_counts`` before ``rank``'s failure, after its repair, after the re-replication that
+    followed (before the rejoin) and after its rejoin; a point that did not happen is absent."""
+    commits = [d for d in decisions if d.get("kind") == "commit"]
+    fail = next((i for i, d in enumerate(commits) if rank in d.get("failed", [])), None)
+    if fail is None:
+        return {}
+    out = {"before_fault": replica_counts(commits[fail - 1]) if fail else None,
+           "after_repair": replica_counts(commits[fail])}
+    rejoin = next((i for i, d in enumerate(commits) if i > fail and str(rank) in d.get("joined", {})), None)
+    rerep = next((i for i, d in enumerate(commits) if i > fail and d.get("reason") == "rereplicate"
+                  and (rejoin is None or i < rejoin)), None)
+    if rerep is not None:
+        out["after_rereplication"] = replica_counts(commits[rerep])
+    if rejoin is not None:
+        out["after_rejoin"] = replica_counts(commits[rejoin])
+    return {k: v for k, v in out.items() if v is not None}

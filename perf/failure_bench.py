@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--after-fault-s", type=float, default=None, help="serving after the fault (20; dry 3)")
     ap.add_argument("--restart-after-s", type=float, default=None, help="launcher restart delay (2; dry 0.3)")
     ap.add_argument("--kill-rank", type=int, default=1)
+    ap.add_argument("--extra-slots", type=int, default=0,
+                    help="empty expert slots per rank beyond the redundancy layout's (0): room that re-replication "
+                         "fills from peers after a repair, so a next failure is routing-only where slots allow")
     ap.add_argument("--failure-engine", default=None, help="engine of the failure run (fused; dry-run shm or "
                     "cpu_elastic)")
     ap.add_argument("--fused-timeout-s", type=float, default=0.25, help="transport deadline of the GPU buffer")
@@ -176,6 +179,7 @@ def runtime_config(args, engine: str, shard_dir: str, *, num_requests: int, rest
                    tiers: list[str] | None = None) -> RuntimeConfig:
     model = model_config(args)
     slots, num_redundant = redundancy(model.num_experts, args.gpus)
+    slots += args.extra_slots
     opts = {}
     if engine != "shm":
         opts = {"attn_width": args.attn_width, "tiers": tiers or ["host", "disk"],
@@ -318,6 +322,7 @@ def run_failure(args, shard_dir: str, out: Path, tokens_per_s: float | None,
     entry["recovery_pause_s"] = fault.get("recovery_pause_s")
     entry["time_to_95pct_s"] = fault.get("time_to_95pct_s")
     entry["reintegration_pause_s"] = (s.get("rejoins") or [{}])[0].get("reintegration_pause_s")
+    entry.update(repair_report(result, args.kill_rank))
     entry.update(control_log(result.run_dir))
     entry["answers_checked"] = False
     if on_measured is not None:
@@ -331,6 +336,17 @@ def run_failure(args, shard_dir: str, out: Path, tokens_per_s: float | None,
           flush=True)
     entry["predicted"] = predict(cfg, result, args.kill_rank)
     return entry, result.run_dir, cfg
+
+
+def repair_report(result, rank: int) -> dict:
+    """Predicted vs observed per repair phase of every commit, the pause of the re-replication's
+    switch, and live replicas per expert before the fault, after repair, after re-replication and
+    after the rejoin (``bench_metrics.repair_phases`` / ``replica_points``)."""
+    pauses = [b.get("survivor_pause_s") for b in bench_metrics.pause_breakdown(result.run_dir)
+              if b["kind"] == "rereplication"]
+    return {"phases": bench_metrics.repair_phases(result.decisions, result.run_dir),
+            "replicas": bench_metrics.replica_points(result.decisions, rank),
+            "rereplication_pause_s": max((p for p in pauses if p is not None), default=None)}
 
 
 def control_log(run_dir: Path) -> dict:
@@ -547,6 +563,8 @@ def summary_text(results: dict) -> str:
         p = f.get("predicted", {})
         lines.append(f"  planner: repair {_fmt(p.get('repair_pause_s'))} predicted ({p.get('repair_experts')} experts),"
                      f" reintegration {_fmt(p.get('reintegration_s'))} predicted")
+        lines += phase_lines(f)
+        lines += replica_lines(f.get("replicas") or {})
     for name, v in (results.get("variants") or {}).items():
         st, fv = v.get("steady", {}), v.get("failure", {})
         line = (f"variant {name} {json.dumps(v.get('overrides'))} ({v.get('expert_backend')}, degraded tokens "
@@ -570,6 +588,40 @@ def summary_text(results: dict) -> str:
             lines.append(f"ratio time-to-95% / full restart: {f['time_to_95pct_s'] / r['first_token_s']:.3f} "
                          "(target <= 0.1)")
     return "\n".join(lines)
+
+
+def phase_lines(failure: dict) -> list[str]:
+    """One line per commit: each planned phase, predicted -> observed, with its copies by source."""
+    lines = []
+    for c in failure.get("phases") or []:
+        parts = []
+        for p in c["phases"]:
+            text = f"{p['phase']} {_fmt(p['predicted_s'])} -> {_fmt(p['observed_s'])}"
+            tiers = ", ".join(f"{v['experts']} {k}" for k, v in (p.get("by_tier") or {}).items())
+            if p["transfers"]:
+                text += f" ({p['transfers']} copies{': ' + tiers if tiers else ''})"
+            if p["phase"] == "reintegration":
+                text += f" [{_fmt(p.get('before_join_s'))} before the join, {_fmt(p.get('at_commit_s'))} at it]"
+            if p["phase"] == "re-replication":
+                text += f" [while serving; {p.get('left_at_commit')} left for the switch]"
+            parts.append(text)
+        who = f" failed {c['failed']}" if c["failed"] else f" joined {c['joined']}" if c["joined"] else ""
+        lines.append(f"  epoch {c['epoch']} {c['reason']}{who}: predicted -> observed: " + "; ".join(parts))
+    if failure.get("rereplication_pause_s") is not None:
+        lines.append(f"  re-replication switch pause {_fmt(failure['rereplication_pause_s'])}")
+    return lines
+
+
+REPLICA_POINTS = (("before_fault", "before the fault"), ("after_repair", "after repair"),
+                  ("after_rereplication", "after re-replication"), ("after_rejoin", "after the rejoin"))
+
+
+def replica_lines(replicas: dict) -> list[str]:
+    """Live replicas per expert (min/mean/max, single-replica and uncovered experts) at each point."""
+    parts = [f"{label} {r['min']}/{r['mean']:.2f}/{r['max']} ({r['single']} single, {r['uncovered']} none)"
+             for key, label in REPLICA_POINTS if (r := replicas.get(key))]
+    return ["  replicas per expert (min/mean/max of " + str(next(iter(replicas.values()))["experts"]) +
+            " layer-experts): " + "; ".join(parts)] if parts else []
 
 
 def plot_failure_timeline(results: dict, run_dir: Path, path: Path) -> None:
@@ -606,6 +658,7 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="eep-failure-bench-"))
     model = model_config(args)
     slots, red = redundancy(model.num_experts, args.gpus)
+    slots += args.extra_slots
     results: dict = {"device": device_name(args), "args": {k: (sorted(v) if isinstance(v, set) else v)
                                                           for k, v in vars(args).items()},
                      "config": {"num_ranks": args.gpus, "model": model.__dict__, "slots_per_rank": slots,

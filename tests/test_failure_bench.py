@@ -15,6 +15,7 @@ from eep.runtime.engines.base import ENGINES, make_engine
 from eep.runtime.engines.shm import ShmEngine
 from eep.runtime.control.metrics import summarize
 from eep.runtime.engines.gpu import GpuEngine
+from eep.runtime.engines.slots import PlanPart
 from eep.runtime.model import bench_weights
 from eep.runtime.control.rules import RepairRules
 from eep.state import ExpertPlacement, Membership
@@ -59,10 +60,14 @@ def test_gpu_engine_local_matches_the_cpu_oracle(small_shards):
                                         "tiers": ["disk"]})
     engine = make_engine(cfg, 0, shm_path="", store=None, run_id="t", incarnation=0)
     assert isinstance(engine, GpuEngine)
-    placement = RepairRules(cfg).initial
-    assert engine.load_missing(placement) == model.num_layers * model.num_experts
-    assert engine.restore_stats["by_tier"]["disk"]["experts"] == model.num_layers * model.num_experts
-    assert engine.load_missing(placement) == 0  # nothing differs any more
+    plan = RepairRules(cfg).preload(None, 0)  # the start: the initial row from the fastest tier
+    placement = plan.placement
+    part = PlanPart(plan.epoch, placement, [True], plan.transfers_to(0))
+    report = engine.execute(part)
+    assert report.num_copied == model.num_layers * model.num_experts
+    assert report.by_tier(part.transfers)["disk"]["experts"] == model.num_layers * model.num_experts
+    assert [b["transfers"] for b in report.batches] == [model.num_experts] * model.num_layers  # one batch per layer
+    assert engine.execute(part).num_copied == 0  # every slot holds its expert already
     engine.warmup()
     engine.on_commit(active=[True], joined=[0], epoch=0, start_step=0, is_joiner=True)
     tokens = torch.randperm(model.vocab_size, generator=torch.Generator().manual_seed(9))[:13]
@@ -283,8 +288,9 @@ def test_exit_code_and_fault_trigger_validation():
 
 
 def test_gpu_engine_through_a_sigkill_and_rejoin_on_the_shm_transport(tmp_path):
-    """GpuEngine's failure path on CPU (membership-aware shm exchange): repair, rejoin, 0 lost, 0 wrong."""
-    args = failure_bench.parse_args(["--dry-run", "--gpus", "3", "--failure-engine", "cpu_elastic",
+    """GpuEngine's failure path on CPU (membership-aware shm exchange): repair, re-replication from peers'
+    slots, rejoin filled from peers, 0 lost, 0 wrong; predicted vs observed per phase and replica counts."""
+    args = failure_bench.parse_args(["--dry-run", "--gpus", "3", "--failure-engine", "cpu_elastic", "--extra-slots", "2",
                                      "--fault-at-s", "1.0", "--after-fault-s", "2.5", "--out", str(tmp_path)])
     shards = failure_bench.prepare_shards(args, tmp_path / "work")
     try:
@@ -300,6 +306,27 @@ def test_gpu_engine_through_a_sigkill_and_rejoin_on_the_shm_transport(tmp_path):
     repair = entry["breakdown"][0]
     assert repair["repair_by_tier"], repair  # survivors restored orphans through weights_tools tiers
     assert entry["recovery_pause_s"] is not None and entry["reintegration_pause_s"] is not None
+    phases = {p["phase"]: p for c in entry["phases"] for p in c["phases"]}
+    assert set(phases) == {"routing-only", "orphan-restore", "re-replication", "reintegration"}, entry["phases"]
+    for p in phases.values():
+        assert p["predicted_s"] >= 0 and p["observed_s"] is not None and p["observed_s"] >= 0, p
+    assert set(phases["orphan-restore"]["by_tier"]) == {"host"}
+    assert set(phases["re-replication"]["by_tier"]) == {"peer"} and phases["re-replication"]["left_at_commit"] == 0
+    assert set(phases["reintegration"]["by_tier"]) == {"peer"}  # the joiner copied survivors' replicas
+    r = entry["replicas"]
+    assert list(r) == ["before_fault", "after_repair", "after_rereplication", "after_rejoin"], r
+    assert r["after_rereplication"]["single"] < r["after_repair"]["single"] and r["after_repair"]["uncovered"] == 0
+    assert entry["rereplication_pause_s"] is not None
+    text = failure_bench.summary_text({"device": "cpu", "args": vars(args), "failure": entry,
+                                       "config": {"num_ranks": 3, "model": {}, "slots_per_rank": 0, "num_redundant": 0}})
+    assert "re-replication" in text and "after re-replication" in text and "predicted -> observed" in text
+    # the GPU script's closing summary (tests/gpu/run_repair.sh) reads the same entry
+    import repair_summary
+    run = repair_summary.run_summary({"failure": entry})
+    assert repair_summary.is_ok(run) and run["phases"]["re-replication"]["copies"] > 0
+    lines = repair_summary.summary_lines({"disk-tier": run, "shm-tier": run})
+    assert lines[-1].startswith("host tier on local disk vs /dev/shm: orphan restores 1.00x"), lines
+    assert not repair_summary.is_ok({**run, "changed": 1})
 
 
 def test_survivors_absorb_the_missing_ranks_batch_then_give_it_back(tmp_path):
@@ -325,8 +352,9 @@ def test_survivors_absorb_the_missing_ranks_batch_then_give_it_back(tmp_path):
     launcher, ranks = load_run(run_dir)
     commits = [e for e in launcher if e.get("event") == "commit" and e.get("reason") != "start"]
     degraded_epoch = next(e["epoch"] for e in commits if e.get("failed"))
+    rejoin_epoch = next(e["epoch"] for e in commits if e.get("joined"))
     steps = [r for r in ranks if "step" in r and "event" not in r]
-    during = [s["tokens"] for s in steps if s["epoch"] == degraded_epoch]
+    during = [s["tokens"] for s in steps if degraded_epoch <= s["epoch"] < rejoin_epoch]
     assert max(during) > args.max_tokens, f"survivors never took more than {args.max_tokens} tokens: {max(during)}"
     assert max(s["tokens"] for s in steps) <= args.degraded_tokens
     assert all(s["tokens"] <= args.max_tokens for s in steps if s["epoch"] < degraded_epoch)

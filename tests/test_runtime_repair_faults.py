@@ -11,7 +11,10 @@
 - the launcher (coordinator, store and supervisor in one process) SIGKILLed in the middle of a
   repair: the run ends by design, every rank exits within its bound, and a restarted launcher
   serves a new run from scratch;
-- ranks that die during start-up are reported at once, with their exit codes and errors.
+- ranks that die during start-up are reported at once, with their exit codes and errors;
+- re-replication: after a repair the survivors copy extra replicas from each other's slots into
+  their spare slots while they serve, then one commit switches the maps, so a second SIGKILL is
+  routing-only; a restarted rank fills its slots from the survivors' replicas before it joins.
 
 Every run is bounded (``Launcher.run(timeout_s=...)``); a timeout is a failure, never a hang.
 """
@@ -202,3 +205,47 @@ def test_ranks_that_die_during_start_up_are_reported_at_once_with_their_error(tm
     assert result.num_answered == 0 and result.num_refused == cfg.num_requests
     # every refusal carries the error (the run's message adds how many were answered)
     assert all(result.error.startswith(reason) and "died during start-up" in reason for reason in result.refused.values())
+
+
+def test_rereplication_makes_the_second_failure_routing_only(tmp_path):
+    """Kill rank 1; the survivors re-replicate from each other's slots into their spare slots while they
+    serve, and a commit switches the maps; then kill rank 2: its repair moves no bytes."""
+    cfg = _config(num_requests=300, slots_per_rank=12)  # 48 slots: after one failure every expert fits twice
+    faults = [Fault("kill", 1, at_results=40), Fault("kill", 2, on_phase="committed_rereplicate")]
+    result = _run(cfg, faults, tmp_path)
+    assert result.num_answered == cfg.num_requests
+    commits = _commits(result)
+    assert [(d["reason"], d["failed"]) for d in commits[:4]] == [("start", []), ("exit", [1]), ("rereplicate", []),
+                                                                ("exit", [2])], commits
+    first, switch, second = commits[1:4]
+    assert [p["phase"] for p in first["plan"]["phases"]] == ["routing-only", "orphan-restore"]
+    rep = switch["plan"]["transfers"]  # Transfer fields: layer, ckpt layer, expert, tier, src rank, src slot, dst..
+    assert rep and all(t[3] == "peer" and t[4] in (0, 2, 3) and t[6] in (0, 2, 3) for t in rep)
+    assert [p["phase"] for p in second["plan"]["phases"]] == ["routing-only"] and not second["plan"]["transfers"]
+    # the copies were made while serving (from peers' slots), so the switch itself copied nothing
+    events = [e for p in tmp_path.glob("rank*.jsonl") for e in read_jsonl(p)]
+    copied = [e for e in events if e.get("event") == "rereplicated" and e["epoch"] == first["epoch"]]
+    assert sum(e["copies"] for e in copied) == len(rep)
+    assert all(set(e["restore_by_tier"]["by_tier"]) == {"peer"} for e in copied)
+    at_switch = [e for e in events if e.get("event") == "commit" and e["epoch"] == switch["epoch"]]
+    assert at_switch and all(e["restored"] == 0 for e in at_switch)
+    served = [e for e in events if "step" in e and "event" not in e and e["epoch"] == first["epoch"]]
+    started = min(e["t"] for e in events if e.get("event") == "rereplication_start")
+    assert any(s["t"] > started for s in served), "no step was served while the copies ran"
+
+
+def test_a_restarted_rank_fills_its_slots_from_peers_before_it_joins(tmp_path):
+    # without re-replication the maps cannot change between its warm-up and its join: nothing is left to copy
+    cfg = _config(num_requests=300, restart_after_s=0.3, max_restarts=1, rereplicate=False)
+    result = _run(cfg, [Fault("kill", 1, at_results=40)], tmp_path)
+    assert result.num_answered == cfg.num_requests
+    join = next(d for d in _commits(result) if d["reason"] == "join")
+    planned = [t for t in join["plan"]["transfers"] if t[6] == 1]
+    assert planned and all(t[3] == "peer" and t[4] in (0, 2, 3) for t in planned)
+    events = read_jsonl(tmp_path / "rank1-1.jsonl")
+    request = next(e for e in events if e.get("event") == "join_request")
+    # the warm-up ran the rejoin plan of the latest commit: every slot from a survivor's replica
+    assert request["restore_by_tier"]["by_tier"].keys() == {"peer"}
+    assert request["restore_by_tier"]["by_tier"]["peer"]["experts"] == len(planned)
+    commit = next(e for e in events if e.get("event") == "commit" and e["epoch"] == join["epoch"])
+    assert commit["restored"] == 0 and commit["planned_copies"] == len(planned)  # nothing left to copy

@@ -49,11 +49,18 @@ def test_a_join_is_planned_by_plan_reintegration_and_the_preload_is_that_row():
         assert (join.placement.phys_to_logical[:, r * s:(r + 1) * s] ==
                 failed.placement.phys_to_logical[:, r * s:(r + 1) * s]).all()
     assert all(t.dst_rank == 1 and t.source_tier == "peer" and t.source_rank in (0, 2, 3) for t in join.transfers)
-    # what a restarted rank loads before asking to join is the row the join will give it
-    preload = rules.preload_placement((failed.placement, after), 1)
-    assert (preload.phys_to_logical[:, s:2 * s] == join.placement.phys_to_logical[:, s:2 * s]).all()
-    assert rules.preload_placement(None, 1).equal(rules.initial)
-    assert rules.preload_placement((failed.placement, [True] * 4), 1).equal(rules.initial)  # not failed yet
+    # what a restarted rank copies before asking to join is the join's row, from the same peers
+    preload = rules.preload((1, failed.placement, after), 1)
+    assert (preload.placement.phys_to_logical[:, s:2 * s] == join.placement.phys_to_logical[:, s:2 * s]).all()
+    assert preload.epoch == 1 and preload.transfers == join.transfers
+    # at the start (or before its failure is committed) it loads its initial row from the fastest tier
+    for latest in (None, (3, failed.placement, [True] * 4)):
+        start = rules.preload(latest, 1)
+        assert start.placement.equal(rules.initial) and start.epoch == (-1 if latest is None else 3)
+        row = rules.initial.phys_to_logical[:, s:2 * s]
+        assert sorted((t.layer, t.dst_slot, t.logical_expert_id) for t in start.transfers) == sorted(
+            (layer, s + i, int(row[layer, i])) for layer in range(row.shape[0]) for i in range(s) if row[layer, i] >= 0)
+        assert {t.source_tier for t in start.transfers} == {"host"} and start.predicted_s_for(1) > 0
 
 
 def test_three_of_four_lost_commits_an_epoch_that_does_not_serve_and_a_rejoin_restores_it():

@@ -7,7 +7,7 @@ import torch
 
 from eep.cli.answers import check_run
 from eep.runtime import Fault, Launcher, RuntimeConfig, TinyConfig
-from eep.runtime.model import expert_source, generate_weights
+from eep.runtime.model import generate_weights, rank_tiers
 
 pytest.importorskip("transformers")
 from test_weights_fixtures import make_model, model_expert, save  # noqa: E402
@@ -31,16 +31,24 @@ def shards(tmp_path_factory):
             pass
 
 
-def test_expert_source_reads_the_checkpoint_experts(shards):
+def test_rank_tiers_read_the_checkpoint_experts_in_model_layer_numbering(shards):
     model, shard_dir = shards
     config = TinyConfig(num_experts=8, top_k=2)
     weights = generate_weights(config, shard_dir=shard_dir)
-    source = expert_source(weights, shard_dir)
-    for layer, expert in [(0, 3), (1, 7)]:
-        for got, want, from_weights in zip(source.load(layer, expert), model_expert(model, layer, expert),
-                                           (weights.w_gate, weights.w_up, weights.w_down)):
-            torch.testing.assert_close(got, want.float(), rtol=0, atol=0)
-            torch.testing.assert_close(from_weights[layer, expert], want.float(), rtol=0, atol=0)
+    tiers = rank_tiers(weights, shard_dir)
+    assert [t.name for t in tiers] == ["host", "disk"]
+    for tier in tiers:
+        for layer, expert in [(0, 3), (1, 7)]:
+            got = [torch.full_like(w[layer, expert], float("nan")) for w in (weights.w_gate, weights.w_up,
+                                                                               weights.w_down)]
+            assert tier.has_expert(layer, expert)
+            tier.copy_expert_into(layer, expert, *got)  # float32 destinations of bf16 shards
+            for g, want, from_weights in zip(got, model_expert(model, layer, expert),
+                                             (weights.w_gate, weights.w_up, weights.w_down)):
+                torch.testing.assert_close(g, want.float(), rtol=0, atol=0)
+                torch.testing.assert_close(from_weights[layer, expert], want.float(), rtol=0, atol=0)
+        assert not tier.has_expert(config.num_layers, 0)
+        tier.close()
     with pytest.raises(ValueError, match="model config needs"):
         generate_weights(TinyConfig(num_experts=16), shard_dir=shard_dir)
 

@@ -4,7 +4,7 @@
 draws, with matplotlib:
 
 - the tokens/s of all ranks together, in bins of ``bin_s``, as steps (a bin is the rate it held);
-- one vertical line per event (fault, detection, repair committed, restart, rejoin) in its kind's
+- one vertical line per event (fault, detection, repair committed, re-replication, restart, rejoin) in its kind's
   colour, named above the plot; names that would overlap are moved to a higher row;
 - the end of the run as a line of its own ("end of run"), where the curve stops: the last bin's
   rate is over its own length, so finishing never reads as a drop to zero;
@@ -24,6 +24,7 @@ EVENT_STYLE = {  # kind -> (colour, line style)
     "fault": ("#d62728", "-"),
     "detected": ("#9467bd", "--"),
     "repair": ("#ff7f0e", "-"),
+    "rereplicated": ("#17becf", "-."),
     "restart": ("#8c564b", ":"),
     "rejoin": ("#2ca02c", "-"),
     "end": ("#333333", "--"),

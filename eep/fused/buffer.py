@@ -131,7 +131,7 @@ class FusedBuffer:
         ``smem``: dynamic shared memory per kernel, or a function of the grid size giving it."""
         from eep.fused.compile import LoadedKernels
         from eep.fused.cuda_util import ensure_context
-        from eep.fused.peer_memory import VmmAllocation
+        from eep.fused.peer_memory import VmmAllocation, tensor_at
         from eep.transport.fd_passing import FdServer
 
         num_ranks = layout.num_ranks
@@ -152,7 +152,7 @@ class FusedBuffer:
 
         # this rank's peer buffer: allocated once for all rank slots
         self.alloc = VmmAllocation(layout.nbytes, self.device.index)
-        self._buffer = _tensor_at(self.alloc.ptr, layout.nbytes, self.device)
+        self._buffer = tensor_at(self.alloc.ptr, layout.nbytes, self.device)
         self._buffer.zero_()
         self.server = FdServer(self.alloc.fd, {"rank": rank, "nbytes": self.alloc.nbytes,
                                                 "layout": layout.signature(), "pid": os.getpid()})
@@ -452,18 +452,6 @@ def kernel_smem(kernel_set: str, top_k: int, v1: dict[str, int],
 def check_v2_top_k(top_k: int) -> None:
     if not 1 <= top_k <= 32:
         raise ValueError(f"top_k={top_k}: kernel set v2 assigns a token's rows with one lane per choice (1..32)")
-
-
-class _CudaArray:
-    """Minimal ``__cuda_array_interface__`` so torch can view VMM memory without a copy."""
-
-    def __init__(self, ptr: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
-                                         "version": 3, "strides": None, "stream": None}
-
-
-def _tensor_at(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(_CudaArray(ptr, nbytes), device=device)
 
 
 def _timedelta(seconds: float):

@@ -124,21 +124,49 @@ class RepairPlan:
 @dataclass
 class ExecutionReport:
     observed_s: list[float] = field(default_factory=list)  # per transfer, same order as the plan
-    served_by: list[str] = field(default_factory=list)  # tier that actually served each transfer
+    served_by: list[str] = field(default_factory=list)  # tier that actually served each transfer ("held": none needed)
     fallbacks: list[str] = field(default_factory=list)  # one line per tier that failed and why
-    total_s: float = 0.0
+    total_s: float = 0.0  # wall time from the first copy to the switch, waiting for copies in flight included
+    # per batch of transfers of one layer: {"layer", "transfers", "seconds"}; on a GPU the seconds are
+    # the copy stream's own time between the batch's events, on a CPU the wall time of its copies
+    batches: list[dict] = field(default_factory=list)
+
+    @property
+    def num_copied(self) -> int:
+        """Transfers that moved bytes (not already held by their destination)."""
+        return sum(s != HELD for s in self.served_by)
+
+    def by_tier(self, transfers: Sequence[Transfer]) -> dict[str, dict]:
+        """``{tier: {"experts", "nbytes", "seconds"}}`` of the copies made (``transfers`` as run)."""
+        out: dict[str, dict] = {}
+        for t, tier, seconds in zip(transfers, self.served_by, self.observed_s):
+            if tier == HELD:
+                continue
+            acc = out.setdefault(tier, {"experts": 0, "nbytes": 0, "seconds": 0.0})
+            acc["experts"] += 1
+            acc["nbytes"] += t.nbytes
+            acc["seconds"] += seconds
+        return out
+
+
+HELD = "held"  # ExecutionReport.served_by of a transfer whose destination already held the expert
 
 
 class RepairExecutor:
     """What a plan needs from whoever holds the weights (simulated ranks, or a real rank).
 
     ``stage`` loads one transfer's bytes without touching any slot that serves (so a failure
-    part-way applies nothing); ``commit`` writes what was staged and switches the maps in one
-    step; ``discard`` drops what was staged. ``tiers`` are tried in order on fallback.
+    part-way applies nothing); ``commit`` writes what was staged, waits for copies in flight and
+    switches the maps in one step; ``discard`` drops what was staged. ``tiers`` are tried in order
+    on fallback. ``holds`` says a transfer's destination already holds its expert (nothing to copy);
+    ``batch_times`` reports the copies per layer batch once committed.
     """
 
     tiers: Sequence[ExpertSource] = ()
     epoch: int = 0
+
+    def holds(self, transfer: Transfer) -> bool:
+        return False
 
     def stage(self, transfer: Transfer, tier: ExpertSource | None) -> float:  # returns seconds
         raise NotImplementedError
@@ -148,6 +176,9 @@ class RepairExecutor:
 
     def discard(self) -> None:
         raise NotImplementedError
+
+    def batch_times(self) -> list[dict]:
+        return []
 
 
 def run_transfers(executor: RepairExecutor, transfers: Sequence[Transfer], placement: ExpertPlacement,
@@ -161,18 +192,26 @@ def run_transfers(executor: RepairExecutor, transfers: Sequence[Transfer], place
     start = time.perf_counter()
     try:
         for transfer in transfers:
-            seconds, served_by = _stage_with_fallback(executor, transfer, report.fallbacks)
+            if executor.holds(transfer):
+                report.observed_s.append(0.0)
+                report.served_by.append(HELD)
+                continue
+            seconds, served_by = stage_with_fallback(executor, transfer, report.fallbacks)
             report.observed_s.append(seconds)
             report.served_by.append(served_by)
+        executor.commit(placement, epoch)
     except BaseException:
         executor.discard()
         raise
-    executor.commit(placement, epoch)
     report.total_s = time.perf_counter() - start
+    report.batches = executor.batch_times()
     return report
 
 
-def _stage_with_fallback(executor: RepairExecutor, transfer: Transfer, fallbacks: list[str]) -> tuple[float, str]:
+def stage_with_fallback(executor: RepairExecutor, transfer: Transfer, fallbacks: list[str]) -> tuple[float, str]:
+    """Stage one transfer from its planned source, else from the next tier that holds the expert
+    (a peer first when planned, then the tiers fastest first); ``(seconds, source that served)``.
+    Raises ``RepairError`` when none can; each failure is appended to ``fallbacks``."""
     tiers = tier_order(list(executor.tiers))
     candidates: list[ExpertSource | None] = [None] if transfer.source_tier == PEER else []
     planned = [t for t in tiers if t.name == transfer.source_tier]
@@ -231,12 +270,12 @@ def plan_repair(placement: ExpertPlacement, before: Membership, after: Membershi
                               f"holds it (tiers: {[t.name for t in tiers] or 'none'})")
         restores.append(Transfer(a.layer, ckpt_layer, a.logical_expert_id, tier.name, None, None, a.rank,
                                  a.phys_slot, nbytes_of(ckpt_layer, a.logical_expert_id)))
-    restores, pause_s = _predict(restores, bandwidth)
+    restores, pause_s = predict_transfers(restores, bandwidth)
 
     rereplications, final = ([], coverage.placement)
     if rereplicate:
         rereplications, final = _plan_rereplication(coverage.placement, after, load, layer_ids, nbytes_of)
-    rereplications, background_s = _predict(rereplications, bandwidth)
+    rereplications, background_s = predict_transfers(rereplications, bandwidth)
     return RepairPlan(after.epoch, placement, coverage.placement, final, restores, rereplications, bandwidth,
                       pause_s, background_s, coverage.num_dropped_slots, coverage.uncovered,
                       coverage.num_missing_slots)
@@ -275,6 +314,32 @@ def live_slots_by_expert(row: list[int], slot_is_active: list[bool]) -> dict[int
     return out
 
 
+@dataclass
+class Rereplication:
+    """Spare slots of active ranks filled with extra replicas, copied from live replicas on peers."""
+
+    placement: ExpertPlacement  # the maps once every transfer is done
+    transfers: list[Transfer]
+    predicted_s: float
+
+
+def plan_rereplication(placement: ExpertPlacement, membership: Membership, *, bandwidth: Bandwidth | None = None,
+                       expert_nbytes: ExpertBytes | None = None, load: torch.Tensor | None = None,
+                       layer_ids: Sequence[int] | None = None) -> Rereplication:
+    """Fill the spare slots of active ranks with replicas of the highest load-per-replica experts
+    (uniform load: the fewest replicas), each copied from a live replica on a peer (reads spread
+    over the source ranks). What ``plan_repair`` plans as its background phase, and what the runtime
+    runs after a repair once serving resumed, so the next failure is routing-only where slots allow.
+
+    An expert with no live replica is not re-replicated (it needs a restore, not a copy)."""
+    bandwidth = bandwidth or Bandwidth()
+    layer_ids = list(range(placement.num_layers)) if layer_ids is None else list(layer_ids)
+    transfers, final = _plan_rereplication(placement, membership, load, layer_ids,
+                                           _nbytes_function(expert_nbytes, []))
+    transfers, predicted_s = predict_transfers(transfers, bandwidth)
+    return Rereplication(final, transfers, predicted_s)
+
+
 def _plan_rereplication(placement: ExpertPlacement, membership: Membership, load: torch.Tensor | None,
                         layer_ids: list[int], nbytes_of: Callable[[int, int], int]
                         ) -> tuple[list[Transfer], ExpertPlacement]:
@@ -291,14 +356,14 @@ def _plan_rereplication(placement: ExpertPlacement, membership: Membership, load
     transfers = []
     source_use: dict[int, int] = defaultdict(int)  # spread peer reads over source ranks
     spare_layers = spare.any(1).nonzero().flatten().tolist()
-    for layer, row, counts, load_row in zip(spare_layers, new_p2l[spare_layers].tolist(),
-                                            placement.replica_count[spare_layers].tolist(),
-                                            load[spare_layers].tolist()):
-        sources = live_slots_by_expert(row, active_list)
+    for layer, row, load_row in zip(spare_layers, new_p2l[spare_layers].tolist(), load[spare_layers].tolist()):
+        sources = live_slots_by_expert(row, active_list)  # the live replicas before this plan's copies
+        counts = [len(sources.get(e, ())) for e in range(placement.num_experts)]
         chooser = ReplicaChooser(load_row, counts)
+        no_source = {e for e, c in enumerate(counts) if c == 0}
         for phys in spare[layer].nonzero().flatten().tolist():
             rank = phys // slots
-            expert = chooser.take(set(row[rank * slots:(rank + 1) * slots]))
+            expert = chooser.take(set(row[rank * slots:(rank + 1) * slots]) | no_source)
             if expert is None:
                 continue
             src = min(sources[expert], key=lambda p: (source_use[p // slots], p))
@@ -337,8 +402,8 @@ def _link_gbps(link: tuple, bandwidth: Bandwidth) -> float:
     return bandwidth.disk_gbps
 
 
-def _predict(transfers: list[Transfer], bandwidth: Bandwidth) -> tuple[list[Transfer], float]:
-    """Fill in ``predicted_s`` per transfer and return the phase's predicted duration."""
+def predict_transfers(transfers: list[Transfer], bandwidth: Bandwidth) -> tuple[list[Transfer], float]:
+    """Fill in ``predicted_s`` per transfer (all run concurrently) and return the phase's predicted duration."""
     if not transfers:
         return [], 0.0
     links = [_links(t, bandwidth) for t in transfers]

@@ -21,7 +21,7 @@ import torch
 
 from eep.repair.bandwidth import Bandwidth
 from eep.repair.plan import (ExecutionReport, ExpertBytes, RepairExecutor, ReplicaChooser, Transfer, _nbytes_function,
-                             _predict, run_transfers)
+                             predict_transfers, run_transfers)
 from eep.repair.tiers import HOST, PEER, ExpertSource, tier_order
 from eep.state import NO_EXPERT, ExpertPlacement, Membership
 
@@ -120,7 +120,7 @@ def plan_reintegration(placement: ExpertPlacement, membership: Membership, rank:
 
     new_placement = ExpertPlacement.from_phys_to_logical(new_p2l, num_ranks=placement.num_ranks,
                                                          slots_per_rank=slots, num_experts=placement.num_experts)
-    transfers, predicted_s = _predict(transfers, bandwidth)
+    transfers, predicted_s = predict_transfers(transfers, bandwidth)
     batches = [[t for t in transfers if start <= t.layer < start + batch_layers]
                for start in range(0, placement.num_layers, batch_layers)]
     return ReintegrationPlan(ranks, membership.epoch + 1, placement, new_placement, transfers,

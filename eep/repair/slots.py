@@ -1,14 +1,19 @@
-"""``ExpertSlots``: one MoE layer's per-slot expert weights, membership and placement, repaired by plan.
+"""Slots that plans write: the ``SlotStore`` seam, its one executor ``SlotExecutor``, and ``ExpertSlots``.
 
-The state every EP MoE layer shares, whatever computes its forward: the reference oracle
-(``eep.reference.ExpertParallelMoE``) and the fused layer (``eep.fused.MoELayer``) both subclass it,
-so placement, repair planning and the executor that carries the plans out exist once.
+``ExpertSlots`` is one MoE layer's per-slot expert weights, membership and placement for simulated
+ranks in one process: the state every in-process EP MoE layer shares, whatever computes its forward
+(the reference oracle ``eep.reference.ExpertParallelMoE`` and the fused ``eep.fused.MoELayer`` both
+subclass it). The runtime's rank engines hold their own slots (``eep.runtime.engines.slots``); every
+one of them is a ``SlotStore``, so one executor carries out repair, reintegration and re-replication
+plans over all of them, with the same staging, tier fallback and atomic switch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -119,72 +124,209 @@ class ExpertSlots:
     def poison_slots(self, phys_slots: Iterable[int]) -> None:
         """Fill slots with NaN: what a dead rank held must never be read again."""
         for phys in phys_slots:
-            for w in (self.slot_w_gate, self.slot_w_up, self.slot_w_down):
-                w[phys].fill_(float("nan"))
+            self.poison(0, phys)
+
+    # ---- the slot store (``SlotStore``) the executor writes ----
+    copy_stream = None  # copies run on the caller's stream
+
+    def views(self, layer: int, phys: int) -> tuple[ExpertWeight, ExpertWeight, ExpertWeight]:
+        return self.slot_w_gate[phys], self.slot_w_up[phys], self.slot_w_down[phys]
+
+    def peer_views(self, layer: int, phys: int) -> tuple[ExpertWeight, ExpertWeight, ExpertWeight]:
+        return self.views(layer, phys)  # every rank's slots are in this process
+
+    def holds(self, layer: int, phys: int) -> int:
+        return int(self.placement.phys_to_logical[0, phys]) if self.serves(layer, phys) else NO_EXPERT
+
+    def mark(self, layer: int, phys: int, expert: int) -> None:
+        pass  # the maps say what a slot holds once switched; until then ``holds`` says nothing new
+
+    def serves(self, layer: int, phys: int) -> bool:
+        return (int(self.placement.phys_to_logical[0, phys]) != NO_EXPERT
+                and self.membership.is_active(phys // self.slots_per_rank))
+
+    def poison(self, layer: int, phys: int) -> None:
+        for w in self.views(layer, phys):
+            w.fill_(float("nan"))
+
+    def switch(self, placement: ExpertPlacement, membership: Membership) -> None:
+        s = self.slots_per_rank
+        for rank in range(self.num_ranks):
+            if not membership.is_active(rank):
+                self.poison_slots(range(rank * s, (rank + 1) * s))
+        self.membership.copy_from(membership)
+        self.placement.copy_(placement)
+
+
+class SlotStore(Protocol):
+    """Per-slot expert weights that repair plans write: what ``SlotExecutor`` needs of them.
+
+    Slots are named by placement layer and physical slot (``rank * slots_per_rank + i``). One store
+    may hold every rank's slots (``ExpertSlots``, simulated ranks in one process) or one rank's
+    (the runtime's ``eep.runtime.engines.slots.RankSlots``, whose peers' slots are mapped from
+    other processes or GPUs).
+
+    - ``views(layer, phys)``: the destination tensors of one of this store's slots,
+      ``(w_gate [I, H], w_up [I, H], w_down [H, I])`` (``Fp8Weight`` units for FP8 experts);
+    - ``peer_views(layer, phys)``: the same of a live replica to copy from (raises naming the peer
+      when it cannot be read);
+    - ``holds(layer, phys)``: the expert a slot's bytes are known to hold (``NO_EXPERT`` if none);
+      ``mark`` records it after a write;
+    - ``serves(layer, phys)``: whether the routing in force reads the slot (it must not be written);
+    - ``poison(layer, phys)``: NaN into a slot that must never be read again;
+    - ``switch(placement, membership)``: the new maps take effect (the in-place table writes);
+    - ``copy_stream``: the CUDA stream copies are enqueued on (off the compute stream), or None.
+    """
+
+    slots_per_rank: int
+    copy_stream: "torch.cuda.Stream | None"
+
+    def views(self, layer: int, phys: int) -> tuple[ExpertWeight, ExpertWeight, ExpertWeight]: ...
+
+    def peer_views(self, layer: int, phys: int) -> tuple[ExpertWeight, ExpertWeight, ExpertWeight]: ...
+
+    def holds(self, layer: int, phys: int) -> int: ...
+
+    def mark(self, layer: int, phys: int, expert: int) -> None: ...
+
+    def serves(self, layer: int, phys: int) -> bool: ...
+
+    def poison(self, layer: int, phys: int) -> None: ...
+
+    def switch(self, placement: ExpertPlacement, membership: Membership) -> None: ...
 
 
 class SlotExecutor(RepairExecutor):
-    """Executor over one ``ExpertSlots``; commits ``new_membership`` together with the maps.
+    """The one executor of repair, reintegration and re-replication plans, over any ``SlotStore``;
+    commits ``new_membership`` together with the maps.
 
     A slot that serves nothing right now (spare, or on a rank outside the current routing) is
     written directly: no route reads it until the map switch. A slot that still serves (a donor
     replica) is staged in a side buffer and overwritten only by ``commit``. So a corrupt shard or a
-    missing expert half-way leaves every serving slot and the maps exactly as they were.
+    missing expert half-way leaves every serving slot and the maps exactly as they were. A transfer
+    whose destination already holds its expert (``SlotStore.holds``) is not copied again.
+
+    A peer source must be on a rank active in ``new_membership`` and, when ``is_source`` is given,
+    one it accepts (the runtime: a member whose own copies for the maps in force are done). With a
+    ``copy_stream`` every copy is enqueued on it, the transfers of one layer form a batch timed by
+    two CUDA events, and ``commit`` waits for the last one before it switches the maps.
     """
 
-    def __init__(self, moe: "ExpertSlots", new_membership: Membership, tiers: Sequence[ExpertSource]):
-        self.moe = moe
+    def __init__(self, store: SlotStore, new_membership: Membership, tiers: Sequence[ExpertSource], *,
+                 is_source: Callable[[int], bool] | None = None):
+        self.store = store
         self.new_membership = new_membership
         self.epoch = new_membership.epoch
         self.tiers = list(tiers)
-        self.staged: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.written_in_place: list[int] = []
+        self.is_source = is_source
+        self.staged: dict[tuple[int, int], tuple[tuple[ExpertWeight, ExpertWeight, ExpertWeight], int]] = {}
+        self.written_in_place: list[tuple[int, int]] = []
+        self.stream = store.copy_stream
+        self._batches: list[dict] = []  # {"layer", "transfers", "start", "end"}: events or perf_counter times
+        if self.stream is not None:  # after what the compute stream did to the slots (their NaN fill, last step)
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+
+    def holds(self, transfer: Transfer) -> bool:
+        key = (transfer.layer, transfer.dst_slot)
+        return key not in self.staged and self.store.holds(*key) == transfer.logical_expert_id
 
     def stage(self, transfer: Transfer, tier: ExpertSource | None) -> float:
-        moe = self.moe
+        store = self.store
         start = time.perf_counter()
-        dst = transfer.dst_slot
-        if self._serves(dst):
-            weights = (empty_like_weight(moe.slot_w_gate[dst]), empty_like_weight(moe.slot_w_up[dst]),
-                       empty_like_weight(moe.slot_w_down[dst]))
-            self.staged[dst] = weights
-        else:
-            weights = (moe.slot_w_gate[dst], moe.slot_w_up[dst], moe.slot_w_down[dst])
-            self.written_in_place.append(dst)
-        if tier is None:  # peer replica: read the live source slot
-            src = transfer.source_slot
-            if src is None or not self.new_membership.is_active(src // moe.slots_per_rank):
-                raise RepairError(f"peer source slot {src} is not on an active rank")
-            for w, slot_w in zip(weights, (moe.slot_w_gate, moe.slot_w_up, moe.slot_w_down)):
-                w.copy_(slot_w[src])
-        else:
-            tier.copy_expert_into(transfer.checkpoint_layer, transfer.logical_expert_id, *weights)
+        self._enter_batch(transfer.layer)
+        key = (transfer.layer, transfer.dst_slot)
+        with _on(self.stream):
+            if store.serves(*key):
+                weights = tuple(empty_like_weight(v) for v in store.views(*key))
+                self.staged[key] = (weights, transfer.logical_expert_id)
+            else:
+                weights = store.views(*key)
+                store.mark(*key, NO_EXPERT)  # untrusted until the copy is done
+                if key not in self.written_in_place:
+                    self.written_in_place.append(key)
+            if tier is None:  # peer replica: read the live source slot
+                src = transfer.source_slot
+                src_rank = None if src is None else src // store.slots_per_rank
+                if src is None or not self.new_membership.is_active(src_rank) or \
+                        (self.is_source is not None and not self.is_source(src_rank)):
+                    raise RepairError(f"peer source slot {src} (rank {src_rank}) is not a live replica to copy from")
+                for w, source in zip(weights, store.peer_views(transfer.layer, src)):
+                    w.copy_(source, non_blocking=self.stream is not None)
+            else:
+                tier.copy_expert_into(transfer.checkpoint_layer, transfer.logical_expert_id, *weights,
+                                      stream=self.stream)
+        if key not in self.staged:
+            store.mark(*key, transfer.logical_expert_id)
+        self._batches[-1]["transfers"] += 1
         return time.perf_counter() - start
 
-    def _serves(self, phys: int) -> bool:
-        moe = self.moe
-        return (int(moe.placement.phys_to_logical[0, phys]) != NO_EXPERT
-                and moe.membership.is_active(phys // moe.slots_per_rank))
-
     def commit(self, placement: ExpertPlacement, epoch: int) -> None:
-        moe = self.moe
-        for phys, (w_gate, w_up, w_down) in self.staged.items():
-            moe.slot_w_gate[phys].copy_(w_gate)
-            moe.slot_w_up[phys].copy_(w_up)
-            moe.slot_w_down[phys].copy_(w_down)
+        store = self.store
+        with _on(self.stream):
+            for key, (weights, expert) in self.staged.items():
+                for dst, w in zip(store.views(*key), weights):
+                    dst.copy_(w, non_blocking=self.stream is not None)
+                store.mark(*key, expert)
+        self.wait()
         self.staged.clear()
         self.written_in_place.clear()
-        s = moe.slots_per_rank
-        for rank in range(moe.num_ranks):
-            if not self.new_membership.is_active(rank):
-                moe.poison_slots(range(rank * s, (rank + 1) * s))
-        moe.membership.copy_from(self.new_membership)
-        moe.placement.copy_(placement)
+        store.switch(placement, self.new_membership)
+
+    def wait(self) -> None:
+        """Until every copy enqueued so far is done (the commit's wait on the last batch's event)."""
+        self._close_batch()
+        if self.stream is not None:
+            self.stream.synchronize()
+
+    def is_done(self) -> bool:
+        """Whether every copy enqueued so far has finished (never blocks)."""
+        self._close_batch()
+        return self.stream is None or all(b["end"].query() for b in self._batches)
 
     def discard(self) -> None:
         self.staged.clear()
-        self.moe.poison_slots(self.written_in_place)  # they served nothing before; make sure of it
+        with _on(self.stream):
+            for key in self.written_in_place:  # they served nothing before; make sure of it
+                self.store.poison(*key)
         self.written_in_place.clear()
+
+    def batch_times(self) -> list[dict]:
+        self._close_batch()
+        out = []
+        for b in self._batches:
+            if self.stream is not None:
+                seconds = b["start"].elapsed_time(b["end"]) / 1e3  # the copy stream's own time
+            else:
+                seconds = b["end"] - b["start"]
+            out.append({"layer": b["layer"], "transfers": b["transfers"], "seconds": seconds})
+        return out
+
+    def _enter_batch(self, layer: int) -> None:
+        if self._batches and self._batches[-1]["layer"] == layer and self._batches[-1]["end"] is None:
+            return
+        self._close_batch()
+        self._batches.append({"layer": layer, "transfers": 0, "start": self._mark(), "end": None})
+
+    def _close_batch(self) -> None:
+        if self._batches and self._batches[-1]["end"] is None:
+            self._batches[-1]["end"] = self._mark()
+
+    def _mark(self):
+        if self.stream is None:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self.stream)
+        return event
+
+
+@contextlib.contextmanager
+def _on(stream):
+    """Enqueue on ``stream`` (a CUDA stream), or run as is (None)."""
+    if stream is None:
+        yield
+    else:
+        with torch.cuda.stream(stream):
+            yield
 
 
 def _poisoned_slots(w: ExpertWeight, num_phys: int) -> ExpertWeight:

@@ -49,6 +49,10 @@ class RuntimeConfig:
     # an epoch that lost coverage serves nothing: its requests wait this long for a rejoin that
     # restores coverage, then are refused naming the uncovered experts (at once if no rank can rejoin)
     uncovered_hold_s: float = 10.0
+    # after a repair, fill the members' spare slots with extra replicas copied from live peers while
+    # serving, then switch the maps in one short commit, so the next failure is routing-only where
+    # slots allow (docs/runtime.md "Re-replication")
+    rereplicate: bool = True
     # a member still copying its slots for an epoch may take this long before its peers report it
     # (its heartbeat keeps it alive meanwhile; a dead or stopped one is caught by the usual evidence)
     restore_timeout_s: float = 60.0

@@ -15,9 +15,9 @@ transport in the engine; everything else is ``decode_step`` here, shared by both
 attention, so the next token depends only on the last one: a request can be re-run from its
 prompt on any rank and yields the same tokens, which is how a dead rank's requests are re-queued.
 
-Weights are generated from a seed (``generate_weights``). A rank restores experts through
-``expert_source``: ``eep.repair.ExpertSource`` tiers (a ``TensorTier`` over the generated copy, or
-weights_tools' host and disk tiers over ``eep-shards prepare`` output).
+Weights are generated from a seed (``generate_weights``). A rank restores experts from
+``rank_tiers``: ``eep.repair.ExpertSource`` tiers (a ``TensorTier`` over the generated copy, or
+weights_tools' host and disk tiers over ``eep-shards prepare`` output), through the one repair executor.
 """
 
 from __future__ import annotations
@@ -159,47 +159,41 @@ def make_request(config: TinyConfig, request_id: int, *, max_new_tokens: int = 1
     return prompt, num_new
 
 
-def expert_source(weights: TinyWeights, shard_dir: str | None = None) -> "RankExperts":
-    """The experts a rank restores from: the generated host copy, or the shards in ``shard_dir``
-    (host tier first, then disk; the shards must hold the same experts as ``weights``)."""
-    return RankExperts(weights, shard_dir)
+def rank_tiers(weights: TinyWeights, shard_dir: str | None = None) -> list[ExpertSource]:
+    """The tiers a rank restores experts from, fastest first, in the model's layer numbering: a
+    ``TensorTier`` named "host" over the generated weights, or weights_tools' ``HostTier`` and
+    ``DiskTier`` over the shards in ``shard_dir`` (which must hold the same experts as ``weights``)."""
+    if shard_dir is None:
+        layers = range(weights.config.num_layers)
+        return [TensorTier({layer: (weights.w_gate[layer], weights.w_up[layer], weights.w_down[layer])
+                            for layer in layers})]
+    from weights_tools import DiskTier, HostTier  # lazily: the generated path needs no shards
+    from weights_tools.manifest import Manifest
+
+    manifest = Manifest.load(shard_dir)
+    return [ModelLayerTier(HostTier(shard_dir, manifest=manifest), manifest.moe_layers),
+            ModelLayerTier(DiskTier(shard_dir, manifest=manifest), manifest.moe_layers)]
 
 
-class RankExperts:
-    """A rank's expert sources, fastest first, in the model's layer numbering.
+class ModelLayerTier:
+    """An ``ExpertSource`` in the model's layer numbering over one in the checkpoint's: model layer
+    ``l`` is the checkpoint's ``layer_ids[l]`` (its ``l``-th MoE layer). Plans name layers as the
+    model does; shards as the checkpoint does."""
 
-    ``tiers`` are ``eep.repair.ExpertSource`` objects keyed by checkpoint layer (``layer_ids[l]``
-    for model layer ``l``): a ``TensorTier`` over the generated weights, or weights_tools'
-    ``HostTier`` and ``DiskTier`` over the shards, whose tiered ``ExpertStore`` then falls back from
-    a bad host copy to the disk. ``load`` returns one expert as fresh float32 tensors.
-    """
+    def __init__(self, tier: ExpertSource, layer_ids: list[int]):
+        self.tier, self.layer_ids, self.name = tier, list(layer_ids), tier.name
 
-    def __init__(self, weights: TinyWeights, shard_dir: str | None = None):
-        self.store = None
-        if shard_dir is None:
-            self.layer_ids = list(range(weights.config.num_layers))
-            self.tiers: list[ExpertSource] = [TensorTier({layer: (weights.w_gate[layer], weights.w_up[layer],
-                                                                   weights.w_down[layer])
-                                                           for layer in self.layer_ids})]
-        else:
-            from weights_tools import DiskTier, ExpertStore, HostTier  # lazily: the generated path needs no shards
+    def has_expert(self, layer: int, expert: int) -> bool:
+        return 0 <= layer < len(self.layer_ids) and self.tier.has_expert(self.layer_ids[layer], expert)
 
-            self.tiers = [HostTier(shard_dir), DiskTier(shard_dir)]
-            self.store = ExpertStore(shard_dir, tiers=self.tiers)
-            self.layer_ids = self.store.moe_layers
-
-    def load(self, layer: int, logical_expert_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(w_gate [intermediate, hidden], w_up [intermediate, hidden], w_down [hidden, intermediate])``."""
-        if self.store is not None:
-            return tuple(w.float() for w in self.store.load_expert(self.layer_ids[layer], logical_expert_id))
-        tier = self.tiers[0]
-        dsts = tuple(torch.empty_like(w[logical_expert_id]) for w in tier.weights_by_layer[layer])
-        tier.copy_expert_into(layer, logical_expert_id, *dsts)
-        return dsts
+    def copy_expert_into(self, layer: int, expert: int, w_gate_dst, w_up_dst, w_down_dst, *, stream=None) -> int:
+        return self.tier.copy_expert_into(self.layer_ids[layer], expert, w_gate_dst, w_up_dst, w_down_dst,
+                                          stream=stream)
 
     def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
+        close = getattr(self.tier, "close", None)
+        if close is not None:
+            close()
 
 
 def _min_margin(weights: TinyWeights) -> float:

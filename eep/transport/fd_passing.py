@@ -77,7 +77,7 @@ def _same_user(conn: socket.socket) -> bool:
 
 
 def fetch_fd(public_address: str, *, timeout_s: float = 10.0) -> tuple[int, dict[str, Any]]:
-    """Connect to an ``FdServer`` and receive its descriptor (a new fd owned by the caller)."""
+    """Connect to an ``FdServer`` of this user and receive its descriptor (a new fd owned by the caller)."""
     address = "\0" + public_address[1:] if public_address.startswith("@") else public_address
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
@@ -85,6 +85,8 @@ def fetch_fd(public_address: str, *, timeout_s: float = 10.0) -> tuple[int, dict
             sock.connect(address)
         except OSError as exc:
             raise ConnectionError(f"no fd server at {public_address!r} (is the exporting rank alive?): {exc}") from exc
+        if not _same_user(sock):  # memory is taken only from processes of this user, as it is only given to them
+            raise ConnectionError(f"the fd server at {public_address!r} runs as another user")
         msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1)
         if not fds:
             raise ConnectionError(f"fd server at {public_address!r} sent no descriptor")

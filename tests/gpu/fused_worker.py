@@ -330,8 +330,8 @@ def scenario_kill(args, store, result) -> None:
         errors.append(f"rank {args.rank}: a live rank was reported: {st.miss_count}")
     # the dead exporter's memory: survivors can still read and write their mapping of it
     try:
-        from eep.fused.buffer import _tensor_at
-        dead = _tensor_at(buf._imports[last].ptr, 1 << 20, dev)
+        from eep.fused.peer_memory import tensor_at
+        dead = tensor_at(buf._imports[last].ptr, 1 << 20, dev)
         dead.fill_(7)
         result["dead_peer_memory_ok"] = bool(int(dead.sum()) == 7 * (1 << 20))
         torch.cuda.synchronize()

@@ -29,6 +29,10 @@ epoch that serves nothing: its requests are *held* until a rejoin restores cover
 the missing slots) when ``uncovered_hold_s`` passes first or no rank can rejoin. No answer ever
 comes from an invalid epoch: ranks check ``eep.check_validity`` themselves before they serve.
 
+After a repair the coordinator publishes a re-replication (``_rereplicate``): members copy extra
+replicas into their spare slots from live peers while they serve, then a normal prepare/commit
+switches the maps; a failure or join voids it first, and it is planned again from the new maps.
+
 A member still copying its slots for the last commit (heartbeat phase ``restoring`` / ``awaiting``)
 cannot ack a new prepare until its copies are done; while its heartbeat keeps changing it is given
 up to ``restore_timeout_s`` instead of the suspicion window, so a second failure during a repair
@@ -89,6 +93,11 @@ class Coordinator:
         self.refusal: str | None = None  # set once the unanswered requests were refused
         self.answered_below = 0  # every request id below this has an answer
         self.decisions: list[dict] = []
+        self.committed_epoch = -1
+        # re-replication (after a repair, while serving): due until a commit switches to it; the
+        # published one waits for its destinations' ``rereplicated`` posts, and any commit voids it
+        self.rereplication_due = False
+        self.rereplication: dict | None = None  # {"epoch", "waiting": set of ranks, "plan": CommitPlan}
         self._last_bad: dict[str, bytes] = {}
         self._next_heartbeat_check = 0.0
 
@@ -134,6 +143,8 @@ class Coordinator:
             self.propose(failed=set(silent), joined={}, reason="heartbeat")
         elif suspects:
             self.propose(failed=set(), joined={}, reason="resync", suspects=set(suspects))
+        else:
+            self._rereplicate()
 
     def _propose_joins(self) -> None:
         """Propose the waiting joiners, unless they are known not to cover the experts by themselves.
@@ -150,6 +161,59 @@ class Coordinator:
             for r, body in waiting.items():  # committed, or died during the proposal
                 if self.pending_joins.get(r) is body:
                     del self.pending_joins[r]
+
+    def _rereplicate(self) -> None:
+        """Publish the re-replication of the maps in force, or switch to it once its copies are done.
+
+        After a repair commit the members' spare slots take extra replicas of the experts the failure
+        left short (``RepairRules.rereplication``), so the next failure is routing-only where slots
+        allow. The ``rereplicate`` decision has no prepare: members copy while they serve and post
+        ``rereplicated/<epoch>/<rank>``; once every destination did, a normal prepare/commit switches
+        the maps (its copies are already held). A failure or join first voids it; it is then planned
+        again from the maps that commit leaves."""
+        if not self.cfg.rereplicate or self.membership is None or self.held_since is not None:
+            return
+        if self.rereplication is None:
+            if not self.rereplication_due:
+                return
+            plan = self.rules.rereplication(self.placement, self.active, self.committed_epoch)
+            if not plan.transfers:
+                self.rereplication_due = False
+                return
+            self.rereplication = {"epoch": self.committed_epoch, "plan": plan, "since": time.monotonic(),
+                                  "waiting": {t.dst_rank for t in plan.transfers}}
+            self._publish({"kind": "rereplicate", "epoch": self.committed_epoch,
+                           "placement": plan.placement.to_dict(), "plan": plan.to_wire()})
+            self.timeline.event("rereplicate", epoch=self.committed_epoch, plan=plan.timeline())
+            return
+        pending = self.rereplication
+        now = time.monotonic()
+        if now < pending.get("next_check", 0.0):
+            return  # throttled: each check is a store round trip per destination
+        pending["next_check"] = now + self.cfg.heartbeat_interval_s / 10
+        if now - pending["since"] > self.cfg.restore_timeout_s:
+            log.warning("epoch %d: ranks %s did not finish re-replicating within %.0f s; given up",
+                        pending["epoch"], sorted(pending["waiting"]), self.cfg.restore_timeout_s)
+            self.timeline.event("rereplication_failed", epoch=pending["epoch"], ranks=sorted(pending["waiting"]),
+                                error="timeout")
+            self.rereplication, self.rereplication_due = None, False
+            return
+        for r in sorted(pending["waiting"]):
+            key = store_key(self.run_id, Key.REREPLICATED, pending["epoch"], r)
+            if not self.store.check([key]):
+                continue
+            body = self._open(key)
+            if body is None or body.get("rank") != r or body.get("epoch") != pending["epoch"]:
+                continue
+            if not body.get("ok"):
+                log.warning("epoch %d: rank %d could not re-replicate (%s); re-replication given up",
+                            pending["epoch"], r, body.get("error"))
+                self.timeline.event("rereplication_failed", epoch=pending["epoch"], rank=r, error=body.get("error"))
+                self.rereplication, self.rereplication_due = None, False
+                return
+            pending["waiting"].discard(r)
+        if not pending["waiting"]:
+            self.propose(failed=set(), joined={}, reason="rereplicate")
 
     def fail(self, ranks: list[int], reason: str) -> None:
         ranks = [r for r in ranks if self.active[r]]
@@ -182,7 +246,8 @@ class Coordinator:
             t_plan = time.perf_counter()
             try:
                 # every member new: the initial placement repaired for the absent ranks
-                plan = self.rules.plan_commit(self.placement, old_active, failed, joined, epoch) if continuing \
+                plan = self.rules.plan_commit(self.placement, old_active, failed, joined, epoch,
+                                              rereplicate=reason == "rereplicate") if continuing \
                     else self.rules.plan_start(new_active, epoch)
             except InsufficientSlotsError as exc:  # only joiners: they wait for more joiners (``_propose_joins``)
                 self.uncoverable = frozenset(joined)
@@ -194,7 +259,7 @@ class Coordinator:
                 return False
             plan_s = time.perf_counter() - t_plan
             self.epoch = epoch  # consumed even if re-proposed: epochs only grow
-            self._publish({"kind": "prepare", "epoch": epoch, "active": new_active})
+            self._publish({"kind": "prepare", "epoch": epoch, "active": new_active, "reason": reason})
             self.timeline.event("prepare", epoch=epoch, reason=reason, failed=sorted(failed), joined=sorted(joined))
             self.on_phase(f"prepare_{'fail' if failed else reason}", {"epoch": epoch, "failed": sorted(failed),
                                                                        "joined": sorted(joined)})
@@ -216,6 +281,8 @@ class Coordinator:
             self._commit(epoch, plan, failed=sorted(failed), joined=joined, start_step=start_step, requeue=requeue,
                          reason=reason, plan_s=plan_s)
             self.heartbeat_seen = {r: v for r, v in self.heartbeat_seen.items() if new_active[r]}
+            self.on_phase(f"committed_{'fail' if failed else reason}", {"epoch": epoch, "failed": sorted(failed),
+                                                                        "joined": sorted(joined)})
             return True
 
     def _drop_members(self, failed: set[int]) -> None:
@@ -267,13 +334,20 @@ class Coordinator:
                 requeue: dict[int, list[int]], reason: str, plan_s: float = 0.0) -> None:
         self.uncoverable = frozenset()  # the membership changed: any set of joiners may be tried again
         self.placement = plan.placement
+        self.committed_epoch = epoch
+        self.rereplication = None  # its copies, if any, were voided at the prepare (or are switched to now)
+        if reason == "rereplicate":
+            self.rereplication_due = False
+        elif failed:
+            self.rereplication_due = True
         for r, body in joined.items():
             self.incarnation[r] = int(body["incarnation"])
             self.heartbeat_seen[r] = (-1, time.monotonic())
         body = {"kind": "commit", "epoch": epoch, "active": self.active, "failed": failed,
                 "joined": {str(r): b["nonce"] for r, b in joined.items()}, "start_step": start_step,
                 "placement": self.placement.to_dict(), "plan": plan.to_wire(),
-                "requeue": {str(r): q for r, q in requeue.items()}, "reason": reason}
+                "requeue": {str(r): q for r, q in requeue.items()}, "reason": reason,
+                "incarnations": {str(r): self.incarnation.get(r, 0) for r, a in enumerate(self.active) if a}}
         self._publish(body)
         self.decisions.append(body)
         self.timeline.event("commit", epoch=epoch, reason=reason, failed=failed, joined=sorted(joined),

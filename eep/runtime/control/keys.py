@@ -2,7 +2,9 @@
 
     eep/<run>/decision/<i>          coordinator -> ranks, i = 1, 2, ... (append-only log, sealed)
     eep/<run>/ack/<epoch>/<rank>    rank -> coordinator: paused at a step boundary (sealed)
-    eep/<run>/restored/<epoch>/<rank>  rank -> members: its copies for that epoch are done (sealed)
+    eep/<run>/restored/<epoch>/<rank>  rank -> members: its copies and switch for that epoch are done (sealed)
+    eep/<run>/rereplicated/<epoch>/<rank>  rank -> coordinator: its re-replication copies are done (sealed)
+    eep/<run>/weights/<rank>        the rank's slot memory: fd server address, layout, incarnation
     eep/<run>/hb/<rank>             rank heartbeat (sealed)
     eep/<run>/join/count, join/<i>  join requests, append-only (sealed)
     eep/<run>/report/count, report/<i>   transport-timeout evidence, append-only (sealed)
@@ -21,6 +23,8 @@ class Key(enum.Enum):
     DECISION = "decision"
     ACK = "ack"
     RESTORED = "restored"
+    REREPLICATED = "rereplicated"
+    WEIGHTS = "weights"
     HEARTBEAT = "hb"
     JOIN = "join"
     REPORT = "report"

@@ -62,7 +62,9 @@ class Fault:
     (``"prepare_fail"`` / ``"prepare_join"`` / ``"prepare_resync"``: right after such a prepare is
     published, i.e. during repair or rejoin; ``"commit_fail"`` / ``"commit_join"`` /
     ``"commit_resync"``: after every ack, just before the commit is published, so a rank killed
-    there is committed as a member, e.g. a joiner the survivors then fail to map), ``after_s``
+    there is committed as a member, e.g. a joiner the survivors then fail to map; ``"committed_fail"``
+    / ``"committed_join"`` / ``"committed_rereplicate"`` / ...: right after such a commit is
+    published, e.g. once a re-replication switched the maps), ``after_s``
     (seconds after the previous fault), or ``at_s`` (seconds after the first membership was
     committed, i.e. serving started). A phase-triggered ``kill`` / ``stop`` returns only once the
     rank has exited / stopped, so the protocol goes on with the rank already gone.

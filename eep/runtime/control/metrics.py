@@ -66,6 +66,7 @@ EVENT_KINDS = {  # kind -> legend text
     "fault": "fault injected (SIGKILL / SIGSTOP)",
     "detected": "failure detected (first evidence acted on)",
     "repair": "repair committed (new epoch, survivors serve)",
+    "rereplicated": "re-replication switched in (replicas copied from peers)",
     "restart": "rank process restarted",
     "rejoin": "restarted rank rejoined",
 }
@@ -93,6 +94,9 @@ def run_events(launcher: list[dict], t0: float) -> list[RunEvent]:
         if e.get("event") == "commit" and e.get("reason") != "start":
             if e.get("failed"):
                 out.append(RunEvent(e["t"] - t0, "repair", f"repair committed (epoch {e['epoch']})"))
+            elif e.get("reason") == "rereplicate":
+                copies = (e.get("plan") or {}).get("num_transfers")
+                out.append(RunEvent(e["t"] - t0, "rereplicated", f"{copies} replicas added (epoch {e['epoch']})"))
             if e.get("joined"):
                 ranks = ", ".join(str(r) for r in e["joined"])
                 out.append(RunEvent(e["t"] - t0, "rejoin", f"rank {ranks} rejoined (epoch {e['epoch']})"))

@@ -2,14 +2,16 @@
 
 Life of a rank (``Phase``):
 
-    WARMUP    load the experts this slot will hold once it joins (the row the coordinator's
-              rejoin plan gives it, from the latest commit; its initial row at the start), map the
-              transport, run the experts on random rows in isolation, post an authenticated join request
+    WARMUP    copy the experts this slot will hold once it joins (the coordinator's rejoin plan
+              from the latest commit: survivors' replicas first, then the tiers; its initial row
+              from the fastest tier at the start), map the transport, run the experts on random
+              rows in isolation, post an authenticated join request
     JOINING   wait for the commit that names this request's nonce
-    RESTORING (inside a commit) copy the slots the commit's plan assigns to this rank
-    AWAITING  copies done; wait until every member that had copies to make is done too (each posts
-              ``restored/<epoch>/<rank>``), so no step waits on a peer still copying
-    SERVING   one decode step per loop: claim requests, decode, publish finished answers
+    RESTORING (inside a commit) run this rank's part of the commit's plan (``engine.execute``)
+    AWAITING  copies done and maps switched; wait until every other member is too (each posts
+              ``restored/<epoch>/<rank>``), so no step waits on a peer still copying or mapping
+    SERVING   one decode step per loop: claim requests, decode, publish finished answers; a
+              re-replication in progress copies one layer batch between steps
     HELD      a member of an epoch that is not EP-valid (coverage lost): no step, requests kept,
               until a commit restores coverage (or the coordinator refuses the requests)
     PAUSED    acked a ``prepare``; waits for its ``commit`` (survivors apply it at the same step)
@@ -47,15 +49,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from eep.repair import PEER, ExecutionReport, RepairError
 from eep.runtime.control.auth import Sealer
 from eep.runtime.config import RuntimeConfig
-from eep.runtime.engines.shm import StepAborted
-from eep.runtime.engines.base import make_engine
+from eep.runtime.engines.base import StepAborted, make_engine
+from eep.runtime.engines.slots import PlanPart, restore_stats
 from eep.runtime.control.keys import Key, store_key
 from eep.runtime.model import make_request
 from eep.runtime.control.rules import CommitPlan, RepairRules
 from eep.runtime.control.timeline import Timeline
-from eep.state import ExpertPlacement, Membership, check_validity
+from eep.state import NO_EXPERT, ExpertPlacement, Membership, check_validity
 
 log = logging.getLogger("eep.runtime.control.rank")
 
@@ -157,8 +160,13 @@ class RankWorker:
         self._awaiting: list[int] = []  # members whose copies for this epoch are not done yet
         self._awaiting_since = 0.0
         # the plan of the last prepare, computed while the coordinator collects the other acks:
-        # ((epoch, new active mask), plan), used at the commit if the commit matches the prepare
+        # ((epoch, new active mask, re-replication), plan), used at the commit if the commit matches the prepare
         self._planned: tuple[tuple, CommitPlan] | None = None
+        self._incarnations: dict[int, int] = {}  # each member's incarnation, from the last commit
+        # (epoch the warm-up copies were planned from, {(layer, slot): peer source slot}) of a joining rank
+        self._preloaded: tuple[int, dict] = (-1, {})
+        self._background = None  # (epoch, BackgroundCopies, predicted s) of a re-replication in progress
+        self._peeked: dict[int, dict] = {}  # decisions read ahead by _has_new_decision, by log index
 
     # ---- lifecycle ----
     def request_stop(self, reason: str) -> None:
@@ -184,6 +192,8 @@ class RankWorker:
                 if self.stop_reason is not None:
                     break
                 if self.phase is Phase.SERVING:
+                    if self._background is not None:
+                        self._advance_background()
                     self._serve_step()
                 elif self.phase is Phase.AWAITING:
                     self._await_restores()
@@ -213,7 +223,20 @@ class RankWorker:
     def _warmup_and_request_join(self) -> None:
         self.phase = Phase.WARMUP
         t0 = time.time()
-        loaded = self._load_missing(self.rules.preload_placement(self._latest_commit(), self.rank))
+        latest = self._latest_commit()
+        base = None if latest is None else (int(latest["epoch"]), ExpertPlacement.from_dict(latest["placement"]),
+                                            list(latest["active"]))
+        plan = self.rules.preload(base, self.rank)
+        # the copies run under the maps they are planned from (a start: the membership it will join)
+        active = base[2] if base is not None and not base[2][self.rank] else [True] * self.cfg.num_ranks
+        part = PlanPart(plan.epoch, plan.placement, active, plan.transfers_to(self.rank),
+                        incarnations=_incarnations(latest),
+                        is_source=_remembered(lambda r: self.store.check([store_key(self.run_id, Key.RESTORED,
+                                                                                    plan.epoch, r)])))
+        report = self._execute(part)
+        # slots copied from a peer are trusted until a commit rewrites their source slot (_on_foreign_commit)
+        self._preloaded = (plan.epoch, {(t.layer, t.dst_slot): t.source_slot for t, by in
+                                        zip(part.transfers, report.served_by) if by == PEER})
         t_loaded = time.time()
         self.engine.warmup()
         self.nonce = secrets.token_hex(8)
@@ -222,33 +245,45 @@ class RankWorker:
         self.store.set(key, self.sealer.seal(key, {"rank": self.rank, "incarnation": self.incarnation,
                                                    "nonce": self.nonce}))
         self.phase = Phase.JOINING
-        self.timeline.event("join_request", nonce=self.nonce, loaded=loaded, warmup_s=time.time() - t0,
-                            load_s=t_loaded - t0, restore_by_tier=getattr(self.engine, "restore_stats", None))
+        self.timeline.event("join_request", nonce=self.nonce, loaded=report.num_copied, warmup_s=time.time() - t0,
+                            load_s=t_loaded - t0, predicted_load_s=plan.predicted_s_for(self.rank),
+                            planned_from=plan.epoch, restore_by_tier=restore_stats(report, part.transfers))
 
-    def _load_missing(self, placement: ExpertPlacement) -> int:
+    def _execute(self, part: PlanPart) -> ExecutionReport:
+        """This rank's part of a plan, through the engine's one executor (copies, wait, switch)."""
         t0 = time.perf_counter()
-        restored = self.engine.load_missing(placement)
-        if self.cfg.restore_pace_gbps and restored:  # tests: as long as copies at that rate would take
-            pace_s = restored * self.rules.expert_nbytes / (self.cfg.restore_pace_gbps * 1e9)
+        report = self.engine.execute(part)
+        if self.cfg.restore_pace_gbps and report.num_copied:  # tests: as long as copies at that rate would take
+            pace_s = report.num_copied * self.rules.expert_nbytes / (self.cfg.restore_pace_gbps * 1e9)
             time.sleep(max(0.0, pace_s - (time.perf_counter() - t0)))
-        return restored
+        return report
 
-    def _latest_commit(self) -> tuple[ExpertPlacement, list[bool]] | None:
-        """The maps and membership of the newest authenticated commit in the decision log, if any."""
+    def _latest_commit(self) -> dict | None:
+        """The newest authenticated commit in the decision log, if any."""
         latest, index = None, 1
         while (body := self._read_decision(index)) is not None:
             if body.get("kind") == "commit":
                 latest = body
             index += 1
-        if latest is None:
-            return None
-        return ExpertPlacement.from_dict(latest["placement"]), list(latest["active"])
+        return latest
+
+    def _on_foreign_commit(self, body: dict) -> None:
+        """A commit that does not admit this joining rank: a slot it copied from a peer is no longer
+        trusted if this commit rewrites the source slot (the copy may have read it half-written)."""
+        base, sources = self._preloaded
+        if int(body["epoch"]) <= base or not sources:
+            return
+        written = {(int(t[0]), int(t[7])) for t in body["plan"]["transfers"]}  # Transfer fields: layer, .., dst_slot
+        for (layer, dst), src in sources.items():
+            if (layer, src) in written:
+                self.engine.slots.mark(layer, dst, NO_EXPERT)
 
     # ---- decisions ----
     def _poll_decisions(self) -> list[dict]:
         out = []
         while True:
-            body = self._read_decision(self.seen_decisions + 1)
+            index = self.seen_decisions + 1
+            body = self._peeked.pop(index, None) or self._read_decision(index)
             if body is None:
                 return out
             self.seen_decisions += 1
@@ -268,7 +303,17 @@ class RankWorker:
         return body
 
     def _has_new_decision(self) -> bool:
-        return self._read_decision(self.seen_decisions + 1) is not None
+        """Whether a decision that stops steps (prepare, commit, shutdown) waits in the log: a step
+        blocked on a peer gives up for it. A re-replication does not stop steps (it is read between them)."""
+        index = self.seen_decisions + 1
+        while True:
+            body = self._peeked.get(index) or self._read_decision(index)
+            if body is None:
+                return False
+            self._peeked[index] = body
+            if body.get("kind") != "rereplicate":
+                return True
+            index += 1
 
     def _handle(self, body: dict) -> None:
         try:
@@ -276,14 +321,18 @@ class RankWorker:
             if kind == "shutdown":
                 self.request_stop("shutdown")
             elif kind == "prepare":
-                self._on_prepare(int(body["epoch"]), list(body["active"]))
+                self._on_prepare(int(body["epoch"]), list(body["active"]), str(body.get("reason", "")))
             elif kind == "commit":
                 self._on_commit(body)
+            elif kind == "rereplicate":
+                self._on_rereplicate(body)
         except (KeyError, TypeError, ValueError) as exc:
             log.error("rank %d: ignored a malformed decision %s: %s", self.rank, body, exc)
 
-    def _on_prepare(self, epoch: int, active: list[bool]) -> None:
+    def _on_prepare(self, epoch: int, active: list[bool], reason: str) -> None:
         if self.phase in (Phase.SERVING, Phase.HELD, Phase.AWAITING, Phase.PAUSED, Phase.STALLED) and epoch > self.epoch:
+            if reason != "rereplicate":
+                self._void_background(epoch)
             key = store_key(self.run_id, Key.ACK, epoch, self.rank)
             self.store.set(key, self.sealer.seal(key, {"rank": self.rank, "incarnation": self.incarnation,
                                                        "epoch": epoch, "step": self.step}))
@@ -295,8 +344,9 @@ class RankWorker:
             if active[self.rank]:
                 failed = [r for r, (a, b) in enumerate(zip(old, active)) if a and not b]
                 joined = [r for r, (a, b) in enumerate(zip(old, active)) if b and not a]
-                self._planned = ((epoch, tuple(active)),
-                                 self.rules.plan_commit(self.placement, old, failed, joined, epoch))
+                self._planned = ((epoch, tuple(active), reason == "rereplicate"),
+                                 self.rules.plan_commit(self.placement, old, failed, joined, epoch,
+                                                        rereplicate=reason == "rereplicate"))
 
     def _on_commit(self, body: dict) -> None:
         epoch = int(body["epoch"])
@@ -304,6 +354,8 @@ class RankWorker:
         if self.phase in (Phase.JOINING, Phase.WARMUP):
             if joined.get(str(self.rank)) == self.nonce:
                 self._adopt(body, is_joiner=True)
+            else:
+                self._on_foreign_commit(body)
             return
         if epoch <= self.epoch:
             return
@@ -328,7 +380,12 @@ class RankWorker:
         validity = check_validity(membership, plan.placement)
         t_restore = time.time()
         self.phase = Phase.RESTORING
-        restored = self._load_missing(plan.placement)
+        self._incarnations = _incarnations(body)
+        copying = {t.dst_rank for t in plan.transfers}
+        part = PlanPart(epoch, plan.placement, active, plan.transfers_to(self.rank), incarnations=self._incarnations,
+                        is_source=_remembered(lambda r: r not in copying or self._wait_restored(epoch, r)))
+        report = self._execute(part)
+        self._background = None  # a re-replication this commit switched to, or one a prepare voided
         t_switch = time.time()
         unmapped: list[int] = []
         try:
@@ -342,23 +399,24 @@ class RankWorker:
         self.epoch = epoch
         self.step = int(body["start_step"])
         self.pending.extend(int(q) for q in body["requeue"].get(str(self.rank), []))
-        copying = sorted({t.dst_rank for t in plan.transfers} - {self.rank})
+        # every member posts when its copies and switch are done; none steps before all have (AWAITING)
         key = store_key(self.run_id, Key.RESTORED, epoch, self.rank)
-        self.store.set(key, self.sealer.seal(key, {"rank": self.rank, "epoch": epoch, "restored": restored}))
+        self.store.set(key, self.sealer.seal(key, {"rank": self.rank, "epoch": epoch, "restored": report.num_copied}))
+        others = [r for r, a in enumerate(active) if a and r != self.rank]
         if not validity.ok:
             self.phase = Phase.HELD
-        elif copying:
-            self.phase, self._awaiting, self._awaiting_since = Phase.AWAITING, copying, time.monotonic()
+        elif others:
+            self.phase, self._awaiting, self._awaiting_since = Phase.AWAITING, others, time.monotonic()
         else:
             self.phase = Phase.SERVING
         self.timeline.event("commit", epoch=epoch, reason=body["reason"], start_step=self.step,
-                            restored=restored, requeued=len(body["requeue"].get(str(self.rank), [])),
+                            restored=report.num_copied, requeued=len(body["requeue"].get(str(self.rank), [])),
                             was=was.value, paused_s=(t0 - self._paused_since) if was is Phase.PAUSED else None,
                             valid=validity.ok,
                             plan_s=t_restore - t0, restore_s=t_switch - t_restore, switch_s=t_done - t_switch,
                             predicted_restore_s=plan.predicted_s_for(self.rank),
-                            planned_copies=len(plan.transfers_to(self.rank)), phases=plan.phases,
-                            restore_by_tier=getattr(self.engine, "restore_stats", None) if restored else None)
+                            planned_copies=len(part.transfers), phases=plan.phases,
+                            restore_by_tier=restore_stats(report, part.transfers) if part.transfers else None)
         if not validity.ok:
             log.error("rank %d: epoch %d is not EP-valid (%s); holding its requests", self.rank, epoch,
                       validity.summary(limit=3).replace("\n", ";"))
@@ -378,17 +436,81 @@ class RankWorker:
         placement repaired for the absent ranks, which it recomputes as well."""
         epoch, active = int(body["epoch"]), list(body["active"])
         if not is_joiner:
+            rereplicate = body["reason"] == "rereplicate"
             planned, self._planned = self._planned, None
-            if planned is not None and planned[0] == (epoch, tuple(active)):
+            if planned is not None and planned[0] == (epoch, tuple(active), rereplicate):
                 return planned[1]  # computed at the prepare: the same inputs
             return self.rules.plan_commit(self.placement, self.membership.active_cpu.tolist(), body["failed"],
-                                          [int(r) for r in body["joined"]], epoch)
+                                          [int(r) for r in body["joined"]], epoch, rereplicate=rereplicate)
         if all(str(r) in body["joined"] for r, a in enumerate(active) if a):
             return self.rules.plan_start(active, epoch)
         return None
 
+    def _wait_restored(self, epoch: int, rank: int) -> bool:
+        """Whether ``rank`` posted ``restored`` for ``epoch`` (its slots are final) within
+        ``restore_timeout_s``; gives up at once when a new decision arrives (e.g. its failure)."""
+        key = store_key(self.run_id, Key.RESTORED, epoch, rank)
+        deadline = time.monotonic() + self.cfg.restore_timeout_s
+        while not self.store.check([key]):
+            if time.monotonic() > deadline or self._has_new_decision():
+                return False
+            time.sleep(0.0005)
+        return True
+
+    # ---- re-replication (after a repair, while serving) ----
+    def _on_rereplicate(self, body: dict) -> None:
+        """Start copying this rank's share of a re-replication in the background (``SERVING`` goes on);
+        the copies land in spare slots no route reads, and a later commit switches the maps."""
+        epoch = int(body["epoch"])
+        if epoch != self.epoch or self.phase not in (Phase.SERVING, Phase.AWAITING):
+            return  # planned from maps this rank no longer serves: a newer decision voids it
+        plan = CommitPlan.from_wire(epoch, ExpertPlacement.from_dict(body["placement"]), body["plan"])
+        active = self.membership.active_cpu.tolist()
+        if not self.rules.rereplication(self.placement, active, epoch).agrees_for(self.rank, plan):
+            log.error("rank %d: the re-replication of epoch %d differs from this rank's; using the published one",
+                      self.rank, epoch)
+            self.timeline.event("plan_mismatch", epoch=epoch, kind="rereplicate")
+        mine = plan.transfers_to(self.rank)
+        if not mine:
+            return
+        # every member posted ``restored`` for this epoch before this rank served it: sources are final
+        part = PlanPart(epoch, plan.placement, active, mine, incarnations=self._incarnations)
+        self._background = (epoch, self.engine.copy_in_background(part), plan.predicted_s_for(self.rank))
+        self.timeline.event("rereplication_start", epoch=epoch, copies=len(mine))
+
+    def _advance_background(self) -> None:
+        """One batch of the background copies per serving loop; post ``rereplicated`` once all are done."""
+        epoch, job, predicted_s = self._background
+        if job.is_done:
+            return
+        key = store_key(self.run_id, Key.REREPLICATED, epoch, self.rank)
+        try:
+            done = job.step()
+        except RepairError as exc:  # no source could serve a copy: give the re-replication up
+            job.void()
+            self._background = None
+            self.store.set(key, self.sealer.seal(key, {"rank": self.rank, "epoch": epoch, "ok": False,
+                                                       "error": str(exc)}))
+            self.timeline.event("rereplication_failed", epoch=epoch, error=str(exc))
+            return
+        if done:
+            report = job.report
+            self.store.set(key, self.sealer.seal(key, {"rank": self.rank, "epoch": epoch, "ok": True,
+                                                       "copied": report.num_copied}))
+            self.timeline.event("rereplicated", epoch=epoch, copies=report.num_copied, observed_s=report.total_s,
+                                predicted_s=predicted_s, restore_by_tier=restore_stats(report, job.transfers))
+
+    def _void_background(self, epoch: int) -> None:
+        """A prepare other than the re-replication's own: copies not switched to are dropped (their
+        slots poisoned); the coordinator re-plans from the maps it commits."""
+        if self._background is not None:
+            self._background[1].void()
+            self.timeline.event("rereplication_voided", epoch=self._background[0], by_prepare=epoch)
+            self._background = None
+
     def _await_restores(self) -> None:
-        """AWAITING: serve once every member that had copies to make posted ``restored`` for this epoch."""
+        """AWAITING: serve once every other member posted ``restored`` for this epoch (its copies and
+        switch are done), so no first step waits on a peer still copying or mapping."""
         keys = {r: store_key(self.run_id, Key.RESTORED, self.epoch, r) for r in self._awaiting}
         self._awaiting = [r for r in self._awaiting if not self.store.check([keys[r]])]
         if not self._awaiting:
@@ -519,6 +641,22 @@ class RankWorker:
             if self.stop_reason is not None:
                 return
             time.sleep(self.cfg.heartbeat_interval_s)
+
+
+def _remembered(is_source):
+    """``is_source`` asked once per rank (a plan names the same peer for many slots)."""
+    known: dict[int, bool] = {}
+
+    def check(rank: int) -> bool:
+        if rank not in known:
+            known[rank] = is_source(rank)
+        return known[rank]
+    return check
+
+
+def _incarnations(commit: dict | None) -> dict[int, int]:
+    """``{rank: incarnation}`` of a commit's members (the peers a copy may read from)."""
+    return {int(r): int(i) for r, i in ((commit or {}).get("incarnations") or {}).items()}
 
 
 def _unlink_quietly(path: str) -> None:

@@ -29,13 +29,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
-from eep.repair import Bandwidth, Transfer, plan_reintegration, plan_repair
+from eep.repair import Bandwidth, Transfer, plan_reintegration, plan_repair, plan_rereplication
+from eep.repair.plan import predict_transfers
 from eep.repair.tiers import DeclaredTier
 from eep.runtime.config import RuntimeConfig
 from eep.state import Clause, ExpertPlacement, Membership, check_validity
 
 # phases of a commit's plan, in the order they run (what the timeline reports)
 ROUTING_ONLY, ORPHAN_RESTORE, REINTEGRATION, START = "routing-only", "orphan-restore", "reintegration", "start"
+REREPLICATION = "re-replication"
 _TRANSFER_FIELDS = tuple(f.name for f in fields(Transfer))
 
 
@@ -114,10 +116,14 @@ class RepairRules:
         self.expert_nbytes = 3 * m.hidden * m.intermediate * (4 if cfg.engine == "shm" else 2)
 
     def plan_commit(self, old: ExpertPlacement, old_active: list[bool], failed: Iterable[int],
-                    joined: Iterable[int], epoch: int) -> CommitPlan:
-        """The plan of a commit with continuing members (``old_active`` minus ``failed`` is not empty)."""
+                    joined: Iterable[int], epoch: int, *, rereplicate: bool = False) -> CommitPlan:
+        """The plan of a commit with continuing members (``old_active`` minus ``failed`` is not empty).
+
+        ``rereplicate`` (nothing failed or joined): the commit that switches to the re-replicated maps."""
         failed = sorted({r for r in failed if old_active[r]})  # a rank already out fails nothing more
         joined = sorted(set(joined))
+        if rereplicate and not failed and not joined:
+            return self.rereplication(old, old_active, epoch)
         membership = Membership(len(old_active), active=old_active, epoch=epoch - 1)
         placement, transfers, phases = old, [], []
         uncovered, missing = {}, 0
@@ -154,19 +160,41 @@ class RepairRules:
         return CommitPlan(epoch, repair.placement, repair.restores,
                           [_phase(START, repair.restores, repair.predicted_pause_s)])
 
-    def preload_placement(self, latest: tuple[ExpertPlacement, list[bool]] | None, rank: int) -> ExpertPlacement:
-        """The placement whose row ``rank`` should load before it asks to join.
+    def rereplication(self, placement: ExpertPlacement, active: list[bool], epoch: int) -> CommitPlan:
+        """Spare slots of the members of ``active`` filled with replicas copied from live peers
+        (``eep.plan_rereplication``); the maps of the commit that switches to them (``epoch``)."""
+        rep = plan_rereplication(placement, Membership(len(active), active=active, epoch=epoch - 1),
+                                 bandwidth=self.bandwidth, expert_nbytes=self.expert_nbytes)
+        return CommitPlan(epoch, rep.placement, rep.transfers,
+                          [_phase(REREPLICATION, rep.transfers, rep.predicted_s)])
+
+    def preload(self, latest: tuple[int, ExpertPlacement, list[bool]] | None, rank: int) -> CommitPlan:
+        """What ``rank`` copies into its slots before it asks to join, as a plan (its epoch: the commit
+        it was made from; -1 at the start).
 
         The coordinator will plan the join with ``plan_reintegration`` from the latest committed
-        maps; a joiner that loads that plan's row beforehand has nothing left to copy when the
-        commit comes, unless the membership changed in between (then it copies the difference).
-        Without a commit that leaves it out (the start, or its failure not yet committed) it
-        loads its initial row."""
-        if latest is None or latest[1][rank]:
-            return self.initial
-        placement, active = latest
-        return plan_reintegration(placement, Membership(len(active), active=active), rank, tiers=self.tiers,
-                                  bandwidth=self.bandwidth, expert_nbytes=self.expert_nbytes).placement
+        maps (``latest``: epoch, placement, active); a joiner that runs that plan's copies beforehand
+        (from peers first, as the plan orders them) has nothing left to copy when the commit comes,
+        unless the membership changed in between (then it copies the difference). Without a commit
+        that leaves it out (the start, or its failure not yet committed) it loads its initial row
+        from the fastest tier."""
+        if latest is None or latest[2][rank]:
+            s = self.initial.slots_per_rank
+            transfers = []
+            for layer, row in enumerate(self.initial.phys_to_logical[:, rank * s:(rank + 1) * s].tolist()):
+                for local, expert in enumerate(row):
+                    tier = next((t for t in self.tiers if t.has_expert(layer, expert)), None)
+                    if expert >= 0 and tier is not None:
+                        transfers.append(Transfer(layer, layer, expert, tier.name, None, None, rank, rank * s + local,
+                                                  self.expert_nbytes))
+            transfers, predicted_s = predict_transfers(transfers, self.bandwidth)
+            return CommitPlan(-1 if latest is None else latest[0], self.initial.clone(), transfers,
+                              [_phase(START, transfers, predicted_s)])
+        epoch, placement, active = latest
+        rejoin = plan_reintegration(placement, Membership(len(active), active=active, epoch=epoch), rank,
+                                    tiers=self.tiers, bandwidth=self.bandwidth, expert_nbytes=self.expert_nbytes)
+        return CommitPlan(epoch, rejoin.placement, rejoin.transfers,
+                          [_phase(REINTEGRATION, rejoin.transfers, rejoin.predicted_s)])
 
 
 def tier_names(cfg: RuntimeConfig) -> list[str]:

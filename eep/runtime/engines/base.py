@@ -10,9 +10,11 @@ engine; only the data plane differs. ``RuntimeConfig.engine`` picks one:
   on CPU), ``"cpu_elastic"`` (the same engine over the shared-memory transport, membership-aware)
   and ``"local"`` (one rank, no communication) exist for CPU tests. Imported lazily: this module imports no CUDA package.
 
-An engine is created once per rank process and keeps its expert slots across epochs:
+An engine is created once per rank process and keeps its expert slots (``engine.slots``, a
+``RankSlots``: eep/runtime/engines/slots.py) across epochs:
 
-    engine.load_missing(placement) -> int      # restore slots the placement wants (returns count)
+    engine.execute(part) -> ExecutionReport     # this rank's part of a plan: copy, wait, switch the maps
+    engine.copy_in_background(part)             # re-replication copies while serving (no switch)
     engine.warmup()                             # run local experts alone, before joining
     engine.on_commit(active=, joined=, epoch=, start_step=, is_joiner=)   # membership switch
     engine.decode(tokens, active=, placement=, epoch=, step=, timeout_s=, should_abort=) -> list[int]
@@ -29,8 +31,10 @@ from typing import Any, Protocol
 
 import torch
 
+from eep.repair import ExecutionReport
 from eep.runtime.config import RuntimeConfig
-from eep.state import NO_EXPERT, ExpertPlacement
+from eep.runtime.engines.slots import BackgroundCopies, PlanPart, RankSlots
+from eep.state import ExpertPlacement
 
 ENGINES = ("shm", "fused", "fused_fixed", "nccl", "gloo", "cpu_elastic", "local")
 
@@ -45,7 +49,11 @@ class StepAborted(Exception):
 
 
 class Engine(Protocol):
-    def load_missing(self, placement: ExpertPlacement) -> int: ...
+    slots: RankSlots
+
+    def execute(self, part: PlanPart) -> ExecutionReport: ...
+
+    def copy_in_background(self, part: PlanPart) -> BackgroundCopies: ...
 
     def warmup(self) -> None: ...
 
@@ -58,21 +66,12 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def missing_slots(placement: ExpertPlacement, rank: int, loaded: torch.Tensor) -> list[tuple[int, int, int]]:
-    """``(layer, local_slot, logical_expert_id)`` of this rank's slots whose loaded expert (``loaded
-    [num_layers, slots_per_rank]``) differs from the one ``placement`` wants there."""
-    s = placement.slots_per_rank
-    want = placement.phys_to_logical[:, rank * s:(rank + 1) * s]
-    return [(layer, i, int(want[layer, i])) for layer, i in (want != loaded).nonzero().tolist()
-            if int(want[layer, i]) != NO_EXPERT]
-
-
 def make_engine(cfg: RuntimeConfig, rank: int, *, shm_path: str, store: Any, run_id: str,
                 incarnation: int) -> Engine:
     """The engine ``cfg.engine`` names, for ``rank`` (errors name the unknown engine)."""
     if cfg.engine == "shm":
         from eep.runtime.engines.shm import ShmEngine
-        return ShmEngine(cfg, rank, shm_path=shm_path)
+        return ShmEngine(cfg, rank, shm_path=shm_path, store=store, run_id=run_id, incarnation=incarnation)
     if cfg.engine in ENGINES:
         from eep.runtime.engines.gpu import GpuEngine  # lazily: its exchanges import CUDA packages
         return GpuEngine(cfg, rank, store=store, run_id=run_id, incarnation=incarnation, engine=cfg.engine,

@@ -19,8 +19,10 @@ The attention stand-in costs what the projections of one decode attention layer 
 (``attn_width`` = 9216 for qwen3-30b-a3b: q 4096 + k 512 + v 512 + o 4096 columns of hidden 2048)
 and is added with weight 0, so tokens are the MoE model's alone and the CPU oracle can skip it.
 Non-expert weights come from a seed (``bench_weights``); expert weights from ``eep-shards
-prepare`` output through weights_tools' ``ExpertStore`` (host tier, then disk), into per-slot
-device tensors ``w13 [layers, slots, 2*inter, hidden]`` and ``w2 [layers, slots, hidden, inter]``.
+prepare`` output (weights_tools' host tier, then disk) or from a peer's replica, as the plan says,
+into per-slot device tensors ``w13 [layers, slots, 2*inter, hidden]`` and ``w2 [layers, slots,
+hidden, inter]`` in one VMM allocation that peers map (``RankSlots``, eep/runtime/engines/slots.py);
+the copies run on the slots' copy stream, off the compute stream.
 
 The tokens cross ranks through the exchange seam (``make_exchange`` below, by engine name): the
 fused GPU buffer (membership-aware or the fixed-membership baseline), the collective baseline
@@ -45,8 +47,10 @@ import torch
 from eep.errors import PeerUnreachableError
 from eep.routing import route_to_phys, select_experts
 from eep.runtime.config import RuntimeConfig
-from eep.runtime.engines.base import StepAborted, missing_slots
-from eep.runtime.model import bench_weights, rms_norm
+from eep.repair import ExecutionReport
+from eep.runtime.engines.base import StepAborted
+from eep.runtime.engines.slots import BackgroundCopies, PlanPart, RankSlots
+from eep.runtime.model import ModelLayerTier, bench_weights, rms_norm
 from eep.state import NO_EXPERT, ExpertPlacement, Membership
 
 # ---- the engine -------------------------------------------------------------------------------
@@ -98,6 +102,7 @@ class GpuEngine:
         self.store = ExpertStore(cfg.shard_dir, tiers=tiers)
         mark("expert_store")  # host tier attach (and pinning, on CUDA)
         self.moe_layers = self.store.moe_layers
+        self.tiers = [ModelLayerTier(t, self.moe_layers) for t in self.store.tiers]
         if (len(self.moe_layers), self.store.num_experts) != (L, c.num_experts):
             raise ValueError(f"shards in {cfg.shard_dir} hold {len(self.moe_layers)} MoE layers x "
                              f"{self.store.num_experts} experts; the config needs {L} x {c.num_experts}")
@@ -112,12 +117,13 @@ class GpuEngine:
             gen = torch.Generator(device=dev).manual_seed(rank + 1)
             self.attn = ((torch.randn(L, c.hidden, width, generator=gen, device=dev) / c.hidden ** 0.5).to(dt),
                          (torch.randn(L, width, c.hidden, generator=gen, device=dev) / width ** 0.5).to(dt))
-        # per-slot weights; NaN poisons any output that reads a slot never loaded
-        self.w13 = torch.full((L, S, 2 * c.intermediate, c.hidden), float("nan"), dtype=dt, device=dev)
-        self.w2 = torch.full((L, S, c.hidden, c.intermediate), float("nan"), dtype=dt, device=dev)
-        self.loaded = torch.full((L, S), NO_EXPERT, dtype=torch.int64)
         self.max_replicas = int(opts.get("max_replicas", 8))
         self.l2p = torch.full((L, c.num_experts, self.max_replicas), NO_EXPERT, dtype=torch.int64, device=dev)
+        # per-slot weights in one allocation peers can map (VMM on a GPU); NaN until loaded
+        self.slots = RankSlots(rank=rank, num_ranks=cfg.num_ranks, num_layers=L, slots_per_rank=S, hidden=c.hidden,
+                               intermediate=c.intermediate, dtype=dt, device=dev, store=store, run_id=run_id,
+                               incarnation=incarnation, on_switch=self._write_table,
+                               connect_timeout_s=cfg.peer_connect_timeout_s)
         mark("weights_alloc")
         # One stage, sized for the capacity, serves every graph: what a rank receives depends on its
         # peers' batches, not its own (a rank replaying the small graph can receive from survivors
@@ -138,28 +144,15 @@ class GpuEngine:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outs: dict[int, torch.Tensor] = {}
         self.last_misses = [0] * cfg.num_ranks
-        self.restore_stats: dict = {}
 
     # ---- slots ----
-    def load_missing(self, placement: ExpertPlacement) -> int:
-        """Restore every slot whose expert differs from ``placement``'s; records bytes/seconds by tier."""
-        inter = self.cfg.model.intermediate
-        missing = missing_slots(placement, self.rank, self.loaded)
-        stats: dict = {}
-        t0 = time.perf_counter()
-        for layer, i, expert in missing:
-            rec = self.store.load_expert_into(self.moe_layers[layer], expert, self.w13[layer, i, :inter],
-                                              self.w13[layer, i, inter:], self.w2[layer, i])
-            tier = stats.setdefault(rec.tier, {"experts": 0, "nbytes": 0, "seconds": 0.0})
-            tier["experts"] += 1
-            tier["nbytes"] += rec.nbytes
-            tier["seconds"] += rec.seconds
-            self.loaded[layer, i] = expert
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.restore_stats = {"by_tier": stats, "seconds": time.perf_counter() - t0, "experts": len(missing)}
-        self._write_table(placement)
-        return len(missing)
+    def execute(self, part: PlanPart) -> ExecutionReport:
+        """This rank's part of a plan: copies on the slots' copy stream (peer replicas device to device,
+        host tier asynchronously when pinned), one event per layer batch, the switch once the last is done."""
+        return self.slots.execute(part, self.tiers)
+
+    def copy_in_background(self, part: PlanPart) -> BackgroundCopies:
+        return self.slots.copy_in_background(part, self.tiers)
 
     def _write_table(self, placement: ExpertPlacement) -> None:
         table = placement.logical_to_phys
@@ -180,7 +173,7 @@ class GpuEngine:
             phys = route_to_phys(topk_ids, self.l2p[layer], self.membership.active_device, self.S,
                                  token_offset=self.rank * self.M)
             recv, handle = self.exchange.dispatch(x, phys)
-            y = self.stage(recv.x, recv.count, self.w13[layer], self.w2[layer])
+            y = self.stage(recv.x, recv.count, self.slots.w13[layer], self.slots.w2[layer])
             h = h + self.exchange.combine(y, handle, topk_weights).float()
             if self.attn is not None:
                 h = h + 0.0 * ((x @ self.attn[0][layer]) @ self.attn[1][layer]).float()
@@ -201,8 +194,8 @@ class GpuEngine:
         count = torch.full((self.S, self.cfg.num_ranks), per_block, dtype=torch.int32, device=dev)
         row = torch.arange(self.M, device=dev)
         for layer in range(self.L):
-            count_l = torch.where((self.loaded[layer] >= 0).to(dev).unsqueeze(1), count, 0).to(torch.int32)
-            y = self.stage(x, count_l, self.w13[layer], self.w2[layer])
+            count_l = torch.where((self.slots.loaded[layer] >= 0).to(dev).unsqueeze(1), count, 0).to(torch.int32)
+            y = self.stage(x, count_l, self.slots.w13[layer], self.slots.w2[layer])
             if not bool(torch.isfinite(y[row < count_l.unsqueeze(-1)]).all()):
                 raise RuntimeError(f"rank {self.rank}: warm-up of layer {layer} gave non-finite outputs")
         if self.use_graph and not self.graphs:
@@ -246,27 +239,6 @@ class GpuEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.last_misses = self.exchange.miss_count.tolist()
-        self._epoch_barrier(active, epoch, 0.8 * self.cfg.suspicion_window_s)
-
-    def _epoch_barrier(self, active: list[bool], epoch: int, timeout_s: float) -> None:
-        """Wait until every member has switched to ``epoch``.
-
-        Survivors restore different numbers of orphans; without this, the first to finish would
-        wait in its first replay for the slowest past the kernels' deadline (0.25 s) and report a
-        healthy peer. A member that dies here is left to the deadline and the coordinator. The wait
-        stays under the suspicion window: a rank blocked here cannot ack a new prepare.
-        """
-        if self.control_store is None or sum(active) < 2:
-            return
-        import datetime
-
-        prefix = f"eep/bench/{self.run_id}/epoch{epoch}/ready"
-        self.control_store.set(f"{prefix}{self.rank}", "1")
-        keys = [f"{prefix}{r}" for r, a in enumerate(active) if a and r != self.rank]
-        try:
-            self.control_store.wait(keys, datetime.timedelta(seconds=timeout_s))
-        except Exception:  # noqa: BLE001 - a dead member: its absence is the deadline's business
-            pass
 
     def decode(self, tokens: torch.Tensor, *, active: list[bool], placement: ExpertPlacement, epoch: int, step: int,
                timeout_s: float, should_abort: Callable[[], bool] | None = None) -> list[int]:
@@ -291,6 +263,7 @@ class GpuEngine:
 
     def close(self) -> None:
         self.exchange.close()
+        self.slots.close()
         self.store.close()
 
 

@@ -14,8 +14,8 @@ wait, raises ``StepAborted`` and is discarded (tokens are only appended when a w
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -23,15 +23,19 @@ from eep.exchange.shm import ShmExchange, StepInterrupted
 from eep.fused.gemm import ExpertStageShape, make_expert_stage
 from eep.routing import route_to_phys
 from eep.runtime.config import RuntimeConfig
-from eep.runtime.engines.base import StepAborted, missing_slots
-from eep.runtime.model import decode_step, expert_source, generate_weights
-from eep.state import NO_EXPERT, ExpertPlacement, Membership
+from eep.repair import ExecutionReport
+from eep.runtime.engines.base import StepAborted
+from eep.runtime.engines.slots import BackgroundCopies, PlanPart, RankSlots
+from eep.runtime.model import decode_step, generate_weights, rank_tiers
+from eep.state import ExpertPlacement, Membership
 
 
 class ShmEngine:
-    """The engine seam (``eep.runtime.engines.base.Engine``) of the CPU data plane."""
+    """The engine seam (``eep.runtime.engines.base.Engine``) of the CPU data plane. Its slots live in
+    an anonymous shared memory file that peers map to copy replicas out of (``RankSlots``)."""
 
-    def __init__(self, cfg: RuntimeConfig, rank: int, *, shm_path: str):
+    def __init__(self, cfg: RuntimeConfig, rank: int, *, shm_path: str, store: Any = None, run_id: str = "",
+                 incarnation: int = 0):
         from eep.transport import SharedMemoryTransport
 
         c = cfg.model
@@ -43,32 +47,20 @@ class ShmEngine:
                                     dtype=torch.float32, membership=self.membership,
                                     timeout_s=cfg.transport_timeout_s)
         self.weights = generate_weights(c, shard_dir=cfg.shard_dir)
-        self.source = expert_source(self.weights, cfg.shard_dir)
-        nan = float("nan")  # an unloaded slot poisons any output that reads it
-        self.w13 = torch.full((L, S, 2 * c.intermediate, c.hidden), nan)
-        self.w2 = torch.full((L, S, c.hidden, c.intermediate), nan)
-        self.loaded = torch.full((L, S), NO_EXPERT, dtype=torch.int64)
+        self.tiers = rank_tiers(self.weights, cfg.shard_dir)
+        self.slots = RankSlots(rank=rank, num_ranks=cfg.num_ranks, num_layers=L, slots_per_rank=S, hidden=c.hidden,
+                               intermediate=c.intermediate, dtype=torch.float32, device=torch.device("cpu"),
+                               store=store, run_id=run_id, incarnation=incarnation,
+                               connect_timeout_s=cfg.peer_connect_timeout_s)
         self.stage = make_expert_stage(ExpertStageShape(S, cfg.num_ranks, M, c.hidden, c.intermediate, c.top_k),
                                        device="cpu", dtype=torch.float32, backend="loop")
-        self.restore_stats: dict = {}
 
     # ---- slots ----
-    def load_missing(self, placement: ExpertPlacement) -> int:
-        inter = self.cfg.model.intermediate
-        missing = missing_slots(placement, self.rank, self.loaded)
-        t0 = time.perf_counter()
-        for layer, i, expert in missing:
-            w_gate, w_up, w_down = self.source.load(layer, expert)
-            self.w13[layer, i, :inter].copy_(w_gate)
-            self.w13[layer, i, inter:].copy_(w_up)
-            self.w2[layer, i].copy_(w_down)
-            self.loaded[layer, i] = expert
-        tier = "shards" if self.cfg.shard_dir else "host"  # weights_tools tiers, or the generated host copy
-        nbytes = len(missing) * 3 * self.cfg.model.hidden * inter * 4
-        seconds = time.perf_counter() - t0
-        self.restore_stats = {"by_tier": {tier: {"experts": len(missing), "nbytes": nbytes, "seconds": seconds}},
-                              "seconds": seconds, "experts": len(missing)}
-        return len(missing)
+    def execute(self, part: PlanPart) -> ExecutionReport:
+        return self.slots.execute(part, self.tiers)
+
+    def copy_in_background(self, part: PlanPart) -> BackgroundCopies:
+        return self.slots.copy_in_background(part, self.tiers)
 
     def warmup(self) -> None:
         """Run every loaded expert on random rows, alone: no exchange, no peer sees it. Each (slot,
@@ -79,9 +71,9 @@ class ShmEngine:
         per_block = max(1, self.M * min(c.top_k, self.S) // self.S)
         for _ in range(self.cfg.warmup_steps):
             for layer in range(c.num_layers):
-                count = torch.where(self.loaded[layer] >= 0, per_block, 0).to(torch.int32)  # empty slots stay idle
+                count = torch.where(self.slots.loaded[layer] >= 0, per_block, 0).to(torch.int32)  # empty slots stay idle
                 count = count.unsqueeze(1).expand(-1, R).contiguous()
-                y = self.stage(x, count, self.w13[layer], self.w2[layer])
+                y = self.stage(x, count, self.slots.w13[layer], self.slots.w2[layer])
                 live = torch.arange(self.M) < count.unsqueeze(-1)
                 if not bool(torch.isfinite(y[live]).all()):
                     raise RuntimeError(f"rank {self.rank}: warm-up of layer {layer} gave non-finite outputs")
@@ -104,7 +96,7 @@ class ShmEngine:
                                  token_offset=self.rank * self.M)
             try:
                 recv, handle = self.exchange.dispatch(x, phys)
-                y = self.stage(recv.x, recv.count, self.w13[layer], self.w2[layer])
+                y = self.stage(recv.x, recv.count, self.slots.w13[layer], self.slots.w2[layer])
                 out = self.exchange.combine(y, handle, topk_weights)
             except StepInterrupted as exc:
                 raise StepAborted(layer, exc.phase, exc.pending, is_aborted=True) from exc
@@ -118,3 +110,8 @@ class ShmEngine:
     def close(self) -> None:
         self.exchange.close()
         self.transport.close()
+        self.slots.close()
+        for tier in self.tiers:
+            close = getattr(tier, "close", None)
+            if close is not None:
+                close()
