@@ -32,7 +32,7 @@ rc=$?; echo "=== peer_slots rc=$rc"; tail -8 "$DIR/peer_slots.log"; [ $rc -ne 0 
 bench() {  # bench NAME HOST_TIER_DIR
   mkdir -p "$2"
   EEP_HOST_TIER_DIR=$2 timeout -k 5 150 $PY perf/failure_bench.py --gpus 4 --layers 2 --engines fused \
-    --steady-s 1.5 --fault-at-s 2 --after-fault-s 8 --extra-slots 16 --skip restart --out "$DIR/$1" \
+    --steady-s 1.5 --fault-at-s 2 --after-fault-s 8 --extra-slots 16 --skip restart --no-aa --out "$DIR/$1" \
     --workdir "$WORK/$1" --budget-s 130 > "$DIR/$1.log" 2>&1
   local rc=$?; echo "=== failure bench ($1, host tier in $2) rc=$rc"; tail -12 "$DIR/$1.log"
   (cd "$DIR/$1" 2>/dev/null && for d in steady-* failure; do [ -d "$d" ] && tar czf "$d.tgz" "$d" && rm -rf "$d"; done; true)
