@@ -189,6 +189,15 @@ def _launch_cli(run_dir, **popen_kwargs) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen_kwargs)
 
 
+def _kill_leftovers(proc: subprocess.Popen, pids: dict | None) -> None:
+    """Whatever a failed test left running: the launcher and its rank processes."""
+    if proc.poll() is None:
+        proc.kill()
+    for pid in (pids or {}).values():
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _wait_until_serving(run_dir, timeout_s: float = 30.0) -> dict:
     """The rank pids once rank 0 has logged a step (bounded wait)."""
     deadline = time.monotonic() + timeout_s
@@ -216,11 +225,7 @@ def test_ranks_exit_when_the_launcher_dies(tmp_path):
         alive = [p for p in pids.values() if _alive(p)]
         assert not alive, f"rank processes {alive} outlived their launcher"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for pid in (pids or {}).values():
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        _kill_leftovers(proc, pids)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -238,8 +243,4 @@ def test_ctrl_c_shuts_everything_down(tmp_path):
         assert not os.path.exists(os.path.join(envs.shm_dir(), f"eep-{run_id}.shm"))
         assert any(e.get("event") == "shutdown" for e in read_jsonl(run_dir / "launcher.jsonl"))
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for pid in (pids or {}).values():
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        _kill_leftovers(proc, pids)
