@@ -1,6 +1,6 @@
 """The failure benchmark's CPU-testable parts: engine seam, GPU engine on one CPU rank, metrics, script.
 
-GPU paths (FusedExchange, NcclExchange, CUDA graphs) are not exercised here: docs/failure_bench.md.
+GPU paths (the fused buffer, the NCCL collective, CUDA graphs) are not exercised here: docs/failure_bench.md.
 """
 
 import json
