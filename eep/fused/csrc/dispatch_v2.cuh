@@ -21,6 +21,7 @@
 #pragma once
 #include "signals_v2.cuh"
 
+#define EEP2_ROUTE_PREFETCH 4  // routing entries per thread loaded at launch (2,048 per block: 256 tokens of top-8)
 #define EEP2_ROW_VECS ((EEP_DISPATCH_VEC_PER_ROW + EEP2_THREADS - 1) / EEP2_THREADS)  // sent vectors per thread
 #if EEP_USE_FP8
 #define EEP2_IN_VECS (2 * EEP2_ROW_VECS)  // sent vector q is read from bf16 vectors 2q and 2q + 1
@@ -78,39 +79,46 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS, 1) eep2_dispatch(cons
   int* s_sent = s_brow + tpb * K;
 
   // 0. every load that depends on nothing else, issued before anything waits (one round trip, not
-  //    one per step below): the control block, this thread's first routing entries, the block's
-  //    first token row; the mask and peer table follow in eep2_load_state
+  //    one per step below): the mask and peer table first (the routing pass waits for them; a load
+  //    issued after the row loads would arrive after them), the control block, this thread's first
+  //    routing entries, the block's first token row
+  const Eep2Launch launch = eep2_issue_state((const int*)p.active, (const u64*)p.peer_base, R);
   const Eep2Ctrl c = eep2_read_ctrl(ctrl, R);
-  i64 first_choices[8];
-  if ((int)threadIdx.x < T) eep2_load_choices(phys, threadIdx.x, K, 0, first_choices);
+  const int TK = T * K;  // routing entries; entry e = t * K + k is token t's choice k
+  i64 first_entries[EEP2_ROUTE_PREFETCH];
+#pragma unroll
+  for (int j = 0; j < EEP2_ROUTE_PREFETCH; ++j) {
+    const int e = threadIdx.x + j * EEP2_THREADS;
+    first_entries[j] = e < TK ? phys[e] : -1;
+  }
   EepVec row[EEP2_IN_VECS];
   if (t0 < t1) eep2_load_row(x, t0, row);
 
   for (int i = threadIdx.x; i < NS; i += blockDim.x) s_next[i] = 0;
   for (int i = threadIdx.x; i < spb; i += blockDim.x) s_total[i] = 0;
-  eep2_load_state((const int*)p.active, (const u64*)p.peer_base, R, S, NS, s_active, s_peer, s_slot_dst);
+  eep2_store_state(launch, me, R, S, NS, s_active, s_peer, s_slot_dst);
   const u64 seq = c.dispatch_seq + 1;
 
-  // 1. one pass over the routing table: rows before this block's tokens, totals of its slots
-  for (int t = threadIdx.x; t < T; t += blockDim.x) {
-    const bool own = t >= t0 && t < t1;
-    for (int k0 = 0; k0 < K; k0 += 8) {
-      i64 slot[8];
-      if (t == (int)threadIdx.x && k0 == 0) {
+  // 1. one pass over the routing table, every thread of the block on consecutive entries (T x K
+  //    entries over 512 threads: two each at 128 tokens of top-8, not eight on a quarter of the
+  //    block): rows before this block's tokens, totals of its slots, its tokens' destinations
+  const int own0 = t0 * K, own1 = t1 * K;
+  for (int e0 = 0; e0 < TK; e0 += EEP2_ROUTE_PREFETCH * EEP2_THREADS) {
+    i64 slot[EEP2_ROUTE_PREFETCH];
 #pragma unroll
-        for (int u = 0; u < 8; ++u) slot[u] = first_choices[u];
-      } else {
-        eep2_load_choices(phys, t, K, k0, slot);
-      }
+    for (int j = 0; j < EEP2_ROUTE_PREFETCH; ++j) {
+      const int e = e0 + threadIdx.x + j * EEP2_THREADS;
+      slot[j] = e0 == 0 ? first_entries[j] : (e < TK ? phys[e] : -1);
+    }
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        if (k0 + u >= K) break;
-        const bool sent = eep2_entry_rank(slot[u], NS, s_slot_dst) >= 0;
-        if (own) s_dst[(t - t0) * K + k0 + u] = sent ? (int)slot[u] : -1;
-        if (!sent) continue;
-        if (t < t0) atomicAdd(&s_next[(int)slot[u]], 1);
-        if (slot[u] >= s0 && slot[u] < s1) atomicAdd(&s_total[(int)slot[u] - s0], 1);
-      }
+    for (int j = 0; j < EEP2_ROUTE_PREFETCH; ++j) {
+      const int e = e0 + threadIdx.x + j * EEP2_THREADS;
+      if (e >= TK) break;
+      const bool sent = eep2_entry_rank(slot[j], NS, s_slot_dst) >= 0;
+      if (e >= own0 && e < own1) s_dst[e - own0] = sent ? (int)slot[j] : -1;
+      if (!sent) continue;
+      if (e < own0) atomicAdd(&s_next[(int)slot[j]], 1);
+      if (slot[j] >= s0 && slot[j] < s1) atomicAdd(&s_total[(int)slot[j] - s0], 1);
     }
   }
   __syncthreads();
@@ -209,11 +217,17 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS, 1) eep2_dispatch(cons
 
   // 5. the last block: wait for every source, publish what arrived, hide what did not
   eep2_dispatch_arrivals(ctrl, c, me, R, s_active, s_peer[me], sig.off_dispatch_signal, seq, s_ok);
+  // this rank's own counts are in s_next already: the last block counted every token before its
+  // range and then its own (t1 = T), the count the slot's owning block wrote into raw_count; only
+  // other sources' counts are read back
   int* vis_count = (int*)p.vis_count;
   const int* raw_count = (const int*)(s_peer[me] + p.off_raw_count);
   for (int pair = threadIdx.x; pair < NS; pair += blockDim.x) {
     const int src = pair % R;
-    vis_count[pair] = s_ok[src] ? min(max(eep_ld_volatile(&raw_count[pair]), 0), M) : 0;
+    int count = 0;
+    if (src == me) count = s_next[me * S + pair / R];
+    else if (s_ok[src]) count = eep_ld_volatile(&raw_count[pair]);
+    vis_count[pair] = s_ok[src] ? min(max(count, 0), M) : 0;
   }
   // sources that are inactive or missed: their columns may hold an earlier step's rows, hide them
   int* src_token = (int*)(s_peer[me] + p.off_src_token);
