@@ -68,20 +68,12 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS, 1) eep2_dispatch(cons
   const i64* phys = (const i64*)p.phys;
   const EepVec* x = (const EepVec*)p.x;
   int* handle_pos = (int*)p.handle_pos;
-  const int t0 = (int)((i64)b * T / G), t1 = (int)((i64)(b + 1) * T / G);
-  const int s0 = (int)((i64)b * NS / G), s1 = (int)((i64)(b + 1) * NS / G);
-  const int tpb = eep2_dispatch_tokens_per_block(M, G), spb = eep2_dispatch_slots_per_block(NS, G);
-  int* s_slot_dst = s_dyn;
-  int* s_next = s_slot_dst + NS;
-  int* s_total = s_next + NS;
-  int* s_dst = s_total + spb;
-  int* s_brow = s_dst + tpb * K;
-  int* s_sent = s_brow + tpb * K;
 
   // 0. every load that depends on nothing else, issued before anything waits (one round trip, not
-  //    one per step below): the mask and peer table first (the routing pass waits for them; a load
-  //    issued after the row loads would arrive after them), the control block, this thread's first
-  //    routing entries, the block's first token row
+  //    one per step below) and before the block's ranges are computed (64-bit divisions, a hundred
+  //    instructions): the mask and peer table first (the routing pass waits for them; a load issued
+  //    after the row loads would arrive after them), the control block, this thread's first routing
+  //    entries; then the block's first token row
   const Eep2Launch launch = eep2_issue_state((const int*)p.active, (const u64*)p.peer_base, R);
   const Eep2Ctrl c = eep2_read_ctrl(ctrl, R);
   const int TK = T * K;  // routing entries; entry e = t * K + k is token t's choice k
@@ -91,6 +83,15 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS, 1) eep2_dispatch(cons
     const int e = threadIdx.x + j * EEP2_THREADS;
     first_entries[j] = e < TK ? phys[e] : -1;
   }
+  const int t0 = (int)((i64)b * T / G), t1 = (int)((i64)(b + 1) * T / G);
+  const int s0 = (int)((i64)b * NS / G), s1 = (int)((i64)(b + 1) * NS / G);
+  const int tpb = eep2_dispatch_tokens_per_block(M, G), spb = eep2_dispatch_slots_per_block(NS, G);
+  int* s_slot_dst = s_dyn;
+  int* s_next = s_slot_dst + NS;
+  int* s_total = s_next + NS;
+  int* s_dst = s_total + spb;
+  int* s_brow = s_dst + tpb * K;
+  int* s_sent = s_brow + tpb * K;
   EepVec row[EEP2_IN_VECS];
   if (t0 < t1) eep2_load_row(x, t0, row);
 
