@@ -3,21 +3,22 @@
 // counts, FP8 rows + one float32 scale per row), in ONE launch for bf16 and FP8 alike.
 //
 // Block b of G owns a contiguous range of tokens and a contiguous range of slots:
-//   0. it issues every load that depends on nothing else at once (control block, mask, peer table,
-//      the first routing entries of each thread, its first token's row): the step's fixed cost is a
-//      chain of round trips, so independent ones overlap;
-//   1. it reads the routing table once (T x top_k int64) and keeps only what it writes: per slot, how
-//      many tokens before its range chose it (where its tokens' rows start), and the totals of the
-//      slots it owns (their counts and -1 tails);
+//   0. it issues every load that depends on nothing else at once (mask and peer table first, then
+//      control block, the first routing entries of each thread, its first token's row): the step's
+//      fixed cost is a chain of round trips, so independent ones overlap;
+//   1. it reads the routing table once (T x top_k int64, every thread on consecutive entries) and
+//      keeps only what it writes: per slot, how many tokens before its range chose it (where its
+//      tokens' rows start), and the totals of the slots it owns (their counts and -1 tails);
 //   2. one warp assigns its tokens' rows in token order;
 //   3. each of its tokens is read once, the next one's row in flight meanwhile (FP8: the whole block
 //      takes the row's amax and quantizes it, x / (amax / 448) rounded to e4m3, the arithmetic of
 //      eep_quantize and torch), then stored once per choice into the destination's receive block
 //      (NVLink stores to peers);
-//   4. it writes the counts and -1 tails of its slots, then raises its flag in every active rank;
+//   4. it writes the counts and -1 tails of its slots, then raises its flag in every active rank
+//      (its own rank's at GPU scope);
 //   5. the last block waits (bounded) for every source's flags, publishes the counts of the sources
-//      that arrived, hides the rest, and advances dispatch_seq (every block has read it by then: it
-//      saw their flags).
+//      that arrived (this rank's own from its shared memory: it counted every token), hides the rest,
+//      and advances dispatch_seq (every block has read it by then: it saw their flags).
 #pragma once
 #include "signals_v2.cuh"
 

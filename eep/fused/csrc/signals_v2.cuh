@@ -13,7 +13,9 @@
 // source's flags and records misses exactly as the v1 kernels do (miss_count, last_miss_seq,
 // suspect; a suspect is not waited for again). It polls every flag of a source at once (relaxed
 // system-scope loads, a lane has up to 8 in flight) and acquires once, with a fence, after all of
-// them carried the step: one round trip per poll instead of one per flag. Blocks only ever wait on
+// them carried the step: one round trip per poll instead of one per flag. A rank's flags in its own
+// buffer are released and acquired at GPU scope (only its own kernels read them), the others' at
+// system scope. Blocks only ever wait on
 // other ranks or on blocks of their own grid with a lower index (dispatch: the last block waits for
 // the others; combine: the reducing blocks wait for the first reducing block). The hardware dispatches a grid's blocks in
 // index order, so a waiting block never holds a slot a block it waits for still needs (the same
