@@ -72,11 +72,13 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_combine(const Ee
   const int P = eep2_group_tokens(T, num_reduce), num_groups = (T + P - 1) / P;
   if (!pushing && rb != 0 && rb >= num_groups) return;  // no tokens here (the first reducing block settles the verdict)
   EepCtrl* ctrl = (EepCtrl*)p.ctrl;
-  // issued before anything waits: the control block and (reducing) the first group's routing entries
+  // issued before anything waits: the mask and peer table (first: everything below waits for them),
+  // the control block and (reducing) the first group's routing entries
+  const Eep2Launch launch = eep2_issue_state((const int*)p.active, (const u64*)p.peer_base, R);
   const Eep2Ctrl c = eep2_read_ctrl(ctrl, R);
   Eep2Entry entry = {-1, -1, 0.f};
   if (!pushing) entry = eep2_load_entry(p, rb, P, T, K);
-  eep2_load_state((const int*)p.active, (const u64*)p.peer_base, R, S, NS, s_active, s_peer, nullptr);
+  const bool any_remote = eep2_store_state(launch, me, R, S, NS, s_active, s_peer, nullptr);
   const u64 seq = c.dispatch_seq;  // the step of the dispatch this combine answers
   const EepVec* y = (const EepVec*)p.x;  // [S, R, M, hidden] this rank's expert outputs
 
@@ -98,7 +100,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_combine(const Ee
   }
 
   // ---- reduce: the first reducing block settles which ranks' rows arrived
-  eep2_rows_to_add(ctrl, c, me, R, s_active, s_peer[me], sig.off_combine_signal, seq, rb == 0, s_use);
+  eep2_rows_to_add(ctrl, c, me, R, s_active, any_remote, s_peer[me], sig.off_combine_signal, seq, rb == 0, s_use);
 
   const EepVec* comb = (const EepVec*)(s_peer[me] + p.off_comb_x);  // [R(expert rank), S, M, hidden]
   EepVec* out = (EepVec*)p.out;

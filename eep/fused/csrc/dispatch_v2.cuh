@@ -3,24 +3,26 @@
 // counts, FP8 rows + one float32 scale per row), in ONE launch for bf16 and FP8 alike.
 //
 // Block b of G owns a contiguous range of tokens and a contiguous range of slots:
-//   0. it issues every load that depends on nothing else at once (control block, mask, peer table,
-//      the first routing entries of each thread, its first token's row): the step's fixed cost is a
-//      chain of round trips, so independent ones overlap;
-//   1. it reads the routing table once (T x top_k int64) and keeps only what it writes: per slot, how
-//      many tokens before its range chose it (where its tokens' rows start), and the totals of the
-//      slots it owns (their counts and -1 tails);
+//   0. it issues every load that depends on nothing else at once (mask and peer table first, then
+//      control block, the first routing entries of each thread, its first token's row): the step's
+//      fixed cost is a chain of round trips, so independent ones overlap;
+//   1. it reads the routing table once (T x top_k int64, every thread on consecutive entries) and
+//      keeps only what it writes: per slot, how many tokens before its range chose it (where its
+//      tokens' rows start), and the totals of the slots it owns (their counts and -1 tails);
 //   2. one warp assigns its tokens' rows in token order;
 //   3. each of its tokens is read once, the next one's row in flight meanwhile (FP8: the whole block
 //      takes the row's amax and quantizes it, x / (amax / 448) rounded to e4m3, the arithmetic of
 //      eep_quantize and torch), then stored once per choice into the destination's receive block
 //      (NVLink stores to peers);
-//   4. it writes the counts and -1 tails of its slots, then raises its flag in every active rank;
+//   4. it writes the counts and -1 tails of its slots, then raises its flag in every active rank
+//      (its own rank's at GPU scope);
 //   5. the last block waits (bounded) for every source's flags, publishes the counts of the sources
-//      that arrived, hides the rest, and advances dispatch_seq (every block has read it by then: it
-//      saw their flags).
+//      that arrived (this rank's own from its shared memory: it counted every token), hides the rest,
+//      and advances dispatch_seq (every block has read it by then: it saw their flags).
 #pragma once
 #include "signals_v2.cuh"
 
+#define EEP2_ROUTE_PREFETCH 4  // routing entries per thread loaded at launch (2,048 per block: 256 tokens of top-8)
 #define EEP2_ROW_VECS ((EEP_DISPATCH_VEC_PER_ROW + EEP2_THREADS - 1) / EEP2_THREADS)  // sent vectors per thread
 #if EEP_USE_FP8
 #define EEP2_IN_VECS (2 * EEP2_ROW_VECS)  // sent vector q is read from bf16 vectors 2q and 2q + 1
@@ -67,6 +69,21 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS, 1) eep2_dispatch(cons
   const i64* phys = (const i64*)p.phys;
   const EepVec* x = (const EepVec*)p.x;
   int* handle_pos = (int*)p.handle_pos;
+
+  // 0. every load that depends on nothing else, issued before anything waits (one round trip, not
+  //    one per step below) and before the block's ranges are computed (64-bit divisions, a hundred
+  //    instructions): the mask and peer table first (the routing pass waits for them; a load issued
+  //    after the row loads would arrive after them), the control block, this thread's first routing
+  //    entries; then the block's first token row
+  const Eep2Launch launch = eep2_issue_state((const int*)p.active, (const u64*)p.peer_base, R);
+  const Eep2Ctrl c = eep2_read_ctrl(ctrl, R);
+  const int TK = T * K;  // routing entries; entry e = t * K + k is token t's choice k
+  i64 first_entries[EEP2_ROUTE_PREFETCH];
+#pragma unroll
+  for (int j = 0; j < EEP2_ROUTE_PREFETCH; ++j) {
+    const int e = threadIdx.x + j * EEP2_THREADS;
+    first_entries[j] = e < TK ? phys[e] : -1;
+  }
   const int t0 = (int)((i64)b * T / G), t1 = (int)((i64)(b + 1) * T / G);
   const int s0 = (int)((i64)b * NS / G), s1 = (int)((i64)(b + 1) * NS / G);
   const int tpb = eep2_dispatch_tokens_per_block(M, G), spb = eep2_dispatch_slots_per_block(NS, G);
@@ -76,41 +93,34 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS, 1) eep2_dispatch(cons
   int* s_dst = s_total + spb;
   int* s_brow = s_dst + tpb * K;
   int* s_sent = s_brow + tpb * K;
-
-  // 0. every load that depends on nothing else, issued before anything waits (one round trip, not
-  //    one per step below): the control block, this thread's first routing entries, the block's
-  //    first token row; the mask and peer table follow in eep2_load_state
-  const Eep2Ctrl c = eep2_read_ctrl(ctrl, R);
-  i64 first_choices[8];
-  if ((int)threadIdx.x < T) eep2_load_choices(phys, threadIdx.x, K, 0, first_choices);
   EepVec row[EEP2_IN_VECS];
   if (t0 < t1) eep2_load_row(x, t0, row);
 
   for (int i = threadIdx.x; i < NS; i += blockDim.x) s_next[i] = 0;
   for (int i = threadIdx.x; i < spb; i += blockDim.x) s_total[i] = 0;
-  eep2_load_state((const int*)p.active, (const u64*)p.peer_base, R, S, NS, s_active, s_peer, s_slot_dst);
+  eep2_store_state(launch, me, R, S, NS, s_active, s_peer, s_slot_dst);
   const u64 seq = c.dispatch_seq + 1;
 
-  // 1. one pass over the routing table: rows before this block's tokens, totals of its slots
-  for (int t = threadIdx.x; t < T; t += blockDim.x) {
-    const bool own = t >= t0 && t < t1;
-    for (int k0 = 0; k0 < K; k0 += 8) {
-      i64 slot[8];
-      if (t == (int)threadIdx.x && k0 == 0) {
+  // 1. one pass over the routing table, every thread of the block on consecutive entries (T x K
+  //    entries over 512 threads: two each at 128 tokens of top-8, not eight on a quarter of the
+  //    block): rows before this block's tokens, totals of its slots, its tokens' destinations
+  const int own0 = t0 * K, own1 = t1 * K;
+  for (int e0 = 0; e0 < TK; e0 += EEP2_ROUTE_PREFETCH * EEP2_THREADS) {
+    i64 slot[EEP2_ROUTE_PREFETCH];
 #pragma unroll
-        for (int u = 0; u < 8; ++u) slot[u] = first_choices[u];
-      } else {
-        eep2_load_choices(phys, t, K, k0, slot);
-      }
+    for (int j = 0; j < EEP2_ROUTE_PREFETCH; ++j) {
+      const int e = e0 + threadIdx.x + j * EEP2_THREADS;
+      slot[j] = e0 == 0 ? first_entries[j] : (e < TK ? phys[e] : -1);
+    }
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        if (k0 + u >= K) break;
-        const bool sent = eep2_entry_rank(slot[u], NS, s_slot_dst) >= 0;
-        if (own) s_dst[(t - t0) * K + k0 + u] = sent ? (int)slot[u] : -1;
-        if (!sent) continue;
-        if (t < t0) atomicAdd(&s_next[(int)slot[u]], 1);
-        if (slot[u] >= s0 && slot[u] < s1) atomicAdd(&s_total[(int)slot[u] - s0], 1);
-      }
+    for (int j = 0; j < EEP2_ROUTE_PREFETCH; ++j) {
+      const int e = e0 + threadIdx.x + j * EEP2_THREADS;
+      if (e >= TK) break;
+      const bool sent = eep2_entry_rank(slot[j], NS, s_slot_dst) >= 0;
+      if (e >= own0 && e < own1) s_dst[e - own0] = sent ? (int)slot[j] : -1;
+      if (!sent) continue;
+      if (e < own0) atomicAdd(&s_next[(int)slot[j]], 1);
+      if (slot[j] >= s0 && slot[j] < s1) atomicAdd(&s_total[(int)slot[j] - s0], 1);
     }
   }
   __syncthreads();
@@ -209,11 +219,17 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS, 1) eep2_dispatch(cons
 
   // 5. the last block: wait for every source, publish what arrived, hide what did not
   eep2_dispatch_arrivals(ctrl, c, me, R, s_active, s_peer[me], sig.off_dispatch_signal, seq, s_ok);
+  // this rank's own counts are in s_next already: the last block counted every token before its
+  // range and then its own (t1 = T), the count the slot's owning block wrote into raw_count; only
+  // other sources' counts are read back
   int* vis_count = (int*)p.vis_count;
   const int* raw_count = (const int*)(s_peer[me] + p.off_raw_count);
   for (int pair = threadIdx.x; pair < NS; pair += blockDim.x) {
     const int src = pair % R;
-    vis_count[pair] = s_ok[src] ? min(max(eep_ld_volatile(&raw_count[pair]), 0), M) : 0;
+    int count = 0;
+    if (src == me) count = s_next[me * S + pair / R];
+    else if (s_ok[src]) count = eep_ld_volatile(&raw_count[pair]);
+    vis_count[pair] = s_ok[src] ? min(max(count, 0), M) : 0;
   }
   // sources that are inactive or missed: their columns may hold an earlier step's rows, hide them
   int* src_token = (int*)(s_peer[me] + p.off_src_token);

@@ -61,7 +61,10 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_dispatch
   EepCtrl* ctrl = (EepCtrl*)p.ctrl;
   const i64* phys = (const i64*)p.phys;
   int* dst_row = (int*)p.dst_row;
-  const Eep2Ctrl c = eep2_read_ctrl(ctrl, R);  // issued with the mask and peer table loads
+  // the mask and peer table first: the count waits for them, and a load issued after the first
+  // chunk's would arrive after it
+  const Eep2Launch launch = eep2_issue_state((const int*)p.active, (const u64*)p.peer_base, R);
+  const Eep2Ctrl c = eep2_read_ctrl(ctrl, R);
   const u64 seq = c.dispatch_seq + 1;
   const int t0 = (int)((i64)b * T / G), t1 = (int)((i64)(b + 1) * T / G), ntok = t1 - t0;
   const int tpb = (M + G - 1) / G;
@@ -75,7 +78,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_dispatch
   EepVec first_chunk[EEP2_CHUNK_VECS_PER_LANE];
   if (warp < ntok * EEP2_CHUNKS_PER_ROW) eep2_load_chunk(x, t0 + warp / EEP2_CHUNKS_PER_ROW, warp % EEP2_CHUNKS_PER_ROW, first_chunk);
   for (int r = threadIdx.x; r < R; r += blockDim.x) s_next[r] = 0;
-  eep2_load_state((const int*)p.active, (const u64*)p.peer_base, R, S, NS, s_active, s_peer, s_slot_dst);
+  eep2_store_state(launch, me, R, S, NS, s_active, s_peer, s_slot_dst);
 
   // 1. per destination, the tokens before this block's range (a warp reads 4 x 32 tokens' choices at
   //    once: the last block reads almost the whole table); this block's tokens' ranks and slots
@@ -200,9 +203,12 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_dispatch
 
   // 5. the last block: wait for every source, publish what arrived, hide what did not
   eep2_dispatch_arrivals(ctrl, c, me, R, s_active, s_peer[me], sig.off_dispatch_signal, seq, s_ok);
+  // this rank's own count is the one this block wrote above (s_next[me]); only other sources' counts
+  // are read back
   const int* raw_count = (const int*)(s_peer[me] + p.off_raw_count);
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    ((int*)p.vis_count)[r] = s_ok[r] ? min(max(eep_ld_volatile(&raw_count[r]), 0), M) : 0;
+    const int count = !s_ok[r] ? 0 : r == me ? s_next[me] : eep_ld_volatile(&raw_count[r]);
+    ((int*)p.vis_count)[r] = s_ok[r] ? min(max(count, 0), M) : 0;
   }
   for (int src = 0; src < R; ++src) {  // inactive or late sources: their regions hold stale rows
     if (s_ok[src]) continue;
@@ -225,8 +231,9 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_combine(
   const int R = (int)p.num_ranks, M = (int)p.max_tokens, T = (int)p.num_tokens, me = (int)p.my_rank;
   const int num_send = (int)sig.num_send_blocks;
   EepCtrl* ctrl = (EepCtrl*)p.ctrl;
-  const Eep2Ctrl c = eep2_read_ctrl(ctrl, R);  // issued with the mask and peer table loads
-  eep2_load_state((const int*)p.active, (const u64*)p.peer_base, R, 1, 0, s_active, s_peer, nullptr);
+  const Eep2Launch launch = eep2_issue_state((const int*)p.active, (const u64*)p.peer_base, R);  // first
+  const Eep2Ctrl c = eep2_read_ctrl(ctrl, R);
+  const bool any_remote = eep2_store_state(launch, me, R, 1, 0, s_active, s_peer, nullptr);
   const u64 seq = c.dispatch_seq;  // the step of the dispatch this combine answers
   const EepVec* partial = (const EepVec*)p.x;  // [R(src), M, hidden] this rank's partial rows per source
 
@@ -251,7 +258,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_combine(
 
   // ---- reduce: the first reducing block settles which ranks' rows arrived
   const int rb = blockIdx.x - num_send, num_reduce = gridDim.x - num_send;
-  eep2_rows_to_add(ctrl, c, me, R, s_active, s_peer[me], sig.off_combine_signal, seq, rb == 0, s_use);
+  eep2_rows_to_add(ctrl, c, me, R, s_active, any_remote, s_peer[me], sig.off_combine_signal, seq, rb == 0, s_use);
 
   const int* dst_row = (const int*)p.dst_row;
   const EepVec* comb = (const EepVec*)(s_peer[me] + p.off_comb_x);  // [R(dst), M, hidden]

@@ -13,7 +13,9 @@
 // source's flags and records misses exactly as the v1 kernels do (miss_count, last_miss_seq,
 // suspect; a suspect is not waited for again). It polls every flag of a source at once (relaxed
 // system-scope loads, a lane has up to 8 in flight) and acquires once, with a fence, after all of
-// them carried the step: one round trip per poll instead of one per flag. Blocks only ever wait on
+// them carried the step: one round trip per poll instead of one per flag. A rank's flags in its own
+// buffer are released and acquired at GPU scope (only its own kernels read them), the others' at
+// system scope. Blocks only ever wait on
 // other ranks or on blocks of their own grid with a lower index (dispatch: the last block waits for
 // the others; combine: the reducing blocks wait for the first reducing block). The hardware dispatches a grid's blocks in
 // index order, so a waiting block never holds a slot a block it waits for still needs (the same
@@ -69,21 +71,50 @@ __device__ __forceinline__ EepVec eep2_ld_cg(const EepVec* ptr) {
   return v;
 }
 
-// Launch state in shared memory: the membership mask, the peer table, and slot -> destination rank
-// (-1 when the slot's rank is inactive; the fixed-membership variant fills every entry), so checking
-// a routing entry costs one shared-memory read in both variants. Whole block; ends with a barrier.
-__device__ __forceinline__ void eep2_load_state(const int* active, const u64* peer_base, int R, int S, int num_slots,
-                                                int* s_active, u64* s_peer, int* s_slot_dst) {
-  eep_load_active(active, s_active, R);
-  for (int r = threadIdx.x; r < R; r += blockDim.x) s_peer[r] = peer_base[r];
-  __syncthreads();
+// The launch state's global loads: thread r < R reads rank r's mask word and peer base (R <=
+// EEP_MAX_RANKS <= blockDim). Every kernel issues them before any other load: the mask gates the
+// routing pass, and a load issued after a block's row loads queues behind them (the aware variant
+// then waited for the rows before it could route; the fixed variant, which reads no mask, did not).
+struct Eep2Launch {
+  int active;  // rank threadIdx.x is a member (1 in the fixed-membership variant)
+  u64 peer;    // rank threadIdx.x's buffer in this process
+};
+
+__device__ __forceinline__ Eep2Launch eep2_issue_state(const int* active, const u64* peer_base, int R) {
+  Eep2Launch l = {0, 0ull};
+  const int r = threadIdx.x;
+  if (r < R) {
+#if EEP_FIXED_MEMBERSHIP
+    l.active = 1;
+#else
+    l.active = *(const volatile int*)&active[r];
+#endif
+    l.peer = *(const volatile u64*)&peer_base[r];
+  }
+  return l;
+}
+
+// Launch state in shared memory, from the loads of eep2_issue_state: the membership mask, the peer
+// table, and slot -> destination rank (-1 when the slot's rank is inactive; the fixed-membership
+// variant fills every entry), so checking a routing entry costs one shared-memory read in both
+// variants. Returns whether any rank other than `me` is active (block-uniform). Whole block; ends
+// with a barrier.
+__device__ __forceinline__ bool eep2_store_state(const Eep2Launch& l, int me, int R, int S, int num_slots,
+                                                 int* s_active, u64* s_peer, int* s_slot_dst) {
+  const int r = threadIdx.x;
+  if (r < R) {
+    s_active[r] = l.active;
+    s_peer[r] = l.peer;
+  }
+  const bool any_remote = __syncthreads_or(r < R && r != me && l.active != 0) != 0;
   if (s_slot_dst != nullptr) {
     for (int slot = threadIdx.x; slot < num_slots; slot += blockDim.x) {
       const int d = slot / S;
       s_slot_dst[slot] = eep_rank_active(s_active, d) ? d : -1;
     }
+    __syncthreads();
   }
-  __syncthreads();
+  return any_remote;
 }
 
 // Destination rank of a routing entry, -1 when it is not sent (NO_EXPERT, out of range, inactive host).
@@ -97,20 +128,32 @@ __device__ __forceinline__ void eep2_load_choices(const i64* phys, int t, int K,
   for (int u = 0; u < 8; ++u) out[u] = k0 + u < K ? phys[(i64)t * K + k0 + u] : -1;
 }
 
+// A release store at GPU scope: the flag a rank raises in its own buffer, which only its own
+// kernels read (a system-scope release is a system-wide memory barrier; this one orders the block's
+// writes for the GPU alone, all that a reader on the same GPU needs).
+__device__ __forceinline__ void eep2_st_release_gpu(u64* p, u64 v) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
 // This block's writes of step `seq` are done: after a block barrier, thread r raises the block's flag
 // in the `off_signal` array of active rank r (this rank's own too when `include_self`; R <=
-// EEP_MAX_RANKS <= blockDim, so one thread per rank). A system-scope release store: the barrier puts
-// every write of the block before it, and the release makes them visible to a receiver that acquires
-// the flag (st.release.sys is a system-wide memory barrier, then the store). `dropped` (combine: the
-// calling thread's rank was given up on at dispatch) sets the DROPPED bit — that rank's rows here were
-// hidden, so it must add nothing from this rank.
+// EEP_MAX_RANKS <= blockDim, so one thread per rank). To another rank a system-scope release store:
+// the barrier puts every write of the block before it, and the release makes them visible to a
+// receiver that acquires the flag (st.release.sys is a system-wide memory barrier, then the store).
+// To this rank itself a GPU-scope release: its reader (this rank's waiting block) is on the same GPU
+// and acquires at GPU scope (eep2_wait_senders), and the writes the flag covers are this block's
+// stores into this rank's own buffer. `dropped` (combine: the calling thread's rank was given up on
+// at dispatch) sets the DROPPED bit — that rank's rows here were hidden, so it must add nothing from
+// this rank.
 __device__ __forceinline__ void eep2_raise(const u64* s_peer, int me, int R, const int* s_active, u64 off_signal,
                                            u64 seq, int num_blocks, bool include_self, bool dropped) {
   __syncthreads();
   const int r = threadIdx.x;
   if (r >= R || !eep_rank_active(s_active, r) || (!include_self && r == me)) return;
-  eep_st_release_sys((u64*)(s_peer[r] + off_signal) + (u64)me * EEP_MAX_SIGNAL_BLOCKS + blockIdx.x,
-                     eep2_signal_value(seq, dropped, num_blocks));
+  u64* flag = (u64*)(s_peer[r] + off_signal) + (u64)me * EEP_MAX_SIGNAL_BLOCKS + blockIdx.x;
+  const u64 value = eep2_signal_value(seq, dropped, num_blocks);
+  if (r == me) eep2_st_release_gpu(flag, value);
+  else eep_st_release_sys(flag, value);
 }
 
 #define EEP2_FLAGS_PER_LANE (EEP_MAX_SIGNAL_BLOCKS / 32)  // a warp polls a source's 256 flags at once
@@ -142,16 +185,17 @@ __device__ __forceinline__ void eep2_load_flags(const u64* f, u64* v) {
 // flags past it are no longer polled. After the polls, one acquire fence in every warp that polled
 // (the acquire pattern: strong reads that saw the release stores, then fence.acq_rel), then a block
 // barrier: every thread of the block may read what the senders wrote before their flags.
-__device__ void eep2_wait_senders(EepCtrl* ctrl, u64 my_base, int R, const int* s_expect, u64 off_signal, u64 seq,
-                                  u64 timeout_ns, int* s_ok, int* s_dropped) {
+__device__ void eep2_wait_senders(EepCtrl* ctrl, u64 my_base, int me, int R, const int* s_expect, u64 off_signal,
+                                  u64 seq, u64 timeout_ns, int* s_ok, int* s_dropped) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
   const u64 deadline = eep_globaltimer() + timeout_ns, step = eep2_signal_step(seq);
   const u64* flags = (const u64*)(my_base + off_signal);
-  bool polled = false;
+  bool polled_peer = false, polled_self = false;  // this warp polled another rank's / this rank's flags
   for (int src = warp; src < R; src += num_warps) {
     bool ok = false, dropped = false;
     if (s_expect[src]) {
-      polled = true;
+      polled_peer |= src != me;
+      polled_self |= src == me;
       const u64* f = flags + (u64)src * EEP_MAX_SIGNAL_BLOCKS + lane;
       u32 pending = (1u << EEP2_FLAGS_PER_LANE) - 1;  // bit j: flag lane + 32 j not yet seen at this step
       int blocks = 0;                                 // the sender's grid (0: no flag of this step seen yet)
@@ -189,7 +233,10 @@ __device__ void eep2_wait_senders(EepCtrl* ctrl, u64 my_base, int R, const int* 
       s_dropped[src] = dropped;
     }
   }
-  if (polled) asm volatile("fence.acq_rel.sys;" ::: "memory");  // the barrier passes it on to the block
+  // the acquire, at the scope of the releases seen: system for another rank's flags, GPU for this
+  // rank's own (raised at GPU scope); the barrier passes it on to the block
+  if (polled_peer) asm volatile("fence.acq_rel.sys;" ::: "memory");
+  else if (polled_self) asm volatile("fence.acq_rel.gpu;" ::: "memory");
   __syncthreads();
 }
 
@@ -203,7 +250,7 @@ __device__ __forceinline__ void eep2_dispatch_arrivals(EepCtrl* ctrl, const Eep2
   const int r = threadIdx.x;
   if (r < R) s_expect[r] = eep_rank_active(s_active, r) && (r == me || !c.suspect);
   __syncthreads();
-  eep2_wait_senders(ctrl, my_base, R, s_expect, off_signal, seq, c.timeout_ns, s_ok, s_dropped);
+  eep2_wait_senders(ctrl, my_base, me, R, s_expect, off_signal, seq, c.timeout_ns, s_ok, s_dropped);
   if (r < R) ctrl->dispatch_ok[r] = (u64)s_ok[r];
 }
 
@@ -243,19 +290,18 @@ __device__ __forceinline__ void eep2_publish_verdict(EepCtrl* ctrl, int me, int 
 // others acquire that verdict — only when another rank is active, so one rank never waits. A block
 // adds its own rank's rows (read in place, if its dispatch kept them) and every other rank's whose
 // rows arrived and that did not drop this rank; only its own when the verdict never came (bounded).
-// `c`: the control block as read at launch (thread me holds this rank's dispatch_ok).
+// `c`: the control block as read at launch (thread me holds this rank's dispatch_ok); `any_remote`:
+// another rank is active (eep2_store_state).
 __device__ __forceinline__ void eep2_rows_to_add(EepCtrl* ctrl, const Eep2Ctrl& c, int me, int R,
-                                                 const int* s_active, u64 my_base, u64 off_signal, u64 seq,
-                                                 bool is_waiter, int* s_use) {
+                                                 const int* s_active, bool any_remote, u64 my_base, u64 off_signal,
+                                                 u64 seq, bool is_waiter, int* s_use) {
   __shared__ int s_expect[EEP_MAX_RANKS], s_ok[EEP_MAX_RANKS], s_dropped[EEP_MAX_RANKS];
   __shared__ int s_verdict;
-  bool any_remote = false;
-  for (int r = 0; r < R; ++r) any_remote |= r != me && eep_rank_active(s_active, r);
   const int r = threadIdx.x;
   if (is_waiter) {
     if (r < R) s_expect[r] = r != me && eep_rank_active(s_active, r) && !c.suspect;
     __syncthreads();
-    eep2_wait_senders(ctrl, my_base, R, s_expect, off_signal, seq, c.timeout_ns, s_ok, s_dropped);
+    eep2_wait_senders(ctrl, my_base, me, R, s_expect, off_signal, seq, c.timeout_ns, s_ok, s_dropped);
     eep2_publish_verdict(ctrl, me, R, s_ok, s_dropped, seq, any_remote);
   } else {
     if (threadIdx.x == 0) s_verdict = any_remote && eep2_wait_verdict(&ctrl->combine_ready_seq, seq, c.timeout_ns);
