@@ -416,7 +416,9 @@ def check_answers(args, cfg: RuntimeConfig, result, golden: dict[int, set[int]] 
         from eep.cli.answers import check_run
         problems = check_run(cfg, result)
         wrong = [p for p in problems if "differ" in p]
-        return {"mismatched": 0 if not wrong else int(wrong[0].split()[0]), "check": "every answer, token by token",
+        mismatched = 0 if not wrong else int(wrong[0].split()[0])
+        # every answer is compared with the oracle: its disagreements are the changed answers
+        return {"mismatched": mismatched, "oracle_disagreements": mismatched, "check": "every answer, token by token",
                 "problems": problems}
     from weights_tools import ExpertStore
     from eep.runtime.engines.gpu import expert_tiers, fp8_scale_block
