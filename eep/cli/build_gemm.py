@@ -29,15 +29,20 @@ def add_parser(commands) -> None:
                    help="nvcc processes at once (default: one per CPU, at most one per unit)")
     p.add_argument("--with-swiglu", action="store_true",
                    help="also build the opt-in SwiGLU-epilogue kernels (a second library)")
+    p.add_argument("--with-fp8", action="store_true",
+                   help="also build the block-scaled FP8 kernels of the FP8 expert stage (a second library)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from eep.fused.gemm.build import DEFAULT_CONFIGS, SWIGLU_CONFIGS, GemmBuildError, build_library, library_path
+    from eep.fused.gemm.build import (DEFAULT_CONFIGS, FP8_CONFIGS, SWIGLU_CONFIGS, GemmBuildError, build_library,
+                                      library_path)
 
     sets = [("default", DEFAULT_CONFIGS)]
     if args.with_swiglu:
         sets.append(("with SwiGLU epilogue", DEFAULT_CONFIGS + SWIGLU_CONFIGS))
+    if args.with_fp8:
+        sets.append(("block-scaled FP8", FP8_CONFIGS))
     directory = Path(args.cache_dir)
     for name, configs in sets:
         try:
