@@ -390,16 +390,17 @@ def control_log(run_dir: Path) -> dict:
 ORACLE_SPLITS = (1, 2, 4)
 ROUTER_GAP_TOL = 2e-3
 MARGIN_TOL = 1e-2
-# FP8 experts: the oracle is the FP8 reference (one order), and a token counts only with 25x the bf16
-# room. The CUTLASS FP8 stage is about 5e-3 relative (Frobenius) from the FP8 reference and held to
-# 1e-2: its GEMMs sum 128-wide blocks in another order and round gate/up to bf16 from there, which
-# moves a few requantisation decisions (one e4m3 step, 1/16 relative, for that element), so an
-# expert's output differs by far more than float32 order. Such an error adds to the residual stream
-# and moves router and final logits by up to about 1e-2 of their size; 5e-2 of router gap and 0.25 of
-# final margin (std 2 and 4) leave a factor of two or more over that. The CPU engine's torch FP8
-# stage computes the reference's arithmetic itself and agrees to float32 order.
-FP8_ROUTER_GAP_TOL = 5e-2
-FP8_MARGIN_TOL = 0.25
+# FP8 experts: the oracle is the FP8 reference (one order), with wider room. The CUTLASS FP8 stage is
+# about 5e-3 relative (Frobenius) from the FP8 reference and held to 1e-2: its GEMMs sum 128-wide
+# blocks in another order and round gate/up to bf16 from there, which moves a few requantisation
+# decisions (one e4m3 step for that element), so an expert's output differs by far more than float32
+# order moves a bf16 one. Measured on the CPU at this benchmark's shape (2 layers, 32 tokens): random
+# noise of 1e-2 relative on every expert output of the oracle moved the smallest router top-k gap by
+# up to 1.2e-2 and the final logit margin by up to 0.17, and changed no token. 3e-2 and 0.35 leave a
+# factor of two over that at the stage's bound (four at its measured error). The CPU engine's torch
+# FP8 stage computes the reference's arithmetic itself and agrees to float32 order.
+FP8_ROUTER_GAP_TOL = 3e-2
+FP8_MARGIN_TOL = 0.35
 
 
 def check_answers(args, cfg: RuntimeConfig, result, golden: dict[int, set[int]] | None = None) -> dict:
