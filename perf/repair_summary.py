@@ -8,7 +8,9 @@ reintegration pauses; predicted vs observed seconds of each repair phase; live r
 (min/mean/max, single-replica experts) before the fault, after repair, after re-replication and
 after the rejoin. With a ``disk-tier`` and a ``shm-tier`` run it adds how much slower the
 host tier on local disk made the orphan restores, the recovery pause and the joiner's start-up.
-Writes ``OUT_DIR/repair_summary.json``; exits 1 when a run is missing, failed, lost or changed answers.
+Writes ``OUT_DIR/repair_summary.json``; exits 1, with a ``FAIL`` line per reason, when a run is
+missing or failed, or lost, refused or changed answers, or its answers went unchecked, or the oracle
+disagreed with a token it decides.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def run_summary(results: dict) -> dict:
     joiner = next((b for b in f.get("breakdown") or [] if b.get("joiner_startup_s") is not None), {})
     return {"error": f.get("error") or (results.get("errors") or {}).get("failure"),
             "lost": f.get("requests_lost"), "refused": f.get("requests_refused"), "changed": f.get("mismatched"),
-            "oracle_disagreements": f.get("oracle_disagreements"), "recovery_pause_s": f.get("recovery_pause_s"),
+            "oracle_disagreements": f.get("oracle_disagreements"), "oracle_decided": f.get("oracle_decided"),
+            "experts": (results.get("config") or {}).get("experts"), "recovery_pause_s": f.get("recovery_pause_s"),
             "rereplication_pause_s": f.get("rereplication_pause_s"),
             "reintegration_pause_s": f.get("reintegration_pause_s"), "time_to_95pct_s": f.get("time_to_95pct_s"),
             "joiner_startup_s": joiner.get("joiner_startup_s"), "phases": phases, "replicas": f.get("replicas") or {}}
@@ -55,8 +58,10 @@ def summary_lines(runs: dict[str, dict]) -> list[str]:
         if r is None:
             lines.append(f"{name}: no results")
             continue
-        lines.append(f"{name}: lost {r['lost']}, refused {r['refused']}, changed {r['changed']} (oracle "
-                     f"disagreements {r['oracle_disagreements']}); pauses: recovery {_ms(r['recovery_pause_s'])}, "
+        experts = f" [{r['experts']} experts]" if r.get("experts") else ""
+        lines.append(f"{name}{experts}: lost {r['lost']}, refused {r['refused']}, changed {r['changed']} (oracle "
+                     f"disagreements {r['oracle_disagreements']} of {r.get('oracle_decided')} decided tokens); "
+                     f"pauses: recovery {_ms(r['recovery_pause_s'])}, "
                      f"re-replication switch {_ms(r['rereplication_pause_s'])}, reintegration "
                      f"{_ms(r['reintegration_pause_s'])}; back to 95% {_ms(r['time_to_95pct_s'])}"
                      + (f"; ERROR {r['error'][:200]}" if r["error"] else ""))
@@ -75,8 +80,22 @@ def summary_lines(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+def problems(r: dict | None) -> list[str]:
+    """Why a run does not pass (empty when it does): every count must be a measured 0."""
+    if r is None:
+        return ["no results"]
+    out = [f"error: {r['error'][:300]}"] if r["error"] else []
+    for key, what in (("lost", "requests lost"), ("refused", "requests refused"), ("changed", "answers changed"),
+                      ("oracle_disagreements", "oracle disagreements")):
+        if r.get(key) is None:
+            out.append(f"{what}: not measured")
+        elif r[key] != 0:
+            out.append(f"{what}: {r[key]}")
+    return out
+
+
 def is_ok(r: dict | None) -> bool:
-    return r is not None and not r["error"] and r["lost"] == 0 and r["changed"] == 0
+    return not problems(r)
 
 
 def main(argv: list[str]) -> int:
@@ -88,8 +107,10 @@ def main(argv: list[str]) -> int:
     (out / "repair_summary.json").write_text(json.dumps(runs, indent=1))
     print("=== repair summary")
     print("\n".join(summary_lines(runs)), flush=True)
-    present = [r for r in runs.values() if r is not None]
-    return 0 if present and all(is_ok(r) for r in present) else 1
+    failed = {name: problems(r) for name, r in runs.items() if problems(r)}
+    for name, why in failed.items():
+        print(f"FAIL {name}: " + "; ".join(why), file=sys.stderr, flush=True)
+    return 1 if failed or not runs else 0
 
 
 if __name__ == "__main__":

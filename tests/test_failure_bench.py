@@ -86,6 +86,83 @@ def test_gpu_engine_local_matches_the_cpu_oracle(small_shards):
     assert len(wrong) <= 1
 
 
+@pytest.fixture(scope="module")
+def fp8_shards(tmp_path_factory):
+    from weights_tools import prepare
+    root = tmp_path_factory.mktemp("fb-fp8")
+    model = TinyConfig(hidden=256, intermediate=128, num_experts=8, top_k=2, num_layers=2, vocab_size=64, seed=3)
+    failure_bench.write_random_checkpoint(str(root / "ckpt"), model, seed=4, fp8=True)
+    prepare(str(root / "ckpt"), str(root / "shards"), quiet=True)
+    yield model, str(root / "shards")
+    from weights_tools.manifest import Manifest
+    from weights_tools.tiers import host_tier_path
+    _remove_host_tier(host_tier_path(Manifest.load(str(root / "shards"))))
+
+
+def test_gpu_engine_serves_fp8_experts_as_the_fp8_oracle_answers(fp8_shards):
+    """FP8 shards: the slots hold e4m3 weights and their block scales bit for bit as the shards do, a
+    restore is planned and counted in FP8 bytes, and the tokens are the FP8 reference's."""
+    from eep.fp8 import Fp8Weight
+    from eep.repair import expert_weight_nbytes
+    from eep.runtime.engines.gpu import fp8_scale_block
+    from weights_tools import ExpertStore
+
+    model, shard_dir = fp8_shards
+    cfg = RuntimeConfig(num_ranks=1, slots_per_rank=model.num_experts, num_redundant=0, max_tokens_per_rank=16,
+                        model=model, shard_dir=shard_dir, engine="local",
+                        engine_options={"device": "cpu", "expert_backend": "loop", "tiers": ["disk"]})
+    nbytes = expert_weight_nbytes(model.hidden, model.intermediate, fp8=True)
+    assert RepairRules(cfg).expert_nbytes == nbytes < expert_weight_nbytes(model.hidden, model.intermediate) // 1.9
+    engine = make_engine(cfg, 0, shm_path="", store=None, run_id="t", incarnation=0)
+    store = ExpertStore(shard_dir)
+    try:
+        assert engine.is_fp8 and isinstance(engine.slots.w13, Fp8Weight)
+        plan = RepairRules(cfg).preload(None, 0)
+        part = PlanPart(plan.epoch, plan.placement, [True], plan.transfers_to(0))
+        report = engine.execute(part)
+        assert report.by_tier(part.transfers)["disk"]["nbytes"] == model.num_layers * model.num_experts * nbytes
+        phys = int(plan.placement.logical_to_phys[1, 5, 0])
+        for got, want in zip(engine.slots.views(1, phys), store.load_expert(store.moe_layers[1], 5)):
+            assert torch.equal(got.weight.view(torch.uint8), want.weight.view(torch.uint8))
+            assert torch.equal(got.scale, want.scale)
+        engine.warmup()
+        engine.on_commit(active=[True], joined=[0], epoch=0, start_step=0, is_joiner=True)
+        tokens = torch.randperm(model.vocab_size, generator=torch.Generator().manual_seed(9))[:13]
+        got = engine.decode(tokens, active=[True], placement=plan.placement, epoch=0, step=0, timeout_s=1.0)
+        block = fp8_scale_block("local", model.hidden)
+        want, margin, gap = reference_next_tokens(model, bench_weights(model),
+                                                  lambda layer, e: store.load_expert(store.moe_layers[layer], e),
+                                                  tokens.tolist(), fp8_scale_block=block)
+        assert block == 128 and fp8_scale_block("fused", model.hidden) == model.hidden  # the fused buffer: per row
+        # the torch FP8 stage computes the reference's arithmetic: only float32 order differs
+        wrong = [(g, w, m, r) for g, w, m, r in zip(got, want, margin, gap) if g != w]
+        assert all(m < 1e-3 or r < 1e-3 for _, _, m, r in wrong) and len(wrong) <= 1, wrong
+        # a poisoned slot (weights and scales NaN) that a route reads is refused loudly at the next layer's router
+        from eep.errors import RoutingError
+        engine.slots.poison(0, int(plan.placement.logical_to_phys[0, 0, 0]))
+        with pytest.raises(RoutingError, match="NaN"):
+            engine.decode(torch.arange(model.vocab_size)[:16], active=[True], placement=plan.placement, epoch=0,
+                          step=1, timeout_s=1.0)
+    finally:
+        store.close()
+        engine.close()
+
+
+def test_shm_engine_refuses_fp8_shards_and_the_fp8_dry_run_picks_gpu_engine(fp8_shards):
+    model, shard_dir = fp8_shards
+    from eep.runtime.model import generate_weights
+    with pytest.raises(ValueError, match="block-scaled FP8 experts; the shm engine serves float32"):
+        generate_weights(model, shard_dir=shard_dir)
+    args = failure_bench.parse_args(["--dry-run", "--fp8"])
+    assert args.engines == ["cpu_elastic"] and args.failure_engine == "cpu_elastic"
+    assert (failure_bench.model_config(args).hidden, failure_bench.model_config(args).intermediate) == (128, 128)
+    for bad in (["--dry-run", "--fp8", "--engines", "shm"], ["--dry-run", "--fp8", "--failure-engine", "shm"]):
+        with pytest.raises(SystemExit):
+            failure_bench.parse_args(bad)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        failure_bench.write_random_checkpoint("/nonexistent", TinyConfig(), fp8=True)
+
+
 def test_gpu_engine_refuses_a_partial_membership_without_awareness(small_shards):
     model, shard_dir = small_shards
     cfg = RuntimeConfig(num_ranks=1, slots_per_rank=model.num_experts, num_redundant=0, max_tokens_per_rank=4,
@@ -246,6 +323,47 @@ def test_dry_run_end_to_end(tmp_path):
     assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_fp8_dry_run_survives_a_sigkill_with_the_fp8_oracles_answers(tmp_path):
+    """--fp8 end to end on CPU: FP8 shards and host tier, GpuEngine's CPU path (FP8 slots, FP8 shm
+    dispatch, the torch FP8 stage), a SIGKILL, repair, re-replication and rejoin from peers' FP8 slots:
+    0 lost, 0 refused, 0 changed, and the FP8 oracle agrees on every token it decides."""
+    from eep.repair import expert_weight_nbytes
+    import repair_summary
+
+    results = failure_bench.main(["--dry-run", "--fp8", "--gpus", "3", "--extra-slots", "2", "--fault-at-s", "1.0",
+                                  "--after-fault-s", "2.5", "--no-aa", "--skip", "restart", "--out", str(tmp_path)])
+    assert results["config"]["experts"] == "fp8" and not results.get("errors"), results.get("errors")
+    f = results["failure"]
+    assert f["engine"] == "cpu_elastic" and not f["timed_out"], f
+    assert f["requests_lost"] == 0 and f["requests_refused"] == 0 and f["mismatched"] == 0, f
+    assert f["oracle_experts"] == "fp8" and f["oracle_decided"] > 0 and f["oracle_disagreements"] == 0, f
+    assert f["golden_tokens"] > 0 and f["answers_checked"]
+    model = results["config"]["model"]
+    restored = f["breakdown"][0]["repair_by_tier"]["host"]
+    assert restored["nbytes"] == restored["experts"] * expert_weight_nbytes(model["hidden"], model["intermediate"],
+                                                                            fp8=True)
+    phases = {p["phase"] for c in f["phases"] for p in c["phases"]}
+    assert {"orphan-restore", "re-replication", "reintegration"} <= phases, f["phases"]
+    assert repair_summary.main([str(tmp_path.parent), tmp_path.name]) == 0
+
+
+def test_repair_summary_fails_loudly(tmp_path, capsys):
+    import repair_summary
+
+    good = {"config": {"experts": "fp8"}, "failure": {"requests_lost": 0, "requests_refused": 0, "mismatched": 0,
+                                                      "oracle_disagreements": 0, "oracle_decided": 9}}
+    for name, failure in (("good", {}), ("refused", {"requests_refused": 3}), ("oracle", {"oracle_disagreements": 1}),
+                          ("unchecked", {"mismatched": None})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({**good, "failure": {**good["failure"], **failure}}))
+    assert repair_summary.main([str(tmp_path), "good"]) == 0
+    assert "good [fp8 experts]: lost 0, refused 0" in capsys.readouterr().out
+    for name, why in (("refused", "requests refused: 3"), ("oracle", "oracle disagreements: 1"),
+                      ("unchecked", "answers changed: not measured"), ("missing", "no results")):
+        assert repair_summary.main([str(tmp_path), "good", name]) == 1
+        assert f"FAIL {name}: {why}" in capsys.readouterr().err
+
+
 def test_gpu_engine_serves_through_the_launcher_over_gloo(tmp_path):
     """GpuEngine in real rank processes (the NCCL engine's code over gloo): answers equal the CPU oracle."""
     args = failure_bench.parse_args(["--dry-run", "--gpus", "2", "--engines", "gloo", "--out", str(tmp_path)])
@@ -327,6 +445,7 @@ def test_gpu_engine_through_a_sigkill_and_rejoin_on_the_shm_transport(tmp_path):
     lines = repair_summary.summary_lines({"disk-tier": run, "shm-tier": run})
     assert lines[-1].startswith("host tier on local disk vs /dev/shm: orphan restores 1.00x"), lines
     assert not repair_summary.is_ok({**run, "changed": 1})
+    assert not repair_summary.is_ok({**run, "refused": 2}) and not repair_summary.is_ok({**run, "oracle_disagreements": 1})
 
 
 def test_survivors_absorb_the_missing_ranks_batch_then_give_it_back(tmp_path):

@@ -105,6 +105,53 @@ def test_peer_copies_are_exact_and_a_peer_that_cannot_serve_falls_back_to_the_ti
         b.close()
 
 
+def test_fp8_slots_hold_weights_and_scales_and_peers_copy_both():
+    """FP8 slots: e4m3 weights and their 128x128 scales in one allocation; a tier restore and a peer copy
+    move both bit-exactly, poisoning hits both, and an intermediate size that would make gate and up
+    share a scale block is refused."""
+    from eep.fp8 import Fp8Weight, quantize_weight
+    from eep.repair import expert_weight_nbytes
+
+    hidden, inter = 256, 128  # two hidden blocks, one intermediate block
+    gen = torch.Generator().manual_seed(11)
+    weights = {layer: tuple(quantize_weight(torch.randn(E, *shape, generator=gen))
+                            for shape in ((inter, hidden), (inter, hidden), (hidden, inter))) for layer in range(L)}
+    store = dist.HashStore()
+
+    def fp8_slots(rank):
+        return RankSlots(rank=rank, num_ranks=2, num_layers=L, slots_per_rank=S, hidden=hidden, intermediate=inter,
+                         dtype=torch.float8_e4m3fn, device=torch.device("cpu"), store=store, run_id="t")
+
+    a, b = fp8_slots(0), fp8_slots(1)
+    try:
+        assert isinstance(a.w13, Fp8Weight) and a.w13.scale.shape == (L, S, 2, 2) and a.w2.scale.shape == (L, S, 2, 1)
+        assert a.region.nbytes >= RankSlots.nbytes(L, S, inter, hidden, torch.float8_e4m3fn) \
+            == L * S * expert_weight_nbytes(hidden, inter, fp8=True)
+        assert torch.isnan(a.w13.scale).all() and torch.isnan(a.w2.weight.float()).all()  # unloaded: poisoned
+        nbytes = expert_weight_nbytes(hidden, inter, fp8=True)
+        part = PlanPart(0, _placement(ROWS), [True, True],
+                        [Transfer(l, l, i, "host", None, None, 0, i, nbytes) for l in range(L) for i in range(S)])
+        report = a.execute(part, [TensorTier(weights)])
+        assert report.num_copied == L * S and report.by_tier(part.transfers)["host"]["nbytes"] == L * S * nbytes
+        moves = [Transfer(1, 1, 2, "peer", 0, 2, 1, 3, nbytes)]  # rank 1's slot 0 copies rank 0's slot 2
+        target = _placement([[0, 1, 2, NO_EXPERT, NO_EXPERT, NO_EXPERT], [0, 1, 2, 2, NO_EXPERT, NO_EXPERT]])
+        assert b.execute(PlanPart(0, target, [True, False], moves, incarnations={0: 0}), [TensorTier(weights)]
+                         ).served_by == ["peer"]
+        for slots, slot in ((a, 2), (b, 0)):
+            gate, up, down = slots.views(1, slots.rank * S + slot)
+            for got, want in zip((gate, up, down), weights[1]):
+                assert torch.equal(got.weight.view(torch.uint8), want.weight[2].view(torch.uint8))
+                assert torch.equal(got.scale, want.scale[2])
+        b.poison(1, S)
+        assert torch.isnan(b.w13[1, 0].scale).all() and torch.isnan(b.w2[1, 0].weight.float()).all()
+        with pytest.raises(ValueError, match="intermediate % 128 == 0"):
+            RankSlots(rank=0, num_ranks=1, num_layers=1, slots_per_rank=1, hidden=128, intermediate=64,
+                      dtype=torch.float8_e4m3fn, device=torch.device("cpu"))
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_slot_that_serves_is_staged_until_the_switch_and_maps_must_match_the_slots():
     store = dist.HashStore()
     weights = _weights(1)

@@ -30,7 +30,7 @@ def add_parser(commands) -> None:
     p.add_argument("--with-swiglu", action="store_true",
                    help="also build the opt-in SwiGLU-epilogue kernels (a second library)")
     p.add_argument("--with-fp8", action="store_true",
-                   help="also build the blockwise-scaled FP8 expert kernels (CutlassFp8ExpertStage's library)")
+                   help="also build the block-scaled FP8 kernels of the FP8 expert stage (a second library)")
     p.set_defaults(run=run)
 
 
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if args.with_swiglu:
         sets.append(("with SwiGLU epilogue", DEFAULT_CONFIGS + SWIGLU_CONFIGS))
     if args.with_fp8:
-        sets.append(("FP8", FP8_CONFIGS))
+        sets.append(("block-scaled FP8", FP8_CONFIGS))
     directory = Path(args.cache_dir)
     for name, configs in sets:
         try:

@@ -41,7 +41,9 @@ class RankExperts:
     w13, w2: this rank's slices ``[slots_per_rank, 2*inter, hidden]`` / ``[slots_per_rank, hidden, inter]``
     of the per-slot weights (views: a repair writing a slot in place is seen at the next call). With
     ``Fp8Weight`` slices (FP8 experts, an FP8 stage) the call also takes the FP8 dispatch's scales:
-    ``experts(recv.x, recv.count, recv.scale)``.
+    ``experts(recv.x, recv.count, recv.scale)``; rows that arrive as bf16 (``recv.scale`` None: an
+    exchange that does not send FP8) are quantised here per token and 128 channels, the values an
+    FP8 dispatch would have delivered.
     """
 
     def __init__(self, stage, w13: torch.Tensor, w2: torch.Tensor):
@@ -50,6 +52,8 @@ class RankExperts:
     def __call__(self, recv_x: torch.Tensor, recv_count: torch.Tensor, recv_scale: torch.Tensor | None = None
                  ) -> torch.Tensor:
         if isinstance(self.w13, Fp8Weight):  # FP8 dispatch: its scales go with the rows
+            if recv_scale is None:
+                recv_x, recv_scale = quantize_rows(recv_x)
             return self.stage(recv_x, recv_scale, recv_count, self.w13, self.w2)
         return self.stage(recv_x, recv_count, self.w13, self.w2)
 

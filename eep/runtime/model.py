@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eep.fp8 import BLOCK as FP8_BLOCK
+from eep.fp8 import Fp8Weight, quantize_weight
 from eep.mlp import dense_moe
 from eep.repair.tiers import ExpertSource, TensorTier
 from eep.routing import select_experts
@@ -88,6 +90,10 @@ def _shard_experts(config: TinyConfig, shard_dir: str) -> tuple[torch.Tensor, to
     from weights_tools import ExpertStore, load_layer_experts  # lazily: the generated path needs no shards
 
     store = ExpertStore(shard_dir)
+    if store.is_fp8:
+        store.close()
+        raise ValueError(f"shards in {shard_dir} hold block-scaled FP8 experts; the shm engine serves float32 "
+                         "experts (FP8 ones run on GpuEngine: engine cpu_elastic or gloo on a CPU)")
     got = (len(store.moe_layers), store.num_experts, store.expert_shapes()[0])
     want = (config.num_layers, config.num_experts, (config.intermediate, config.hidden))
     store.close()
@@ -175,6 +181,16 @@ def rank_tiers(weights: TinyWeights, shard_dir: str | None = None) -> list[Exper
             ModelLayerTier(DiskTier(shard_dir, manifest=manifest), manifest.moe_layers)]
 
 
+def shards_are_fp8(shard_dir: str | None) -> bool:
+    """Whether ``eep-shards prepare`` output holds block-scaled FP8 experts (its manifest says; no shards:
+    the generated float32 experts)."""
+    if shard_dir is None:
+        return False
+    from weights_tools.manifest import Manifest  # lazily: the generated path needs no shards
+
+    return Manifest.load(shard_dir).is_fp8
+
+
 class ModelLayerTier:
     """An ``ExpertSource`` in the model's layer numbering over one in the checkpoint's: model layer
     ``l`` is the checkpoint's ``layer_ids[l]`` (its ``l``-th MoE layer). Plans name layers as the
@@ -244,12 +260,16 @@ def bench_weights(config: TinyConfig) -> BenchWeights:
 
 
 def write_random_checkpoint(root: str, model: TinyConfig, *, seed: int = 0, device: str = "cpu",
-                            workers: int = 4) -> int:
+                            workers: int = 4, fp8: bool = False) -> int:
     """A Qwen3-MoE-format checkpoint of random bf16 experts, one file per layer; returns bytes written.
 
     Random values are drawn on ``device`` (a GPU draws 58 GB in seconds) from a generator seeded
     per layer, and ``workers`` layers are written at a time (one at a time, 38 GB took 41 s), so host
     memory holds a few layers at most.
+
+    ``fp8``: the same random experts quantised blockwise (``eep.fp8.quantize_weight``: e4m3 weights,
+    ``weight_scale_inv`` float32 per 128x128 block) with the ``quantization_config`` the Qwen3 "-FP8"
+    and DeepSeek-V3 releases carry; hidden and intermediate sizes must be multiples of 128.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -257,18 +277,29 @@ def write_random_checkpoint(root: str, model: TinyConfig, *, seed: int = 0, devi
 
     os.makedirs(root, exist_ok=True)
     h, i, e, n = model.hidden, model.intermediate, model.num_experts, model.num_layers
+    if fp8 and (h % FP8_BLOCK or i % FP8_BLOCK):
+        raise ValueError(f"FP8 experts need hidden ({h}) and intermediate ({i}) sizes that are multiples of "
+                         f"{FP8_BLOCK}: the expert slots keep gate and up scale blocks apart")
+
+    def stored(w: torch.Tensor) -> Fp8Weight | torch.Tensor:  # a whole layer's stack at once, on the device
+        return quantize_weight(w).to("cpu") if fp8 else w.to(torch.bfloat16).cpu()
+
+    def expert_tensors(pre: str, name: str, w: Fp8Weight | torch.Tensor) -> dict[str, torch.Tensor]:
+        if not fp8:
+            return {pre + name: w.contiguous()}
+        return {pre + name: w.weight.contiguous(), pre + name + "_scale_inv": w.scale.contiguous()}
 
     def write_layer(layer: int) -> tuple[str, list[str], int]:
         gen = torch.Generator(device=device).manual_seed(seed * 100003 + layer)
         name = f"model-{layer + 1:05d}-of-{n:05d}.safetensors"
-        gate_up = (torch.randn(e, 2, i, h, generator=gen, device=device) / h ** 0.5).to(torch.bfloat16).cpu()
-        down = (torch.randn(e, h, i, generator=gen, device=device) / i ** 0.5).to(torch.bfloat16).cpu()
+        gate_up = stored(torch.randn(e, 2, i, h, generator=gen, device=device) / h ** 0.5)
+        down = stored(torch.randn(e, h, i, generator=gen, device=device) / i ** 0.5)
         tensors = {f"model.layers.{layer}.mlp.gate.weight": torch.zeros(e, h, dtype=torch.bfloat16)}
         for x in range(e):
             pre = f"model.layers.{layer}.mlp.experts.{x}."
-            tensors[pre + "gate_proj.weight"] = gate_up[x, 0].contiguous()
-            tensors[pre + "up_proj.weight"] = gate_up[x, 1].contiguous()
-            tensors[pre + "down_proj.weight"] = down[x].contiguous()
+            tensors.update(expert_tensors(pre, "gate_proj.weight", gate_up[x, 0]))
+            tensors.update(expert_tensors(pre, "up_proj.weight", gate_up[x, 1]))
+            tensors.update(expert_tensors(pre, "down_proj.weight", down[x]))
         save_file(tensors, os.path.join(root, name))
         return name, list(tensors), os.path.getsize(os.path.join(root, name))
 
@@ -278,7 +309,11 @@ def write_random_checkpoint(root: str, model: TinyConfig, *, seed: int = 0, devi
             weight_map.update({k: name for k in keys})
             total += size
     json.dump({"weight_map": weight_map}, open(os.path.join(root, "model.safetensors.index.json"), "w"))
-    json.dump({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": h,
-               "moe_intermediate_size": i, "num_experts": e, "num_experts_per_tok": model.top_k,
-               "num_hidden_layers": n, "norm_topk_prob": True}, open(os.path.join(root, "config.json"), "w"))
+    config = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": h,
+              "moe_intermediate_size": i, "num_experts": e, "num_experts_per_tok": model.top_k,
+              "num_hidden_layers": n, "norm_topk_prob": True}
+    if fp8:
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    json.dump(config, open(os.path.join(root, "config.json"), "w"))
     return total

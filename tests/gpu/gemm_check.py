@@ -342,7 +342,8 @@ def _swiglu_graph(grouping: str) -> str:
 def run_checks(checks) -> int:
     """Run the check groups in order; print the GPU first and a SUMMARY line last; the failure count."""
     t0 = time.time()
-    print(f"GPU {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)"
+    print(f"GPU {where} torch {torch.__version__}", flush=True)
     for check in checks:
         check()
     print(f"SUMMARY {len(FAILURES)} failed: {FAILURES} ({time.time() - t0:.0f} s)", flush=True)

@@ -14,8 +14,8 @@
 #    before the fault, after repair, after re-replication and after the rejoin are in each summary.
 # The last lines printed are a compact summary of both runs (also in DIR/repair_summary.json).
 set -u
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 EEP_FUSED_CACHE_DIR=/tmp/eep-cache
+export EEP_FUSED_CACHE_DIR=${EEP_FUSED_CACHE_DIR:-/tmp/eep-cache}
+source tests/gpu/failure_bench_one_gpu.sh
 source tests/gpu/out_option.sh /tmp/eep-gpu-out "$@"
 DIR=$OUT_DIR
 PY=python3
@@ -29,22 +29,14 @@ rc=$?; echo "=== host_tier_pin rc=$rc"; tail -8 "$DIR/host_tier_pin.log"; [ $rc 
 timeout -k 5 120 $PY tests/gpu/peer_slots.py --out "$DIR" > "$DIR/peer_slots.log" 2>&1
 rc=$?; echo "=== peer_slots rc=$rc"; tail -8 "$DIR/peer_slots.log"; [ $rc -ne 0 ] && rc_all=1
 
-bench() {  # bench NAME HOST_TIER_DIR
-  mkdir -p "$2"
-  EEP_HOST_TIER_DIR=$2 timeout -k 5 150 $PY perf/failure_bench.py --gpus 4 --layers 2 --engines fused \
-    --steady-s 1.5 --fault-at-s 2 --after-fault-s 8 --extra-slots 16 --skip restart --no-aa --out "$DIR/$1" \
-    --workdir "$WORK/$1" --budget-s 130 > "$DIR/$1.log" 2>&1
-  local rc=$?; echo "=== failure bench ($1, host tier in $2) rc=$rc"; tail -12 "$DIR/$1.log"
-  (cd "$DIR/$1" 2>/dev/null && for d in steady-* failure; do [ -d "$d" ] && tar czf "$d.tgz" "$d" && rm -rf "$d"; done; true)
-  rm -rf "$WORK/$1" "$2"/eep-host-* 2>/dev/null
-  return $rc
-}
 timeout -k 5 60 $PY perf/bench_repair_plan.py --json "$DIR/plan.json" > "$DIR/plan.log" 2>&1
 echo "=== bench_repair_plan rc=$? (the planner's time on this host's CPU)"; head -3 "$DIR/plan.log"
-bench disk-tier "$WORK/host-on-disk" || rc_all=1
+RUNS=(disk-tier)
+failure_bench_run disk-tier "$WORK/host-on-disk" 150 || rc_all=1
 if [ "$(df -BG --output=avail /dev/shm | tail -1 | tr -dc 0-9)" -ge 2 ]; then
-  bench shm-tier /dev/shm || rc_all=1
+  RUNS+=(shm-tier)
+  failure_bench_run shm-tier /dev/shm 150 || rc_all=1
 fi
-$PY perf/repair_summary.py "$DIR" disk-tier shm-tier || rc_all=1
+$PY perf/repair_summary.py "$DIR" "${RUNS[@]}" || rc_all=1
 rm -rf "$WORK"
 exit $rc_all

@@ -112,6 +112,8 @@ class TorchFp8ExpertStage:
     bf16, the SwiGLU output requantised per token and 128 channels (``eep.fp8.quantize_rows``).
     """
 
+    is_graph_safe = False  # counts are read on the host
+
     def __init__(self, shape: ExpertStageShape, *, device: torch.device | str):
         self.shape = shape
         self.device = torch.device(device)

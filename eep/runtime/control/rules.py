@@ -29,10 +29,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
-from eep.repair import Bandwidth, Transfer, plan_reintegration, plan_repair, plan_rereplication
+from eep.repair import Bandwidth, Transfer, expert_weight_nbytes, plan_reintegration, plan_repair, plan_rereplication
 from eep.repair.plan import predict_transfers
 from eep.repair.tiers import DeclaredTier
 from eep.runtime.config import RuntimeConfig
+from eep.runtime.model import shards_are_fp8
 from eep.state import Clause, ExpertPlacement, Membership, check_validity
 
 # phases of a commit's plan, in the order they run (what the timeline reports)
@@ -113,7 +114,7 @@ class RepairRules:
                                              num_redundant=cfg.num_redundant)
         self.tiers = [DeclaredTier(name) for name in tier_names(cfg)]
         self.bandwidth = runtime_bandwidth(cfg)
-        self.expert_nbytes = 3 * m.hidden * m.intermediate * (4 if cfg.engine == "shm" else 2)
+        self.expert_nbytes = runtime_expert_nbytes(cfg)
 
     def plan_commit(self, old: ExpertPlacement, old_active: list[bool], failed: Iterable[int],
                     joined: Iterable[int], epoch: int, *, rereplicate: bool = False) -> CommitPlan:
@@ -202,6 +203,16 @@ def tier_names(cfg: RuntimeConfig) -> list[str]:
     if cfg.engine == "shm":
         return ["host"] if cfg.shard_dir is None else ["host", "disk"]
     return list(cfg.engine_options.get("tiers", ["host", "disk"]))
+
+
+def runtime_expert_nbytes(cfg: RuntimeConfig) -> int:
+    """Bytes of one expert as the run's slots hold it, what every transfer is planned with: float32
+    in the shm engine, bf16 in GpuEngine, or block-scaled FP8 when the shards hold FP8 experts (e4m3
+    weights plus their float32 128x128 scales, which every copy moves together)."""
+    m = cfg.model
+    if cfg.engine == "shm":
+        return expert_weight_nbytes(m.hidden, m.intermediate, dtype_bytes=4)
+    return expert_weight_nbytes(m.hidden, m.intermediate, fp8=shards_are_fp8(cfg.shard_dir))
 
 
 def runtime_bandwidth(cfg: RuntimeConfig) -> Bandwidth:

@@ -1,4 +1,4 @@
-"""GPU data plane of a rank: the bench decode model in bf16, one CUDA graph per decode step.
+"""GPU data plane of a rank: the bench decode model (bf16 or block-scaled FP8 experts), one CUDA graph per step.
 
 ``GpuEngine`` implements the engine seam of ``eep/runtime/engines/base.py`` (``RuntimeConfig.engine``
 ``"fused"``, ``"fused_fixed"`` or ``"nccl"``). The model is the runtime's tiny decode model
@@ -24,6 +24,17 @@ into per-slot device tensors ``w13 [layers, slots, 2*inter, hidden]`` and ``w2 [
 hidden, inter]`` in one VMM allocation that peers map (``RankSlots``, eep/runtime/engines/slots.py);
 the copies run on the slots' copy stream, off the compute stream.
 
+FP8 experts: when the shards hold block-scaled FP8 experts (their manifest says so) the slots hold
+e4m3 weights with their float32 128x128 scales (``eep.fp8.Fp8Weight``; a restore, a peer copy and a
+poisoning move both), tokens are dispatched as e4m3 with float32 scales, and the FP8 expert stage
+(``CutlassFp8ExpertStage`` with ``expert_backend`` cutlass or auto on Hopper, else the torch FP8 stage)
+reads the receive layout and its scales as they arrive, with no dequantise pass, and answers bf16 for
+the combine. The fused buffer's kernels quantise a row with one scale; the shm exchange sends one per
+128 channels (DeepEP's format); behind an exchange that moves bf16 rows (local, NCCL, gloo) the
+received rows are quantised per 128 channels before the stage, the same values the sender would have
+made (``fp8_scale_block`` names the format per exchange, for the oracle). Repair and restore plans
+count FP8 bytes (``eep.runtime.control.rules.runtime_expert_nbytes``).
+
 The tokens cross ranks through the exchange seam (``make_exchange`` below, by engine name): the
 fused GPU buffer (membership-aware or the fixed-membership baseline), the collective baseline
 (NCCL, or gloo on CPU), the host shared-memory exchange (``cpu_elastic``: the CPU tests of the failure
@@ -45,6 +56,8 @@ from typing import Any
 import torch
 
 from eep.errors import PeerUnreachableError
+from eep.fp8 import BLOCK as FP8_BLOCK
+from eep.fp8 import FP8_DTYPE, quantize_rows
 from eep.routing import route_to_phys, select_experts
 from eep.runtime.config import RuntimeConfig
 from eep.repair import ExecutionReport
@@ -74,6 +87,7 @@ class GpuEngine:
         mark = _PhaseClock(self.init_phases)
         from weights_tools import ExpertStore
         from eep.fused.gemm import ExpertStageShape, make_expert_stage
+        from eep.fused.moe_layer import RankExperts
 
         mark("imports")
         opts = dict(cfg.engine_options)
@@ -106,6 +120,8 @@ class GpuEngine:
         if (len(self.moe_layers), self.store.num_experts) != (L, c.num_experts):
             raise ValueError(f"shards in {cfg.shard_dir} hold {len(self.moe_layers)} MoE layers x "
                              f"{self.store.num_experts} experts; the config needs {L} x {c.num_experts}")
+        self.is_fp8 = self.store.is_fp8
+        self.scale_block = fp8_scale_block(engine, c.hidden)
         w = bench_weights(c)
         dt, dev = torch.bfloat16, self.device
         self.embed = w.embed.to(dev)
@@ -121,7 +137,8 @@ class GpuEngine:
         self.l2p = torch.full((L, c.num_experts, self.max_replicas), NO_EXPERT, dtype=torch.int64, device=dev)
         # per-slot weights in one allocation peers can map (VMM on a GPU); NaN until loaded
         self.slots = RankSlots(rank=rank, num_ranks=cfg.num_ranks, num_layers=L, slots_per_rank=S, hidden=c.hidden,
-                               intermediate=c.intermediate, dtype=dt, device=dev, store=store, run_id=run_id,
+                               intermediate=c.intermediate, dtype=FP8_DTYPE if self.is_fp8 else dt, device=dev,
+                               store=store, run_id=run_id,
                                incarnation=incarnation, on_switch=self._write_table,
                                connect_timeout_s=cfg.peer_connect_timeout_s)
         mark("weights_alloc")
@@ -132,13 +149,16 @@ class GpuEngine:
         # then holds about max_tokens * top_k / (ranks * slots) rows (5 at the qwen3 bench shape).
         rows_per_block = cfg.max_tokens_per_rank * c.top_k / (cfg.num_ranks * S)
         self.stage = make_expert_stage(ExpertStageShape(S, cfg.num_ranks, M, c.hidden, c.intermediate, c.top_k),
-                                       device=dev, backend=opts.get("expert_backend"),
-                                       expected_rows_per_group=rows_per_block)
+                                       device=dev, dtype=FP8_DTYPE if self.is_fp8 else dt,
+                                       backend=opts.get("expert_backend"), expected_rows_per_group=rows_per_block)
+        # per layer: the stage over that layer's slot views (RankExperts takes the FP8 dispatch's scales)
+        self.experts = [RankExperts(self.stage, self.slots.w13[layer], self.slots.w2[layer]) for layer in range(L)]
         mark("expert_stage")
         self.membership = Membership(cfg.num_ranks, device=dev)  # the one every exchange call and kernel reads
         self.exchange = make_exchange(engine, cfg, rank, store=store, group=f"{run_id}/fused", device=dev,
-                                      membership=self.membership, shm_path=shm_path)
-        self.use_graph = self.use_graph and self.exchange.is_graph_safe
+                                      membership=self.membership, shm_path=shm_path, use_fp8=self.is_fp8)
+        self.use_graph = (self.use_graph and self.exchange.is_graph_safe
+                          and getattr(self.stage, "is_graph_safe", True))
         mark("exchange")
         self.tokens = {n: torch.zeros(n, dtype=torch.int64, device=dev) for n in self.sizes}  # static inputs
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -173,7 +193,7 @@ class GpuEngine:
             phys = route_to_phys(topk_ids, self.l2p[layer], self.membership.active_device, self.S,
                                  token_offset=self.rank * self.M)
             recv, handle = self.exchange.dispatch(x, phys)
-            y = self.stage(recv.x, recv.count, self.slots.w13[layer], self.slots.w2[layer])
+            y = self.experts[layer](recv.x, recv.count, recv.scale)
             h = h + self.exchange.combine(y, handle, topk_weights).float()
             if self.attn is not None:
                 h = h + 0.0 * ((x @ self.attn[0][layer]) @ self.attn[1][layer]).float()
@@ -189,13 +209,17 @@ class GpuEngine:
         # drawn once, on the device: 48 slots x 4 ranks x 128 rows x 2048 drawn per layer on the CPU
         # took 18 s of a 48-layer rank's start-up (and of a joiner's time back to service)
         x = torch.randn(shape, generator=gen, device=dev).to(torch.bfloat16)
+        scale = None
+        if self.is_fp8:  # the rows as this engine's dispatch delivers them: e4m3 with its scale format
+            x, scale = quantize_rows(x, block=self.scale_block)
+            scale = scale.squeeze(-1) if self.scale_block == c.hidden else scale
         # a realistic fill: each source sends max_tokens * top_k rows, spread over the slots
         per_block = max(1, self.M * min(c.top_k, self.S) // self.S)
         count = torch.full((self.S, self.cfg.num_ranks), per_block, dtype=torch.int32, device=dev)
         row = torch.arange(self.M, device=dev)
         for layer in range(self.L):
             count_l = torch.where((self.slots.loaded[layer] >= 0).to(dev).unsqueeze(1), count, 0).to(torch.int32)
-            y = self.stage(x, count_l, self.slots.w13[layer], self.slots.w2[layer])
+            y = self.experts[layer](x, count_l, scale)
             if not bool(torch.isfinite(y[row < count_l.unsqueeze(-1)]).all()):
                 raise RuntimeError(f"rank {self.rank}: warm-up of layer {layer} gave non-finite outputs")
         if self.use_graph and not self.graphs:
@@ -296,13 +320,22 @@ def expert_tiers(shard_dir: str, names: list[str], pin: bool | None) -> list:
     return [HostTier(shard_dir, pin=pin) if n == "host" else DiskTier(shard_dir) if n == "disk" else n for n in names]
 
 
+def fp8_scale_block(engine: str, hidden: int) -> int:
+    """Channels per activation scale of the FP8 dispatch behind ``engine``: the fused GPU buffer's
+    kernels quantise a whole row with one scale (``hidden``); the shm exchange sends one scale per
+    128 channels, and so does the engine itself behind exchanges that move bf16 rows (``RankExperts``)."""
+    return hidden if engine in ("fused", "fused_fixed") else FP8_BLOCK
+
+
 def make_exchange(engine: str, cfg: RuntimeConfig, rank: int, *, store: Any, group: str, device: torch.device,
-                  membership: Membership, shm_path: str | None):
+                  membership: Membership, shm_path: str | None, use_fp8: bool = False):
     """The ``DecodeExchange`` an engine name stands for (``eep.exchange.protocol``), built on ``membership``.
 
     fused / fused_fixed: the fused GPU buffer (membership-aware, or the fixed-membership baseline);
     nccl / gloo: the collective baseline; cpu_elastic: the host shared-memory exchange (bf16, CPU);
     local: one rank, no peers. Peers are connected later, at the first commit (``on_commit``).
+    ``use_fp8``: rows travel as e4m3 with their scales where the exchange can send them (fused,
+    cpu_elastic; ``fp8_scale_block`` says in which format); the others move bf16 rows.
     """
     c, S, M = cfg.model, cfg.slots_per_rank, cfg.token_capacity
     if engine in ("fused", "fused_fixed"):
@@ -310,7 +343,7 @@ def make_exchange(engine: str, cfg: RuntimeConfig, rank: int, *, store: Any, gro
         return FusedBuffer(rank, cfg.num_ranks, slots_per_rank=S, max_tokens_per_rank=M, hidden=c.hidden,
                            top_k=c.top_k, store=store, group=group, connect=[],
                            fixed_membership=engine == "fused_fixed", timeout_s=cfg.transport_timeout_s,
-                           device=device, membership=membership)
+                           device=device, membership=membership, use_fp8=use_fp8)
     if engine in ("nccl", "gloo"):
         from eep.exchange.collective import CollectiveExchange
         return CollectiveExchange(rank, cfg.num_ranks, slots_per_rank=S, max_tokens_per_rank=M, hidden=c.hidden,
@@ -319,7 +352,7 @@ def make_exchange(engine: str, cfg: RuntimeConfig, rank: int, *, store: Any, gro
         from eep.exchange.shm import ShmExchange
         from eep.transport import SharedMemoryTransport
         return ShmExchange(SharedMemoryTransport(shm_path, rank), slots_per_rank=S, max_tokens_per_rank=M,
-                           hidden=c.hidden, dtype=torch.bfloat16, membership=membership,
+                           hidden=c.hidden, dtype=torch.bfloat16, use_fp8=use_fp8, membership=membership,
                            timeout_s=cfg.transport_timeout_s)
     if engine == "local":
         from eep.exchange.local import LocalExchange

@@ -1,7 +1,11 @@
 """A rank's expert slots: the ``SlotStore`` every engine's plan parts are executed on.
 
 One allocation holds every slot of the rank, ``w13 [layers, slots, 2*inter, hidden]`` (gate rows,
-then up rows) followed by ``w2 [layers, slots, hidden, inter]``: VMM device memory on a GPU
+then up rows) followed by ``w2 [layers, slots, hidden, inter]``; with block-scaled FP8 experts
+(``dtype=torch.float8_e4m3fn``) both are ``eep.fp8.Fp8Weight`` stacks whose float32 128x128 scales
+follow the e4m3 weights in the same allocation (``[layers, slots, 2*inter/128, hidden/128]`` and
+``[layers, slots, hidden/128, inter/128]``), so a slot's gate, up and down views, a peer's mapping
+and every copy carry weights and scales together. VMM device memory on a GPU
 (``eep.fused.peer_memory.DeviceRegion``), an anonymous shared memory file on a CPU
 (``eep.transport.shared_region.HostRegion``). The rank serves the allocation's fd from an
 ``FdServer`` and publishes its address, layout and incarnation under the store key
@@ -29,7 +33,9 @@ from typing import Any
 
 import torch
 
-from eep.repair import ExecutionReport, ExpertSource, RepairError, SlotExecutor, Transfer, run_transfers
+from eep.fp8 import BLOCK, FP8_DTYPE, ExpertWeight, Fp8Weight, block_scale_shape
+from eep.repair import (ExecutionReport, ExpertSource, RepairError, SlotExecutor, Transfer, expert_weight_nbytes,
+                        run_transfers)
 from eep.repair.plan import HELD, stage_with_fallback
 from eep.runtime.control.keys import Key, store_key
 from eep.state import NO_EXPERT, ExpertPlacement, Membership
@@ -57,7 +63,9 @@ class RankSlots:
     """The ``eep.repair.SlotStore`` of one rank process (module docstring).
 
     Parameters:
-        rank, num_ranks, num_layers, slots_per_rank, hidden, intermediate, dtype, device: the shape.
+        rank, num_ranks, num_layers, slots_per_rank, hidden, intermediate, dtype, device: the shape;
+            ``dtype=torch.float8_e4m3fn``: block-scaled FP8 slots (``intermediate`` a multiple of 128,
+            so gate's and up's scale blocks stay apart in ``w13``).
         store: the control store to publish ``weights/<rank>`` in and read peers' records from;
             None: no peer can copy from this rank nor this rank from a peer (a one-rank engine).
         run_id, incarnation: this process's run and incarnation (in the published record).
@@ -70,6 +78,9 @@ class RankSlots:
                  incarnation: int = 0, on_switch: Callable[[ExpertPlacement], None] | None = None,
                  connect_timeout_s: float = 1.0):
         L, S, I, H = num_layers, slots_per_rank, intermediate, hidden
+        if dtype == FP8_DTYPE and I % BLOCK:
+            raise ValueError(f"FP8 expert slots need intermediate % {BLOCK} == 0 (gate and up keep their own "
+                             f"scale blocks in w13), got intermediate={I}")
         self.rank, self.num_ranks, self.slots_per_rank, self.num_layers = rank, num_ranks, S, L
         self.inter, self.device, self.dtype = I, device, dtype
         self.control_store, self.run_id, self.incarnation = store, run_id, incarnation
@@ -97,7 +108,13 @@ class RankSlots:
 
     @staticmethod
     def nbytes(num_layers: int, slots_per_rank: int, intermediate: int, hidden: int, dtype: torch.dtype) -> int:
-        return 3 * num_layers * slots_per_rank * intermediate * hidden * dtype.itemsize
+        """Bytes of every slot: weights, plus float32 block scales for FP8 (``eep.repair.expert_weight_nbytes``)."""
+        return num_layers * slots_per_rank * expert_weight_nbytes(hidden, intermediate, fp8=dtype == FP8_DTYPE,
+                                                                  dtype_bytes=dtype.itemsize)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.dtype == FP8_DTYPE
 
     # ---- SlotStore ----
     def _local(self, phys: int) -> int:
@@ -105,16 +122,16 @@ class RankSlots:
             raise RepairError(f"rank {self.rank}: slot {phys} is on rank {phys // self.slots_per_rank}, not this rank")
         return phys % self.slots_per_rank
 
-    def views(self, layer: int, phys: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def views(self, layer: int, phys: int) -> tuple[ExpertWeight, ExpertWeight, ExpertWeight]:
         i = self._local(phys)
-        return self.w13[layer, i, :self.inter], self.w13[layer, i, self.inter:], self.w2[layer, i]
+        return (*_gate_up(self.w13[layer, i], self.inter), self.w2[layer, i])
 
-    def peer_views(self, layer: int, phys: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def peer_views(self, layer: int, phys: int) -> tuple[ExpertWeight, ExpertWeight, ExpertWeight]:
         rank, i = divmod(phys, self.slots_per_rank)
         if rank == self.rank:
             return self.views(layer, phys)
         _, _, w13, w2 = self._peer(rank)
-        return w13[layer, i, :self.inter], w13[layer, i, self.inter:], w2[layer, i]
+        return (*_gate_up(w13[layer, i], self.inter), w2[layer, i])
 
     def holds(self, layer: int, phys: int) -> int:
         rank, i = divmod(phys, self.slots_per_rank)
@@ -253,10 +270,31 @@ def restore_stats(report: ExecutionReport, transfers: Sequence[Transfer]) -> dic
 
 
 def _slot_views(region: torch.Tensor, L: int, S: int, I: int, H: int, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    n13 = L * S * 2 * I * H * dtype.itemsize
-    n2 = L * S * H * I * dtype.itemsize
-    return (region[:n13].view(dtype).view(L, S, 2 * I, H), region[n13:n13 + n2].view(dtype).view(L, S, H, I))
+                ) -> tuple[ExpertWeight, ExpertWeight]:
+    """``(w13, w2)`` over the allocation: weights first, then (FP8) their block scales."""
+    shapes = ((L, S, 2 * I, H), (L, S, H, I))
+    views, offset = [], 0
+    for shape in shapes:
+        n = shape[0] * shape[1] * shape[2] * shape[3] * dtype.itemsize
+        views.append(region[offset:offset + n].view(dtype).view(shape))
+        offset += n
+    if dtype != FP8_DTYPE:
+        return views[0], views[1]
+    scales = []
+    for shape in shapes:
+        scale_shape = (L, S, *block_scale_shape(shape[2], shape[3]))
+        n = scale_shape[0] * scale_shape[1] * scale_shape[2] * scale_shape[3] * 4
+        scales.append(region[offset:offset + n].view(torch.float32).view(scale_shape))
+        offset += n
+    return Fp8Weight(views[0], scales[0]), Fp8Weight(views[1], scales[1])
+
+
+def _gate_up(w13: ExpertWeight, inter: int) -> tuple[ExpertWeight, ExpertWeight]:
+    """One slot's ``w13 [2*inter, hidden]`` as its gate and up halves (views; FP8 scales split by block)."""
+    if isinstance(w13, Fp8Weight):
+        blocks = inter // BLOCK
+        return (Fp8Weight(w13.weight[:inter], w13.scale[:blocks]), Fp8Weight(w13.weight[inter:], w13.scale[blocks:]))
+    return w13[:inter], w13[inter:]
 
 
 def _export(nbytes: int, device: torch.device):
