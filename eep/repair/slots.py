@@ -210,11 +210,16 @@ class SlotExecutor(RepairExecutor):
     one it accepts (the runtime: a member whose own copies for the maps in force are done). With a
     ``copy_stream`` every copy is enqueued on it, the transfers of one layer form a batch timed by
     two CUDA events, and ``commit`` waits for the last one before it switches the maps.
+
+    ``before_commit``, when given, runs first in ``commit``, before any serving slot or map is
+    written: where ranks in other processes execute their parts of one plan, it is their vote (raise
+    to abort: the executor then discards, and every serving slot and map stays as it was).
     """
 
     def __init__(self, store: SlotStore, new_membership: Membership, tiers: Sequence[ExpertSource], *,
-                 is_source: Callable[[int], bool] | None = None):
+                 is_source: Callable[[int], bool] | None = None, before_commit: Callable[[], None] | None = None):
         self.store = store
+        self.before_commit = before_commit
         self.new_membership = new_membership
         self.epoch = new_membership.epoch
         self.tiers = list(tiers)
@@ -262,6 +267,8 @@ class SlotExecutor(RepairExecutor):
 
     def commit(self, placement: ExpertPlacement, epoch: int) -> None:
         store = self.store
+        if self.before_commit is not None:
+            self.before_commit()
         with _on(self.stream):
             for key, (weights, expert) in self.staged.items():
                 for dst, w in zip(store.views(*key), weights):
