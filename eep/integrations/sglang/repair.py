@@ -179,12 +179,11 @@ class PlanRepairResult:
         parts = []
         for p in self.phases:
             if p["phase"] == "routing-only":
-                parts.append(f"routing-only: {p['dropped_slots']} slots dropped, maps written in "
-                             f"{p['observed_s'] * 1e3:.2f} ms")
+                parts.append(f"routing-only: {p['dropped_slots']} slots dropped, maps written in {_ms(p['observed_s'])}")
             else:
                 tiers = ", ".join(f"{n} from {t}" for t, n in sorted(p["experts_by_tier"].items())) or "none here"
-                parts.append(f"{p['phase']}: {p['experts']} experts ({tiers}), predicted {p['predicted_s'] * 1e3:.2f} "
-                             f"ms (plan {p['plan_predicted_s'] * 1e3:.2f} ms), observed {p['observed_s'] * 1e3:.2f} ms")
+                parts.append(f"{p['phase']}: {p['experts']} experts ({tiers}), predicted {_ms(p['predicted_s'])} "
+                             f"(plan {_ms(p['plan_predicted_s'])}), observed {_ms(p['observed_s'])}")
         fallbacks = f"; {len(self.fallbacks)} tier fallbacks ({self.fallbacks[0]})" if self.fallbacks else ""
         what = "down" if self.kind == "repair" else "back"
         return f"eep: {self.kind} by plan, epoch {self.epoch}, ranks {self.ranks} {what}, rank {self.rank}: " \
@@ -310,6 +309,10 @@ class PlanRepair:
         self.epoch = after.epoch
         return PlanRepairResult(kind, self.rank, after.epoch, ranks, placement, mine, report,
                                 fallbacks=list(report.fallbacks), map_write_s=map_s[0])
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
 
 
 def _plan_key(placement: ExpertPlacement, before: Membership, after: Membership) -> str:

@@ -1,0 +1,214 @@
+"""Repair by eep's plan inside SGLang: SGLang's real expert-location maps, its real logical -> physical
+dispatch, its real elastic state and plugin loader; the expert weights in SGLang's ``w13``/``w2`` layout.
+
+Four EP ranks are simulated in one process (each its own maps and weight tensors); a dead rank's
+tensors are poisoned with NaN, so any token still routed to it shows in the output.
+"""
+
+import pytest
+import torch
+
+from sglang_case import HAS_SGLANG, SKIP_REASON
+
+if not HAS_SGLANG:
+    pytest.skip(SKIP_REASON, allow_module_level=True)
+
+from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+from sglang.srt.eplb.expert_location_dispatch import ExpertLocationDispatchInfo, topk_ids_logical_to_physical
+
+from eep.errors import CoverageLostError
+from eep.integrations.sglang.placement import placement_from_sglang, sglang_maps_from_placement
+from eep.integrations.sglang.repair import PlanRepair, UnsupportedLayoutError
+from eep.mlp import swiglu
+from eep.repair import TensorTier
+from eep.state import ExpertPlacement
+
+NUM_LAYERS, NUM_EXPERTS, NUM_RANKS, SLOTS, HIDDEN, INTER, TOP_K = 2, 12, 4, 4, 64, 32, 3
+LAYER_IDS = [1, 3]  # SGLang's layer ids of the MoE layers (0 and 2 are dense)
+
+
+def logical_weights(seed: int) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return {layer: (torch.randn(NUM_EXPERTS, INTER, HIDDEN, generator=gen).bfloat16() / HIDDEN ** 0.5,
+                    torch.randn(NUM_EXPERTS, INTER, HIDDEN, generator=gen).bfloat16() / HIDDEN ** 0.5,
+                    torch.randn(NUM_EXPERTS, HIDDEN, INTER, generator=gen).bfloat16() / INTER ** 0.5)
+            for layer in LAYER_IDS}
+
+
+def metadata_for(placement: ExpertPlacement) -> ExpertLocationMetadata:
+    """SGLang's metadata over 4 layers: the MoE rows hold ``placement``, the dense rows a copy of its first row."""
+    maps = sglang_maps_from_placement(placement)
+    rows = [0, 0, 1, 1]  # row r of the full maps comes from placement layer rows[r]
+    p2l, l2p, n = (t[rows].clone() for t in (maps.physical_to_logical_map, maps.logical_to_all_physical_map,
+                                            maps.logical_to_all_physical_map_num_valid))
+    return ExpertLocationMetadata(physical_to_logical_map=p2l, physical_to_logical_map_cpu=p2l.clone(),
+                                  logical_to_all_physical_map=l2p, logical_to_all_physical_map_cpu=l2p.clone(),
+                                  logical_to_all_physical_map_num_valid=n, ep_size=NUM_RANKS,
+                                  logical_to_rank_dispatch_physical_map=None)
+
+
+def rank_weights(placement: ExpertPlacement, weights, rank: int) -> dict[int, list[torch.Tensor]]:
+    """SGLang's ``routed_experts_weights_of_layer`` of ``rank``: ``[w13 [S, 2I, H], w2 [S, H, I]]`` per layer."""
+    out = {}
+    for row, layer in enumerate(LAYER_IDS):
+        w_gate, w_up, w_down = weights[layer]
+        experts = placement.phys_to_logical[row, rank * SLOTS:(rank + 1) * SLOTS]
+        out[layer] = [torch.cat([w_gate[experts], w_up[experts]], 1).contiguous(), w_down[experts].contiguous()]
+    return out
+
+
+class Instance:
+    """Four SGLang ranks: maps, weights and a ``PlanRepair`` each, restoring from one host tier."""
+
+    def __init__(self, seed: int, *, tiers=None, peers_in_process: bool = True):
+        load = torch.rand(NUM_LAYERS, NUM_EXPERTS, generator=torch.Generator().manual_seed(seed)) * 100
+        self.placement = ExpertPlacement.build(NUM_LAYERS, NUM_EXPERTS, NUM_RANKS, SLOTS, load)
+        self.weights = logical_weights(seed)
+        self.tiers = [TensorTier(self.weights)] if tiers is None else tiers
+        self.metadata = [metadata_for(self.placement) for _ in range(NUM_RANKS)]
+        self.experts = [rank_weights(self.placement, self.weights, r) for r in range(NUM_RANKS)]
+        self.peers_in_process = peers_in_process
+        self.peers: dict[int, PlanRepair] = {}
+        self.repairs = [self.new_repair(r) for r in range(NUM_RANKS)]
+        self.active = [True] * NUM_RANKS
+
+    def new_repair(self, rank: int) -> PlanRepair:
+        repair = PlanRepair(rank, NUM_RANKS, self.experts[rank], tiers=self.tiers,
+                            peers=self.peers if self.peers_in_process else {})
+        self.peers[rank] = repair
+        return repair
+
+    def kill(self, ranks: list[int]) -> None:
+        for r in ranks:
+            for w in (w for ws in self.experts[r].values() for w in ws):
+                w.fill_(float("nan"))  # what the dead process held can never be read again
+            self.active[r] = False
+
+    def outputs(self, seed: int) -> tuple[list, list]:
+        """Per live rank and MoE layer: (SGLang's routing over each rank's maps and slots, eep's reference)."""
+        gen = torch.Generator().manual_seed(seed)
+        got, want = [], []
+        for src in (r for r in range(NUM_RANKS) if self.active[r]):
+            x = torch.randn(5, HIDDEN, generator=gen).bfloat16()
+            ids = torch.rand(5, NUM_EXPERTS, generator=gen).argsort(-1)[:, :TOP_K]
+            w = torch.rand(5, TOP_K, generator=gen)
+            for row, layer in enumerate(LAYER_IDS):
+                meta = self.metadata[src]
+                info = ExpertLocationDispatchInfo(
+                    ep_dispatch_algorithm="dynamic", partial_logical_to_rank_dispatch_physical_map=None,
+                    partial_logical_to_all_physical_map=meta.logical_to_all_physical_map[layer],
+                    partial_logical_to_all_physical_map_num_valid=meta.logical_to_all_physical_map_num_valid[layer],
+                    num_physical_experts=NUM_RANKS * SLOTS)
+                phys = topk_ids_logical_to_physical(ids, info)
+                y, ref = torch.zeros(5, HIDDEN), torch.zeros(5, HIDDEN)
+                for t in range(5):
+                    for k in range(TOP_K):
+                        rank, i = divmod(int(phys[t, k]), SLOTS)
+                        w13, w2 = self.experts[rank][layer]
+                        y[t] += w[t, k] * swiglu(x[t:t + 1], w13[i, :INTER], w13[i, INTER:], w2[i])[0].float()
+                        e = int(ids[t, k])
+                        ref[t] += w[t, k] * swiglu(x[t:t + 1], *(m[e] for m in self.weights[layer]))[0].float()
+                got.append(y)
+                want.append(ref)
+        return got, want
+
+
+def assert_outputs_match(instance: Instance, seed: int) -> None:
+    got, want = instance.outputs(seed)
+    for g, r in zip(got, want):
+        assert torch.isfinite(g).all(), "a token was routed to a dead rank's slot"
+        assert torch.equal(g, r), f"{(g - r).abs().max()}"
+
+
+def pointers(metadata) -> list[int]:
+    return [getattr(metadata, f).data_ptr() for f in ("physical_to_logical_map", "logical_to_all_physical_map",
+                                                      "logical_to_all_physical_map_num_valid")]
+
+
+def fail(instance: Instance, dead: list[int]) -> dict:
+    before = list(instance.active)
+    instance.kill(dead)
+    return {r: instance.repairs[r].on_failure(instance.metadata[r], before, instance.active)
+            for r in range(NUM_RANKS) if instance.active[r]}
+
+
+def test_failed_rank_is_repaired_by_plan_and_outputs_equal_the_reference():
+    instance = Instance(seed=3)
+    assert_outputs_match(instance, seed=10)
+    ptrs = [pointers(m) for m in instance.metadata]
+    results = fail(instance, [1])
+    restored = {r: res.phases[-1] for r, res in results.items() if res.phases[-1]["phase"] == "orphan-restore"}
+    assert sum(p["experts_by_tier"].get("host", 0) for p in restored.values()) >= 1, "no orphan came from the host tier"
+    for r, res in results.items():
+        assert pointers(instance.metadata[r]) == ptrs[r]  # written in place: captured graphs read the new maps
+        assert res.phases[0]["phase"] == "routing-only" and res.phases[0]["dropped_slots"] == NUM_LAYERS * SLOTS
+        l2p = instance.metadata[r].logical_to_all_physical_map[LAYER_IDS]
+        assert not bool(((l2p // SLOTS) == 1).any()), f"rank {r}'s maps still list the dead rank's slots"
+        assert placement_from_sglang(instance.metadata[r], active=instance.active,
+                                     layers=LAYER_IDS).equal(results[0].placement)
+        for p in res.phases[1:]:
+            if p["experts"]:
+                assert p["predicted_s"] > 0 and p["observed_s"] > 0 and p["plan_predicted_s"] >= p["predicted_s"]
+        assert "predicted" in res.log_line() or not res.transfers
+    assert any("observed" in res.log_line() for res in results.values())
+    assert_outputs_match(instance, seed=11)
+
+
+@pytest.mark.parametrize("peers_in_process", [True, False], ids=["peers-in-process", "peers-elsewhere"])
+def test_rejoin_by_plan_puts_the_rank_back(peers_in_process):
+    instance = Instance(seed=4, peers_in_process=peers_in_process)
+    fail(instance, [2])
+    after_failure = list(instance.active)
+    # a new process: SGLang hands it the survivors' maps; its weights hold nothing yet
+    instance.metadata[2] = metadata_for(placement_from_sglang(instance.metadata[0], layers=LAYER_IDS))
+    instance.repairs[2] = instance.new_repair(2)
+    results = {r: instance.repairs[r].on_rejoin(instance.metadata[r], after_failure, [2]) for r in range(NUM_RANKS)}
+    instance.active = [True] * NUM_RANKS
+    joiner = results[2].phases[-1]
+    assert joiner["phase"] == "reintegration" and joiner["experts"] == NUM_LAYERS * SLOTS
+    source = "peer" if peers_in_process else "host"
+    assert joiner["experts_by_tier"] == {source: NUM_LAYERS * SLOTS}
+    assert bool(results[2].fallbacks) == (not peers_in_process)  # a peer in another process: the host tier
+    for r in range(NUM_RANKS):
+        assert results[r].placement.equal(results[2].placement)
+        l2p = instance.metadata[r].logical_to_all_physical_map[LAYER_IDS]
+        assert bool(((l2p // SLOTS) == 2).any()), f"rank {r}'s maps do not route to the rejoined rank"
+    assert_outputs_match(instance, seed=12)
+
+
+def test_coverage_lost_names_the_experts_and_writes_nothing():
+    instance = Instance(seed=5)
+    before = [m.physical_to_logical_map.clone() for m in instance.metadata]
+    weights_before = instance.experts[0][LAYER_IDS[0]][0].clone()
+    with pytest.raises(CoverageLostError) as info:
+        fail(instance, [1, 2, 3])
+    err = info.value
+    assert set(err.uncovered) <= set(LAYER_IDS) and err.uncovered and err.num_missing_slots > 0
+    survivors = {int(e) for e in instance.placement.phys_to_logical[0, :SLOTS].tolist()}
+    first = LAYER_IDS.index(err.layer)
+    lost = sorted(set(range(NUM_EXPERTS)) - {int(e) for e in instance.placement.phys_to_logical[first, :SLOTS]})
+    assert len(lost) >= len(err.uncovered[err.layer]) and set(err.uncovered[err.layer]) <= set(lost)
+    assert f"layer {err.layer}: experts" in str(err) and "more expert slots per layer are needed" in str(err)
+    assert survivors  # rank 0 kept its experts
+    assert torch.equal(instance.metadata[0].physical_to_logical_map, before[0])
+    assert torch.equal(instance.experts[0][LAYER_IDS[0]][0], weights_before)
+
+
+def test_a_quantised_layout_is_refused_before_anything_moves():
+    instance = Instance(seed=6)
+    fp8 = {layer: [w.to(torch.float8_e4m3fn) for w in ws] + [torch.ones(SLOTS, 1)]
+           for layer, ws in instance.experts[0].items()}
+    with pytest.raises(UnsupportedLayoutError, match="3 routed expert tensors"):
+        PlanRepair(0, NUM_RANKS, fp8).on_failure(instance.metadata[0], [True] * 4, [True, False, True, True])
+    fp8 = {layer: [w.to(torch.float8_e4m3fn) for w in ws] for layer, ws in instance.experts[0].items()}
+    with pytest.raises(UnsupportedLayoutError, match="float8_e4m3fn"):
+        PlanRepair(0, NUM_RANKS, fp8).on_failure(instance.metadata[0], [True] * 4, [True, False, True, True])
+
+
+def test_a_tier_that_cannot_serve_leaves_every_slot_and_map_as_it_was():
+    instance = Instance(seed=3, tiers=[])
+    before = [m.logical_to_all_physical_map.clone() for m in instance.metadata]
+    with pytest.raises(Exception, match="no tier holds it"):
+        fail(instance, [1])
+    for r in (0, 2, 3):
+        assert torch.equal(instance.metadata[r].logical_to_all_physical_map, before[r])
