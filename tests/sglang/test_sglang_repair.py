@@ -22,6 +22,7 @@ from eep.integrations.sglang.repair import PlanRepair, UnsupportedLayoutError
 from eep.mlp import swiglu
 from eep.repair import TensorTier
 from eep.state import ExpertPlacement
+from test_sglang_plugin import plugin_loaded  # noqa: F401 (a fixture: SGLang's real plugin loader)
 
 NUM_LAYERS, NUM_EXPERTS, NUM_RANKS, SLOTS, HIDDEN, INTER, TOP_K = 2, 12, 4, 4, 64, 32, 3
 LAYER_IDS = [1, 3]  # SGLang's layer ids of the MoE layers (0 and 2 are dense)
@@ -212,3 +213,101 @@ def test_a_tier_that_cannot_serve_leaves_every_slot_and_map_as_it_was():
         fail(instance, [1])
     for r in (0, 2, 3):
         assert torch.equal(instance.metadata[r].logical_to_all_physical_map, before[r])
+
+
+# ---- through SGLang's plugin loader: the rank-fault hook ----
+
+class EplbManagerStandIn:
+    """What SGLang's ``maybe_rebalance_after_rank_fault`` and eep's hook use of an ``EPLBManager`` (a real
+    one needs a published server config): the model getter, and ``rebalance`` (SGLang's own repair)."""
+
+    def __init__(self, model):
+        self._get_model = lambda: model
+        self.rebalanced = 0
+
+    def rebalance(self):
+        self.rebalanced += 1
+        yield
+
+
+@pytest.fixture
+def sglang_rank(plugin_loaded, tmp_path, monkeypatch):
+    """This process as rank 2 of 4: an eep buffer, SGLang's elastic state and global maps, the host tier."""
+    from types import SimpleNamespace
+
+    from sglang.srt.elastic_ep.elastic_ep import ElasticEPStateManager
+    from sglang.srt.eplb import expert_location
+
+    from eep.integrations.buffer import Buffer
+    from eep.integrations.sglang import repair
+    from eep.integrations.sglang.ep_buffer import EepEPBuffer
+    from eep.transport.shm import SharedMemoryTransport, create_shm_file
+
+    path = str(tmp_path / "ep.shm")
+    create_shm_file(path, NUM_RANKS, 4, 4096)
+    EepEPBuffer.set_buffer(Buffer(2, NUM_RANKS, transport=SharedMemoryTransport(path, 2)))
+    state = ElasticEPStateManager._build_state(ep_size=NUM_RANKS, device=torch.device("cpu"))
+    state.effective_ep_size = NUM_RANKS
+    monkeypatch.setattr(ElasticEPStateManager, "_instance", state)
+    instance = Instance(seed=3)
+    expert_location.set_global_expert_location_metadata(instance.metadata[2], allow_overwrite=True)
+    repair.configure(tiers=instance.tiers)
+    model = SimpleNamespace(routed_experts_weights_of_layer=instance.experts[2])
+    yield instance, state, EplbManagerStandIn(model)
+    repair.configure()
+    expert_location.set_global_expert_location_metadata(None, allow_overwrite=True)
+
+
+def test_hook_repairs_this_rank_by_plan_when_sglang_marks_a_rank_down(sglang_rank, caplog):
+    from sglang.srt.elastic_ep import elastic_ep
+
+    instance, state, manager = sglang_rank
+    ptrs = pointers(instance.metadata[2])
+    state.active_ranks[1] = 0  # what the dispatcher writes when rank 1 misses its deadline
+    with caplog.at_level("INFO", logger="eep.integrations.sglang.hooks"):
+        assert elastic_ep.maybe_rebalance_after_rank_fault(eplb_manager=manager) is True
+    assert manager.rebalanced == 0 and state.is_active_equal_last()
+    assert pointers(instance.metadata[2]) == ptrs
+    line = next(r.getMessage() for r in caplog.records if "repair by plan" in r.getMessage())
+    assert "ranks [1] down, rank 2" in line and "orphan-restore: 2 experts (2 from host)" in line
+    assert "predicted" in line and "observed" in line
+    l2p = instance.metadata[2].logical_to_all_physical_map[LAYER_IDS]
+    assert not bool(((l2p // SLOTS) == 1).any())
+    restored = placement_from_sglang(instance.metadata[2], active=[True, False, True, True], layers=LAYER_IDS)
+    for row, layer in enumerate(LAYER_IDS):  # this rank's slots hold what the new maps say, byte for byte
+        w13, w2 = instance.experts[2][layer]
+        for i, e in enumerate(restored.phys_to_logical[row, 2 * SLOTS:3 * SLOTS].tolist()):
+            assert torch.equal(w2[i], instance.weights[layer][2][e])
+            assert torch.equal(w13[i, :INTER], instance.weights[layer][0][e])
+    assert elastic_ep.maybe_rebalance_after_rank_fault(eplb_manager=manager) is False  # nothing new
+
+
+def test_hook_falls_back_to_sglangs_rebalance_with_one_warning(sglang_rank, caplog):
+    from types import SimpleNamespace
+
+    from sglang.srt.elastic_ep import elastic_ep
+
+    instance, state, manager = sglang_rank
+    fp8 = {layer: [w.to(torch.float8_e4m3fn) for w in ws] for layer, ws in instance.experts[2].items()}
+    manager._get_model = lambda: SimpleNamespace(routed_experts_weights_of_layer=fp8)
+    before = instance.metadata[2].logical_to_all_physical_map.clone()
+    state.active_ranks[1] = 0
+    with caplog.at_level("WARNING", logger="eep.integrations.sglang.hooks"):
+        assert elastic_ep.maybe_rebalance_after_rank_fault(eplb_manager=manager) is True
+    assert manager.rebalanced == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "float8_e4m3fn" in warnings[0] and "SGLang's rebalance" in warnings[0]
+    assert torch.equal(instance.metadata[2].logical_to_all_physical_map, before)  # eep wrote nothing
+
+
+def test_hook_refuses_to_serve_when_coverage_is_lost(sglang_rank):
+    from sglang.srt.elastic_ep import elastic_ep
+
+    instance, state, manager = sglang_rank
+    before = instance.metadata[2].logical_to_all_physical_map.clone()
+    state.active_ranks[0] = state.active_ranks[1] = state.active_ranks[3] = 0
+    for _ in range(2):  # every forward pass after the fault is refused, not only the first
+        with pytest.raises(CoverageLostError, match=r"coverage lost: layer \d: experts \["):
+            elastic_ep.maybe_rebalance_after_rank_fault(eplb_manager=manager)
+    assert manager.rebalanced == 0 and not state.is_active_equal_last()
+    assert torch.equal(instance.metadata[2].logical_to_all_physical_map, before)
