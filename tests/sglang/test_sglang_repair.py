@@ -311,3 +311,73 @@ def test_hook_refuses_to_serve_when_coverage_is_lost(sglang_rank):
             elastic_ep.maybe_rebalance_after_rank_fault(eplb_manager=manager)
     assert manager.rebalanced == 0 and not state.is_active_equal_last()
     assert torch.equal(instance.metadata[2].logical_to_all_physical_map, before)
+
+
+# ---- the vote of ranks in other processes (threads here, each with its own client of a real TCPStore) ----
+
+class CorruptTier(TensorTier):
+    """A host tier whose bytes fail their check on read (a corrupt shard)."""
+
+    def copy_expert_into(self, layer, expert, *dsts, stream=None):
+        raise OSError(f"layer {layer} expert {expert}: checksum mismatch")
+
+
+def voted_failure(instance: Instance, dead: list[int], *, silent: int | None = None, timeout_s: float = 20.0) -> dict:
+    """Each survivor repairs in its own thread and votes through the store; ``silent`` never shows up."""
+    import threading
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from eep.integrations.sglang.repair import StoreVote
+
+    master = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    before = list(instance.active)
+    instance.kill(dead)
+    outcome = {}
+
+    def run(rank: int) -> None:
+        client = TCPStore("127.0.0.1", master.port, is_master=False, timeout=timedelta(seconds=30))
+        instance.repairs[rank].vote = StoreVote(client, rank, timeout_s=timeout_s)
+        try:
+            outcome[rank] = instance.repairs[rank].on_failure(instance.metadata[rank], before, instance.active)
+        except Exception as exc:  # noqa: BLE001 (the outcome is what the test looks at)
+            outcome[rank] = exc
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(NUM_RANKS) if instance.active[r] and r != silent]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a rank waited past the vote's deadline"
+    return outcome
+
+
+def test_ranks_vote_and_switch_together():
+    instance = Instance(seed=3)
+    outcome = voted_failure(instance, [1])
+    assert all(not isinstance(v, Exception) for v in outcome.values()), outcome
+    assert_outputs_match(instance, seed=13)
+
+
+def test_one_rank_that_cannot_stage_aborts_the_repair_everywhere():
+    instance = Instance(seed=3)
+    before = [m.logical_to_all_physical_map.clone() for m in instance.metadata]
+    instance.repairs[3].tiers = [CorruptTier(instance.weights)]
+    outcome = voted_failure(instance, [1])
+    assert "checksum mismatch" in str(outcome[3])
+    for r in (0, 2):
+        assert "ranks [3] could not stage their part of the plan" in str(outcome[r]), outcome[r]
+    for r in (0, 2, 3):
+        assert torch.equal(instance.metadata[r].logical_to_all_physical_map, before[r]), f"rank {r} switched"
+
+
+def test_a_silent_rank_ends_the_vote_at_its_deadline():
+    import time
+
+    instance = Instance(seed=3)
+    start = time.monotonic()
+    outcome = voted_failure(instance, [1], silent=3, timeout_s=1.0)
+    assert time.monotonic() - start < 30
+    for r in (0, 2):
+        assert "ranks [3] did not vote within 1 s" in str(outcome[r]), outcome[r]
