@@ -17,46 +17,14 @@ from sglang.srt.eplb.expert_location import ExpertLocationMetadata
 from sglang.srt.eplb.expert_location_dispatch import ExpertLocationDispatchInfo, topk_ids_logical_to_physical
 
 from eep.errors import CoverageLostError
-from eep.integrations.sglang.placement import placement_from_sglang, sglang_maps_from_placement
+from eep.integrations.sglang.placement import placement_from_sglang
 from eep.integrations.sglang.repair import PlanRepair, UnsupportedLayoutError
 from eep.mlp import swiglu
 from eep.repair import TensorTier
 from eep.state import ExpertPlacement
+from repair_case import (HIDDEN, INTER, LAYER_IDS, NUM_EXPERTS, NUM_LAYERS, NUM_RANKS, SLOTS, TOP_K, logical_weights,
+                         metadata_for, rank_weights)
 from test_sglang_plugin import plugin_loaded  # noqa: F401 (a fixture: SGLang's real plugin loader)
-
-NUM_LAYERS, NUM_EXPERTS, NUM_RANKS, SLOTS, HIDDEN, INTER, TOP_K = 2, 12, 4, 4, 64, 32, 3
-LAYER_IDS = [1, 3]  # SGLang's layer ids of the MoE layers (0 and 2 are dense)
-
-
-def logical_weights(seed: int) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return {layer: (torch.randn(NUM_EXPERTS, INTER, HIDDEN, generator=gen).bfloat16() / HIDDEN ** 0.5,
-                    torch.randn(NUM_EXPERTS, INTER, HIDDEN, generator=gen).bfloat16() / HIDDEN ** 0.5,
-                    torch.randn(NUM_EXPERTS, HIDDEN, INTER, generator=gen).bfloat16() / INTER ** 0.5)
-            for layer in LAYER_IDS}
-
-
-def metadata_for(placement: ExpertPlacement) -> ExpertLocationMetadata:
-    """SGLang's metadata over 4 layers: the MoE rows hold ``placement``, the dense rows a copy of its first row."""
-    maps = sglang_maps_from_placement(placement)
-    rows = [0, 0, 1, 1]  # row r of the full maps comes from placement layer rows[r]
-    p2l, l2p, n = (t[rows].clone() for t in (maps.physical_to_logical_map, maps.logical_to_all_physical_map,
-                                            maps.logical_to_all_physical_map_num_valid))
-    return ExpertLocationMetadata(physical_to_logical_map=p2l, physical_to_logical_map_cpu=p2l.clone(),
-                                  logical_to_all_physical_map=l2p, logical_to_all_physical_map_cpu=l2p.clone(),
-                                  logical_to_all_physical_map_num_valid=n, ep_size=NUM_RANKS,
-                                  logical_to_rank_dispatch_physical_map=None)
-
-
-def rank_weights(placement: ExpertPlacement, weights, rank: int) -> dict[int, list[torch.Tensor]]:
-    """SGLang's ``routed_experts_weights_of_layer`` of ``rank``: ``[w13 [S, 2I, H], w2 [S, H, I]]`` per layer."""
-    out = {}
-    for row, layer in enumerate(LAYER_IDS):
-        w_gate, w_up, w_down = weights[layer]
-        experts = placement.phys_to_logical[row, rank * SLOTS:(rank + 1) * SLOTS]
-        out[layer] = [torch.cat([w_gate[experts], w_up[experts]], 1).contiguous(), w_down[experts].contiguous()]
-    return out
-
 
 class Instance:
     """Four SGLang ranks: maps, weights and a ``PlanRepair`` each, restoring from one host tier."""
@@ -295,7 +263,7 @@ def test_hook_falls_back_to_sglangs_rebalance_with_one_warning(sglang_rank, capl
     with caplog.at_level("WARNING", logger="eep.integrations.sglang.hooks"):
         assert elastic_ep.maybe_rebalance_after_rank_fault(eplb_manager=manager) is True
     assert manager.rebalanced == 1
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("eep")]
     assert len(warnings) == 1 and "float8_e4m3fn" in warnings[0] and "SGLang's rebalance" in warnings[0]
     assert torch.equal(instance.metadata[2].logical_to_all_physical_map, before)  # eep wrote nothing
 

@@ -194,14 +194,8 @@ def _moe_ep_rank() -> int:
 
 
 def _store_vote(rank: int, vote_cls):
-    """The ranks' vote through SGLang's global TCPStore; None in a process with no process group."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
+    """The ranks' vote through SGLang's global TCPStore; None where there is none (one process)."""
     from sglang.srt.distributed.utils import get_global_tcp_store
 
     store = get_global_tcp_store()
-    if store is None:
-        from eep.repair import RepairError
-
-        raise RepairError("SGLang's global TCPStore is not set: the ranks cannot vote on a repair")
-    return vote_cls(store, rank, timeout_s=envs.sglang_vote_timeout_s())
+    return None if store is None else vote_cls(store, rank, timeout_s=envs.sglang_vote_timeout_s())
