@@ -196,6 +196,56 @@ class SlotStore(Protocol):
     def switch(self, placement: ExpertPlacement, membership: Membership) -> None: ...
 
 
+class OneRankSlots:
+    """The bookkeeping of a ``SlotStore`` that holds one rank's slots (the runtime's ``RankSlots``, the
+    SGLang plugin's ``SGLangExpertSlots``): what each slot's bytes hold (``loaded [layers, slots]``,
+    ``NO_EXPERT`` when nothing is known), whether the maps in force read a slot, and the switch's
+    refusal of maps that name an expert a slot does not hold. Subclasses set ``rank``,
+    ``slots_per_rank``, ``loaded``, ``placement`` (None: no maps yet) and ``active``, and give ``views``."""
+
+    rank: int
+    slots_per_rank: int
+    loaded: torch.Tensor
+    placement: ExpertPlacement | None
+    active: list[bool]
+
+    def _local(self, phys: int) -> int:
+        if phys // self.slots_per_rank != self.rank:
+            raise RepairError(f"rank {self.rank}: slot {phys} is on rank {phys // self.slots_per_rank}, not this rank")
+        return phys % self.slots_per_rank
+
+    def layer_name(self, layer: int) -> int:
+        """How messages name a placement layer (a serving stack's own layer id, where it has one)."""
+        return layer
+
+    def holds(self, layer: int, phys: int) -> int:
+        rank, i = divmod(phys, self.slots_per_rank)
+        return int(self.loaded[layer, i]) if rank == self.rank else NO_EXPERT
+
+    def mark(self, layer: int, phys: int, expert: int) -> None:
+        self.loaded[layer, self._local(phys)] = expert
+
+    def serves(self, layer: int, phys: int) -> bool:
+        return (self.placement is not None and self.active[self.rank]
+                and int(self.placement.phys_to_logical[layer, phys]) != NO_EXPERT)
+
+    def poison(self, layer: int, phys: int) -> None:
+        for w in self.views(layer, phys):
+            w.fill_(float("nan"))
+        self.mark(layer, phys, NO_EXPERT)
+
+    def check_holds(self, placement: ExpertPlacement) -> None:
+        """``RepairError`` unless every slot of this rank that ``placement`` names holds that expert."""
+        S = self.slots_per_rank
+        want = placement.phys_to_logical[:, self.rank * S:(self.rank + 1) * S]
+        wrong = ((want != NO_EXPERT) & (want != self.loaded)).nonzero().tolist()
+        if wrong:  # never serve maps that name an expert this rank's slot does not hold
+            layer, i = wrong[0]
+            raise RepairError(f"rank {self.rank}: the maps put expert {int(want[layer, i])} in layer "
+                              f"{self.layer_name(layer)} slot {i}, which holds {int(self.loaded[layer, i])} "
+                              f"({len(wrong)} such slots)")
+
+
 class SlotExecutor(RepairExecutor):
     """The one executor of repair, reintegration and re-replication plans, over any ``SlotStore``;
     commits ``new_membership`` together with the maps.

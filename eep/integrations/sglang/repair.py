@@ -43,6 +43,7 @@ from eep.integrations.sglang.placement import placement_from_sglang, write_place
 from eep.repair import (Bandwidth, ExecutionReport, ExpertSource, RepairError, SlotExecutor, Transfer,
                         plan_reintegration, plan_repair, run_transfers)
 from eep.repair.plan import HELD
+from eep.repair.slots import OneRankSlots
 from eep.state import NO_EXPERT, ExpertPlacement, Membership
 
 
@@ -50,7 +51,7 @@ class UnsupportedLayoutError(RepairError):
     """SGLang's expert weights are not in a layout eep's plan can move (the hook falls back to SGLang)."""
 
 
-class SGLangExpertSlots:
+class SGLangExpertSlots(OneRankSlots):
     """The ``eep.repair.SlotStore`` over one rank's SGLang expert weights (module docstring).
 
     Parameters:
@@ -87,12 +88,7 @@ class SGLangExpertSlots:
     def expert_nbytes(self) -> int:
         return 3 * self.inter * self.w13[0].shape[2] * self.w13[0].element_size()
 
-    def _local(self, phys: int) -> int:
-        if phys // self.slots_per_rank != self.rank:
-            raise RepairError(f"rank {self.rank}: slot {phys} is on rank {phys // self.slots_per_rank}, not this rank")
-        return phys % self.slots_per_rank
-
-    # ---- SlotStore ----
+    # ---- SlotStore (the bookkeeping: OneRankSlots) ----
     def views(self, layer: int, phys: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         i = self._local(phys)
         return self.w13[layer][i, :self.inter], self.w13[layer][i, self.inter:], self.w2[layer][i]
@@ -106,29 +102,11 @@ class SGLangExpertSlots:
                               f"peer GPU (slot {phys} of layer {self.layer_ids[layer]})")
         return self.peers[rank].views(layer, phys)
 
-    def holds(self, layer: int, phys: int) -> int:
-        rank, i = divmod(phys, self.slots_per_rank)
-        return int(self.loaded[layer, i]) if rank == self.rank else NO_EXPERT
-
-    def mark(self, layer: int, phys: int, expert: int) -> None:
-        self.loaded[layer, self._local(phys)] = expert
-
-    def serves(self, layer: int, phys: int) -> bool:
-        return self.active[self.rank] and int(self.placement.phys_to_logical[layer, phys]) != NO_EXPERT
-
-    def poison(self, layer: int, phys: int) -> None:
-        for w in self.views(layer, phys):
-            w.fill_(float("nan"))
-        self.mark(layer, phys, NO_EXPERT)
+    def layer_name(self, layer: int) -> int:
+        return self.layer_ids[layer]
 
     def switch(self, placement: ExpertPlacement, membership: Membership) -> None:
-        S = self.slots_per_rank
-        want = placement.phys_to_logical[:, self.rank * S:(self.rank + 1) * S]
-        wrong = ((want != NO_EXPERT) & (want != self.loaded)).nonzero().tolist()
-        if wrong:  # never route to a slot whose bytes are another expert's
-            layer, i = wrong[0]
-            raise RepairError(f"rank {self.rank}: the maps put expert {int(want[layer, i])} in layer "
-                              f"{self.layer_ids[layer]} slot {i}, which holds {int(self.loaded[layer, i])}")
+        self.check_holds(placement)  # never route to a slot whose bytes are another expert's
         if self.on_switch is not None:
             self.on_switch(placement, membership)
         self.placement, self.active = placement, membership.active_cpu.tolist()
