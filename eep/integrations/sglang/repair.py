@@ -136,15 +136,17 @@ def check_layout(layer: int, weights: Sequence[torch.Tensor] | None, slots_per_r
 class PlanRepairResult:
     """What one rank did for one membership change, phase by phase.
 
-    ``phases``: ``{"phase", "predicted_s", "observed_s", "experts", "nbytes", "by_tier"}`` per phase run
-    here; ``predicted_s`` is this rank's part of the plan (its copies run concurrently), ``plan_predicted_s``
-    the whole plan's (the slowest rank's). ``routing-only`` has ``dropped_slots`` and ``observed_s`` of
-    its map write. ``fallbacks``: each tier that failed and why, as the executor recorded them.
+    ``phases``: one dict per phase, ``{"phase", "predicted_s", "plan_predicted_s", "observed_s"}`` and, for
+    a phase with copies, ``"experts"`` (copied here), ``"held"`` (already in place), ``"nbytes"`` and
+    ``"experts_by_tier"``. ``predicted_s`` is this rank's part of the plan (its copies run concurrently),
+    ``plan_predicted_s`` the whole plan's (the slowest rank's); ``observed_s`` this rank's copies, the
+    vote and the switch. ``routing-only`` has ``dropped_slots`` and, as ``observed_s``, its map write.
+    ``fallbacks``: each tier that failed and why, as the executor recorded them.
     """
 
     kind: str  # "repair" or "reintegration"
     rank: int
-    epoch: int
+    epoch: int  # this process's count of changes applied (a rejoined process counts from 0)
     ranks: list[int]  # failed or joined
     placement: ExpertPlacement
     transfers: list[Transfer]
