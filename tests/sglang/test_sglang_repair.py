@@ -19,7 +19,7 @@ from sglang.srt.eplb.expert_location_dispatch import ExpertLocationDispatchInfo,
 from eep.errors import CoverageLostError
 from eep.integrations.sglang.placement import placement_from_sglang
 from eep.integrations.sglang.repair import PlanRepair, UnsupportedLayoutError
-from eep.mlp import swiglu
+from eep.reference import dense_moe, swiglu
 from eep.repair import TensorTier
 from eep.state import ExpertPlacement
 from repair_case import (HIDDEN, INTER, LAYER_IDS, NUM_EXPERTS, NUM_LAYERS, NUM_RANKS, SLOTS, TOP_K, logical_weights,
@@ -53,10 +53,11 @@ class Instance:
                 w.fill_(float("nan"))  # what the dead process held can never be read again
             self.active[r] = False
 
-    def outputs(self, seed: int) -> tuple[list, list]:
-        """Per live rank and MoE layer: (SGLang's routing over each rank's maps and slots, eep's reference)."""
+    def outputs(self, seed: int) -> tuple[list, list, list]:
+        """Per live rank and MoE layer: SGLang's routing over each rank's maps and slots; the same sum
+        over the logical experts' weights; ``eep.reference.dense_moe``."""
         gen = torch.Generator().manual_seed(seed)
-        got, want = [], []
+        got, want, dense = [], [], []
         for src in (r for r in range(NUM_RANKS) if self.active[r]):
             x = torch.randn(5, HIDDEN, generator=gen).bfloat16()
             ids = torch.rand(5, NUM_EXPERTS, generator=gen).argsort(-1)[:, :TOP_K]
@@ -79,14 +80,16 @@ class Instance:
                         ref[t] += w[t, k] * swiglu(x[t:t + 1], *(m[e] for m in self.weights[layer]))[0].float()
                 got.append(y)
                 want.append(ref)
-        return got, want
+                dense.append(dense_moe(x, *self.weights[layer], topk_ids=ids, topk_weights=w))
+        return got, want, dense
 
 
 def assert_outputs_match(instance: Instance, seed: int) -> None:
-    got, want = instance.outputs(seed)
-    for g, r in zip(got, want):
+    got, want, dense = instance.outputs(seed)
+    for g, r, d in zip(got, want, dense):
         assert torch.isfinite(g).all(), "a token was routed to a dead rank's slot"
         assert torch.equal(g, r), f"{(g - r).abs().max()}"
+        assert float((g - d.float()).norm() / d.float().norm()) < 1e-2  # bf16 rounding of the oracle's output
 
 
 def pointers(metadata) -> list[int]:
