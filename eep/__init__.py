@@ -6,7 +6,8 @@ it, restores lost experts from the fastest copy, and later takes the repaired ra
 Importing eep never imports a CUDA package; ``eep.fused`` loads cuda-python lazily.
 """
 
-from eep.errors import EEPError, InsufficientSlotsError, MembershipError, PlacementError, RoutingError
+from eep.errors import (CoverageLostError, EEPError, InsufficientSlotsError, MembershipError, PlacementError,
+                        RoutingError)
 from eep.integrations.buffer import Buffer
 from eep.repair import (Bandwidth, RepairError, RepairPlan, ReintegrationPlan, StepKind, Transfer,
                         plan_reintegration, plan_repair)
@@ -17,6 +18,6 @@ from eep.state import (NO_EXPERT, Clause, CoverageRepair, ExpertPlacement, Membe
 __version__ = "0.1.0"
 
 __all__ = ["Buffer", "Bandwidth", "RepairError", "RepairPlan", "ReintegrationPlan", "StepKind", "Transfer",
-           "plan_reintegration", "plan_repair", "Clause", "CoverageRepair", "EEPError", "ExpertPlacement", "InsufficientSlotsError", "Membership",
+           "plan_reintegration", "plan_repair", "Clause", "CoverageLostError", "CoverageRepair", "EEPError", "ExpertPlacement", "InsufficientSlotsError", "Membership",
            "MembershipError", "NO_EXPERT", "PlacementError", "Problem", "RoutingError", "SlotAssignment",
            "ValidityReport", "check_validity", "repair_coverage", "route_to_phys", "select_experts"]

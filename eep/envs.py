@@ -28,6 +28,9 @@ explicitly through ``eep.runtime.RuntimeConfig`` rather than through the environ
 | ``EEP_SGLANG_SHM_PATH`` | (agreed through SGLang's store) | transport file of the SGLang plugin (CPU) |
 | ``EEP_SGLANG_REPLACE`` | ``mooncake`` | SGLang a2a backends the plugin replaces (comma-separated) |
 | ``EEP_SGLANG_CONNECT_TIMEOUT_S`` | ``300`` | the SGLang plugin's bound on mapping the peers' buffers when it builds its own |
+| ``EEP_SGLANG_REPAIR`` | ``plan`` | how the SGLang plugin repairs a rank fault: ``plan`` (eep's plan) or ``sglang`` (SGLang's own rebalance) |
+| ``EEP_SGLANG_SHARD_DIR`` | (none) | weights_tools shard directory: the SGLang plugin's host and disk tiers for orphan restores |
+| ``EEP_SGLANG_VOTE_TIMEOUT_S`` | ``60`` | the SGLang plugin's bound on the survivors' vote before a repair switches the maps |
 """
 
 from __future__ import annotations
@@ -135,6 +138,9 @@ def host_tier_dir() -> str:
 SGLANG_SHM_PATH = "EEP_SGLANG_SHM_PATH"
 SGLANG_REPLACE = "EEP_SGLANG_REPLACE"
 SGLANG_CONNECT_TIMEOUT_S = "EEP_SGLANG_CONNECT_TIMEOUT_S"
+SGLANG_REPAIR = "EEP_SGLANG_REPAIR"
+SGLANG_SHARD_DIR = "EEP_SGLANG_SHARD_DIR"
+SGLANG_VOTE_TIMEOUT_S = "EEP_SGLANG_VOTE_TIMEOUT_S"
 
 
 def sglang_shm_path() -> str | None:
@@ -149,3 +155,18 @@ def sglang_connect_timeout_s() -> float:
     """Ranks reach their first MoE layer (where the plugin builds its buffers) minutes apart when
     their weights load at different speeds, hence the long default."""
     return _float(SGLANG_CONNECT_TIMEOUT_S, 300.0)
+
+
+def sglang_repair() -> str:
+    value = os.environ.get(SGLANG_REPAIR) or "plan"
+    if value not in ("plan", "sglang"):
+        raise ValueError(f"environment variable {SGLANG_REPAIR}={value!r} is not 'plan' or 'sglang'")
+    return value
+
+
+def sglang_shard_dir() -> str | None:
+    return os.environ.get(SGLANG_SHARD_DIR) or None
+
+
+def sglang_vote_timeout_s() -> float:
+    return _float(SGLANG_VOTE_TIMEOUT_S, 60.0)

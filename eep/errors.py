@@ -28,6 +28,27 @@ class InsufficientSlotsError(PlacementError):
         )
 
 
+class CoverageLostError(InsufficientSlotsError):
+    """A membership change left experts with no replica on a live rank and too few slots to restore them
+    (every layer at once). Whoever raises it must not serve: an answer would skip those experts.
+
+    ``uncovered`` is ``{layer: [expert, ...]}``; ``num_missing_slots`` the slots per layer that are missing
+    (the most any layer lacks); ``slots_per_rank`` what one rank brings back."""
+
+    def __init__(self, uncovered: dict[int, list[int]], num_missing_slots: int, slots_per_rank: int):
+        self.uncovered = {int(layer): list(experts) for layer, experts in sorted(uncovered.items())}
+        self.num_missing_slots = int(num_missing_slots)
+        self.slots_per_rank = int(slots_per_rank)
+        first = next(iter(self.uncovered)) if self.uncovered else -1
+        self.layer, self.orphans = first, self.uncovered.get(first, [])
+        self.num_missing, self.num_available = self.num_missing_slots, 0
+        layers = [f"layer {layer}: {_short_list(experts)}" for layer, experts in self.uncovered.items()]
+        shown = "; ".join(layers[:6]) + (f"; ... {len(layers) - 6} more layers" if len(layers) > 6 else "")
+        PlacementError.__init__(self, f"coverage lost: {shown} have no replica on a live rank; "
+                                      f"{self.num_missing_slots} more expert slots per layer are needed "
+                                      f"(a rank has {self.slots_per_rank})")
+
+
 class RoutingError(EEPError, ValueError):
     """Bad routing input: out-of-range expert ids, wrong shapes or dtypes."""
 

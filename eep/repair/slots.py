@@ -196,6 +196,56 @@ class SlotStore(Protocol):
     def switch(self, placement: ExpertPlacement, membership: Membership) -> None: ...
 
 
+class OneRankSlots:
+    """The bookkeeping of a ``SlotStore`` that holds one rank's slots (the runtime's ``RankSlots``, the
+    SGLang plugin's ``SGLangExpertSlots``): what each slot's bytes hold (``loaded [layers, slots]``,
+    ``NO_EXPERT`` when nothing is known), whether the maps in force read a slot, and the switch's
+    refusal of maps that name an expert a slot does not hold. Subclasses set ``rank``,
+    ``slots_per_rank``, ``loaded``, ``placement`` (None: no maps yet) and ``active``, and give ``views``."""
+
+    rank: int
+    slots_per_rank: int
+    loaded: torch.Tensor
+    placement: ExpertPlacement | None
+    active: list[bool]
+
+    def _local(self, phys: int) -> int:
+        if phys // self.slots_per_rank != self.rank:
+            raise RepairError(f"rank {self.rank}: slot {phys} is on rank {phys // self.slots_per_rank}, not this rank")
+        return phys % self.slots_per_rank
+
+    def layer_name(self, layer: int) -> int:
+        """How messages name a placement layer (a serving stack's own layer id, where it has one)."""
+        return layer
+
+    def holds(self, layer: int, phys: int) -> int:
+        rank, i = divmod(phys, self.slots_per_rank)
+        return int(self.loaded[layer, i]) if rank == self.rank else NO_EXPERT
+
+    def mark(self, layer: int, phys: int, expert: int) -> None:
+        self.loaded[layer, self._local(phys)] = expert
+
+    def serves(self, layer: int, phys: int) -> bool:
+        return (self.placement is not None and self.active[self.rank]
+                and int(self.placement.phys_to_logical[layer, phys]) != NO_EXPERT)
+
+    def poison(self, layer: int, phys: int) -> None:
+        for w in self.views(layer, phys):
+            w.fill_(float("nan"))
+        self.mark(layer, phys, NO_EXPERT)
+
+    def check_holds(self, placement: ExpertPlacement) -> None:
+        """``RepairError`` unless every slot of this rank that ``placement`` names holds that expert."""
+        S = self.slots_per_rank
+        want = placement.phys_to_logical[:, self.rank * S:(self.rank + 1) * S]
+        wrong = ((want != NO_EXPERT) & (want != self.loaded)).nonzero().tolist()
+        if wrong:  # never serve maps that name an expert this rank's slot does not hold
+            layer, i = wrong[0]
+            raise RepairError(f"rank {self.rank}: the maps put expert {int(want[layer, i])} in layer "
+                              f"{self.layer_name(layer)} slot {i}, which holds {int(self.loaded[layer, i])} "
+                              f"({len(wrong)} such slots)")
+
+
 class SlotExecutor(RepairExecutor):
     """The one executor of repair, reintegration and re-replication plans, over any ``SlotStore``;
     commits ``new_membership`` together with the maps.
@@ -210,11 +260,16 @@ class SlotExecutor(RepairExecutor):
     one it accepts (the runtime: a member whose own copies for the maps in force are done). With a
     ``copy_stream`` every copy is enqueued on it, the transfers of one layer form a batch timed by
     two CUDA events, and ``commit`` waits for the last one before it switches the maps.
+
+    ``before_commit``, when given, runs first in ``commit``, before any serving slot or map is
+    written: where ranks in other processes execute their parts of one plan, it is their vote (raise
+    to abort: the executor then discards, and every serving slot and map stays as it was).
     """
 
     def __init__(self, store: SlotStore, new_membership: Membership, tiers: Sequence[ExpertSource], *,
-                 is_source: Callable[[int], bool] | None = None):
+                 is_source: Callable[[int], bool] | None = None, before_commit: Callable[[], None] | None = None):
         self.store = store
+        self.before_commit = before_commit
         self.new_membership = new_membership
         self.epoch = new_membership.epoch
         self.tiers = list(tiers)
@@ -262,6 +317,8 @@ class SlotExecutor(RepairExecutor):
 
     def commit(self, placement: ExpertPlacement, epoch: int) -> None:
         store = self.store
+        if self.before_commit is not None:
+            self.before_commit()
         with _on(self.stream):
             for key, (weights, expert) in self.staged.items():
                 for dst, w in zip(store.views(*key), weights):

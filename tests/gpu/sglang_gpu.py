@@ -22,6 +22,13 @@ and ``PrefillBuffer`` on one ``Membership`` whose device mirror is SGLang's ``ac
   2. the launcher SIGKILLs rank 3 between steps. The survivors replay the same graph: the kernels
      give up on rank 3 within the deadline, eep clears ``active_ranks[3]`` in SGLang's tensor (same
      storage), outputs equal the reference over the survivors; then a normal-mode step and a replay.
+     Then SGLang's ``maybe_rebalance_after_rank_fault`` (eep's hook) repairs by eep's plan: each
+     survivor holds MoE expert weights in SGLang's ``w13``/``w2`` layout on its device (2 MoE layers,
+     12 logical experts in 16 slots) and SGLang's global expert-location maps; the hook plans,
+     restores orphans from a host tier into those tensors on a copy stream, the survivors vote
+     through SGLang's store, and the maps are written in place. Checked: the maps equal the plan's,
+     list no slot of rank 3, keep their storage; every slot of this rank holds, byte for byte, the
+     expert its maps name; predicted and observed seconds per phase are in the rank's result.
   3. a new process takes rank 3's slot with SGLang's joiner mask (only itself active), builds its
      buffers (published in the store); survivors and joiner run SGLang's ``_refresh_ep_members``
      (eep's hook: one agreed epoch, the rank mapped, ``active_ranks`` written in place); survivors
@@ -41,6 +48,7 @@ import datetime
 import glob
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import signal
@@ -161,7 +169,7 @@ def run_launcher(args) -> int:
         errors.append(f"results from {roles}, expected {want}; exit codes {codes}"
                       + ("" if killed_at else f"; rank {VICTIM} never got ready to be killed"))
     summary = {f"{r['role']}{r['rank']}": {"checks": len(r["checks"]), "errors": len(r["errors"]),
-                                           **{k: r[k] for k in ("kill_step_s", "rejoin_s", "epoch") if k in r}}
+                                           **{k: r[k] for k in ("kill_step_s", "rejoin_s", "epoch", "repair_by_plan_s") if k in r}}
                for r in results}
     with open(os.path.join(args.out, f"sglang-{tag}.summary.json"), "w") as f:
         json.dump({"errors": errors, "results": summary, "wall_s": time.time() - t0}, f, indent=1)
@@ -209,6 +217,8 @@ class Rank:
         # The plugin's member-refresh hook, as its register() installs it; its dispatcher-factory hook
         # targets SGLang's fused-MoE layer module, which needs SGLang's CUDA kernels to import.
         HookRegistry.register(hooks.REFRESH_EP_MEMBERS, hooks.after_refresh_ep_members, HookType.AFTER)
+        HookRegistry.register(hooks.REBALANCE_AFTER_RANK_FAULT, hooks.around_rebalance_after_rank_fault,
+                              HookType.AROUND)
         HookRegistry.apply_hooks()
         state = ElasticEPStateManager._build_state(ep_size=R, device=self.device)
         state.effective_ep_size = state.original_ep_size = R
@@ -404,6 +414,7 @@ def run_member(rank: Rank) -> None:
     rank.normal_step(three, R - 1, seed + 11, survivors, "normal-mode step, survivors")
     graph.run(three, R - 1, seed + 12, survivors, "graph replay, survivors")
     rank.ll_step(three, R - 1, seed + 13, survivors, "low-latency step, survivors")
+    repair_by_plan(rank, seed=7)
 
     # ---- rejoin ----
     rank.store.wait([f"{tag}/joiner-built"], _td(args.timeout_s))
@@ -412,6 +423,80 @@ def run_member(rank: Rank) -> None:
     rank.sync()
     rank.result["rejoin_s"] = round(time.perf_counter() - t0, 3)
     after_rejoin(rank, graph, seed)
+
+
+def repair_by_plan(rank: Rank, seed: int) -> None:
+    """A survivor: SGLang's rank-fault rebalance, taken over by eep's hook (module docstring, step 2)."""
+    from types import SimpleNamespace
+
+    import repair_case as rc
+    from sglang.srt.elastic_ep import elastic_ep
+    from sglang.srt.eplb import expert_location
+
+    from eep import Membership, plan_repair
+    from eep.integrations.sglang import repair
+    from eep.integrations.sglang.placement import placement_from_sglang
+    from eep.repair import TensorTier
+    from eep.state import ExpertPlacement
+
+    torch = rank.torch
+    load = torch.rand(rc.NUM_LAYERS, rc.NUM_EXPERTS, generator=torch.Generator().manual_seed(seed)) * 100
+    placement = ExpertPlacement.build(rc.NUM_LAYERS, rc.NUM_EXPERTS, R, rc.SLOTS, load)
+    weights = rc.logical_weights(seed)
+    metadata = rc.metadata_for(placement)
+    experts = {layer: [w.to(rank.device) for w in ws] for layer, ws in rc.rank_weights(placement, weights,
+                                                                                       rank.rank).items()}
+    expert_location.set_global_expert_location_metadata(metadata, allow_overwrite=True)
+    repair.configure(tiers=[TensorTier(weights)])
+    survivors = [r != VICTIM for r in range(R)]
+    plan_placement = plan_repair(placement, Membership(R), Membership(R, active=survivors, epoch=1),
+                                 [TensorTier(weights)], expert_nbytes=1, layer_ids=rc.LAYER_IDS,
+                                 rereplicate=False).placement
+    ptrs = [metadata.physical_to_logical_map.data_ptr(), metadata.logical_to_all_physical_map.data_ptr()]
+    manager = SimpleNamespace(_get_model=lambda: SimpleNamespace(routed_experts_weights_of_layer=experts),
+                              rebalance=lambda: iter(()))  # SGLang's rebalance: must not be what runs
+    records = []
+    handler = _ListHandler(records)
+    logging.getLogger("eep.integrations.sglang.hooks").addHandler(handler)
+    logging.getLogger("eep.integrations.sglang.hooks").setLevel(logging.INFO)
+    t0 = time.perf_counter()
+    try:
+        ran = elastic_ep.maybe_rebalance_after_rank_fault(eplb_manager=manager)
+    finally:
+        logging.getLogger("eep.integrations.sglang.hooks").removeHandler(handler)
+    rank.sync()
+    rank.result["repair_by_plan_s"] = round(time.perf_counter() - t0, 4)
+    rank.result["repair_by_plan"] = records
+    errors = [] if ran is True and rank.state.is_active_equal_last() else [f"the hook returned {ran}"]
+    errors += [r for r in records if "falling back" in r or "refusing" in r]
+    if not any("repair by plan" in r for r in records):
+        errors.append(f"no repair-by-plan log line: {records}")
+    if [metadata.physical_to_logical_map.data_ptr(), metadata.logical_to_all_physical_map.data_ptr()] != ptrs:
+        errors.append("the maps' storage changed")
+    now = placement_from_sglang(metadata, active=survivors, layers=rc.LAYER_IDS)
+    if not now.equal(plan_placement):
+        errors.append("the maps are not the plan's")
+    if bool(((metadata.logical_to_all_physical_map[rc.LAYER_IDS] // rc.SLOTS) == VICTIM).any()):
+        errors.append(f"the maps still list a slot of rank {VICTIM}")
+    S = rc.SLOTS
+    for row, layer in enumerate(rc.LAYER_IDS):
+        w13, w2 = (w.cpu() for w in experts[layer])
+        for i, e in enumerate(now.phys_to_logical[row, rank.rank * S:(rank.rank + 1) * S].tolist()):
+            want = weights[layer]
+            if not (torch.equal(w13[i, :rc.INTER], want[0][e]) and torch.equal(w13[i, rc.INTER:], want[1][e])
+                    and torch.equal(w2[i], want[2][e])):
+                errors.append(f"layer {layer} slot {i} does not hold expert {e}, which the maps name")
+    rank.check("repair by eep's plan through SGLang's rank-fault hook (maps in place, slots restored, vote)", errors)
+    repair.configure()
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, records: list):
+        super().__init__(logging.INFO)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record.getMessage())
 
 
 def run_joiner(rank: Rank) -> None:

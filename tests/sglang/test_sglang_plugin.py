@@ -27,7 +27,8 @@ from eep.transport.shm import SharedMemoryTransport, create_shm_file
 
 TARGETS = {hooks.CREATE_MOE_DISPATCHER: (moe_layer, "create_moe_dispatcher"),
            hooks.REFRESH_EP_MEMBERS: (elastic_ep, "_refresh_ep_members"),
-           hooks.BROADCAST_EXPERT_LOCATION: (expert_location, "broadcast_global_expert_location_metadata")}
+           hooks.BROADCAST_EXPERT_LOCATION: (expert_location, "broadcast_global_expert_location_metadata"),
+           hooks.REBALANCE_AFTER_RANK_FAULT: (elastic_ep, "maybe_rebalance_after_rank_fault")}
 
 
 @pytest.fixture

@@ -10,6 +10,12 @@
    ``ExpertLocationMetadata`` and swaps the global; decode CUDA graphs captured before keep reading
    the old map tensors. The hook writes the new maps into the old object's tensors and keeps the
    old object global (see docs/integrations.md, "Stale graphs after recovery").
+4. AROUND ``elastic_ep.maybe_rebalance_after_rank_fault``: when SGLang's elastic state marks a rank
+   down, repair by eep's plan (``eep.integrations.sglang.repair``) instead of SGLang's rebalance:
+   routing-only drops, orphan restores from the configured tiers into SGLang's own weight tensors,
+   the maps written in place. Coverage lost raises ``CoverageLostError`` (never served); a model
+   eep's plan cannot move (``UnsupportedLayoutError``), or a plan that failed everywhere, falls back
+   to SGLang's rebalance with one warning saying why. ``EEP_SGLANG_REPAIR=sglang`` keeps SGLang's.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ logger = logging.getLogger(__name__)
 CREATE_MOE_DISPATCHER = "sglang.srt.layers.moe.fused_moe_triton.layer.create_moe_dispatcher"
 REFRESH_EP_MEMBERS = "sglang.srt.elastic_ep.elastic_ep._refresh_ep_members"
 BROADCAST_EXPERT_LOCATION = "sglang.srt.eplb.expert_location.broadcast_global_expert_location_metadata"
+REBALANCE_AFTER_RANK_FAULT = "sglang.srt.elastic_ep.elastic_ep.maybe_rebalance_after_rank_fault"
 DEFAULT_REPLACED_BACKENDS = "mooncake"
 
 
@@ -35,6 +42,7 @@ def register_hooks() -> None:
     HookRegistry.register(CREATE_MOE_DISPATCHER, around_create_moe_dispatcher, HookType.AROUND)
     HookRegistry.register(REFRESH_EP_MEMBERS, after_refresh_ep_members, HookType.AFTER)
     HookRegistry.register(BROADCAST_EXPERT_LOCATION, around_broadcast_expert_location, HookType.AROUND)
+    HookRegistry.register(REBALANCE_AFTER_RANK_FAULT, around_rebalance_after_rank_fault, HookType.AROUND)
 
 
 def replaced_backends() -> set[str]:
@@ -130,3 +138,64 @@ def around_broadcast_expert_location(original, *args, **kwargs):
         return new
     expert_location.set_global_expert_location_metadata(old, allow_overwrite=True)
     return old
+
+
+# ---- 4. a rank fault repaired by eep's plan ----
+def around_rebalance_after_rank_fault(original, *args, **kwargs):
+    from sglang.srt.elastic_ep.elastic_ep import ElasticEPStateManager
+    from sglang.srt.eplb import expert_location
+
+    from eep.errors import CoverageLostError, PlacementError
+    from eep.integrations.sglang.repair import RepairError, StoreVote, process_repair
+
+    state = ElasticEPStateManager.instance()
+    if state is None or state.is_active_equal_last() or envs.sglang_repair() != "plan":
+        return original(*args, **kwargs)
+    eplb_manager = kwargs["eplb_manager"] if "eplb_manager" in kwargs else args[0]
+    metadata = expert_location.get_global_expert_location_metadata()
+    try:
+        if metadata is None:
+            raise RepairError("SGLang has no expert-location metadata")
+        size = int(metadata.ep_size)
+        before = [bool(a) for a in state.last_active_ranks.tolist()[:size]]
+        after = [bool(a) for a in state.active_ranks.tolist()[:size]]
+        if any(a and not b for a, b in zip(after, before)):
+            raise RepairError(f"ranks {[r for r in range(size) if after[r] and not before[r]]} came back in the same "
+                              f"change (SGLang's recovery path takes rejoins)")
+        rank = _moe_ep_rank()
+        vote = _store_vote(rank, StoreVote)
+        repair = process_repair(rank, size, eplb_manager._get_model(), vote)
+        result = repair.on_failure(metadata, before, after)
+    except CoverageLostError as exc:
+        # Never serve from these maps: the forward that saw the fault is discarded and every later one
+        # raises here too (the mask still differs from the snapshot) until a rejoin restores coverage.
+        logger.error("eep: %s; refusing to serve", exc)
+        raise
+    except (RepairError, PlacementError, AttributeError) as exc:
+        logger.warning("eep: cannot repair by eep's plan (%s); falling back to SGLang's rebalance", exc)
+        return original(*args, **kwargs)
+    state.snapshot_active_to_last()
+    state.sync_active_to_cpu()
+    logger.info(result.log_line())
+    return True
+
+
+def _moe_ep_rank() -> int:
+    """This process's EP rank: the eep buffer's, else the global rank (SGLang's elastic EP: pp=1)."""
+    from eep.integrations.sglang.ep_buffer import EepEPBuffer
+    from eep.repair import RepairError
+
+    buffer = EepEPBuffer.get_existing_buffer()
+    if buffer is not None:
+        return buffer.rank
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    raise RepairError("cannot tell this process's EP rank (no eep buffer, no process group)")
+
+
+def _store_vote(rank: int, vote_cls):
+    """The ranks' vote through SGLang's global TCPStore; None where there is none (one process)."""
+    from sglang.srt.distributed.utils import get_global_tcp_store
+
+    store = get_global_tcp_store()
+    return None if store is None else vote_cls(store, rank, timeout_s=envs.sglang_vote_timeout_s())

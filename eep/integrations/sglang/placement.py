@@ -27,6 +27,7 @@ explains why SGLang's own recovery broadcast does not).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,16 +57,23 @@ class SGLangExpertMaps:
     logical_to_all_physical_map_num_valid: torch.Tensor
 
 
-def placement_from_sglang(metadata: Any) -> ExpertPlacement:
+def placement_from_sglang(metadata: Any, *, active: Sequence[bool] | None = None,
+                          layers: Sequence[int] | None = None) -> ExpertPlacement:
     """eep's placement from SGLang's ``ExpertLocationMetadata`` (or anything with its fields).
 
     Checks that ``logical_to_all_physical_map`` / ``..._num_valid`` agree with
     ``physical_to_logical_map`` (each valid entry is a replica of its row's expert, padding is -1),
     naming the first layer and expert that disagree.
+
+    Parameters:
+        active: one flag per rank; the slots of an inactive rank become ``NO_EXPERT`` (SGLang keeps
+            a value in ``physical_to_logical_map`` for a slot nobody routes to; eep has an empty slot).
+        layers: the rows of the maps to take, in order (the MoE layers); default every row.
     """
-    p2l = metadata.physical_to_logical_map.detach().to("cpu", torch.int64)
-    l2p = metadata.logical_to_all_physical_map.detach().to("cpu", torch.int64)
-    num_valid = metadata.logical_to_all_physical_map_num_valid.detach().to("cpu", torch.int64)
+    rows = slice(None) if layers is None else list(layers)
+    p2l = metadata.physical_to_logical_map.detach().to("cpu", torch.int64)[rows]
+    l2p = metadata.logical_to_all_physical_map.detach().to("cpu", torch.int64)[rows]
+    num_valid = metadata.logical_to_all_physical_map_num_valid.detach().to("cpu", torch.int64)[rows]
     num_ranks = int(metadata.ep_size)
     num_layers, num_phys = p2l.shape
     if num_phys % num_ranks:
@@ -78,7 +86,13 @@ def placement_from_sglang(metadata: Any) -> ExpertPlacement:
     placement = ExpertPlacement.from_phys_to_logical(p2l, num_ranks=num_ranks, slots_per_rank=num_phys // num_ranks,
                                                      num_experts=num_experts)
     _check_all_physical(p2l, l2p, num_valid)
-    return placement
+    if active is None:
+        return placement
+    if len(active) != num_ranks:
+        raise PlacementError(f"active has {len(active)} flags for ep_size={num_ranks}")
+    dead = ~torch.tensor([bool(a) for a in active]).repeat_interleave(num_phys // num_ranks)
+    return ExpertPlacement.from_phys_to_logical(p2l.masked_fill(dead, NO_EXPERT), num_ranks=num_ranks,
+                                                slots_per_rank=num_phys // num_ranks, num_experts=num_experts)
 
 
 def sglang_maps_from_placement(placement: ExpertPlacement, *, width: int | None = None,
@@ -94,6 +108,11 @@ def sglang_maps_from_placement(placement: ExpertPlacement, *, width: int | None 
         layer, slot = (int(i) for i in (placement.phys_to_logical == NO_EXPERT).nonzero()[0])
         raise PlacementError(f"placement has an empty slot (layer {layer}, physical slot {slot}); SGLang's "
                              f"physical_to_logical_map cannot express one: fill it with a replica first")
+    return _maps(placement, width, moe_ep_rank)
+
+
+def _maps(placement: ExpertPlacement, width: int | None, moe_ep_rank: int | None) -> SGLangExpertMaps:
+    """SGLang's maps; an empty slot stays -1 in ``physical_to_logical_map`` (the caller fills it)."""
     width = placement.num_phys_slots if width is None else int(width)
     counts = placement.replica_count.clone()
     l2p = placement.logical_to_phys.clone()
@@ -113,27 +132,57 @@ def sglang_maps_from_placement(placement: ExpertPlacement, *, width: int | None 
     return SGLangExpertMaps(placement.phys_to_logical.clone(), padded, counts)
 
 
-def write_placement_(metadata: Any, placement: ExpertPlacement, *, moe_ep_rank: int | None = None) -> None:
+def write_placement_(metadata: Any, placement: ExpertPlacement, *, moe_ep_rank: int | None = None,
+                     active: Sequence[bool] | None = None, layers: Sequence[int] | None = None) -> None:
     """Write ``placement`` into ``metadata``'s existing tensors (data pointers unchanged).
 
     ``logical_to_rank_dispatch_physical_map`` (SGLang's static dispatch table), when present, gets
     the replica on ``moe_ep_rank`` if there is one, else replica ``moe_ep_rank % replica_count``: a
     deterministic spread where SGLang draws a seeded random one. Every check runs before the first write.
+
+    Parameters:
+        active: one flag per rank. An empty slot (``NO_EXPERT``) is allowed only on an inactive rank:
+            no map lists it, and ``physical_to_logical_map`` keeps the value it had (SGLang has no
+            empty value; its own elastic rebalance writes 0 there).
+        layers: the rows of the maps ``placement``'s layers are (the MoE layers); the other rows
+            are left as they are. Default: every row.
     """
     if int(metadata.ep_size) != placement.num_ranks:
         raise PlacementError(f"metadata.ep_size={metadata.ep_size} but the placement has {placement.num_ranks} ranks")
-    maps = sglang_maps_from_placement(placement, width=metadata.logical_to_all_physical_map.shape[-1],
-                                      moe_ep_rank=moe_ep_rank)
-    new = {"physical_to_logical_map": maps.physical_to_logical_map,
-           "physical_to_logical_map_cpu": maps.physical_to_logical_map,
-           "logical_to_all_physical_map": maps.logical_to_all_physical_map,
-           "logical_to_all_physical_map_cpu": maps.logical_to_all_physical_map,
-           "logical_to_all_physical_map_num_valid": maps.logical_to_all_physical_map_num_valid}
+    empty = placement.phys_to_logical == NO_EXPERT
+    if active is not None:
+        if len(active) != placement.num_ranks:
+            raise PlacementError(f"active has {len(active)} flags for {placement.num_ranks} ranks")
+        live = torch.tensor([bool(a) for a in active]).repeat_interleave(placement.slots_per_rank)
+        if bool((empty & live).any()):
+            layer, slot = (int(i) for i in (empty & live).nonzero()[0])
+            raise PlacementError(f"placement has an empty slot on active rank {slot // placement.slots_per_rank} "
+                                 f"(layer {layer}, physical slot {slot}); SGLang's maps cannot express one")
+        maps = _maps(placement, metadata.logical_to_all_physical_map.shape[-1], moe_ep_rank)
+    else:
+        maps = sglang_maps_from_placement(placement, width=metadata.logical_to_all_physical_map.shape[-1],
+                                          moe_ep_rank=moe_ep_rank)
+    rows = list(range(placement.num_layers)) if layers is None else [int(r) for r in layers]
+    total = metadata.physical_to_logical_map.shape[0]
+    if len(rows) != placement.num_layers or not all(0 <= r < total for r in rows):
+        raise PlacementError(f"layers {rows} do not name {placement.num_layers} rows of maps with {total} layers")
+    p2l_now = metadata.physical_to_logical_map_cpu.detach().to("cpu", torch.int64)
+    p2l = p2l_now.clone()
+    p2l[rows] = torch.where(empty, p2l_now[rows], maps.physical_to_logical_map)
+    l2p = metadata.logical_to_all_physical_map_cpu.detach().to("cpu", torch.int64).clone()
+    l2p[rows] = maps.logical_to_all_physical_map
+    num_valid = metadata.logical_to_all_physical_map_num_valid.detach().to("cpu", torch.int64).clone()
+    num_valid[rows] = maps.logical_to_all_physical_map_num_valid
+    new = {"physical_to_logical_map": p2l, "physical_to_logical_map_cpu": p2l,
+           "logical_to_all_physical_map": l2p, "logical_to_all_physical_map_cpu": l2p,
+           "logical_to_all_physical_map_num_valid": num_valid}
     if getattr(metadata, "logical_to_rank_dispatch_physical_map", None) is not None:
         if moe_ep_rank is None:
             raise PlacementError("metadata has a logical_to_rank_dispatch_physical_map (static dispatch): "
                                  "pass moe_ep_rank to rebuild it")
-        new["logical_to_rank_dispatch_physical_map"] = _rank_dispatch_map(placement, moe_ep_rank)
+        dispatch = metadata.logical_to_rank_dispatch_physical_map.detach().to("cpu", torch.int64).clone()
+        dispatch[rows] = _rank_dispatch_map(placement, moe_ep_rank)
+        new["logical_to_rank_dispatch_physical_map"] = dispatch
     _copy_fields_(metadata, new)
 
 

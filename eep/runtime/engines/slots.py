@@ -37,6 +37,7 @@ from eep.fp8 import BLOCK, FP8_DTYPE, ExpertWeight, Fp8Weight, block_scale_shape
 from eep.repair import (ExecutionReport, ExpertSource, RepairError, SlotExecutor, Transfer, expert_weight_nbytes,
                         run_transfers)
 from eep.repair.plan import HELD, stage_with_fallback
+from eep.repair.slots import OneRankSlots
 from eep.runtime.control.keys import Key, store_key
 from eep.state import NO_EXPERT, ExpertPlacement, Membership
 
@@ -59,7 +60,7 @@ class PlanPart:
     is_source: Callable[[int], bool] | None = None
 
 
-class RankSlots:
+class RankSlots(OneRankSlots):
     """The ``eep.repair.SlotStore`` of one rank process (module docstring).
 
     Parameters:
@@ -116,12 +117,7 @@ class RankSlots:
     def is_fp8(self) -> bool:
         return self.dtype == FP8_DTYPE
 
-    # ---- SlotStore ----
-    def _local(self, phys: int) -> int:
-        if phys // self.slots_per_rank != self.rank:
-            raise RepairError(f"rank {self.rank}: slot {phys} is on rank {phys // self.slots_per_rank}, not this rank")
-        return phys % self.slots_per_rank
-
+    # ---- SlotStore (the bookkeeping: OneRankSlots) ----
     def views(self, layer: int, phys: int) -> tuple[ExpertWeight, ExpertWeight, ExpertWeight]:
         i = self._local(phys)
         return (*_gate_up(self.w13[layer, i], self.inter), self.w2[layer, i])
@@ -133,30 +129,8 @@ class RankSlots:
         _, _, w13, w2 = self._peer(rank)
         return (*_gate_up(w13[layer, i], self.inter), w2[layer, i])
 
-    def holds(self, layer: int, phys: int) -> int:
-        rank, i = divmod(phys, self.slots_per_rank)
-        return int(self.loaded[layer, i]) if rank == self.rank else NO_EXPERT
-
-    def mark(self, layer: int, phys: int, expert: int) -> None:
-        self.loaded[layer, self._local(phys)] = expert
-
-    def serves(self, layer: int, phys: int) -> bool:
-        return (self.placement is not None and self.active[self.rank]
-                and int(self.placement.phys_to_logical[layer, phys]) != NO_EXPERT)
-
-    def poison(self, layer: int, phys: int) -> None:
-        for w in self.views(layer, phys):
-            w.fill_(float("nan"))
-        self.mark(layer, phys, NO_EXPERT)
-
     def switch(self, placement: ExpertPlacement, membership: Membership) -> None:
-        S = self.slots_per_rank
-        want = placement.phys_to_logical[:, self.rank * S:(self.rank + 1) * S]
-        wrong = ((want != NO_EXPERT) & (want != self.loaded)).nonzero().tolist()
-        if wrong:  # never serve maps that name an expert this rank's slot does not hold
-            layer, i = wrong[0]
-            raise RepairError(f"rank {self.rank}: the maps put expert {int(want[layer, i])} in layer {layer} slot {i}, "
-                              f"which holds {int(self.loaded[layer, i])} ({len(wrong)} such slots)")
+        self.check_holds(placement)
         self.placement = placement
         self.active = membership.active_cpu.tolist()
         if self.on_switch is not None:
