@@ -70,6 +70,8 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS, 1) eep2_dispatch(cons
   const EepVec* x = (const EepVec*)p.x;
   int* handle_pos = (int*)p.handle_pos;
 
+  eep2_launch_dependents();  // the combine's launch may overlap this grid's tail (PDL only)
+  eep2_grid_wait();          // PDL: the previous kernel's writes (x, phys, the mask) are visible from here on
   // 0. every load that depends on nothing else, issued before anything waits (one round trip, not
   //    one per step below) and before the block's ranges are computed (64-bit divisions, a hundred
   //    instructions): the mask and peer table first (the routing pass waits for them; a load issued
