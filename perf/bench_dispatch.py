@@ -105,7 +105,7 @@ def worker(args) -> None:
 
     sets, broken = working_sets(torch, dist, sets, bufs, warm)
     if broken and rank == 0:
-        print(f"NOT TIMED: kernel set(s) {broken} missed a deadline in an eager step", flush=True)
+        print(f"NOT TIMED: kernel set(s) {broken} missed a deadline or failed in an eager step", flush=True)
     if not sets:
         raise RuntimeError(f"every kernel set missed a deadline in an eager step: {broken}")
     graphs = {}  # key "<set>.<membership>_<mode>" -> graph

@@ -82,14 +82,20 @@ def set_options(name: str) -> dict:
 def working_sets(torch, dist, sets: list[str], bufs: dict, warm_step) -> tuple[list[str], list[str]]:
     """Run one eager step of each kernel set (``warm_step(set)``) on every rank; a set in which any rank
     missed a deadline is left out (its timed graphs would wait out the timeout at every step) and
-    returned second, so the other sets are still timed and the run says what was not."""
+    returned second, so the other sets are still timed and the run says what was not. A set whose
+    step raises on a rank (e.g. a launch attribute the driver refuses) is left out the same way."""
     ok, broken = [], []
     for k in sets:
         dist.barrier()
-        warm_step(k)
-        torch.cuda.synchronize()
+        try:
+            warm_step(k)
+            torch.cuda.synchronize()
+            failed = any(bufs[k].status().miss_count)
+        except Exception as e:  # noqa: BLE001 - reported, and the other sets still timed
+            print(f"rank {dist.get_rank()}: kernel set {k} failed its eager step: {e!r}", flush=True)
+            failed = True
         missed = [None] * dist.get_world_size()
-        dist.all_gather_object(missed, any(bufs[k].status().miss_count))
+        dist.all_gather_object(missed, failed)
         (broken if any(missed) else ok).append(k)
     return ok, broken
 
