@@ -23,6 +23,7 @@ explicitly through ``eep.runtime.RuntimeConfig`` rather than through the environ
 | ``EEP_FUSED_BLOCKS`` | ``0`` (one per SM) | grid size of the fused dispatch/combine kernels |
 | ``EEP_FUSED_VEC_PER_LANE`` | ``4`` | 16-byte vectors each lane copies per chunk |
 | ``EEP_FUSED_KERNELS`` | ``v1`` | kernel set of the fused buffers built without an explicit ``kernels=``: ``v1`` or ``v2`` |
+| ``EEP_FUSED_PDL`` | ``0`` | ``1``: kernel set v2 launches its decode kernels with programmatic dependent launch (``FusedBuffer(pdl=...)``) |
 | ``EEP_FUSED_CACHE_DIR`` | ``~/.cache/eep/fused`` | NVRTC cubin cache of the fused kernels |
 | ``EEP_HOST_TIER_DIR`` | ``/dev/shm`` | where weights_tools' shared host tier file lives |
 | ``EEP_SGLANG_SHM_PATH`` | (agreed through SGLang's store) | transport file of the SGLang plugin (CPU) |
@@ -124,6 +125,10 @@ def fused_vec_per_lane() -> int:
 
 def fused_kernels() -> str:
     return os.environ.get("EEP_FUSED_KERNELS") or "v1"
+
+
+def fused_pdl() -> bool:
+    return _int("EEP_FUSED_PDL", 0) != 0
 
 
 def fused_cache_dir() -> str:

@@ -1,12 +1,12 @@
 """Decode dispatch/combine microbenchmark: eep's fused kernel sets side by side (membership-aware and
 fixed), each with its fixed cost and an A/A repeat, against NCCL.
 
-    python perf/bench_dispatch.py --num-ranks 1 --model deepseek-v3 [--fp8] [--kernels v1,v2] [--out DIR]
+    python perf/bench_dispatch.py --num-ranks 1 --model deepseek-v3 [--fp8] [--kernels v1,v2,v2-pdl] [--out DIR]
 
 Starts one process per GPU (subprocesses; a TCPStore hosted here); ``--num-ranks 1`` is one process on
 one GPU (every copy is a local one: what the kernels cost besides NVLink). Every rank sends ``tokens``
 tokens with top-8 routing, uniform over all experts, one replica each. Each kernel set (``--kernels``,
-``FusedBuffer(kernels=...)``) gets its own buffer; for each set, CUDA graphs of ``iters`` steps are
+``FusedBuffer(kernels=...)``; ``v2-pdl``: v2 launched with ``pdl=True``) gets its own buffer; for each set, CUDA graphs of ``iters`` steps are
 captured for:
 - ``aware``: the membership-aware kernels (the default build), dispatch + combine (``both``) and
   dispatch alone; ``aware_both_again`` replays the same graph a second time in the same round (A/A:
@@ -35,7 +35,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ep_bench import (MODELS, ROOT, ep_arguments, kernel_sets, print_table, rank_setup, run,  # noqa: E402
-                      time_replay, working_sets, write_result)
+                      set_options, time_replay, working_sets, write_result)
 
 sys.path.insert(0, ROOT)
 
@@ -53,19 +53,20 @@ def worker(args) -> None:
     hidden, num_experts = MODELS[args.model]
     S, T, K = num_experts // R, args.tokens, args.top_k
     M = max(T, args.max_tokens or T)  # receive capacity per (slot, source); > T spreads rows out
-    sets = kernel_sets(args.kernels)
+    sets = kernel_sets(args.kernels, launch_variants=True)
 
     def make(group: str, **kw) -> FusedBuffer:
         return FusedBuffer(rank, R, slots_per_rank=S, max_tokens_per_rank=M, hidden=hidden, top_k=K, store=store,
                            group=group, timeout_s=5.0, device=rank, use_fp8=args.fp8, **kw)
 
     # one buffer per kernel set; the fixed-membership kernels run on the same memory as the aware ones
-    bufs = {k: make(f"bench-{k}", kernels=k) for k in sets}
+    bufs = {k: make(f"bench-{k}", **set_options(k)) for k in sets}
     kernels = {}
     for k in sets:
         kernels[(k, "aware")] = bufs[k].kernels
         kernels[(k, "fixed")] = LoadedKernels.get(KernelVariant(hidden, True, bufs[k].kernels_variant.vec_per_lane,
-                                                                use_fp8=args.fp8, kernels=k), rank)
+                                                                use_fp8=args.fp8, kernels=bufs[k].kernel_set),
+                                                  rank)
     pull = args.decode_variant != "push"
     if pull:  # v1's experimental pull path: its own allocation (its combine reads peers' combine_input)
         bufs["v1-pull"] = make("bench-v1-pull", decode=args.decode_variant, kernels="v1")
@@ -104,7 +105,7 @@ def worker(args) -> None:
 
     sets, broken = working_sets(torch, dist, sets, bufs, warm)
     if broken and rank == 0:
-        print(f"NOT TIMED: kernel set(s) {broken} missed a deadline in an eager step", flush=True)
+        print(f"NOT TIMED: kernel set(s) {broken} missed a deadline or failed in an eager step", flush=True)
     if not sets:
         raise RuntimeError(f"every kernel set missed a deadline in an eager step: {broken}")
     graphs = {}  # key "<set>.<membership>_<mode>" -> graph
@@ -121,7 +122,7 @@ def worker(args) -> None:
         graphs["v1-pull.copy_both"] = capture(pb, pb.kernels, "both")
     if args.sweep:  # launch shape of v1's aware kernels: vectors per lane x grid size
         sm = bufs[sets[0]].num_blocks
-        extra = make("bench-v8", vec_per_lane=8, kernels=sets[0])
+        extra = make("bench-v8", vec_per_lane=8, **set_options(sets[0]))
         bufs["v8"] = extra
         for vec, buf in ((4, bufs[sets[0]]), (8, extra)):
             for blocks in (sm // 2, sm, 2 * sm):
@@ -240,12 +241,12 @@ def main() -> int:
     p = ep_arguments(__doc__, tokens=128, iters=50, rounds=7)
     p.add_argument("--max-tokens", type=int, default=None, help="receive capacity per rank (default: --tokens)")
     p.add_argument("--fp8", action="store_true", help="FP8 dispatch (per-token scales); combine stays bf16")
-    p.add_argument("--kernels", default="v1,v2", help="kernel sets to time side by side (default: v1,v2)")
+    p.add_argument("--kernels", default="v1,v2", help="kernel sets to time side by side (default: v1,v2; v2-pdl: v2 with PDL)")
     p.add_argument("--sweep", action="store_true", help="also time other grid sizes and vectors per lane (first set)")
     p.add_argument("--decode-variant", default="push", choices=("push", "pull"),
                    help="also time v1's experimental decode path (FusedBuffer(decode=...)) in the same rounds")
     args = p.parse_args()
-    kernel_sets(args.kernels)  # a bad name fails here, before any process starts
+    kernel_sets(args.kernels, launch_variants=True)  # a bad name fails here, before any process starts
     return run(__file__, args, worker)
 
 

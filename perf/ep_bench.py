@@ -56,28 +56,46 @@ def run(script: str, args: argparse.Namespace, worker) -> int:
     return run_rank_script(script, sys.argv[1:], args.num_ranks)
 
 
-def kernel_sets(arg: str) -> list[str]:
-    """``--kernels v1,v2`` as a list (each a ``KernelVariant.kernels`` value), in the given order."""
+# Timed sets that are a kernel set launched differently: name -> FusedBuffer options.
+LAUNCH_VARIANTS = {"v2-pdl": {"kernels": "v2", "pdl": True}}
+
+
+def kernel_sets(arg: str, *, launch_variants: bool = False) -> list[str]:
+    """``--kernels v1,v2`` as a list (each a ``KernelVariant.kernels`` value, or with
+    ``launch_variants`` a name of ``LAUNCH_VARIANTS``), in the given order."""
     from eep.fused.compile import KERNEL_SETS
 
+    allowed = tuple(KERNEL_SETS) + (tuple(LAUNCH_VARIANTS) if launch_variants else ())
     names = list(dict.fromkeys(n.strip() for n in arg.split(",") if n.strip()))
-    bad = [n for n in names if n not in KERNEL_SETS]
+    bad = [n for n in names if n not in allowed]
     if bad or not names:
-        raise ValueError(f"--kernels {arg!r}: choose from {KERNEL_SETS}")
+        raise ValueError(f"--kernels {arg!r}: choose from {allowed}")
     return names
+
+
+def set_options(name: str) -> dict:
+    """``FusedBuffer`` options of a timed set: ``kernels=name``, or a launch variant's options (PDL off
+    unless the variant turns it on, whatever ``EEP_FUSED_PDL`` says)."""
+    return dict(LAUNCH_VARIANTS.get(name, {"kernels": name, "pdl": False}))
 
 
 def working_sets(torch, dist, sets: list[str], bufs: dict, warm_step) -> tuple[list[str], list[str]]:
     """Run one eager step of each kernel set (``warm_step(set)``) on every rank; a set in which any rank
     missed a deadline is left out (its timed graphs would wait out the timeout at every step) and
-    returned second, so the other sets are still timed and the run says what was not."""
+    returned second, so the other sets are still timed and the run says what was not. A set whose
+    step raises on a rank (e.g. a launch attribute the driver refuses) is left out the same way."""
     ok, broken = [], []
     for k in sets:
         dist.barrier()
-        warm_step(k)
-        torch.cuda.synchronize()
+        try:
+            warm_step(k)
+            torch.cuda.synchronize()
+            failed = any(bufs[k].status().miss_count)
+        except Exception as e:  # noqa: BLE001 - reported, and the other sets still timed
+            print(f"rank {dist.get_rank()}: kernel set {k} failed its eager step: {e!r}", flush=True)
+            failed = True
         missed = [None] * dist.get_world_size()
-        dist.all_gather_object(missed, any(bufs[k].status().miss_count))
+        dist.all_gather_object(missed, failed)
         (broken if any(missed) else ok).append(k)
     return ok, broken
 

@@ -55,3 +55,8 @@ def test_kernel_sets_option():
     assert ep_bench.kernel_sets("v1,v2,v1") == ["v1", "v2"]
     with pytest.raises(ValueError, match="kernels"):
         ep_bench.kernel_sets("v1,v9")
+    with pytest.raises(ValueError, match="kernels"):  # a launch variant only where the bench times it
+        ep_bench.kernel_sets("v1,v2-pdl")
+    assert ep_bench.kernel_sets("v2,v2-pdl", launch_variants=True) == ["v2", "v2-pdl"]
+    assert ep_bench.set_options("v2-pdl") == {"kernels": "v2", "pdl": True}
+    assert ep_bench.set_options("v2") == {"kernels": "v2", "pdl": False}

@@ -1,6 +1,7 @@
 """The fused kernels compile through NVRTC for sm_90a on a CPU-only machine, and the cache is sound."""
 
 import os
+import re
 import threading
 
 import pytest
@@ -268,6 +269,49 @@ def test_v2_kernels_do_not_spill(hidden, fp8):
     """ptxas report: every v2 kernel keeps its rows in flight in registers (no local-memory traffic in
     the loops the step time rests on) and fits a 512-thread block (<= 128 registers)."""
     _assert_no_spills(_ptxas_report(fc.KernelVariant(hidden, use_fp8=fp8, kernels="v2")), fc.V2_KERNEL_NAMES, 128)
+
+
+def _ptx(variant, arch: str = "compute_90a") -> str:
+    """NVRTC's PTX of ``variant``."""
+    from cuda.bindings import nvrtc as nv
+
+    sources = fc.kernel_sources()
+    err, prog = nv.nvrtcCreateProgram(fc.main_source(variant), b"check.cu", len(sources), [sources[n] for n in fc.KERNEL_FILES],
+                                      [n.encode() for n in fc.KERNEL_FILES])
+    try:
+        options = [o.encode() for o in fc.compile_options(variant, arch)]
+        (err,) = nv.nvrtcCompileProgram(prog, len(options), options)
+        assert err == nv.nvrtcResult.NVRTC_SUCCESS, fc._program_log(prog)
+        err, size = nv.nvrtcGetPTXSize(prog)
+        text = b" " * size
+        (err,) = nv.nvrtcGetPTX(prog, text)
+        return text.decode()
+    finally:
+        nv.nvrtcDestroyProgram(prog)
+
+
+# a PTX instruction that may touch global memory: any load, store or atomic not on parameter, shared
+# or local space (generic addresses included)
+_GLOBAL_ACCESS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:ld|ldu|st|atom|red|cp\.async)\.(?!param|shared|local)[\w.]*", re.M)
+
+
+@pytest.mark.parametrize("fixed,fp8", [(False, False), (False, True), (True, False)])
+def test_v2_pdl_kernels_wait_for_the_previous_kernel_before_touching_memory(fixed, fp8):
+    """A kernel FusedBuffer(pdl=True) launches early (buffer.PDL_KERNELS) may start while the kernel
+    before it still writes: each has exactly one griddepcontrol.wait, ahead of its first instruction
+    that can touch global memory, and lets its own dependents launch (griddepcontrol.launch_dependents)."""
+    from eep.fused.buffer import PDL_KERNELS
+
+    ptx = _ptx(fc.KernelVariant(7168, fixed, use_fp8=fp8, kernels="v2"))
+    entries = {m.group(1): m.start() for m in re.finditer(r"\.entry (\w+)\(", ptx)}
+    assert PDL_KERNELS <= set(entries) and PDL_KERNELS <= set(fc.V2_KERNEL_NAMES)
+    bounds = sorted(entries.values()) + [len(ptx)]
+    for name in PDL_KERNELS:
+        start = entries[name]
+        body = ptx[start:bounds[bounds.index(start) + 1]]
+        assert body.count("griddepcontrol.wait;") == 1 and body.count("griddepcontrol.launch_dependents;") == 1, name
+        first = _GLOBAL_ACCESS.search(body)
+        assert first is not None and body.index("griddepcontrol.wait;") < first.start(), (name, first and first.group(0))
 
 
 def test_prefill_buffer_rejects_a_v1_experiment_with_v2_before_touching_cuda():

@@ -85,6 +85,10 @@ class FusedBuffer:
             layout and results (bit-identical); every rank of an instance must use the same set.
         membership: the process's ``Membership`` with its device mirror on this buffer's device (default:
             a new one, all active); the kernels read its ``active_device`` at every launch.
+        pdl: kernel set v2 launches dispatch and combine with programmatic dependent launch, so each
+            one's blocks start while the kernel before it finishes (docs/fused.md "Programmatic
+            dependent launch"); default ``EEP_FUSED_PDL`` or off. Ignored by kernel set v1. Settable
+            per launch (``buf.pdl``), captured into a CUDA graph like any launch.
 
     It is the fused decode backend of the exchange seam (``eep.exchange.protocol.DecodeExchange``).
     """
@@ -96,7 +100,7 @@ class FusedBuffer:
                  fixed_membership: bool = False, timeout_s: float | None = None,
                  num_blocks: int | None = None, vec_per_lane: int | None = None, use_fp8: bool = False,
                  device: torch.device | int | None = None, decode: str = "push", kernels: str | None = None,
-                 membership: Membership | None = None) -> None:
+                 membership: Membership | None = None, pdl: bool | None = None) -> None:
         from eep.fused.compile import KernelVariant
 
         if not 0 <= rank < num_ranks:
@@ -105,6 +109,7 @@ class FusedBuffer:
         self.top_k, self.use_fp8, self.decode = top_k, use_fp8, decode
         self.slots_per_rank, self.max_tokens_per_rank, self.hidden = slots_per_rank, max_tokens_per_rank, hidden
         self.kernel_set = kernels or envs.fused_kernels()
+        self.pdl = envs.fused_pdl() if pdl is None else bool(pdl)
         variant = KernelVariant(hidden, fixed_membership, vec_per_lane or envs.fused_vec_per_lane(), use_fp8,
                                 decode=decode, kernels=self.kernel_set)
         smem = kernel_smem(self.kernel_set, top_k,
@@ -418,6 +423,11 @@ class FusedBuffer:
         stream = driver.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
         if grid is None:
             grid = 1 if name == "eep_combine_reduce" and structs[0].num_tokens == 0 else self.num_blocks
+        if name in PDL_KERNELS and getattr(self, "pdl", False):
+            config = pdl_launch_config(grid, THREADS_PER_BLOCK, smem_bytes, stream)
+            check(driver.cuLaunchKernelEx(config, self.kernels.functions[name], ctypes.addressof(arg), 0),
+                  f"cuLaunchKernelEx({name}, programmatic stream serialization)")
+            return
         check(driver.cuLaunchKernel(self.kernels.functions[name], grid, 1, 1, THREADS_PER_BLOCK, 1, 1,
                                     smem_bytes, stream, ctypes.addressof(arg), 0), f"cuLaunchKernel({name})")
 
@@ -432,6 +442,31 @@ class FusedBuffer:
                     raise ValueError(f"{name} needs {nbytes} B of shared memory for layout "
                                      f"{self.layout.signature()}; lower max_tokens_per_rank or slots_per_rank")
                 check(driver.cuFuncSetAttribute(self.kernels.functions[name], attr, nbytes), "cuFuncSetAttribute")
+
+
+# The kernels that start with eep2_launch_dependents / eep2_grid_wait (csrc/signals_v2.cuh): only they
+# may be launched before the kernel ahead of them in the stream has finished.
+PDL_KERNELS = frozenset({"eep2_dispatch", "eep2_combine"})
+
+
+def pdl_launch_config(grid: int, threads: int, smem_bytes: int, stream: Any) -> Any:
+    """``cuLaunchKernelEx`` configuration of a programmatic dependent launch: the kernel may begin
+    once every block of the previous kernel in ``stream`` has begun (or called
+    ``griddepcontrol.launch_dependents``); it waits for that kernel's completion itself. Under stream
+    capture the driver records the dependency as a programmatic graph edge."""
+    from cuda.bindings import driver
+
+    attr = driver.CUlaunchAttribute()
+    attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    config = driver.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
+    config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
+    config.sharedMemBytes = smem_bytes
+    config.hStream = stream
+    config.attrs = [attr]
+    config.numAttrs = 1
+    return config
 
 
 def v2_send_blocks(num_blocks: int) -> int:

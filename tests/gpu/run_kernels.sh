@@ -7,14 +7,15 @@
 #      eep.reference: diff bf16 and FP8, prefill; then late, late_prefill, graph + rejoin, SIGKILL), and
 #      of v1 briefly (diff, prefill);
 #   3. timings at one rank (--gpus N: at N ranks, one per GPU), v1 and v2 side by side in the same run
-#      (aware, fixed, empty, A/A):
+#      (aware, fixed, empty, A/A; decode also v2 with programmatic dependent launch, "v2-pdl"):
 #      perf/bench_dispatch.py (deepseek-v3 bf16 and FP8, qwen3-30b-a3b bf16) and perf/bench_prefill.py
 #      (deepseek-v3, qwen3-30b-a3b; v1's push/spread/pull/pull-copy combines, v2, NCCL, device copy).
 # Every step logs to OUT/log.txt and the run goes on after a failure; tables in OUT/tables.md, JSON in
 # OUT/bench/, per-rank results in OUT/res.tgz, a kernel trace of the deepseek-v3 FP8 run in OUT/prof.tgz.
 #   bash tests/gpu/run_kernels.sh [--out DIR] [--bench-only] [--gpus N]
 #   --bench-only: compile, a short correctness check of v2 (diff bf16, diff FP8 with 16 blocks, prefill,
-#                 late; 4 ranks sharing the GPU), then the timings (plus a grid-size sweep of v2), ~4 minutes
+#                 late, graph + rejoin with PDL; 4 ranks sharing the GPU), then the timings (plus a grid-size
+#                 sweep of v2), ~5 minutes
 #   --gpus N: use GPUs 0..N-1 (the scenarios' 4 ranks spread over them, the timings at N ranks); the
 #             multi-GPU comparison of the two sets is `--gpus 4` (and `--gpus 2`) on an NVLink machine
 set -u
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
     --out) OUT_DIR=$2; shift 2 ;;
     --bench-only) MODE=bench; shift ;;
     --gpus) GPUS=$2; shift 2 ;;
-    -h|--help) sed -n 2,19p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,20p "$0"; exit 0 ;;
     *) echo "run_kernels.sh: unknown option $1 (use --out DIR, --bench-only, --gpus N)"; exit 2 ;;
   esac
 done
@@ -67,11 +68,15 @@ else  # the timed kernels, briefly: several tokens per block, prefill, a late ra
 fi
 one v2-prefill 100 prefill --hidden 2048 --slots 8 --max-tokens 256 $V2
 [ "$MODE" = bench ] && one v2-late 80 late --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $V2
+# v2 launched with programmatic dependent launch (FusedBuffer(pdl=True)): captured into a CUDA graph,
+# replayed, masked, rejoined
+step v2-graph-pdl 100 env EEP_FUSED_PDL=1 $PY $L --scenario graph --num-ranks 4 --out $OUT_DIR/res --hidden 2048 \
+  --slots 8 --max-tokens 64 $V2
 
 # 3. timings: v1 and v2 in the same rounds
-step bench-ds-bf16 90 $PY $B --model deepseek-v3
-step bench-ds-fp8 90 $PY $B --model deepseek-v3 --fp8 --profile $OUT_DIR/prof
-step bench-qw-bf16 90 $PY $B --model qwen3-30b-a3b
+step bench-ds-bf16 90 $PY $B --model deepseek-v3 --kernels v1,v2,v2-pdl
+step bench-ds-fp8 90 $PY $B --model deepseek-v3 --fp8 --kernels v1,v2,v2-pdl --profile $OUT_DIR/prof
+step bench-qw-bf16 90 $PY $B --model qwen3-30b-a3b --kernels v1,v2,v2-pdl
 step bench-prefill-ds 120 $PY $P --model deepseek-v3 --combine-variant spread,pull,pull-copy
 step bench-prefill-qw 90 $PY $P --model qwen3-30b-a3b --combine-variant spread,pull,pull-copy
 
@@ -87,7 +92,7 @@ if [ "$MODE" = all ]; then
   one v1-prefill 80 prefill --hidden 2048 --slots 8 --max-tokens 256
 fi
 if [ "$MODE" = bench ]; then  # v2's grid size (EEP_FUSED_BLOCKS; default one block per SM)
-  for blocks in 66 264; do
+  for blocks in 66; do  # 264 by hand (EEP_FUSED_BLOCKS=264): left out to keep this run near 5 minutes
     step bench-ds-fp8-v2-b$blocks 60 env EEP_FUSED_BLOCKS=$blocks $PY $B --model deepseek-v3 --fp8 --kernels v2 --rounds 5
     step bench-qw-bf16-v2-b$blocks 60 env EEP_FUSED_BLOCKS=$blocks $PY $B --model qwen3-30b-a3b --kernels v2 --rounds 5
     step bench-prefill-ds-v2-b$blocks 60 env EEP_FUSED_BLOCKS=$blocks $PY $P --model deepseek-v3 --kernels v2 --rounds 3

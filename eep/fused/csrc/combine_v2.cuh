@@ -64,6 +64,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_combine(const Ee
   __shared__ int s_pushed[EEP2_GROUP_ENTRIES];          // the row came from a peer during this kernel
   __shared__ float s_w[EEP2_GROUP_ENTRIES];
 
+  eep2_launch_dependents();  // the next dispatch's launch may overlap this grid's tail (PDL only)
   const int S = (int)p.slots_per_rank, R = (int)p.num_ranks, M = (int)p.max_tokens;
   const int K = (int)p.top_k, T = (int)p.num_tokens, me = (int)p.my_rank, NS = S * R;
   const int num_send = (int)sig.num_send_blocks;
@@ -72,6 +73,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_combine(const Ee
   const int P = eep2_group_tokens(T, num_reduce), num_groups = (T + P - 1) / P;
   if (!pushing && rb != 0 && rb >= num_groups) return;  // no tokens here (the first reducing block settles the verdict)
   EepCtrl* ctrl = (EepCtrl*)p.ctrl;
+  eep2_grid_wait();  // PDL: the dispatch's results (dispatch_seq, handle_pos, y) are visible from here on
   // issued before anything waits: the mask and peer table (first: everything below waits for them),
   // the control block and (reducing) the first group's routing entries
   const Eep2Launch launch = eep2_issue_state((const int*)p.active, (const u64*)p.peer_base, R);

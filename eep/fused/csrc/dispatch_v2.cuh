@@ -70,6 +70,8 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS, 1) eep2_dispatch(cons
   const EepVec* x = (const EepVec*)p.x;
   int* handle_pos = (int*)p.handle_pos;
 
+  eep2_launch_dependents();  // the combine's launch may overlap this grid's tail (PDL only)
+  eep2_grid_wait();          // PDL: the previous kernel's writes (x, phys, the mask) are visible from here on
   // 0. every load that depends on nothing else, issued before anything waits (one round trip, not
   //    one per step below) and before the block's ranges are computed (64-bit divisions, a hundred
   //    instructions): the mask and peer table first (the routing pass waits for them; a load issued
@@ -232,10 +234,13 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS, 1) eep2_dispatch(cons
     vis_count[pair] = s_ok[src] ? min(max(count, 0), M) : 0;
   }
   // sources that are inactive or missed: their columns may hold an earlier step's rows, hide them
+  // (a loop over sources, uniform over the block: when every source arrived, R shared-memory reads
+  // and no per-pair division)
   int* src_token = (int*)(s_peer[me] + p.off_src_token);
-  for (int pair = warp; pair < NS; pair += blockDim.x >> 5) {
-    if (s_ok[pair % R]) continue;
-    for (int row = lane; row < M; row += 32) src_token[(u64)pair * M + row] = -1;
+  for (int src = 0; src < R; ++src) {
+    if (s_ok[src]) continue;
+    for (int local = warp; local < S; local += blockDim.x >> 5)
+      for (int row = lane; row < M; row += 32) src_token[((u64)local * R + src) * M + row] = -1;
   }
   __syncthreads();
   if (threadIdx.x == 0) *(volatile u64*)&ctrl->dispatch_seq = seq;

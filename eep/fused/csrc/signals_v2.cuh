@@ -64,6 +64,27 @@ __device__ __forceinline__ Eep2Ctrl eep2_read_ctrl(const EepCtrl* ctrl, int R) {
   return c;
 }
 
+// Programmatic dependent launch (PDL; FusedBuffer(pdl=True) launches the decode kernels with the
+// programmatic-stream-serialization attribute, docs/fused.md "Programmatic dependent launch"). Such a
+// launch may start while the kernel before it in the stream still runs; eep2_grid_wait returns once
+// that kernel has completed and its writes are visible, so a kernel calls it before its first global
+// load or store, and nothing it does before depends on earlier work. Without the attribute (or
+// before sm_90) both are no-ops: the launch already started after the previous kernel ended.
+__device__ __forceinline__ void eep2_grid_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Lets the next PDL-launched kernel in the stream start its blocks (once every block of this grid
+// has called it or exited); they wait in eep2_grid_wait until this grid has completed, so calling it
+// first thing only lets their launch overlap this grid's tail (the dispatch's waiting block).
+__device__ __forceinline__ void eep2_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // A 16-byte load that never hits a line cached in L1 (data other GPUs write during this kernel).
 __device__ __forceinline__ EepVec eep2_ld_cg(const EepVec* ptr) {
   EepVec v;
