@@ -43,6 +43,7 @@ from eep.runtime.engines.base import make_engine  # noqa: E402
 from eep.runtime.engines.gpu import fp8_scale_block  # noqa: E402
 from eep.runtime.engines.slots import PlanPart  # noqa: E402
 from eep.runtime.model import bench_weights, write_random_checkpoint  # noqa: E402
+from eep.state import NO_EXPERT  # noqa: E402
 from failure_bench import FP8_MARGIN_TOL, FP8_ROUTER_GAP_TOL  # noqa: E402
 from failure_oracle import reference_next_tokens  # noqa: E402
 from gemm_check import GEN, rel_err, report, run_checks  # noqa: E402
@@ -111,6 +112,9 @@ def check_stage(s: Setup) -> None:
     S, M = e.S, e.M
     counts = torch.randint(0, M + 1, (S, 1), generator=GEN)
     counts[0], counts[1], counts[2] = 0, M, 1  # empty, hot (at capacity), a single row
+    # a slot that holds no expert keeps its NaN poison and the engine never routes rows to it
+    counts[torch.tensor([e.slots.holds(1, phys) == NO_EXPERT for phys in range(S)])] = 0
+    assert int(counts.sum()) > 0, "no slot of layer 1 holds an expert"
     for per_row in (False, True):
         def run(per_row=per_row) -> str:
             x = torch.randn(S, 1, M, c.hidden, generator=GEN) * torch.rand(S, 1, M, 1, generator=GEN) * 4
