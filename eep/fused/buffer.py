@@ -423,7 +423,7 @@ class FusedBuffer:
         stream = driver.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
         if grid is None:
             grid = 1 if name == "eep_combine_reduce" and structs[0].num_tokens == 0 else self.num_blocks
-        if name in PDL_KERNELS and getattr(self, "pdl", False):
+        if name in PDL_KERNELS and self.pdl:
             config = pdl_launch_config(grid, THREADS_PER_BLOCK, smem_bytes, stream)
             check(driver.cuLaunchKernelEx(config, self.kernels.functions[name], ctypes.addressof(arg), 0),
                   f"cuLaunchKernelEx({name}, programmatic stream serialization)")
