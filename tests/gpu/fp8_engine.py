@@ -109,12 +109,21 @@ def check_restore(s: Setup) -> None:
 
 def check_stage(s: Setup) -> None:
     e, c = s.engine, MODEL
-    S, M = e.S, e.M
-    counts = torch.randint(0, M + 1, (S, 1), generator=GEN)
-    counts[0], counts[1], counts[2] = 0, M, 1  # empty, hot (at capacity), a single row
-    # a slot that holds no expert keeps its NaN poison and the engine never routes rows to it
-    counts[torch.tensor([e.slots.holds(1, phys) == NO_EXPERT for phys in range(S)])] = 0
-    assert int(counts.sum()) > 0, "no slot of layer 1 holds an expert"
+    S, M, K = e.S, e.M, c.top_k
+    # counts a real step can produce: M tokens, each choosing K distinct slots (the stage holds
+    # M * min(K, S) rows; counts drawn per slot independently overflow it and the stage, by design,
+    # flags the step instead of computing it). Slot 0 empty, slot 1 hot (every token, at capacity),
+    # slot 2 a single row; a slot that holds no expert gets no row (the engine never routes to it).
+    score = torch.rand(M, S, generator=GEN)
+    score[:, 0] = -1.0
+    score[:, 1] = 2.0
+    score[:, 2] = -1.0
+    score[0, 2] = 3.0
+    score[:, torch.tensor([e.slots.holds(1, phys) == NO_EXPERT for phys in range(S)])] = -2.0
+    chosen = score.topk(K, dim=1)
+    chosen = chosen.indices[chosen.values > -1.0]  # a token picks fewer than K when too few slots are open
+    counts = torch.bincount(chosen, minlength=S).view(S, 1)
+    assert int(counts[0]) == 0 and int(counts[1]) == M and int(counts[2]) == 1, counts.view(-1).tolist()
     for per_row in (False, True):
         def run(per_row=per_row) -> str:
             x = torch.randn(S, 1, M, c.hidden, generator=GEN) * torch.rand(S, 1, M, 1, generator=GEN) * 4
@@ -124,6 +133,8 @@ def check_stage(s: Setup) -> None:
             if hasattr(e.stage, "out_buffer"):
                 e.stage.out_buffer.fill_(float("nan"))  # rows it must write are poisoned first
             y = e.experts[1](values, count, scales).clone()
+            if hasattr(e.stage, "error_flags"):
+                assert e.stage.error_flags() == 0, f"the stage flagged the step: error word {e.stage.error_flags()}"
             gate, up, down = zip(*(e.slots.views(1, phys) for phys in range(S)))
             stack = [Fp8Weight(torch.stack([w.weight for w in ws]), torch.stack([w.scale for w in ws]))
                      for ws in (gate, up, down)]

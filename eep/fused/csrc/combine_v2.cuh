@@ -97,7 +97,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_combine(const Ee
       EepVec* to = (EepVec*)(s_peer[src] + p.off_comb_x) + (((u64)me * S + local) * M + row) * EEP_VEC_PER_ROW;
       eep_copy_chunk<EEP_VEC_PER_ROW>(to, y + ((u64)pair * M + row) * EEP_VEC_PER_ROW, chunk, lane);
     }
-    eep2_raise(s_peer, me, R, s_active, sig.off_combine_signal, seq, num_send, false, c.dispatch_ok == 0);
+    eep2_raise(s_peer, me, R, s_active, sig.off_combine_signal, seq, num_send, c.dispatch_ok == 0);
     return;
   }
 

@@ -14,8 +14,9 @@
 //      takes the row's amax and quantizes it, x / (amax / 448) rounded to e4m3, the arithmetic of
 //      eep_quantize and torch), then stored once per choice into the destination's receive block
 //      (NVLink stores to peers);
-//   4. it writes the counts and -1 tails of its slots, then raises its flag in every active rank
-//      (its own rank's at GPU scope);
+//   4. it writes the counts and -1 tails of its slots, then raises its flag in every other active
+//      rank (its flag in its own rank was raised at launch, step 0: it only says the block has read
+//      the step);
 //   5. the last block waits (bounded) for every source's flags, publishes the counts of the sources
 //      that arrived (this rank's own from its shared memory: it counted every token), hides the rest,
 //      and advances dispatch_seq (every block has read it by then: it saw their flags).
@@ -100,8 +101,9 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS, 1) eep2_dispatch(cons
 
   for (int i = threadIdx.x; i < NS; i += blockDim.x) s_next[i] = 0;
   for (int i = threadIdx.x; i < spb; i += blockDim.x) s_total[i] = 0;
-  eep2_store_state(launch, me, R, S, NS, s_active, s_peer, s_slot_dst);
   const u64 seq = c.dispatch_seq + 1;
+  eep2_raise_own(launch, me, sig.off_dispatch_signal, seq, G);  // "read the step": nothing to order
+  const bool any_remote = eep2_store_state(launch, me, R, S, NS, s_active, s_peer, s_slot_dst);
 
   // 1. one pass over the routing table, every thread of the block on consecutive entries (T x K
   //    entries over 512 threads: two each at 128 tokens of top-8, not eight on a quarter of the
@@ -216,7 +218,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS, 1) eep2_dispatch(cons
     int* src_token = (int*)(s_peer[dst] + p.off_src_token) + (u64)block * M;
     for (int row = count + lane; row < M; row += 32) src_token[row] = -1;
   }
-  eep2_raise(s_peer, me, R, s_active, sig.off_dispatch_signal, seq, G, true, false);
+  if (any_remote) eep2_raise(s_peer, me, R, s_active, sig.off_dispatch_signal, seq, G, false);
   if (b != G - 1) return;
 
   // 5. the last block: wait for every source, publish what arrived, hide what did not

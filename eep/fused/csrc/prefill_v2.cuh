@@ -78,7 +78,8 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_dispatch
   EepVec first_chunk[EEP2_CHUNK_VECS_PER_LANE];
   if (warp < ntok * EEP2_CHUNKS_PER_ROW) eep2_load_chunk(x, t0 + warp / EEP2_CHUNKS_PER_ROW, warp % EEP2_CHUNKS_PER_ROW, first_chunk);
   for (int r = threadIdx.x; r < R; r += blockDim.x) s_next[r] = 0;
-  eep2_store_state(launch, me, R, S, NS, s_active, s_peer, s_slot_dst);
+  eep2_raise_own(launch, me, sig.off_dispatch_signal, seq, G);  // "read the step": nothing to order
+  const bool any_remote = eep2_store_state(launch, me, R, S, NS, s_active, s_peer, s_slot_dst);
 
   // 1. per destination, the tokens before this block's range (a warp reads 4 x 32 tokens' choices at
   //    once: the last block reads almost the whole table); this block's tokens' ranks and slots
@@ -198,7 +199,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_dispatch
     }
     for (int e = T * R + threadIdx.x; e < M * R; e += blockDim.x) dst_row[e] = -1;  // handle rows past T
   }
-  eep2_raise(s_peer, me, R, s_active, sig.off_dispatch_signal, seq, G, true, false);
+  if (any_remote) eep2_raise(s_peer, me, R, s_active, sig.off_dispatch_signal, seq, G, false);
   if (!last) return;
 
   // 5. the last block: wait for every source, publish what arrived, hide what did not
@@ -252,7 +253,7 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS) eep2_prefill_combine(
       EepVec* to = (EepVec*)(s_peer[src] + p.off_comb_x) + ((u64)me * M + row) * EEP_VEC_PER_ROW;
       eep_copy_chunk<EEP_VEC_PER_ROW>(to, partial + ((u64)src * M + row) * EEP_VEC_PER_ROW, chunk, lane);
     }
-    eep2_raise(s_peer, me, R, s_active, sig.off_combine_signal, seq, num_send, false, c.dispatch_ok == 0);
+    eep2_raise(s_peer, me, R, s_active, sig.off_combine_signal, seq, num_send, c.dispatch_ok == 0);
     return;
   }
 

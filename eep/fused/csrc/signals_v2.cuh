@@ -1,7 +1,8 @@
 // Kernel set v2 (KernelVariant.kernels = "v2"): what its dispatch and combine kernels share.
 //
-// Signalling. Every sending block raises its own flag in every active destination as soon as its
-// rows have landed: one u64 per (source rank, sending block) in the destination's buffer
+// Signalling. Every sending block raises its own flag in every other active destination as soon as
+// its rows have landed, and (dispatch) in its own rank at launch, where the flag only says that the
+// block has read the step: one u64 per (source rank, sending block) in the destination's buffer
 // ([R][EEP_MAX_SIGNAL_BLOCKS], the `dispatch_signal` / `combine_signal` regions). No block waits for
 // the rest of its grid before anything is signalled, and there is no block counter. A flag's value
 // carries the step, the sender's grid size (so the receiver knows how many flags to expect, whatever
@@ -13,9 +14,9 @@
 // source's flags and records misses exactly as the v1 kernels do (miss_count, last_miss_seq,
 // suspect; a suspect is not waited for again). It polls every flag of a source at once (relaxed
 // system-scope loads, a lane has up to 8 in flight) and acquires once, with a fence, after all of
-// them carried the step: one round trip per poll instead of one per flag. A rank's flags in its own
-// buffer are released and acquired at GPU scope (only its own kernels read them), the others' at
-// system scope. Blocks only ever wait on
+// them carried the step: one round trip per poll instead of one per flag. Another rank's flags are
+// released and acquired at system scope; a rank's own dispatch flags order nothing and are neither
+// (eep2_raise_own). Blocks only ever wait on
 // other ranks or on blocks of their own grid with a lower index (dispatch: the last block waits for
 // the others; combine: the reducing blocks wait for the first reducing block). The hardware dispatches a grid's blocks in
 // index order, so a waiting block never holds a slot a block it waits for still needs (the same
@@ -149,32 +150,35 @@ __device__ __forceinline__ void eep2_load_choices(const i64* phys, int t, int K,
   for (int u = 0; u < 8; ++u) out[u] = k0 + u < K ? phys[(i64)t * K + k0 + u] : -1;
 }
 
-// A release store at GPU scope: the flag a rank raises in its own buffer, which only its own
-// kernels read (a system-scope release is a system-wide memory barrier; this one orders the block's
-// writes for the GPU alone, all that a reader on the same GPU needs).
-__device__ __forceinline__ void eep2_st_release_gpu(u64* p, u64 v) {
-  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+// A dispatch block's flag in its own rank, raised at launch by thread `me` once it holds the step
+// (`launch`: its peer-table entry is this rank's buffer). It says only "this block has read
+// dispatch_seq", so the waiter may advance it once every flag is in: nothing in a dispatch reads what
+// its blocks write into their own rank's buffer (the waiter counts this rank's rows itself; the rows,
+// counts and tails are read by later kernels, in stream order), so the flag orders nothing and waits
+// for nothing. A relaxed store at GPU scope (only this rank's waiter reads it), whose value depends on
+// the dispatch_seq load: it cannot be performed before that load.
+__device__ __forceinline__ void eep2_raise_own(const Eep2Launch& launch, int me, u64 off_signal, u64 seq,
+                                               int num_blocks) {
+  if ((int)threadIdx.x != me) return;
+  u64* flag = (u64*)(launch.peer + off_signal) + (u64)me * EEP_MAX_SIGNAL_BLOCKS + blockIdx.x;
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(flag), "l"(eep2_signal_value(seq, false, num_blocks))
+               : "memory");
 }
 
 // This block's writes of step `seq` are done: after a block barrier, thread r raises the block's flag
-// in the `off_signal` array of active rank r (this rank's own too when `include_self`; R <=
-// EEP_MAX_RANKS <= blockDim, so one thread per rank). To another rank a system-scope release store:
-// the barrier puts every write of the block before it, and the release makes them visible to a
-// receiver that acquires the flag (st.release.sys is a system-wide memory barrier, then the store).
-// To this rank itself a GPU-scope release: its reader (this rank's waiting block) is on the same GPU
-// and acquires at GPU scope (eep2_wait_senders), and the writes the flag covers are this block's
-// stores into this rank's own buffer. `dropped` (combine: the calling thread's rank was given up on
-// at dispatch) sets the DROPPED bit — that rank's rows here were hidden, so it must add nothing from
-// this rank.
+// in the `off_signal` array of every other active rank r (R <= EEP_MAX_RANKS <= blockDim, so one
+// thread per rank): a system-scope release store (the barrier puts every write of the block before
+// it, and the release makes them visible to a receiver that acquires the flag; st.release.sys is a
+// system-wide memory barrier, then the store). `dropped` (combine: the calling thread's rank was
+// given up on at dispatch) sets the DROPPED bit — that rank's rows here were hidden, so it must add
+// nothing from this rank.
 __device__ __forceinline__ void eep2_raise(const u64* s_peer, int me, int R, const int* s_active, u64 off_signal,
-                                           u64 seq, int num_blocks, bool include_self, bool dropped) {
+                                           u64 seq, int num_blocks, bool dropped) {
   __syncthreads();
   const int r = threadIdx.x;
-  if (r >= R || !eep_rank_active(s_active, r) || (!include_self && r == me)) return;
+  if (r >= R || r == me || !eep_rank_active(s_active, r)) return;
   u64* flag = (u64*)(s_peer[r] + off_signal) + (u64)me * EEP_MAX_SIGNAL_BLOCKS + blockIdx.x;
-  const u64 value = eep2_signal_value(seq, dropped, num_blocks);
-  if (r == me) eep2_st_release_gpu(flag, value);
-  else eep_st_release_sys(flag, value);
+  eep_st_release_sys(flag, eep2_signal_value(seq, dropped, num_blocks));
 }
 
 #define EEP2_FLAGS_PER_LANE (EEP_MAX_SIGNAL_BLOCKS / 32)  // a warp polls a source's 256 flags at once
@@ -205,18 +209,17 @@ __device__ __forceinline__ void eep2_load_flags(const u64* f, u64* v) {
 // every flag of a launch carries the sender's grid size, so once any flag of the step is seen the
 // flags past it are no longer polled. After the polls, one acquire fence in every warp that polled
 // (the acquire pattern: strong reads that saw the release stores, then fence.acq_rel), then a block
-// barrier: every thread of the block may read what the senders wrote before their flags.
+// barrier: every thread of the block may read what other ranks' senders wrote before their flags.
 __device__ void eep2_wait_senders(EepCtrl* ctrl, u64 my_base, int me, int R, const int* s_expect, u64 off_signal,
                                   u64 seq, u64 timeout_ns, int* s_ok, int* s_dropped) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
   const u64 deadline = eep_globaltimer() + timeout_ns, step = eep2_signal_step(seq);
   const u64* flags = (const u64*)(my_base + off_signal);
-  bool polled_peer = false, polled_self = false;  // this warp polled another rank's / this rank's flags
+  bool polled_peer = false;  // this warp polled another rank's flags
   for (int src = warp; src < R; src += num_warps) {
     bool ok = false, dropped = false;
     if (s_expect[src]) {
       polled_peer |= src != me;
-      polled_self |= src == me;
       const u64* f = flags + (u64)src * EEP_MAX_SIGNAL_BLOCKS + lane;
       u32 pending = (1u << EEP2_FLAGS_PER_LANE) - 1;  // bit j: flag lane + 32 j not yet seen at this step
       int blocks = 0;                                 // the sender's grid (0: no flag of this step seen yet)
@@ -254,15 +257,15 @@ __device__ void eep2_wait_senders(EepCtrl* ctrl, u64 my_base, int me, int R, con
       s_dropped[src] = dropped;
     }
   }
-  // the acquire, at the scope of the releases seen: system for another rank's flags, GPU for this
-  // rank's own (raised at GPU scope); the barrier passes it on to the block
+  // the acquire of another rank's flags (this rank's own carry nothing to acquire); the barrier
+  // passes it on to the block
   if (polled_peer) asm volatile("fence.acq_rel.sys;" ::: "memory");
-  else if (polled_self) asm volatile("fence.acq_rel.gpu;" ::: "memory");
   __syncthreads();
 }
 
 // The dispatch's waiting block: which sources' rows arrived (s_ok[r], also dispatch_ok[r]). This
-// rank's own blocks are always waited for; another rank when active and not a suspect (`c`: the
+// rank's own blocks are always waited for (their flags, raised at launch, say every block has read
+// the step, so dispatch_seq may advance); another rank when active and not a suspect (`c`: the
 // control block as read at launch).
 __device__ __forceinline__ void eep2_dispatch_arrivals(EepCtrl* ctrl, const Eep2Ctrl& c, int me, int R,
                                                        const int* s_active, u64 my_base, u64 off_signal, u64 seq,
