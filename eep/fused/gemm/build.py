@@ -128,14 +128,14 @@ SWIGLU_CONFIGS = (
 # 128x128 (not 128x256): the blockwise mainloop keeps a second fp32 accumulator for the promotion
 # every 128 K, and a 128x256 cooperative tile would not fit it in registers.
 FP8_CONFIGS = (
-    GemmConfig(128, 128, 128, "coop", fp8=True),             # prefill
+    GemmConfig(128, 128, 128, "coop", fp8=True),             # for the sweep: the prefill tile without a cluster
     GemmConfig(128, 32, 128, "coop", swap=True, fp8=True),   # decode: <=32 tokens per group on the N tile
     GemmConfig(128, 64, 128, "coop", swap=True, fp8=True),   # decode groups of 33-64 tokens
     GemmConfig(64, 128, 128, "ping", fp8=True),              # prefill alternative, for the sweep
-    # for the sweep: a 1x2 cluster, two N tiles of one group sharing each token tile by TMA multicast
-    # (at prefill a token tile is read once per N tile of its group: 32 times at deepseek-v3's GEMM1)
+    # prefill: a 1x2 cluster, two N tiles of one group sharing each token tile by TMA multicast (a
+    # token tile is otherwise read once per N tile of its group: 32 times at deepseek-v3's GEMM1)
     GemmConfig(128, 128, 128, "coop", fp8=True, cluster_n=2),
-    GemmConfig(64, 128, 128, "ping", fp8=True, cluster_n=2),
+    GemmConfig(64, 128, 128, "ping", fp8=True, cluster_n=2),  # for the sweep
 )
 
 
