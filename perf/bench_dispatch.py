@@ -38,7 +38,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ep_bench import (MODELS, ROOT, ep_arguments, kernel_sets, print_table, rank_setup, run,  # noqa: E402
-                      set_options, time_replay, working_sets, write_result)
+                      set_options, time_calls, time_replay, working_sets, write_result)
 
 sys.path.insert(0, ROOT)
 
@@ -139,15 +139,7 @@ def worker(args) -> None:
     recv_buf = torch.empty_like(send)
 
     def time_nccl() -> float:
-        dist.barrier()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(args.iters):
-            dist.all_to_all_single(recv_buf, send)
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / 1e3 / args.iters
+        return time_calls(torch, lambda: dist.all_to_all_single(recv_buf, send), args.iters, dist)
 
     symm = {"error": "not requested (--with-symm-mem)"}
     if args.with_symm_mem:  # one copy per (token, choice), expert-major: the same rows as the top-k dispatch

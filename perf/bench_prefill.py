@@ -36,7 +36,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ep_bench import (MODELS, ROOT, ep_arguments, kernel_sets, print_table, rank_setup, run,  # noqa: E402
-                      time_replay, working_sets, write_result)
+                      time_calls, time_replay, working_sets, write_result)
 
 sys.path.insert(0, ROOT)
 
@@ -122,15 +122,7 @@ def worker(args) -> None:
     copy_dst = torch.empty_like(copy_src)
 
     def time_loop(body) -> float:
-        dist.barrier()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(args.iters):
-            body()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / 1e3 / args.iters
+        return time_calls(torch, body, args.iters, dist)
 
     def nccl(reverse: bool):
         if reverse:

@@ -100,6 +100,21 @@ def working_sets(torch, dist, sets: list[str], bufs: dict, warm_step) -> tuple[l
     return ok, broken
 
 
+def time_calls(torch, body, iters: int, dist=None) -> float:
+    """Seconds per call of ``body`` over ``iters`` calls back to back (CUDA events around the loop),
+    every rank starting together when ``dist`` is given."""
+    if dist is not None:
+        dist.barrier()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        body()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / 1e3 / iters
+
+
 def time_replay(torch, dist, graph, iters: int) -> float:
     """Seconds per step of ``graph`` (``iters`` steps) in steady state, every rank starting together:
     the graph is replayed twice back to back and CUDA events time the second replay. Its host launch

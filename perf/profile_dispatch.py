@@ -17,7 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ep_bench import MODELS, ROOT  # noqa: E402
+from ep_bench import MODELS, ROOT, time_calls  # noqa: E402
 
 sys.path.insert(0, ROOT)
 
@@ -52,15 +52,9 @@ def main() -> int:
                           kernels="v2")
         for name, routes in (("empty", empty), ("routed", phys)):
             buf.dispatch(x, routes)  # warm-up, not timed
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(args.launches):
-                buf.dispatch(x, routes)
-            b.record()
-            b.synchronize()
-            print(f"{args.model} {'fp8' if fp8 else 'bf16'} {name}: {a.elapsed_time(b) * 1e3 / args.launches:.2f} us "
-                  f"per eager launch ({args.launches} launches)", flush=True)
+            seconds = time_calls(torch, lambda r=routes: buf.dispatch(x, r), args.launches)
+            print(f"{args.model} {'fp8' if fp8 else 'bf16'} {name}: {seconds * 1e6:.2f} us per eager launch "
+                  f"({args.launches} launches)", flush=True)
         assert buf.status().miss_count == 0, "a one-rank dispatch missed its own deadline"
         buf.close()
     return 0
