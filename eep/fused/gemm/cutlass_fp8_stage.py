@@ -47,7 +47,7 @@ def pick_fp8_config(rows_per_group: float) -> GemmConfig:
     if rows_per_group <= 64:
         return GemmConfig(128, 64, 128, "coop", swap=True, fp8=True)
     # a 1x2 cluster: two N tiles of a group share each token tile (TMA multicast); at prefill it beat
-    # the 1x1 cluster by 6-11% (perf/RESULTS.md "FP8 expert stage")
+    # the 1x1 cluster by 5-11% on 1 x H100 (perf/RESULTS.md "FP8 expert stage")
     return GemmConfig(128, 128, 128, "coop", fp8=True, cluster_n=2)
 
 
