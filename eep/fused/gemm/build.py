@@ -136,6 +136,10 @@ FP8_CONFIGS = (
     # token tile is otherwise read once per N tile of its group: 32 times at deepseek-v3's GEMM1)
     GemmConfig(128, 128, 128, "coop", fp8=True, cluster_n=2),
     GemmConfig(64, 128, 128, "ping", fp8=True, cluster_n=2),  # for the sweep
+    # for the sweep: weight tiles multicast too, to the two M tiles of a group that has them (per-slot
+    # groups at deepseek-v3 prefill hold ~512 rows, per-block groups at qwen3-30b-a3b ~256)
+    GemmConfig(128, 128, 128, "coop", fp8=True, cluster_m=2),
+    GemmConfig(128, 128, 128, "coop", fp8=True, cluster_m=2, cluster_n=2),
 )
 
 

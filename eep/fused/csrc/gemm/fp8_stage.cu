@@ -114,27 +114,37 @@ __global__ void fp8_gather_kernel(const uint8_t* x, const float* x_scale, uint8_
       xs[int64_t(off + j) * kb + c] = block[j * o.xs_row_stride + c * o.xs_col_stride];
 }
 
-// h13 [rows, 2I] bf16 -> hq [rows, I] e4m3 and hs [rows, I/128] float32. One warp per (row, 128
-// channels), four channels per lane: h = silu(gate) * up in float32, then eep.fp8.quantize_rows'
-// arithmetic: scale = amax / 448 (1 for an all-zero block), value = round-to-nearest-even(h / scale)
-// saturated. Rows past the device-side total are skipped.
+// h13 [rows, 2I] bf16 -> hq [rows, I] e4m3 and hs [rows, I/128] float32. Half a warp per (row, 128
+// channels), eight channels per lane (one 16-byte load of gate and one of up, one 8-byte store): h =
+// silu(gate) * up in float32, then eep.fp8.quantize_rows' arithmetic: scale = amax / 448 (1 for an
+// all-zero block), value = round-to-nearest-even(h / scale) saturated. Rows past the device-side total
+// are skipped.
 __global__ void fp8_swiglu_quant_kernel(const __nv_bfloat16* __restrict__ h13, uint8_t* __restrict__ hq,
                                         float* __restrict__ hs, const int* __restrict__ total_rows, int inter) {
-  const int lane = threadIdx.x % 32;
+  constexpr int kLanesPerUnit = kScaleBlock / 8;
+  const int lane = threadIdx.x % kLanesPerUnit;
   const int blocks_per_row = inter / kScaleBlock;
   const int64_t num_units = int64_t(*total_rows) * blocks_per_row;
-  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
-  for (int64_t unit = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32; unit < num_units; unit += warps) {
-    const int64_t row = unit / blocks_per_row;
-    const int col = int(unit % blocks_per_row) * kScaleBlock + lane * 4;
-    const uint2 g4 = *reinterpret_cast<const uint2*>(h13 + row * 2 * inter + col);
-    const uint2 u4 = *reinterpret_cast<const uint2*>(h13 + row * 2 * inter + inter + col);
-    const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&g4);
-    const __nv_bfloat162* u2 = reinterpret_cast<const __nv_bfloat162*>(&u4);
-    float h[4];
+  const int64_t units_per_grid = int64_t(gridDim.x) * (blockDim.x / kLanesPerUnit);
+  const int64_t first = blockIdx.x * int64_t(blockDim.x / kLanesPerUnit) + threadIdx.x / kLanesPerUnit;
+  // every lane of a warp runs the same number of iterations (units_per_grid is a multiple of two
+  // half-warps), so the shuffles below always see both halves; a half past the end computes nothing
+  for (int64_t base = first - (threadIdx.x / kLanesPerUnit) % 2; base < num_units; base += units_per_grid) {
+    const int64_t unit = base + (threadIdx.x / kLanesPerUnit) % 2;
+    const bool live = unit < num_units;
+    const int64_t row = live ? unit / blocks_per_row : 0;
+    const int col = int(live ? unit % blocks_per_row : 0) * kScaleBlock + lane * 8;
+    uint4 g8 = make_uint4(0, 0, 0, 0), u8 = g8;
+    if (live) {
+      g8 = *reinterpret_cast<const uint4*>(h13 + row * 2 * inter + col);
+      u8 = *reinterpret_cast<const uint4*>(h13 + row * 2 * inter + inter + col);
+    }
+    const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&g8);
+    const __nv_bfloat162* u2 = reinterpret_cast<const __nv_bfloat162*>(&u8);
+    float h[8];
     float amax = 0.f;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < 4; ++i) {
       const float2 g = __bfloat1622float2(g2[i]);
       const float2 u = __bfloat1622float2(u2[i]);
       h[2 * i] = __fdiv_rn(g.x, 1.f + expf(-g.x)) * u.x;
@@ -142,13 +152,19 @@ __global__ void fp8_swiglu_quant_kernel(const __nv_bfloat16* __restrict__ h13, u
       amax = fmaxf(amax, fmaxf(fabsf(h[2 * i]), fabsf(h[2 * i + 1])));
     }
 #pragma unroll
-    for (int d = 16; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+    for (int d = kLanesPerUnit / 2; d > 0; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+    if (!live) continue;
     const float scale = amax > 0.f ? __fdiv_rn(amax, 448.f) : 1.f;
-    const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(
-        make_float2(__fdiv_rn(h[0], scale), __fdiv_rn(h[1], scale)), __NV_SATFINITE, __NV_E4M3);
-    const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(
-        make_float2(__fdiv_rn(h[2], scale), __fdiv_rn(h[3], scale)), __NV_SATFINITE, __NV_E4M3);
-    *reinterpret_cast<uint32_t*>(hq + row * inter + col) = uint32_t(lo) | (uint32_t(hi) << 16);
+    uint32_t words[2];
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {
+      const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(
+          make_float2(__fdiv_rn(h[4 * w], scale), __fdiv_rn(h[4 * w + 1], scale)), __NV_SATFINITE, __NV_E4M3);
+      const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(
+          make_float2(__fdiv_rn(h[4 * w + 2], scale), __fdiv_rn(h[4 * w + 3], scale)), __NV_SATFINITE, __NV_E4M3);
+      words[w] = uint32_t(lo) | (uint32_t(hi) << 16);
+    }
+    *reinterpret_cast<uint2*>(hq + row * inter + col) = make_uint2(words[0], words[1]);
     if (lane == 0) hs[row * blocks_per_row + col / kScaleBlock] = scale;
   }
 }
@@ -219,8 +235,8 @@ extern "C" int eep_fp8_swiglu_quant(const void* h13, void* hq, float* hs, const 
                                     int capacity_rows, int inter, int sm_count, cudaStream_t stream, char* err,
                                     size_t err_len) {
   const int* total = reinterpret_cast<const int*>(plan + eep_gemm::fp8_total_rows_offset(num_blocks));
-  const long long warps = (long long)capacity_rows * (inter / eep_gemm::kScaleBlock);
-  long long blocks = (warps + 7) / 8;  // 8 warps per block
+  const long long units = (long long)capacity_rows * (inter / eep_gemm::kScaleBlock);
+  long long blocks = (units + 15) / 16;  // 16 half-warps per block, one (row, 128 channels) each
   if (blocks > 8LL * sm_count) blocks = 8LL * sm_count;
   if (blocks < 1) blocks = 1;
   eep_gemm::fp8_swiglu_quant_kernel<<<int(blocks), 256, 0, stream>>>(
