@@ -15,6 +15,9 @@ captured for:
   captures, so this is the noise floor of that ratio);
 - ``fixed``: the fixed-membership kernels (every mask read compiled out) on the same buffer, also
   captured twice; "both aware" and "both fixed" are the mean of their two captures' medians;
+- ``aware2``: the aware cubin loaded a second time as its own module (the same code at other
+  addresses), captured once: aware2/aware ("A/A new module") is the noise floor of aware/fixed, which
+  compares two modules;
 - ``empty``: the aware kernels with every copy NO_EXPERT: no row moves, so this is each direction's
   fixed cost (launches, routing-table pass, flags, counts).
 combine = both - dispatch. Combine takes bf16 expert outputs: ``recv.x`` itself for bf16 dispatch, a
@@ -48,7 +51,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from eep.fused.buffer import FusedBuffer
-    from eep.fused.compile import KernelVariant, LoadedKernels
+    from eep.fused.compile import KernelVariant, LoadedKernels, cached_cubin, device_arch
     from eep.routing.route import route_to_phys
 
     rank, R = args.rank, args.num_ranks
@@ -70,6 +73,10 @@ def worker(args) -> None:
         kernels[(k, "fixed")] = LoadedKernels.get(KernelVariant(hidden, True, bufs[k].kernels_variant.vec_per_lane,
                                                                 use_fp8=args.fp8, kernels=bufs[k].kernel_set),
                                                   rank)
+        # the aware cubin loaded a second time, as its own module (its code at other addresses): aware
+        # over aware2 is the noise floor of aware/fixed, which compares two modules
+        variant = bufs[k].kernels_variant
+        kernels[(k, "aware2")] = LoadedKernels(cached_cubin(variant, device_arch(rank)), variant.kernel_names())
     pull = args.decode_variant != "push"
     if pull:  # v1's experimental pull path: its own allocation (its combine reads peers' combine_input)
         bufs["v1-pull"] = make("bench-v1-pull", decode=args.decode_variant, kernels="v1")
@@ -119,6 +126,7 @@ def worker(args) -> None:
             graphs[f"{k}.empty_{mode}"] = capture(bufs[k], kernels[(k, "aware")], mode, empty=True)
         for m in ("aware", "fixed"):
             graphs[f"{k}.{m}_both_recaptured"] = capture(bufs[k], kernels[(k, m)], "both")
+        graphs[f"{k}.aware2_both"] = capture(bufs[k], kernels[(k, "aware2")], "both")
         bufs[k].kernels = kernels[(k, "aware")]
     if pull:
         pb = bufs["v1-pull"]
@@ -156,7 +164,8 @@ def worker(args) -> None:
     for _ in range(args.rounds):
         for k in sets:  # the same order every round; the A/A repeat as far from its first timing as fixed is
             for key in ("aware_both", "aware_dispatch", "fixed_both", "fixed_dispatch", "aware_both_again",
-                        "aware_both_recaptured", "fixed_both_recaptured", "empty_both", "empty_dispatch"):
+                        "aware_both_recaptured", "fixed_both_recaptured", "aware2_both", "empty_both",
+                        "empty_dispatch"):
                 sample(f"{k}.{key}", time_replay(torch, dist, graphs[f"{k}.{key.replace('_again', '')}"], args.iters))
         for key, gr in graphs.items():
             if key.startswith(("v1-pull.", "sweep.")):
@@ -198,8 +207,8 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
-TABLE_HEADER = ["kernels", "both aware", "both fixed", "aware/fixed", "A/A", "A/A new graph", "dispatch", "combine",
-                "empty both", "empty dispatch", "dispatch fixed"]
+TABLE_HEADER = ["kernels", "both aware", "both fixed", "aware/fixed", "A/A", "A/A new graph", "A/A new module",
+                "dispatch", "combine", "empty both", "empty dispatch", "dispatch fixed"]
 
 
 def summarize(gathered: list[dict[str, float]], sets: list[str]) -> tuple[dict, dict, list[list]]:
@@ -215,6 +224,7 @@ def summarize(gathered: list[dict[str, float]], sets: list[str]) -> tuple[dict, 
         t = us[k]
         t["aa"] = round(t["aware_both_again"] / t["aware_both"], 4)
         t["aa_recaptured"] = round(t["aware_both_recaptured"] / t["aware_both"], 4)
+        t["aa_module"] = round(t["aware2_both"] / t["aware_both"], 4)
         for m in ("aware", "fixed"):  # the mean of the two captures
             t[f"{m}_both_first_capture"] = t[f"{m}_both"]
             t[f"{m}_both"] = round((t[f"{m}_both"] + t[f"{m}_both_recaptured"]) / 2, 3)
@@ -225,13 +235,13 @@ def summarize(gathered: list[dict[str, float]], sets: list[str]) -> tuple[dict, 
                                       for m in ("aware_both", "aware_dispatch", "aware_combine", "empty_both")}
               for k in sets[1:]}
     rows = [[k, us[k]["aware_both"], us[k]["fixed_both"], us[k]["aware_over_fixed"], us[k]["aa"],
-             us[k]["aa_recaptured"], us[k]["aware_dispatch"], us[k]["aware_combine"], us[k]["empty_both"], us[k]["empty_dispatch"],
+             us[k]["aa_recaptured"], us[k]["aa_module"], us[k]["aware_dispatch"], us[k]["aware_combine"], us[k]["empty_both"], us[k]["empty_dispatch"],
              us[k]["fixed_dispatch"]] for k in sets]
     if "v1-pull" in us:
         t = us["v1-pull"]
         t["aware_combine"] = round(t["aware_both"] - t["aware_dispatch"], 3)
         t["copy_combine"] = round(t["copy_both"] - t["aware_dispatch"], 3)
-        rows.append(["v1-pull (in place / staged)", f"{t['aware_both']} / {t['copy_both']}", "", "", "", "",
+        rows.append(["v1-pull (in place / staged)", f"{t['aware_both']} / {t['copy_both']}", "", "", "", "", "",
                      t["aware_dispatch"], f"{t['aware_combine']} / {t['copy_combine']}", "", "", ""])
     for key, value in sorted(us.get("sweep", {}).items()):
         rows.append([f"{sets[0]} {key}", value] + [""] * (len(TABLE_HEADER) - 2))

@@ -19,6 +19,7 @@ def _decode_rank(scale: float) -> dict[str, float]:
         med.update({f"{k}.aware_both": base * scale, f"{k}.aware_both_again": base * scale * 1.01,
                     f"{k}.aware_both_recaptured": base * scale * 1.03,
                     f"{k}.fixed_both_recaptured": base * scale * 1.03 / 1.02,
+                    f"{k}.aware2_both": base * scale * 1.015,
                     f"{k}.aware_dispatch": base * scale / 2, f"{k}.fixed_both": base * scale / 1.02,
                     f"{k}.fixed_dispatch": base * scale / 2, f"{k}.empty_both": base * scale / 3,
                     f"{k}.empty_dispatch": base * scale / 6})
@@ -33,6 +34,7 @@ def test_dispatch_summary_reports_the_slowest_rank_and_every_set():
     assert us["v2"]["aware_combine"] == pytest.approx(22.33 - 11.0, abs=1e-3)
     assert us["v2"]["aware_over_fixed"] == pytest.approx(1.02, abs=1e-4)
     assert us["v2"]["aa"] == pytest.approx(1.01) and us["v2"]["aa_recaptured"] == pytest.approx(1.03)
+    assert us["v2"]["aa_module"] == pytest.approx(1.015)
     assert ratios["v2_over_v1"]["aware_both"] == pytest.approx(0.4, abs=1e-4)
     assert [r[0] for r in rows] == ["v1", "v2"] and all(len(r) == len(bench_dispatch.TABLE_HEADER) for r in rows)
 

@@ -136,11 +136,10 @@ FP8_CONFIGS = (
     # token tile is otherwise read once per N tile of its group: 32 times at deepseek-v3's GEMM1)
     GemmConfig(128, 128, 128, "coop", fp8=True, cluster_n=2),
     GemmConfig(64, 128, 128, "ping", fp8=True, cluster_n=2),  # for the sweep
-    # for the sweep: weight tiles multicast too, to the two M tiles of a group that has them (per-slot
-    # groups at deepseek-v3 prefill hold ~512 rows, per-block groups at qwen3-30b-a3b ~256)
-    GemmConfig(128, 128, 128, "coop", fp8=True, cluster_m=2),
-    GemmConfig(128, 128, 128, "coop", fp8=True, cluster_m=2, cluster_n=2),
 )
+# Also measured at prefill and dropped (perf/RESULTS.md "FP8 expert stage"): 128x128x128 with a 2x1
+# and with a 2x2 cluster (weight tiles multicast to two M tiles as well): 10-11% slower than 1x2 at
+# deepseek-v3, slower at qwen3-30b-a3b.
 
 
 def has_swiglu(configs: tuple[GemmConfig, ...]) -> bool:
