@@ -111,12 +111,12 @@ def test_fp8_configs_and_sources():
 
 
 def test_fp8_grouping_rule():
-    """Decode blocks group per slot, ~128-row prefill blocks per slot for GEMM1 and per block for GEMM2
-    (no scatter), large blocks per block; slot-block's GEMM2 tile is in the library."""
+    """Decode and ~128-row prefill blocks group per slot, large blocks per block; slot-block's GEMM2
+    tile is in the library."""
     from eep.fused.gemm import build
     from eep.fused.gemm.cutlass_fp8_stage import SLOT_BLOCK_MAX_ROWS, pick_fp8_grouping
     assert pick_fp8_grouping(4) == "slot" and pick_fp8_grouping(48) == "slot"
-    assert pick_fp8_grouping(128) == "slot-block" and pick_fp8_grouping(SLOT_BLOCK_MAX_ROWS) == "slot-block"
+    assert pick_fp8_grouping(128) == "slot"
     assert pick_fp8_grouping(256) == "block"
     assert build.GemmConfig(128, SLOT_BLOCK_MAX_ROWS, 128, "coop", swap=True, fp8=True) in build.FP8_CONFIGS
 

@@ -50,11 +50,9 @@ GROUPINGS = ("block", "slot", "slot-block")
 
 
 def pick_fp8_grouping(rows_per_block: float) -> str:
-    """The bf16 stage's rule (``pick_grouping``), except that prefill blocks of 65-144 rows take
-    ``"slot-block"``: GEMM1 keeps per-slot groups and GEMM2 writes the receive layout itself."""
-    grouping = pick_grouping(rows_per_block)
-    return "slot-block" if grouping == "slot" and 64 < rows_per_block <= SLOT_BLOCK_MAX_ROWS else grouping
-
+    """The bf16 stage's rule (``pick_grouping``). ``"slot-block"`` (for prefill blocks of 65-144 rows) is
+    chosen explicitly; it becomes a default only once a GPU run has timed it against ``"slot"``."""
+    return pick_grouping(rows_per_block)
 
 
 def pick_fp8_config(rows_per_group: float) -> GemmConfig:
