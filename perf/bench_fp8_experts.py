@@ -160,13 +160,12 @@ def fp8_check(name: str, y: torch.Tensor, values, scales, counts, w13: Fp8Weight
 
 def sweep_variants(batch: str) -> list:
     """(grouping, kernel) pairs timed beside the default: both groupings with the kernel the
-    default would pick for them (at prefill also "slot-block" with its own GEMM2 tile), and at prefill the 128x128 tile without a cluster and the pingpong
+    default would pick for them, and at prefill the 128x128 tile without a cluster and the pingpong
     64x128 tile with and without one."""
     from eep.fused.gemm.build import GemmConfig
 
     variants = [("block", None), ("slot", None)]
     if batch == "prefill":
-        variants.append(("slot-block", None))
         for config in (GemmConfig(128, 128, 128, "coop", fp8=True), GemmConfig(64, 128, 128, "ping", fp8=True),
                        GemmConfig(64, 128, 128, "ping", fp8=True, cluster_n=2)):
             variants += [(g, config) for g in ("block", "slot")]

@@ -4,7 +4,7 @@
 
 For each model, the prefill case of ``perf/bench_fp8_experts.py`` (4096 tokens per rank, 4 ranks,
 top-8, uniform routing, one rank's slots): the bf16 CUTLASS stage and the FP8 CUTLASS stage (default
-kernels and grouping; at deepseek-v3 also the "slot-block" grouping) are called once, then each launch of a call (setup, gathers and copies, GEMM1,
+kernels and grouping) are called once, then each launch of a call (setup, gathers and copies, GEMM1,
 SwiGLU, GEMM2) is timed on its own, ``--iters`` launches back to back between CUDA events, and printed
 with its share of the call and, for the GEMMs, TFLOP/s; the whole call is timed beside them. A third row set, ``fp8 dense``, runs the FP8 stage on one group holding all of those rows
 (one expert, one source): the same GEMM FLOPs with no grouping, which separates what the block-scaled
@@ -70,7 +70,6 @@ def stage_steps(stage, x: torch.Tensor, fp8: bool) -> list[tuple[str, object]]:
 
 def profile_model(model: str, iters: int, device, gen) -> None:
     from eep.fused.gemm.cutlass_fp8_stage import CutlassFp8ExpertStage
-    from eep.fused.gemm.cutlass_fp8_stage import pick_fp8_grouping as stage_grouping
     from eep.fused.gemm.cutlass_stage import CutlassExpertStage
 
     hidden, inter, num_experts = MODELS[model]
@@ -118,15 +117,6 @@ def profile_model(model: str, iters: int, device, gen) -> None:
         lambda: stage.setup(values, scales, counts, w13_q, w2_q), values, True)
     del stage
     torch.cuda.empty_cache()
-    if stage_grouping(rows / shape.num_groups) == "slot":  # blocks of ~128 rows: slot-block beside it
-        stage = CutlassFp8ExpertStage(shape, device=device, grouping="slot-block")
-        stage.out_buffer.fill_(float("nan"))
-        fp8_check("fp8 slot-block", stage(values, scales, counts, w13_q, w2_q), values, scales, counts, w13_q, w2_q,
-                  inter, sample_blocks(counts.cpu(), gen, num=4))
-        run("fp8", stage, lambda: stage(values, scales, counts, w13_q, w2_q),
-            lambda: stage.setup(values, scales, counts, w13_q, w2_q), values, True)
-        del stage
-        torch.cuda.empty_cache()
 
     # the same rows as one group: slot 0's weights, the case's first rows as one source's block
     dense = ExpertStageShape(1, 1, rows, hidden, inter, TOP_K)

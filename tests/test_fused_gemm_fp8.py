@@ -110,17 +110,6 @@ def test_fp8_configs_and_sources():
         assert pick_fp8_config(rows) in build.FP8_CONFIGS
 
 
-def test_fp8_grouping_rule():
-    """Decode and ~128-row prefill blocks group per slot, large blocks per block; slot-block's GEMM2
-    tile is in the library."""
-    from eep.fused.gemm import build
-    from eep.fused.gemm.cutlass_fp8_stage import SLOT_BLOCK_MAX_ROWS, pick_fp8_grouping
-    assert pick_fp8_grouping(4) == "slot" and pick_fp8_grouping(48) == "slot"
-    assert pick_fp8_grouping(128) == "slot"
-    assert pick_fp8_grouping(256) == "block"
-    assert build.GemmConfig(128, SLOT_BLOCK_MAX_ROWS, 128, "coop", swap=True, fp8=True) in build.FP8_CONFIGS
-
-
 def _nvcc(tmp_path, unit, *extra):
     from eep.fused.gemm import build
     from eep.fused.gemm.build import GemmBuildError, cutlass_root

@@ -84,7 +84,7 @@ def fp8_cases(shape: ExpertStageShape) -> dict[str, torch.Tensor]:
 def check_stage() -> None:
     default_configs = {pick_fp8_config(r) for r in (16, 48, 512)}
     for shape_name, shape in (("small", SMALL), ("wide", WIDE)):
-        for grouping in ("block", "slot", "slot-block"):
+        for grouping in ("block", "slot"):
             for config in FP8_CONFIGS:
                 cases = fp8_cases(shape) if config in default_configs else {"random": count_cases(shape)["random"]}
                 for case, counts in cases.items():
@@ -92,16 +92,10 @@ def check_stage() -> None:
                         name = (f"fp8 {shape_name} {grouping} {config.name} {case}"
                                 f"{' per-row-scale' if per_row else ''}")
                         report(name, lambda s=shape, g=grouping, c=config, k=counts, p=per_row: _stage(s, g, c, k, p))
-        # "slot-block" as the stage builds it (GEMM2 on its own 144-token tile), every count case
-        for case, counts in fp8_cases(shape).items():
-            report(f"fp8 {shape_name} slot-block default kernels {case}",
-                   lambda s=shape, k=counts: _stage(s, "slot-block", None, k, False))
 
 
 def _stage(shape, grouping, config, counts, per_row) -> str:
     stage = CutlassFp8ExpertStage(shape, device=DEV, gemm1=config, gemm2=config, grouping=grouping)
-    if config is None:
-        assert stage.gemm2.swap and stage.gemm2.tile_n == 144, stage.describe()
     x, xs, c, w13, w2 = make_inputs(shape, counts, per_row=per_row)
     stage.out_buffer.fill_(float("nan"))
     y = stage(x, xs, c, w13, w2)
@@ -125,7 +119,7 @@ def check_strided_scales() -> None:
         torch.cuda.synchronize()
         assert not stage.scales_in_place
         return f"rel_err {compare(y, x, xs, c, w13, w2, SMALL.inter):.2e}"
-    for grouping in ("block", "slot", "slot-block"):
+    for grouping in ("block", "slot"):
         report(f"fp8 {grouping} strided token scales", lambda g=grouping: run(g))
 
 
@@ -143,7 +137,7 @@ def check_bad_counts() -> None:
         assert stage.error_flags() & ERROR_ROWS_OVER_CAPACITY
         assert stage.total_rows() <= SMALL.capacity_rows
         return "flagged"
-    for grouping in ("block", "slot", "slot-block"):
+    for grouping in ("block", "slot"):
         report(f"fp8 {grouping} bad counts flagged, no fault", lambda g=grouping: run(g))
 
 
@@ -171,7 +165,7 @@ def check_graph() -> None:
             torch.cuda.synchronize()
             errs.append(compare(stage.out_buffer, x, xs, c, w13, w2, SMALL.inter))
         return f"replays rel_err {max(errs):.2e} ({stage.describe()})"
-    for grouping, rows in (("block", 512), ("slot", 4), ("slot-block", 128)):
+    for grouping, rows in (("block", 512), ("slot", 4)):
         report(f"fp8 {grouping} CUDA graph replay with new tokens, scales, counts and weights",
                lambda g=grouping, r=rows: run(g, r))
 

@@ -136,9 +136,6 @@ FP8_CONFIGS = (
     # token tile is otherwise read once per N tile of its group: 32 times at deepseek-v3's GEMM1)
     GemmConfig(128, 128, 128, "coop", fp8=True, cluster_n=2),
     GemmConfig(64, 128, 128, "ping", fp8=True, cluster_n=2),  # for the sweep
-    # GEMM2 of the "slot-block" grouping: (slot, source) blocks of ~128 rows at prefill, one token tile of
-    # up to 144 rows (tokens on N; 0 spills, where a 192-token tile spills)
-    GemmConfig(128, 144, 128, "coop", swap=True, fp8=True),
 )
 # Also measured at prefill and dropped (perf/RESULTS.md "FP8 expert stage"): 128x128x128 with a 2x1
 # and with a 2x2 cluster (weight tiles multicast to two M tiles as well): 10-11% slower than 1x2 at

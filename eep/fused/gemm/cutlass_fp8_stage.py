@@ -12,12 +12,6 @@ Launches on the caller's torch stream, none of which waits for the host:
     5. GEMM2          out = h @ w2^T             the same GEMM, into the receive layout (or compact rows)
     6. scatter        per-slot groups only: compact rows into the receive layout
 
-Groupings (``grouping``): ``"block"`` (one GEMM group per (slot, source) block, read and written in
-place), ``"slot"`` (one per slot over compact rows: a gather before GEMM1, a scatter after GEMM2), and
-``"slot-block"``: GEMM1 per slot over the gathered rows, GEMM2 per block from the compact rows straight
-into the receive layout (a slot's compact rows are its blocks' rows one block after another), so no
-scatter; GEMM2's groups are then blocks of ~100-150 rows, one token tile of 144 with the tokens on N.
-
 It reads the dispatch output directly: ``x`` is ``FusedReceive.x`` (float8_e4m3fn) and ``x_scale`` its
 scales, either one per 128 channels ``[slots, ranks, max_tokens, hidden/128]`` (DeepEP's format; GEMM1
 reads them in place with per-block groups) or one per row ``[slots, ranks, max_tokens]`` (the decode
@@ -43,16 +37,6 @@ class _Fp8OperandsC(ctypes.Structure):
                 ("out_slot_stride", ctypes.c_int64), ("out_src_stride", ctypes.c_int64),
                 ("out_row_stride", ctypes.c_int64), ("w13_scale_slot_stride", ctypes.c_int64),
                 ("w2_scale_slot_stride", ctypes.c_int64)]
-
-
-SLOT_BLOCK_MAX_ROWS = 144  # GEMM2's token tile under "slot-block" (tokens on N)
-GROUPINGS = ("block", "slot", "slot-block")
-
-
-def pick_fp8_grouping(rows_per_block: float) -> str:
-    """The bf16 stage's rule (``pick_grouping``). ``"slot-block"`` (for prefill blocks of 65-144 rows) is
-    chosen explicitly; it becomes a default only once a GPU run has timed it against ``"slot"``."""
-    return pick_grouping(rows_per_block)
 
 
 def pick_fp8_config(rows_per_group: float) -> GemmConfig:
@@ -90,15 +74,12 @@ class CutlassFp8ExpertStage(PlanStage):
             raise ValueError(f"hidden={shape.hidden} and inter={shape.inter} must be multiples of {BLOCK} for the "
                              "FP8 stage (one scale per 128 channels, gate and up blocks apart)")
         rows = expected_rows_per_group if expected_rows_per_group is not None else shape.max_tokens_per_rank
-        self.grouping = grouping or pick_fp8_grouping(rows)
-        if self.grouping not in GROUPINGS:
-            raise ValueError(f"grouping={self.grouping!r}, expected one of {GROUPINGS}")
-        slots_gemm1 = self.grouping != "block"  # GEMM1 per slot over compact rows
-        self._slots_gemm2 = self.grouping == "slot"
-        self.gemm1 = gemm1 or pick_fp8_config(rows * shape.num_ranks if slots_gemm1 else rows)
-        if gemm2 is None and self.grouping == "slot-block":
-            gemm2 = GemmConfig(128, SLOT_BLOCK_MAX_ROWS, 128, "coop", swap=True, fp8=True)
-        self.gemm2 = gemm2 or pick_fp8_config(rows * shape.num_ranks if self._slots_gemm2 else rows)
+        self.grouping = grouping or pick_grouping(rows)
+        if self.grouping not in ("block", "slot"):
+            raise ValueError(f"grouping={self.grouping!r}, expected 'block' or 'slot'")
+        rows_per_gemm_group = rows * shape.num_ranks if self.grouping == "slot" else rows
+        self.gemm1 = gemm1 or pick_fp8_config(rows_per_gemm_group)
+        self.gemm2 = gemm2 or pick_fp8_config(rows_per_gemm_group)
         for config in (self.gemm1, self.gemm2):
             if not config.fp8:
                 raise ValueError(f"{config.name} is not an FP8 config")
@@ -114,10 +95,13 @@ class CutlassFp8ExpertStage(PlanStage):
         self.out_buffer = torch.empty(s.slots_per_rank, s.num_ranks, s.max_tokens_per_rank, s.hidden,
                                       dtype=torch.bfloat16, device=dev)
         self.plan = torch.zeros(int(self._lib.eep_fp8_stage_plan_nbytes(s.num_groups)), dtype=torch.uint8, device=dev)
-        self.xc = torch.empty(cap, s.hidden, dtype=FP8_DTYPE, device=dev) if slots_gemm1 else None
-        self.yc = torch.empty(cap, s.hidden, dtype=torch.bfloat16, device=dev) if self._slots_gemm2 else None
-        self._gemm_groups = s.slots_per_rank if slots_gemm1 else s.num_groups  # GEMM1's (run_gemm)
-        self.workspace = self._launch.workspace((self.gemm1, self.gemm2), s.num_groups)
+        if self.grouping == "slot":
+            self.xc = torch.empty(cap, s.hidden, dtype=FP8_DTYPE, device=dev)
+            self.yc = torch.empty(cap, s.hidden, dtype=torch.bfloat16, device=dev)
+        else:
+            self.xc = self.yc = None
+        self._gemm_groups = s.slots_per_rank if self.grouping == "slot" else s.num_groups
+        self.workspace = self._launch.workspace((self.gemm1, self.gemm2), self._gemm_groups)
         self._total_rows_offset = int(self._lib.eep_fp8_stage_total_rows_offset(s.num_groups))
         self._gemm_offset = self._lib.eep_fp8_stage_plan_gemm_offset
         self.scales_in_place = False  # set by setup: GEMM1 read the dispatched scales where they were
@@ -129,7 +113,7 @@ class CutlassFp8ExpertStage(PlanStage):
         self._launch.declare("eep_fp8_stage_plan_gemm_offset", sz, [i, i])
         self._launch.declare("eep_fp8_stage_total_rows_offset", sz, [i])
         self._launch.declare("eep_fp8_stage_setup", i, [p, shape_p, ops_p, p, p, p, p, p, p, p, p, p, p, p, p, i, i, i,
-                                                        i, p, p, p, p, sz])
+                                                        p, p, p, p, sz])
         self._launch.declare("eep_fp8_gather", i, [p, p, p, p, p, shape_p, ops_p, i, i, p, p, sz])
         self._launch.declare("eep_fp8_swiglu_quant", i, [p, p, p, p, i, i, i, i, p, p, sz])
         self._launch.declare("eep_fp8_scatter", i, [p, p, p, shape_p, ops_p, p, p, sz])
@@ -191,15 +175,14 @@ class CutlassFp8ExpertStage(PlanStage):
             count.data_ptr(), ctypes.byref(self._shape_c), ctypes.byref(self._operands), x.data_ptr(),
             x_scale.data_ptr(), w13.weight.data_ptr(), w13.scale.data_ptr(), w2.weight.data_ptr(), w2.scale.data_ptr(),
             self.h13.data_ptr(), self.hq.data_ptr(), self.hs.data_ptr(), self.xs.data_ptr(), out.data_ptr(),
-            self.plan.data_ptr(), int(self.gemm1.swap), int(self.gemm2.swap), int(self.grouping != "block"),
-            int(self.grouping == "slot-block"), _ptr(self.xc), _ptr(self.yc), launch.stream(), launch.err,
-            len(launch.err))
+            self.plan.data_ptr(), int(self.gemm1.swap), int(self.gemm2.swap), int(self.grouping == "slot"),
+            _ptr(self.xc), _ptr(self.yc), launch.stream(), launch.err, len(launch.err))
         launch.check(rc, "eep_fp8_stage_setup")
 
     def gather(self) -> None:
         """Token scales (unless read in place) and, with per-slot groups, e4m3 rows into compact form."""
         x, x_scale = self._inputs[:2]
-        rows = self.grouping != "block"
+        rows = self.grouping == "slot"
         if not rows and self.scales_in_place:
             return
         launch = self._launch
@@ -230,16 +213,9 @@ class CutlassFp8ExpertStage(PlanStage):
         self.run_gemm(1)
         self.swiglu_quant()
         self.run_gemm(2)
-        if self._slots_gemm2:
+        if self.grouping == "slot":
             self.scatter()
         return self.out_buffer
-
-    def run_gemm(self, which: int) -> None:
-        """GEMM ``which`` (1 or 2) over its groups: slots or (slot, source) blocks, per the grouping."""
-        s = self.shape
-        groups = self._gemm_groups if which == 1 else (s.slots_per_rank if self._slots_gemm2 else s.num_groups)
-        plan = self.plan.data_ptr() + int(self._gemm_offset(groups, which))
-        self._launch.run_gemm(self.gemm1 if which == 1 else self.gemm2, groups, plan, self.workspace, f"GEMM{which}")
 
 
 def _ptr(t: torch.Tensor | None) -> int:

@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kMaxSetupThreads)
 fp8_setup_kernel(const int* __restrict__ count, StageShape s, Fp8Operands o, const uint8_t* x, const float* x_scale,
                  const uint8_t* w13, const float* w13_scale, const uint8_t* w2, const float* w2_scale,
                  __nv_bfloat16* h13, uint8_t* hq, float* hs, float* xs, __nv_bfloat16* out, char* plan, bool swap1,
-                 bool swap2, bool per_slot, bool gemm2_per_block, uint8_t* xc, __nv_bfloat16* yc) {
+                 bool swap2, bool per_slot, uint8_t* xc, __nv_bfloat16* yc) {
   const int num_blocks = s.slots_per_rank * s.num_ranks;
   int* row_offset = reinterpret_cast<int*>(plan + fp8_row_offset_offset(num_blocks));
   int* total_rows = reinterpret_cast<int*>(plan + fp8_total_rows_offset(num_blocks));
@@ -65,13 +65,6 @@ fp8_setup_kernel(const int* __restrict__ count, StageShape s, Fp8Operands o, con
   ScalePlan q2 = scale_plan_at(plan + scaled_plan_nbytes_one(num_blocks), num_blocks);
   scan_blocks(count, s, row_count, row_offset, total_rows, total_rows + 1,
               [&](int g, int slot, int src, int tokens, int row) {
-                if (per_slot && gemm2_per_block) {  // GEMM2 of block g: its compact rows into the receive layout
-                  write_scaled_group(p2, q2, g, swap2, tokens, s.hidden, s.inter, hq + int64_t(row) * s.inter, s.inter,
-                                     hs + int64_t(row) * kb_inter, w2 + slot * s.w2_slot_stride, s.inter,
-                                     w2_scale + slot * o.w2_scale_slot_stride,
-                                     out + slot * o.out_slot_stride + src * o.out_src_stride, o.out_row_stride);
-                  return;
-                }
                 if (per_slot) return;
                 const float* sx = o.xs_in_place ? x_scale + slot * o.xs_slot_stride + src * o.xs_src_stride
                                                 : xs + int64_t(row) * kb;
@@ -96,7 +89,6 @@ fp8_setup_kernel(const int* __restrict__ count, StageShape s, Fp8Operands o, con
     write_scaled_group(r1, t1, slot, swap1, tokens, n13, s.hidden, xc + off * s.hidden, s.hidden, xs + off * kb,
                        w13 + slot * s.w13_slot_stride, s.hidden, w13_scale + slot * o.w13_scale_slot_stride,
                        h13 + off * n13, n13);
-    if (gemm2_per_block) continue;
     write_scaled_group(r2, t2, slot, swap2, tokens, s.hidden, s.inter, hq + off * s.inter, s.inter,
                        hs + off * kb_inter, w2 + slot * s.w2_slot_stride, s.inter,
                        w2_scale + slot * o.w2_scale_slot_stride, yc + off * s.hidden, s.hidden);
@@ -216,8 +208,7 @@ extern "C" int eep_fp8_stage_setup(const int* count, const eep_gemm::StageShape*
                                    const eep_gemm::Fp8Operands* operands, const void* x, const float* x_scale,
                                    const void* w13, const float* w13_scale, const void* w2, const float* w2_scale,
                                    void* h13, void* hq, float* hs, float* xs, void* out, char* plan, int swap1,
-                                   int swap2, int per_slot, int gemm2_per_block, void* xc, void* yc,
-                                   cudaStream_t stream, char* err,
+                                   int swap2, int per_slot, void* xc, void* yc, cudaStream_t stream, char* err,
                                    size_t err_len) {
   const int num_blocks = shape->slots_per_rank * shape->num_ranks;
   int threads = 32;
@@ -226,8 +217,7 @@ extern "C" int eep_fp8_stage_setup(const int* count, const eep_gemm::StageShape*
   eep_gemm::fp8_setup_kernel<<<1, threads, 0, stream>>>(
       count, *shape, *operands, static_cast<const uint8_t*>(x), x_scale, static_cast<const uint8_t*>(w13), w13_scale,
       static_cast<const uint8_t*>(w2), w2_scale, static_cast<__nv_bfloat16*>(h13), static_cast<uint8_t*>(hq), hs, xs,
-      static_cast<__nv_bfloat16*>(out), plan, swap1 != 0, swap2 != 0, per_slot != 0, gemm2_per_block != 0,
-      static_cast<uint8_t*>(xc),
+      static_cast<__nv_bfloat16*>(out), plan, swap1 != 0, swap2 != 0, per_slot != 0, static_cast<uint8_t*>(xc),
       static_cast<__nv_bfloat16*>(yc));
   return eep_gemm::launch_status("fp8_setup_kernel", err, err_len);
 }
