@@ -6,8 +6,8 @@ For each model, the prefill case of ``perf/bench_fp8_experts.py`` (4096 tokens p
 top-8, uniform routing, one rank's slots): the bf16 CUTLASS stage and the FP8 CUTLASS stage (default
 kernels and grouping) are called once, then each launch of a call (setup, gathers and copies, GEMM1,
 SwiGLU, GEMM2) is timed on its own, ``--iters`` launches back to back between CUDA events, and printed
-with its share of the call and, for the GEMMs, TFLOP/s; the whole call is timed beside them. A third row set, ``fp8 dense``, runs the FP8 stage on one group holding all of those rows
-(one expert, one source): the same GEMM FLOPs with no grouping, which separates what the block-scaled
+with its share of the call and, for the GEMMs, TFLOP/s; the whole call is timed beside them. A third
+row set, ``fp8 dense``, runs the FP8 stage on one group holding all of those rows (one expert, one source): the same GEMM FLOPs with no grouping, which separates what the block-scaled
 kernel itself reaches from what small groups cost. Each stage is checked once against its oracle on
 sampled blocks before it is profiled.
 """
@@ -87,10 +87,8 @@ def profile_model(model: str, iters: int, device, gen) -> None:
     w13_q, w2_q = quantize_stack(w13), quantize_stack(w2)
 
     def run(label: str, stage, call, setup, x_in, fp8: bool) -> None:
-        stage.out_buffer.fill_(float("nan"))
-        call()
         steps = [("setup", setup)] + stage_steps(stage, x_in, fp8)
-        times = step_times(steps, iters)
+        times = step_times(steps, iters)  # primes the steps with one call of each, in order
         whole = time_calls(torch, call, iters) * 1e6
         if fp8:
             assert stage.error_flags() == 0, f"{label}: stage error flags {stage.error_flags()}"
