@@ -10,6 +10,12 @@ with its share of the call and, for the GEMMs, TFLOP/s; the whole call is timed 
 row set, ``fp8 dense``, runs the FP8 stage on one group holding all of those rows (one expert, one source): the same GEMM FLOPs with no grouping, which separates what the block-scaled
 kernel itself reaches from what small groups cost. Each stage is checked once against its oracle on
 sampled blocks before it is profiled.
+
+``--gemm-sweep`` adds, per model, each GEMM timed alone with every prefill kernel the stage's library
+holds (both stages, their default grouping), since GEMM1 (long K) and GEMM2 (K = the expert's
+intermediate size) need not prefer the same tile; then the whole call of each stage with the default
+kernels and with the fastest kernel of each GEMM, eager and as a CUDA-graph replay, side by side
+(the FP8 / bf16 ratio both ways).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_expert_gemm import BATCHES, MODELS, NUM_RANKS, TOP_K, check, random_counts, sample_blocks  # noqa: E402
+from bench_expert_gemm import (BATCHES, MODELS, NUM_RANKS, TOP_K, check, graph_ms, random_counts,  # noqa: E402
+                               sample_blocks, time_ms)
 from bench_fp8_experts import fp8_check, quantize_stack  # noqa: E402
 from ep_bench import time_calls  # noqa: E402
 
@@ -132,16 +139,105 @@ def profile_model(model: str, iters: int, device, gen) -> None:
     torch.cuda.empty_cache()
 
 
+def prefill_configs(fp8: bool) -> list:
+    """The non-swapped (prefill) kernels of a stage's library."""
+    from eep.fused.gemm.build import DEFAULT_CONFIGS, FP8_CONFIGS
+
+    return [c for c in (FP8_CONFIGS if fp8 else DEFAULT_CONFIGS) if not c.swap]
+
+
+def gemm_sweep(model: str, iters: int, reps: int, device, gen) -> None:
+    """Each GEMM alone with every prefill kernel (checked first), then the whole call with the default
+    kernels beside the fastest per GEMM, for both stages, eager and graph."""
+    from eep.fused.gemm.cutlass_fp8_stage import CutlassFp8ExpertStage
+    from eep.fused.gemm.cutlass_stage import CutlassExpertStage
+
+    hidden, inter, num_experts = MODELS[model]
+    tokens = BATCHES["prefill"]
+    slots = num_experts // NUM_RANKS
+    shape = ExpertStageShape(slots, NUM_RANKS, tokens, hidden, inter, TOP_K)
+    counts = random_counts(num_experts, slots, tokens, gen, device)
+    rows = int(counts.sum())
+    per_block = rows / shape.num_groups
+    flops = {1: 2.0 * rows * hidden * 2 * inter, 2: 2.0 * rows * inter * hidden}
+    print(f"=== gemm sweep {model} prefill: {rows} rows, {per_block:.1f} per (slot, source) block, "
+          f"{torch.cuda.get_device_name()}", flush=True)
+    x = torch.randn(slots, NUM_RANKS, tokens, hidden, dtype=torch.bfloat16, device=device)
+    w13 = (torch.randn(slots, 2 * inter, hidden, device=device) / hidden ** 0.5).bfloat16()
+    w2 = (torch.randn(slots, hidden, inter, device=device) / inter ** 0.5).bfloat16()
+    w13_q, w2_q = quantize_stack(w13), quantize_stack(w2)
+    values = torch.empty(x.shape, dtype=FP8_DTYPE, device=device)
+    scales = torch.empty(*x.shape[:3], hidden // BLOCK, dtype=torch.float32, device=device)
+    for slot in range(slots):
+        values[slot], scales[slot] = quantize_rows(x[slot])
+    picks = sample_blocks(counts.cpu(), gen, num=4)
+
+    def make(fp8: bool, gemm1=None, gemm2=None):
+        cls = CutlassFp8ExpertStage if fp8 else CutlassExpertStage
+        stage = cls(shape, device=device, expected_rows_per_group=per_block, gemm1=gemm1, gemm2=gemm2)
+        call = (lambda: stage(values, scales, counts, w13_q, w2_q)) if fp8 else (lambda: stage(x, counts, w13, w2))
+        stage.out_buffer.fill_(float("nan"))
+        if fp8:
+            fp8_check(f"fp8 {stage.describe()}", call(), values, scales, counts, w13_q, w2_q, inter, picks)
+        else:
+            check(f"bf16 {stage.describe()}", call(), x, counts, w13, w2, inter, gen)
+        return stage, call
+
+    best = {}
+    for fp8 in (False, True):
+        label = "fp8" if fp8 else "bf16"
+        times = {}
+        for config in prefill_configs(fp8):
+            stage, call = make(fp8, config, config)
+            call()
+            for which in (1, 2):
+                us = time_calls(torch, lambda: stage.run_gemm(which), iters) * 1e6
+                times[(which, config)] = us
+                print(f"  {label} grouping {stage.grouping} GEMM{which} {config.name:40s} {us:9.1f} us "
+                      f"{flops[which] / us / 1e6:7.1f} TFLOP/s", flush=True)
+            del stage, call
+            torch.cuda.empty_cache()
+        best[fp8] = tuple(min((c for w, c in times if w == which), key=lambda c: times[(which, c)]) for which in (1, 2))
+        print(f"  {label} fastest: GEMM1 {best[fp8][0].name}, GEMM2 {best[fp8][1].name}", flush=True)
+
+    whole = {}
+    for fp8 in (False, True):
+        label = "fp8" if fp8 else "bf16"
+        for kind, (g1, g2) in (("default", (None, None)), ("fastest per GEMM", best[fp8])):
+            stage, call = make(fp8, g1, g2)
+            eager, _ = time_ms(call, reps=reps)
+            graph, _ = graph_ms(call, reps=reps)
+            whole[(fp8, kind)] = (eager * 1e3, graph * 1e3)
+            print(f"  whole call {label:4s} {kind:16s} [{stage.describe()}] eager {eager * 1e3:9.1f} us, graph "
+                  f"{graph * 1e3:9.1f} us", flush=True)
+            del stage, call
+            torch.cuda.empty_cache()
+    for kind in ("default", "fastest per GEMM"):
+        (be, bg), (fe, fg) = whole[(False, kind)], whole[(True, kind)]
+        print(f"  FP8 / bf16, {kind} kernels: eager {be / fe:.3f}x, graph {bg / fg:.3f}x", flush=True)
+    (be, bg), (fe, fg) = whole[(False, "default")], whole[(True, "fastest per GEMM")]
+    print(f"  FP8 fastest per GEMM / bf16 default: eager {be / fe:.3f}x, graph {bg / fg:.3f}x", flush=True)
+    del x, values, scales
+    torch.cuda.empty_cache()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="deepseek-v3,qwen3-30b-a3b")
     ap.add_argument("--iters", type=int, default=10, help="launches of each step per timing")
+    ap.add_argument("--gemm-sweep", action="store_true", help="also each GEMM alone with every prefill kernel, "
+                    "then the whole call with the fastest per GEMM beside the default")
+    ap.add_argument("--only-sweep", action="store_true", help="the GEMM sweep without the per-launch profile")
+    ap.add_argument("--reps", type=int, default=20, help="timed whole calls in the sweep (median)")
     args = ap.parse_args()
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     gen = torch.Generator().manual_seed(7)
     for model in args.models.split(","):
-        profile_model(model, args.iters, device, gen)
+        if not args.only_sweep:
+            profile_model(model, args.iters, device, gen)
+        if args.gemm_sweep or args.only_sweep:
+            gemm_sweep(model, args.iters, args.reps, device, gen)
     return 0
 
 

@@ -4,16 +4,21 @@
 #                 bf16 empty, bf16 routed, FP8 empty, FP8 routed; deepseek-v3 shape): duration, launch
 #                 statistics, warp stall reasons, and the SASS lines where warps stall most; the same
 #                 launches timed with CUDA events without the profiler
-#   2. stage      perf/profile_fp8_stage.py: every launch of the bf16 and FP8 expert stages at prefill
-#                 (both models) timed on its own, and the FP8 GEMMs on one dense group
+#   2. stage      perf/profile_fp8_stage.py --gemm-sweep: every launch of the bf16 and FP8 expert stages
+#                 at prefill (both models) timed on its own, the FP8 GEMMs on one dense group, each GEMM
+#                 alone with every prefill kernel, and the whole call with the fastest kernel per GEMM
 # Logs in OUT/profile_log.txt, the Nsight report and its text pages in OUT/.
-#   bash tests/gpu/run_profile.sh [--out DIR]
+#   bash tests/gpu/run_profile.sh [--out DIR] [--stage-only | --dispatch-only]
 set -u
 OUT_DIR=/tmp/eep-profile-out
+STAGE_ONLY=0
+DISPATCH_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT_DIR=$2; shift 2 ;;
-    *) echo "run_profile.sh: unknown option $1 (use --out DIR)"; exit 2 ;;
+    --stage-only) STAGE_ONLY=1; shift ;;
+    --dispatch-only) DISPATCH_ONLY=1; shift ;;
+    *) echo "run_profile.sh: unknown option $1 (use --out DIR, --stage-only, --dispatch-only)"; exit 2 ;;
   esac
 done
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -29,9 +34,11 @@ source tests/gpu/steps.sh
 nvidia-smi -L 2>&1 | tee -a "$LOG"
 git log --oneline -1 2>/dev/null | tee -a "$LOG"
 
-step dispatch-events 60 $PY perf/profile_dispatch.py --launches 20
+[ "$STAGE_ONLY" = 0 ] && step dispatch-events 60 $PY perf/profile_dispatch.py --launches 20
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-if [ -n "$NCU" ]; then
+if [ "$STAGE_ONLY" = 1 ]; then
+  echo "--stage-only: no dispatch profile" | tee -a "$LOG"
+elif [ -n "$NCU" ]; then
   step dispatch-ncu 150 "$NCU" --clock-control none --cache-control none -k regex:eep2_dispatch \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
     --section SchedulerStats --section SourceCounters --section MemoryWorkloadAnalysis \
@@ -45,5 +52,5 @@ if [ -n "$NCU" ]; then
 else
   echo "no ncu on this machine" | tee -a "$LOG"
 fi
-step stage 240 $PY perf/profile_fp8_stage.py
-grep -E "^===|steps sum|^  " "$LOG" | grep -v "^=== .*(" | tail -60
+[ "$DISPATCH_ONLY" = 0 ] && step stage 300 $PY perf/profile_fp8_stage.py --gemm-sweep
+grep -E "^===|steps sum|^  " "$LOG" | grep -v "^=== .*(" | tail -90

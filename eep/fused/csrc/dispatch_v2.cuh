@@ -4,8 +4,9 @@
 //
 // Block b of G owns a contiguous range of tokens and a contiguous range of slots:
 //   0. it issues every load that depends on nothing else at once (mask and peer table first, then
-//      control block, the first routing entries of each thread, its first token's row): the step's
-//      fixed cost is a chain of round trips, so independent ones overlap;
+//      control block, the first routing entries of each thread): the step's fixed cost is a chain of
+//      round trips, so independent ones overlap; its first token's row goes out once those have
+//      landed (issued with them, 14 KB of row per block at hidden 7168 slowed them down);
 //   1. it reads the routing table once (T x top_k int64, every thread on consecutive entries) and
 //      keeps only what it writes: per slot, how many tokens before its range chose it (where its
 //      tokens' rows start), and the totals of the slots it owns (their counts and -1 tails);
@@ -34,6 +35,11 @@
 // Dynamic shared memory of eep2_dispatch, in int32 words (layout.dispatch_v2_smem_bytes mirrors it).
 __device__ __forceinline__ int eep2_dispatch_tokens_per_block(int M, int G) { return (M + G - 1) / G; }
 __device__ __forceinline__ int eep2_dispatch_slots_per_block(int num_slots, int G) { return (num_slots + G - 1) / G; }
+// Start of part b of n items split evenly over G parts, b * n / G, in 32-bit arithmetic: a dispatch
+// grid has at most EEP_MAX_SIGNAL_BLOCKS = 256 blocks, so any n < 2^24 fits. A 64-bit division is a
+// call the compiler does not schedule loads across, and it made each warp wait for the launch
+// loads before its ranges were known.
+__device__ __forceinline__ int eep2_split(int b, int n, int G) { return (int)((u32)b * (u32)n / (u32)G); }
 
 // The bf16 vectors of token t this thread sends (FP8: the pairs it quantizes), loaded without waiting.
 __device__ __forceinline__ void eep2_load_row(const EepVec* x, int t, EepVec* in) {
@@ -74,10 +80,8 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS, 1) eep2_dispatch(cons
   eep2_launch_dependents();  // the combine's launch may overlap this grid's tail (PDL only)
   eep2_grid_wait();          // PDL: the previous kernel's writes (x, phys, the mask) are visible from here on
   // 0. every load that depends on nothing else, issued before anything waits (one round trip, not
-  //    one per step below) and before the block's ranges are computed (64-bit divisions, a hundred
-  //    instructions): the mask and peer table first (the routing pass waits for them; a load issued
-  //    after the row loads would arrive after them), the control block, this thread's first routing
-  //    entries; then the block's first token row
+  //    one per step below) and before the block's ranges are computed: the mask and peer table first
+  //    (the routing pass waits for them), the control block, this thread's first routing entries
   const Eep2Launch launch = eep2_issue_state((const int*)p.active, (const u64*)p.peer_base, R);
   const Eep2Ctrl c = eep2_read_ctrl(ctrl, R);
   const int TK = T * K;  // routing entries; entry e = t * K + k is token t's choice k
@@ -87,8 +91,8 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS, 1) eep2_dispatch(cons
     const int e = threadIdx.x + j * EEP2_THREADS;
     first_entries[j] = e < TK ? phys[e] : -1;
   }
-  const int t0 = (int)((i64)b * T / G), t1 = (int)((i64)(b + 1) * T / G);
-  const int s0 = (int)((i64)b * NS / G), s1 = (int)((i64)(b + 1) * NS / G);
+  const int t0 = eep2_split(b, T, G), t1 = eep2_split(b + 1, T, G);
+  const int s0 = eep2_split(b, NS, G), s1 = eep2_split(b + 1, NS, G);
   const int tpb = eep2_dispatch_tokens_per_block(M, G), spb = eep2_dispatch_slots_per_block(NS, G);
   int* s_slot_dst = s_dyn;
   int* s_next = s_slot_dst + NS;
@@ -96,14 +100,17 @@ extern "C" __global__ void __launch_bounds__(EEP2_THREADS, 1) eep2_dispatch(cons
   int* s_dst = s_total + spb;
   int* s_brow = s_dst + tpb * K;
   int* s_sent = s_brow + tpb * K;
-  EepVec row[EEP2_IN_VECS];
-  if (t0 < t1) eep2_load_row(x, t0, row);
 
   for (int i = threadIdx.x; i < NS; i += blockDim.x) s_next[i] = 0;
   for (int i = threadIdx.x; i < spb; i += blockDim.x) s_total[i] = 0;
   const u64 seq = c.dispatch_seq + 1;
   eep2_raise_own(launch, me, sig.off_dispatch_signal, seq, G);  // "read the step": nothing to order
   const bool any_remote = eep2_store_state(launch, me, R, S, NS, s_active, s_peer, s_slot_dst);
+  // the first token's row, now that the launch loads have landed: issued with them it competed with
+  // them (A/B on one H100: deepseek-v3 0.4-0.7 us slower per step, perf/RESULTS.md), and the routing
+  // pass below hides its round trip
+  EepVec row[EEP2_IN_VECS];
+  if (t0 < t1) eep2_load_row(x, t0, row);
 
   // 1. one pass over the routing table, every thread of the block on consecutive entries (T x K
   //    entries over 512 threads: two each at 128 tokens of top-8, not eight on a quarter of the
