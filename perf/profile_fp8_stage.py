@@ -75,23 +75,39 @@ def stage_steps(stage, x: torch.Tensor, fp8: bool) -> list[tuple[str, object]]:
     return steps
 
 
-def profile_model(model: str, iters: int, device, gen) -> None:
-    from eep.fused.gemm.cutlass_fp8_stage import CutlassFp8ExpertStage
-    from eep.fused.gemm.cutlass_stage import CutlassExpertStage
-
+def prefill_case(model: str, device, gen) -> tuple:
+    """The prefill case of ``perf/bench_fp8_experts.py`` for ``model``: ``(shape, counts, rows, x, w13,
+    w2, w13_q, w2_q)`` — uniform top-8 routing to one rank's slots, bf16 tokens in the receive layout,
+    bf16 weights and their block-scaled FP8 copies."""
     hidden, inter, num_experts = MODELS[model]
     tokens = BATCHES["prefill"]
     slots = num_experts // NUM_RANKS
     shape = ExpertStageShape(slots, NUM_RANKS, tokens, hidden, inter, TOP_K)
     counts = random_counts(num_experts, slots, tokens, gen, device)
-    rows = int(counts.sum())
-    flops = {"gemm1": 2.0 * rows * hidden * 2 * inter, "gemm2": 2.0 * rows * inter * hidden}
-    print(f"=== {model} prefill: {rows} rows, {rows / shape.num_groups:.1f} per (slot, source) block, "
-          f"{torch.cuda.get_device_name()}", flush=True)
     x = torch.randn(slots, NUM_RANKS, tokens, hidden, dtype=torch.bfloat16, device=device)
     w13 = (torch.randn(slots, 2 * inter, hidden, device=device) / hidden ** 0.5).bfloat16()
     w2 = (torch.randn(slots, hidden, inter, device=device) / inter ** 0.5).bfloat16()
-    w13_q, w2_q = quantize_stack(w13), quantize_stack(w2)
+    return shape, counts, int(counts.sum()), x, w13, w2, quantize_stack(w13), quantize_stack(w2)
+
+
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 tokens and their 1x128 scales in the receive layout (what the FP8 dispatch delivers)."""
+    values = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+    scales = torch.empty(*x.shape[:3], x.shape[3] // BLOCK, dtype=torch.float32, device=x.device)
+    for slot in range(x.shape[0]):
+        values[slot], scales[slot] = quantize_rows(x[slot])
+    return values, scales
+
+
+def profile_model(model: str, iters: int, device, gen) -> None:
+    from eep.fused.gemm.cutlass_fp8_stage import CutlassFp8ExpertStage
+    from eep.fused.gemm.cutlass_stage import CutlassExpertStage
+
+    shape, counts, rows, x, w13, w2, w13_q, w2_q = prefill_case(model, device, gen)
+    hidden, inter = shape.hidden, shape.inter
+    flops = {"gemm1": 2.0 * rows * hidden * 2 * inter, "gemm2": 2.0 * rows * inter * hidden}
+    print(f"=== {model} prefill: {rows} rows, {rows / shape.num_groups:.1f} per (slot, source) block, "
+          f"{torch.cuda.get_device_name()}", flush=True)
 
     def run(label: str, stage, call, setup, x_in, fp8: bool) -> None:
         steps = [("setup", setup)] + stage_steps(stage, x_in, fp8)
@@ -108,10 +124,7 @@ def profile_model(model: str, iters: int, device, gen) -> None:
     del stage, w13, w2
     torch.cuda.empty_cache()
 
-    values = torch.empty(x.shape, dtype=FP8_DTYPE, device=device)
-    scales = torch.empty(*x.shape[:3], hidden // BLOCK, dtype=torch.float32, device=device)
-    for slot in range(slots):
-        values[slot], scales[slot] = quantize_rows(x[slot])
+    values, scales = quantize_tokens(x)
     del x
     torch.cuda.empty_cache()
     stage = CutlassFp8ExpertStage(shape, device=device, expected_rows_per_group=rows / shape.num_groups)
@@ -152,24 +165,13 @@ def gemm_sweep(model: str, iters: int, reps: int, device, gen) -> None:
     from eep.fused.gemm.cutlass_fp8_stage import CutlassFp8ExpertStage
     from eep.fused.gemm.cutlass_stage import CutlassExpertStage
 
-    hidden, inter, num_experts = MODELS[model]
-    tokens = BATCHES["prefill"]
-    slots = num_experts // NUM_RANKS
-    shape = ExpertStageShape(slots, NUM_RANKS, tokens, hidden, inter, TOP_K)
-    counts = random_counts(num_experts, slots, tokens, gen, device)
-    rows = int(counts.sum())
+    shape, counts, rows, x, w13, w2, w13_q, w2_q = prefill_case(model, device, gen)
+    inter = shape.inter
     per_block = rows / shape.num_groups
-    flops = {1: 2.0 * rows * hidden * 2 * inter, 2: 2.0 * rows * inter * hidden}
+    flops = {1: 2.0 * rows * shape.hidden * 2 * inter, 2: 2.0 * rows * inter * shape.hidden}
     print(f"=== gemm sweep {model} prefill: {rows} rows, {per_block:.1f} per (slot, source) block, "
           f"{torch.cuda.get_device_name()}", flush=True)
-    x = torch.randn(slots, NUM_RANKS, tokens, hidden, dtype=torch.bfloat16, device=device)
-    w13 = (torch.randn(slots, 2 * inter, hidden, device=device) / hidden ** 0.5).bfloat16()
-    w2 = (torch.randn(slots, hidden, inter, device=device) / inter ** 0.5).bfloat16()
-    w13_q, w2_q = quantize_stack(w13), quantize_stack(w2)
-    values = torch.empty(x.shape, dtype=FP8_DTYPE, device=device)
-    scales = torch.empty(*x.shape[:3], hidden // BLOCK, dtype=torch.float32, device=device)
-    for slot in range(slots):
-        values[slot], scales[slot] = quantize_rows(x[slot])
+    values, scales = quantize_tokens(x)
     picks = sample_blocks(counts.cpu(), gen, num=4)
 
     def make(fp8: bool, gemm1=None, gemm2=None):
