@@ -84,8 +84,19 @@ def swiglu_fp8(x_values: torch.Tensor, x_scales: torch.Tensor, w_gate: Fp8Weight
     ``[n]``) -> ``[n, hidden]`` bf16. Weights: ``w_gate``, ``w_up`` ``[inter, hidden]``, ``w_down
     [hidden, inter]``, each with its block scales."""
     x = dequantize_rows(x_values, x_scales)
-    gate = (x @ w_gate.dequantize().T).to(torch.bfloat16)
-    up = (x @ w_up.dequantize().T).to(torch.bfloat16)
+    gate = _rowwise_f32(x, w_gate.dequantize()).to(torch.bfloat16)
+    up = _rowwise_f32(x, w_up.dequantize()).to(torch.bfloat16)
     h = F.silu(gate.float()) * up.float()
     h_values, h_scales = quantize_rows(h)
-    return (dequantize_rows(h_values, h_scales) @ w_down.dequantize().T).to(torch.bfloat16)
+    return _rowwise_f32(dequantize_rows(h_values, h_scales), w_down.dequantize()).to(torch.bfloat16)
+
+
+def _rowwise_f32(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``a @ w.T`` rounded to float32 from a float64 sum, so that a row's value does not depend on the
+    other rows of the matmul. A float32 BLAS kernel sums in an order set by the matrix's row count and
+    a row's place in it, and the FP8 oracle rounds the result to bf16 right after: the same token then
+    came out one bf16 step apart inside a dense expert's batch and inside one source's block (seen with
+    4 of 13 rows on the CPU), where the EP reference must equal ``dense_moe`` bit for bit. float32
+    products are exact in float64 and the sum's error is ~2^-53 relative, so the float32 result is
+    the correctly rounded one except within that distance of a rounding boundary."""
+    return (a.double() @ w.double().T).float()

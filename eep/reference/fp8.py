@@ -9,14 +9,16 @@ a per-row scale, one per token, is accepted too). One expert then computes, roun
 the fused stage rounds:
 
     x     = values * scale of its block                        float32
-    gate  = x @ dequant(w_gate)^T,  up = x @ dequant(w_up)^T    float32 accumulate, rounded to bf16
+    gate  = x @ dequant(w_gate)^T,  up = x @ dequant(w_up)^T    float32 result, rounded to bf16
     h     = silu(gate) * up                                      float32
     h_q   = quantize_rows(h)                                     requantised per token, 1x128
-    y     = dequant(h_q) @ dequant(w_down)^T                     float32 accumulate, rounded to bf16
+    y     = dequant(h_q) @ dequant(w_down)^T                     float32 result, rounded to bf16
 
 Mathematically ``dequant(a) @ dequant(b)^T`` is the sum over 128-wide K blocks of
 ``(a_q @ b_q^T) * scale_a * scale_b``, which is what a blockwise-scaled FP8 GEMM accumulates; the two
-differ only in float32 summation order. ``gate``/``up`` are rounded to bf16 because the stage stores
+differ only in summation order. The oracle sums in float64 and rounds to float32 (``eep.mlp``:
+a row's value must not depend on which rows share its matmul, as a float32 BLAS sum's would).
+``gate``/``up`` are rounded to bf16 because the stage stores
 them so between its GEMM and its SwiGLU kernel, and that rounding moves the requantisation's
 decisions (3.3% of the e4m3 values of ``h`` at the deepseek-v3 shape): skipping it here would put
 the oracle 1.4% away from any bf16-storing stage, beyond the 1e-2 the stage is held to.
