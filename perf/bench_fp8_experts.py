@@ -137,6 +137,16 @@ def _rowwise_weight(w: Fp8Weight) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(parts).view(FP8_DTYPE), torch.stack(scales)
 
 
+def quantize_tokens(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 tokens in the receive layout with one scale per token and ``block`` channels (1x128: what the
+    FP8 dispatch delivers), quantised slot by slot."""
+    values = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+    scales = torch.empty(*x.shape[:3], x.shape[3] // block, dtype=torch.float32, device=x.device)
+    for slot in range(x.shape[0]):
+        values[slot], scales[slot] = quantize_rows(x[slot], block=block)
+    return values, scales
+
+
 def quantize_stack(w: torch.Tensor) -> Fp8Weight:
     """``quantize_weight`` one slot at a time (a whole deepseek-v3 stack at once would need tens of GB)."""
     parts = [quantize_weight(w[i]) for i in range(w.shape[0])]
@@ -232,14 +242,9 @@ def bench_case(model: str, batch: str, device, gen, *, reps: int) -> list[dict]:
     torch.cuda.empty_cache()
 
     # FP8 tokens as the FP8 dispatch sends them (1x128 scales), quantised slot by slot
-    values = torch.empty(x.shape, dtype=FP8_DTYPE, device=device)
-    scales = torch.empty(*x.shape[:3], hidden // BLOCK, dtype=torch.float32, device=device)
-    row_scale = torch.empty(x.shape[:3], dtype=torch.float32, device=device)
-    row_values = torch.empty_like(values)
-    for slot in range(slots):
-        values[slot], scales[slot] = quantize_rows(x[slot])
-        v, s1 = quantize_rows(x[slot], block=hidden)
-        row_values[slot], row_scale[slot] = v, s1[..., 0]
+    values, scales = quantize_tokens(x)
+    row_values, row_scale = quantize_tokens(x, block=hidden)
+    row_scale = row_scale[..., 0]
     accuracy = []
     for slot, src in picks:  # what FP8 activations cost: FP8 oracle vs bf16 oracle, same dequantised weights
         n = int(counts[slot, src])

@@ -29,12 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_expert_gemm import (BATCHES, MODELS, NUM_RANKS, TOP_K, check, graph_ms, random_counts,  # noqa: E402
-                               sample_blocks, time_ms)
-from bench_fp8_experts import fp8_check, quantize_stack  # noqa: E402
+from bench_expert_gemm import TOP_K, check, graph_ms, random_stage_inputs, sample_blocks, time_ms  # noqa: E402
+from bench_fp8_experts import fp8_check, quantize_stack, quantize_tokens  # noqa: E402
 from ep_bench import time_calls  # noqa: E402
 
-from eep.fp8 import BLOCK, FP8_DTYPE, quantize_rows  # noqa: E402
+from eep.fp8 import BLOCK  # noqa: E402
 from eep.fused.gemm import ExpertStageShape  # noqa: E402
 
 
@@ -76,27 +75,10 @@ def stage_steps(stage, x: torch.Tensor, fp8: bool) -> list[tuple[str, object]]:
 
 
 def prefill_case(model: str, device, gen) -> tuple:
-    """The prefill case of ``perf/bench_fp8_experts.py`` for ``model``: ``(shape, counts, rows, x, w13,
-    w2, w13_q, w2_q)`` — uniform top-8 routing to one rank's slots, bf16 tokens in the receive layout,
-    bf16 weights and their block-scaled FP8 copies."""
-    hidden, inter, num_experts = MODELS[model]
-    tokens = BATCHES["prefill"]
-    slots = num_experts // NUM_RANKS
-    shape = ExpertStageShape(slots, NUM_RANKS, tokens, hidden, inter, TOP_K)
-    counts = random_counts(num_experts, slots, tokens, gen, device)
-    x = torch.randn(slots, NUM_RANKS, tokens, hidden, dtype=torch.bfloat16, device=device)
-    w13 = (torch.randn(slots, 2 * inter, hidden, device=device) / hidden ** 0.5).bfloat16()
-    w2 = (torch.randn(slots, hidden, inter, device=device) / inter ** 0.5).bfloat16()
+    """``random_stage_inputs`` at prefill (the case of ``perf/bench_fp8_experts.py``) plus the
+    block-scaled FP8 copies of the weights: ``(shape, counts, rows, x, w13, w2, w13_q, w2_q)``."""
+    shape, counts, x, w13, w2 = random_stage_inputs(model, "prefill", device, gen)
     return shape, counts, int(counts.sum()), x, w13, w2, quantize_stack(w13), quantize_stack(w2)
-
-
-def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """e4m3 tokens and their 1x128 scales in the receive layout (what the FP8 dispatch delivers)."""
-    values = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
-    scales = torch.empty(*x.shape[:3], x.shape[3] // BLOCK, dtype=torch.float32, device=x.device)
-    for slot in range(x.shape[0]):
-        values[slot], scales[slot] = quantize_rows(x[slot])
-    return values, scales
 
 
 def profile_model(model: str, iters: int, device, gen) -> None:
