@@ -12,10 +12,13 @@
 #      (deepseek-v3, qwen3-30b-a3b; v1's push/spread/pull/pull-copy combines, v2, NCCL, device copy).
 # Every step logs to OUT/log.txt and the run goes on after a failure; tables in OUT/tables.md, JSON in
 # OUT/bench/, per-rank results in OUT/res.tgz, a kernel trace of the deepseek-v3 FP8 run in OUT/prof.tgz.
-#   bash tests/gpu/run_kernels.sh [--out DIR] [--bench-only] [--gpus N]
+#   bash tests/gpu/run_kernels.sh [--out DIR] [--bench-only | --decode] [--gpus N]
 #   --bench-only: compile, a short correctness check of v2 (diff bf16, diff FP8 with 16 blocks, prefill,
 #                 late, graph + rejoin with PDL; 4 ranks sharing the GPU), then the timings (plus a grid-size
 #                 sweep of v2), ~5 minutes
+#   --decode: for a change to the decode kernels alone: every decode scenario of v2 (diff bf16 and FP8,
+#             late, graph + rejoin, SIGKILL, fixed membership, FP8 with 16 blocks; prefill's diff once)
+#             and the three decode timings; no prefill timings, no v1 scenarios, ~4 minutes
 #   --gpus N: use GPUs 0..N-1 (the scenarios' 4 ranks spread over them, the timings at N ranks); the
 #             multi-GPU comparison of the two sets is `--gpus 4` (and `--gpus 2`) on an NVLink machine
 set -u
@@ -26,9 +29,10 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT_DIR=$2; shift 2 ;;
     --bench-only) MODE=bench; shift ;;
+    --decode) MODE=decode; shift ;;
     --gpus) GPUS=$2; shift 2 ;;
     -h|--help) sed -n 2,20p "$0"; exit 0 ;;
-    *) echo "run_kernels.sh: unknown option $1 (use --out DIR, --bench-only, --gpus N)"; exit 2 ;;
+    *) echo "run_kernels.sh: unknown option $1 (use --out DIR, --bench-only, --decode, --gpus N)"; exit 2 ;;
   esac
 done
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -61,7 +65,7 @@ fp8_b16() {  # 16 blocks: several tokens per block (the default grid gives each 
     --slots 4 --max-tokens 64 --fp8 $V2
 }
 one v2-diff 100 diff --hidden 2048 --slots 8 --max-tokens 128 $V2
-if [ "$MODE" = all ]; then
+if [ "$MODE" != bench ]; then
   one v2-diff-fp8 100 diff --hidden 7168 --slots 4 --max-tokens 64 --fp8 $V2
 else  # the timed kernels, briefly: several tokens per block, prefill, a late rank (every wait's deadline path)
   fp8_b16
@@ -77,17 +81,21 @@ step v2-graph-pdl 100 env EEP_FUSED_PDL=1 $PY $L --scenario graph --num-ranks 4 
 step bench-ds-bf16 90 $PY $B --model deepseek-v3 --kernels v1,v2,v2-pdl
 step bench-ds-fp8 90 $PY $B --model deepseek-v3 --fp8 --kernels v1,v2,v2-pdl --profile $OUT_DIR/prof
 step bench-qw-bf16 90 $PY $B --model qwen3-30b-a3b --kernels v1,v2,v2-pdl
-step bench-prefill-ds 120 $PY $P --model deepseek-v3 --combine-variant spread,pull,pull-copy
-step bench-prefill-qw 90 $PY $P --model qwen3-30b-a3b --combine-variant spread,pull,pull-copy
+if [ "$MODE" != decode ]; then
+  step bench-prefill-ds 120 $PY $P --model deepseek-v3 --combine-variant spread,pull,pull-copy
+  step bench-prefill-qw 90 $PY $P --model qwen3-30b-a3b --combine-variant spread,pull,pull-copy
+fi
 
-if [ "$MODE" = all ]; then
+if [ "$MODE" != bench ]; then
   one v2-late 80 late --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $V2
-  one v2-late-prefill 80 late_prefill --hidden 2048 --slots 8 --max-tokens 256 --timeout-s 0.5 $V2
+  [ "$MODE" = all ] && one v2-late-prefill 80 late_prefill --hidden 2048 --slots 8 --max-tokens 256 --timeout-s 0.5 $V2
   one v2-graph 100 graph --hidden 2048 --slots 8 --max-tokens 64 $V2
   one v2-kill 100 kill --hidden 2048 --slots 8 --max-tokens 64 --timeout-s 0.5 $V2
-  one v2-prefill-ds 100 prefill --hidden 7168 --slots 4 --max-tokens 128 $V2
+  [ "$MODE" = all ] && one v2-prefill-ds 100 prefill --hidden 7168 --slots 4 --max-tokens 128 $V2
   one v2-diff-fixed 80 diff --hidden 2048 --slots 8 --max-tokens 128 --fixed $V2
   fp8_b16
+fi
+if [ "$MODE" = all ]; then
   one v1-diff 80 diff --hidden 2048 --slots 8 --max-tokens 128
   one v1-prefill 80 prefill --hidden 2048 --slots 8 --max-tokens 256
 fi
