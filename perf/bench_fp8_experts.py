@@ -36,9 +36,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_expert_gemm import (BATCHES, MODELS, NUM_RANKS, TOP_K, ceilings, check, graph_ms,  # noqa: E402
-                               sample_blocks, worst_block_error,
-                               random_counts, shape_arguments, time_ms)
+from bench_expert_gemm import (ceilings, check, graph_ms, random_stage_inputs, sample_blocks,  # noqa: E402
+                               shape_arguments, time_ms, worst_block_error)
 
 from eep.fp8 import BLOCK, FP8_DTYPE, FP8_MAX, Fp8Weight, quantize_rows, quantize_weight  # noqa: E402
 from eep.fused.gemm import ExpertStageShape  # noqa: E402
@@ -197,11 +196,9 @@ def bench_case(model: str, batch: str, device, gen, *, reps: int) -> list[dict]:
     from eep.fused.gemm.cutlass_fp8_stage import CutlassFp8ExpertStage
     from eep.fused.gemm.cutlass_stage import CutlassExpertStage
 
-    hidden, inter, num_experts = MODELS[model]
-    tokens = BATCHES[batch]
-    slots = num_experts // NUM_RANKS
-    shape = ExpertStageShape(slots, NUM_RANKS, tokens, hidden, inter, TOP_K)
-    counts = random_counts(num_experts, slots, tokens, gen, device)
+    # bf16 tokens and weights: the bf16 stage's inputs and the source of the FP8 ones
+    shape, counts, x, w13, w2 = random_stage_inputs(model, batch, device, gen)
+    hidden, inter, slots, tokens = shape.hidden, shape.inter, shape.slots_per_rank, shape.max_tokens_per_rank
     rows = int(counts.sum())
     rows_per_block = rows / shape.num_groups
     base = {"model": model, "batch": batch, "tokens_per_rank": tokens, "rows": rows, "rows_per_block": rows_per_block,
@@ -220,10 +217,6 @@ def bench_case(model: str, batch: str, device, gen, *, reps: int) -> list[dict]:
         if "graph_error" in t:
             results.append({**base, "stage": stage, "mode": "graph", "error": t["graph_error"]})
 
-    # bf16 tokens and weights (the bf16 stage's inputs and the source of the FP8 ones)
-    x = torch.randn(slots, NUM_RANKS, tokens, hidden, dtype=torch.bfloat16, device=device)
-    w13 = (torch.randn(slots, 2 * inter, hidden, device=device) / hidden ** 0.5).bfloat16()
-    w2 = (torch.randn(slots, hidden, inter, device=device) / inter ** 0.5).bfloat16()
     w13_q, w2_q = quantize_stack(w13), quantize_stack(w2)
     for slot in range(slots):  # the bf16 stage runs on the dequantised weights: both compute the same experts
         w13[slot].copy_(w13_q[slot].dequantize())
