@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
     --bench-only) MODE=bench; shift ;;
     --decode) MODE=decode; shift ;;
     --gpus) GPUS=$2; shift 2 ;;
-    -h|--help) sed -n 2,23p "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -u/{/^#/p;}' "$0"; exit 0 ;;
     *) echo "run_kernels.sh: unknown option $1 (use --out DIR, --bench-only, --decode, --gpus N)"; exit 2 ;;
   esac
 done
